@@ -1,0 +1,50 @@
+# Quotra — the two commands: `make demo` and `make test`. Everything sets itself up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/node_modules/.bin:$(CURDIR)/$(BIN):$(PATH)
+# ape keeps its data (compiled dependencies, accounts) inside the project, never in $HOME.
+export APE_DATA_FOLDER ?= $(CURDIR)/.cache/ape
+FUZZ_EXAMPLES ?= 60
+
+.PHONY: all setup compile test test-contracts test-backend lint format demo bench clean
+
+all: setup
+
+$(BIN)/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+setup: $(BIN)/.installed node_modules/.installed
+
+compile: setup
+	$(BIN)/ape compile
+
+test: compile
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) tools/with-postgres.sh $(BIN)/pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check backend scripts tests bench
+	$(BIN)/ruff format --check backend scripts tests bench
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff check --fix backend scripts tests bench
+	$(BIN)/ruff format backend scripts tests bench
+
+demo: compile
+	$(BIN)/quotra demo
+
+bench: compile
+	$(BIN)/python bench/gas.py
+
+clean:
+	rm -rf .build .cache data $(VENV) node_modules

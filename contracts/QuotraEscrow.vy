@@ -1,0 +1,1204 @@
+# pragma version ~=0.4.3
+# pragma nonreentrancy off
+"""
+@title Quotra Escrow
+@custom:contract-name QuotraEscrow
+@license GNU Affero General Public License v3.0 only
+@notice The treasury of the Quotra marketplace. Consumers pay for AI model calls
+        in USDC, per call (x402 `exact`: an EIP-3009 `TransferWithAuthorization`
+        to this contract) or from a prepaid deposit under an EIP-712
+        `SpendPermission` settled in batches. Every credited payment is split
+        exactly: `fee = amount * fee_bps // 10_000` to the platform, the rest to
+        the provider whose key served the call. Providers claim their earnings
+        themselves or through a signed, revocable `Delegation` that any relayer
+        may submit for a USDC fee (the ERC-7710 idea, written for this escrow).
+@dev Trust model: consumer deposits move only back to the consumer or, under a
+     consumer-signed permission, to providers and the platform (never above its
+     allowance, outside its window, or after revocation). Provider earnings move
+     only to the provider or to the payee of a provider-signed delegation (never
+     above its cap, after expiry or revocation). Operators (the relay's settling
+     keys) are trusted to attribute a paid call to the provider that served it and
+     to refund a verified x402 payment to its payer within `refund_window`.
+     Pausing stops deposits and settlements; claims, withdrawals, refunds and
+     revocations always work. Solvency: `usdc.balanceOf(self) >= liabilities()`,
+     equal except for tokens sent here directly, which only `sweep` can move.
+@custom:security Gas: per-call x402 settlement writes no per-payment storage
+                 slot. USDC's own `authorizationState` makes each (payer, nonce)
+                 settle once; `reconciled` and `refunded` are written only on the
+                 rare reconcile and refund paths. `reconcile_authorization`
+                 credits only funds that nobody is owed (the excess).
+"""
+
+from ethereum.ercs import IERC20
+
+from .interfaces import IFiatToken
+
+from snekmate.auth import ownable
+initializes: ownable
+
+from snekmate.auth import ownable_2step
+initializes: ownable_2step[ownable := ownable]
+
+from snekmate.utils import pausable
+initializes: pausable
+
+from snekmate.utils import eip712_domain_separator
+initializes: eip712_domain_separator
+
+from snekmate.utils import signature_checker
+from snekmate.utils import message_hash_utils
+
+
+# @dev `ownable.renounce_ownership` / `ownable_2step.renounce_ownership` are left
+# out on purpose: an ownerless escrow could never change operators again and
+# would strand the platform fees.
+exports: (
+    ownable.owner,
+    ownable_2step.pending_owner,
+    ownable_2step.transfer_ownership,
+    ownable_2step.accept_ownership,
+    pausable.paused,
+    eip712_domain_separator.eip712Domain,
+)
+
+
+# ################################################################
+#                            CONSTANTS                           #
+# ################################################################
+
+# @dev Basis points in one whole.
+MAX_BPS: public(constant(uint256)) = 10_000
+# @dev The platform fee can never be set above 20%.
+MAX_FEE_BPS: public(constant(uint256)) = 2_000
+# @dev The fee at deployment: 10%.
+INITIAL_FEE_BPS: constant(uint256) = 1_000
+# @dev Bounds of the batch entry points.
+MAX_PAYMENTS: public(constant(uint256)) = 64
+MAX_CHARGES: public(constant(uint256)) = 256
+MAX_CHARGE_BATCHES: public(constant(uint256)) = 8
+MAX_BATCH_CHARGES: public(constant(uint256)) = 64
+# @dev Width of each of the three sums packed in `_totals`. USDC's whole
+# supply needs fewer than 57 bits.
+_TOTAL_BITS: constant(uint256) = 85
+_TOTAL_MASK: constant(uint256) = (1 << _TOTAL_BITS) - 1
+# @dev A prepaid charge travels packed in one word, `provider << 96 | amount`
+# (see `quotra.chain.charges.pack_charge`): a third less calldata than a
+# struct, and the 96-bit amount bound makes the per-charge arithmetic provably
+# overflow-free, so it runs unchecked.
+_CHARGE_AMOUNT_BITS: constant(uint256) = 96
+_CHARGE_AMOUNT_MASK: constant(uint256) = (1 << _CHARGE_AMOUNT_BITS) - 1
+
+# @dev EIP-712 type hashes. Field names and order match `quotra.chain.eip712`.
+SPEND_PERMISSION_TYPEHASH: public(constant(bytes32)) = keccak256(
+    "SpendPermission(address consumer,address spender,uint256 allowance,uint256 valid_after,uint256 valid_until,uint256 salt)"
+)
+DELEGATION_TYPEHASH: public(constant(bytes32)) = keccak256(
+    "Delegation(address provider,address delegate,address payee,uint256 max_amount,uint256 relayer_fee,uint256 valid_until,uint256 salt)"
+)
+REVOCATION_TYPEHASH: public(constant(bytes32)) = keccak256("Revocation(address account,bytes32 item)")
+# @dev USDC's EIP-3009 type hash (FiatToken v2), used to verify front-run
+# authorizations before reconciling or refunding them.
+TRANSFER_WITH_AUTHORIZATION_TYPEHASH: public(constant(bytes32)) = keccak256(
+    "TransferWithAuthorization(address from,address to,uint256 value,uint256 validAfter,uint256 validBefore,bytes32 nonce)"
+)
+
+
+# ################################################################
+#                           IMMUTABLES                           #
+# ################################################################
+
+# @dev The USDC token held by this escrow.
+usdc: public(immutable(address))
+# @dev Seconds between `request_withdrawal` and `withdraw`, so that charges
+# already served can still settle.
+withdrawal_delay: public(immutable(uint256))
+# @dev Seconds after an authorization's `validBefore` during which an operator
+# may refund it.
+refund_window: public(immutable(uint256))
+
+
+# ################################################################
+#                             STRUCTS                            #
+# ################################################################
+
+# @dev An x402 `exact` payment: the payer's EIP-3009 authorization paying
+# `amount` to this escrow, and the provider whose key served the call.
+struct Payment:
+    payer: address
+    provider: address
+    amount: uint256
+    valid_after: uint256
+    valid_before: uint256
+    nonce: bytes32
+    v: uint8
+    r: bytes32
+    s: bytes32
+
+
+# @dev A consumer's grant to `spender` (an operator) to charge up to
+# `allowance` of their deposit for calls, within [valid_after, valid_until).
+struct SpendPermission:
+    consumer: address
+    spender: address
+    allowance: uint256
+    valid_after: uint256
+    valid_until: uint256
+    salt: uint256
+
+
+# @dev One permission's charges, for the multi-permission entry point.
+struct ChargeBatch:
+    permission: SpendPermission
+    signature: Bytes[65]
+    expected_spent: uint256
+    reference: bytes32
+    charges: DynArray[uint256, MAX_BATCH_CHARGES]
+
+
+# @dev A provider's grant letting `delegate` (anyone if empty) claim up to
+# `max_amount` of their earnings to `payee`, paying the caller `relayer_fee`
+# per claim, until `valid_until`.
+struct Delegation:
+    provider: address
+    delegate: address
+    payee: address
+    max_amount: uint256
+    relayer_fee: uint256
+    valid_until: uint256
+    salt: uint256
+
+
+# @dev A pending withdrawal of a consumer's deposit.
+struct WithdrawalRequest:
+    amount: uint256
+    unlock_at: uint256
+
+
+# ################################################################
+#                             STORAGE                            #
+# ################################################################
+
+# @dev The platform's share of every payment, in basis points.
+fee_bps: public(uint256)
+# @dev Settling keys of the relay.
+is_operator: public(HashMap[address, bool])
+# @dev Prepaid balance of each consumer.
+deposits: public(HashMap[address, uint256])
+# @dev Pending withdrawal of each consumer.
+withdrawals: public(HashMap[address, WithdrawalRequest])
+# @dev Unclaimed earnings of each provider.
+earnings: public(HashMap[address, uint256])
+# @dev Sum of `deposits`, sum of `earnings` and the unwithdrawn platform fees,
+# packed into one slot (`_TOTAL_BITS` each, deposits highest) because every
+# payment updates two of them; read them through `total_deposits()`,
+# `total_earnings()` and `platform_fees()`.
+_totals: uint256
+# @dev Amount charged so far under each permission (by EIP-712 digest).
+permission_spent: public(HashMap[bytes32, uint256])
+# @dev Amount claimed so far under each delegation (by EIP-712 digest).
+delegation_claimed: public(HashMap[bytes32, uint256])
+# @dev Items (permission or delegation digests) revoked by their signer.
+revoked: public(HashMap[address, HashMap[bytes32, bool]])
+# @dev x402 references (see `payment_reference`) credited by reconciliation.
+reconciled: public(HashMap[bytes32, bool])
+# @dev x402 references refunded.
+refunded: public(HashMap[bytes32, bool])
+
+
+# ################################################################
+#                             EVENTS                             #
+# ################################################################
+
+event PaymentSettled:
+    payer: indexed(address)
+    provider: indexed(address)
+    nonce: indexed(bytes32)
+    amount: uint256
+    fee: uint256
+
+
+event PaymentFailed:
+    payer: indexed(address)
+    provider: indexed(address)
+    nonce: indexed(bytes32)
+
+
+event PaymentReconciled:
+    payer: indexed(address)
+    provider: indexed(address)
+    nonce: indexed(bytes32)
+    amount: uint256
+    fee: uint256
+
+
+event PaymentRefunded:
+    payer: indexed(address)
+    provider: indexed(address)
+    nonce: indexed(bytes32)
+    amount: uint256
+    fee: uint256
+
+
+event ChargesSettled:
+    consumer: indexed(address)
+    permission: indexed(bytes32)
+    reference: indexed(bytes32)
+    amount: uint256
+    fee: uint256
+    count: uint256
+
+
+event Deposited:
+    sender: indexed(address)
+    beneficiary: indexed(address)
+    amount: uint256
+
+
+event WithdrawalRequested:
+    consumer: indexed(address)
+    amount: uint256
+    unlock_at: uint256
+
+
+event WithdrawalCancelled:
+    consumer: indexed(address)
+
+
+event Withdrawn:
+    consumer: indexed(address)
+    amount: uint256
+
+
+event Claimed:
+    provider: indexed(address)
+    payee: indexed(address)
+    delegation: indexed(bytes32)
+    amount: uint256
+    relayer: address
+    relayer_fee: uint256
+
+
+event Revoked:
+    account: indexed(address)
+    item: indexed(bytes32)
+
+
+event OperatorSet:
+    operator: indexed(address)
+    status: bool
+
+
+event FeeSet:
+    fee_bps: uint256
+
+
+event PlatformFeesWithdrawn:
+    to: indexed(address)
+    amount: uint256
+
+
+event Swept:
+    token: indexed(address)
+    to: indexed(address)
+    amount: uint256
+
+
+# ################################################################
+#                          CONSTRUCTOR                           #
+# ################################################################
+
+@deploy
+def __init__(usdc_: address, withdrawal_delay_: uint256, refund_window_: uint256):
+    """
+    @dev Deploys the escrow for one USDC token; the deployer becomes owner.
+    @param usdc_ The USDC (FiatToken) address on this chain.
+    @param withdrawal_delay_ Seconds a consumer waits between requesting a
+           withdrawal and withdrawing.
+    @param refund_window_ Seconds after an authorization's `validBefore` during
+           which operators may refund it.
+    """
+    assert usdc_ != empty(address), "escrow: zero usdc"
+    ownable.__init__()
+    ownable_2step.__init__()
+    pausable.__init__()
+    eip712_domain_separator.__init__("Quotra Escrow", "1")
+    usdc = usdc_
+    withdrawal_delay = withdrawal_delay_
+    refund_window = refund_window_
+    self.fee_bps = INITIAL_FEE_BPS
+    log FeeSet(fee_bps=INITIAL_FEE_BPS)
+
+
+# ################################################################
+#                       x402 PER-CALL PAYMENTS                   #
+# ################################################################
+
+@external
+@nonreentrant
+def settle_authorization(payment: Payment):
+    """
+    @dev Settles one x402 payment: submits the payer's EIP-3009 authorization to
+         USDC (paying this escrow) and credits the split in the same transaction.
+    @notice Reverts with USDC's own reason if the authorization is refused.
+    @param payment The authorization and the provider that served the call.
+    """
+    self._check_operator()
+    pausable._require_not_paused()
+    self._check_payment(payment)
+    extcall IFiatToken(usdc).transferWithAuthorization(
+        payment.payer,
+        self,
+        payment.amount,
+        payment.valid_after,
+        payment.valid_before,
+        payment.nonce,
+        payment.v,
+        payment.r,
+        payment.s,
+    )
+    fee: uint256 = self._split(payment.amount)
+    share: uint256 = payment.amount - fee
+    self.earnings[payment.provider] += share
+    self._update_totals(0, 0, share, 0, fee, 0)
+    log PaymentSettled(payer=payment.payer, provider=payment.provider, nonce=payment.nonce, amount=payment.amount, fee=fee)
+
+
+@external
+@nonreentrant
+def settle_authorizations(payments: DynArray[Payment, MAX_PAYMENTS]) -> uint256:
+    """
+    @dev Settles many x402 payments in one transaction. An authorization that
+         USDC refuses (for instance because someone submitted it to USDC first)
+         is skipped with a `PaymentFailed` event instead of failing the batch;
+         a front-run one can then be credited by `reconcile_authorization`.
+    @param payments The authorizations and the providers that served them.
+    @return uint256 The number of payments settled.
+    """
+    self._check_operator()
+    pausable._require_not_paused()
+    bps: uint256 = self.fee_bps
+    total_share: uint256 = 0
+    total_fee: uint256 = 0
+    settled: uint256 = 0
+    for payment: Payment in payments:
+        self._check_payment(payment)
+        ok: bool = raw_call(
+            usdc,
+            abi_encode(
+                payment.payer,
+                self,
+                payment.amount,
+                payment.valid_after,
+                payment.valid_before,
+                payment.nonce,
+                payment.v,
+                payment.r,
+                payment.s,
+                method_id=method_id(
+                    "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
+                ),
+            ),
+            revert_on_failure=False,
+        )
+        if not ok:
+            log PaymentFailed(payer=payment.payer, provider=payment.provider, nonce=payment.nonce)
+            continue
+        fee: uint256 = payment.amount * bps // MAX_BPS
+        share: uint256 = payment.amount - fee
+        self.earnings[payment.provider] += share
+        total_share += share
+        total_fee += fee
+        settled += 1
+        log PaymentSettled(payer=payment.payer, provider=payment.provider, nonce=payment.nonce, amount=payment.amount, fee=fee)
+    self._update_totals(0, 0, total_share, 0, total_fee, 0)
+    return settled
+
+
+@external
+@nonreentrant
+def reconcile_authorization(payment: Payment):
+    """
+    @dev Credits an x402 payment whose authorization was submitted straight to
+         USDC (front-run), so its funds arrived here uncredited.
+    @notice Credits once per reference, only after checking the payer's
+            signature against USDC's own EIP-712 domain and that USDC marks the
+            nonce used, and only out of funds nobody is owed.
+    @param payment The authorization and the provider that served the call.
+    """
+    self._check_operator()
+    pausable._require_not_paused()
+    self._check_payment(payment)
+    reference: bytes32 = self._payment_reference(payment.payer, payment.nonce)
+    assert not self.reconciled[reference], "escrow: already reconciled"
+    self._verify_paid_authorization(payment)
+    assert staticcall IERC20(usdc).balanceOf(self) - self._liabilities() >= payment.amount, "escrow: no unowed funds"
+    self.reconciled[reference] = True
+    fee: uint256 = self._split(payment.amount)
+    share: uint256 = payment.amount - fee
+    self.earnings[payment.provider] += share
+    self._update_totals(0, 0, share, 0, fee, 0)
+    log PaymentReconciled(payer=payment.payer, provider=payment.provider, nonce=payment.nonce, amount=payment.amount, fee=fee)
+
+
+@external
+@nonreentrant
+def refund_payment(payment: Payment):
+    """
+    @dev Refunds an x402 payment to its payer, out of the provider's unclaimed
+         share and the platform fee, once, within `refund_window` after the
+         authorization's `validBefore`.
+    @notice Works while paused: a refund is an exit.
+    @param payment The paid authorization and the provider it was credited to.
+    """
+    self._check_operator()
+    self._check_payment(payment)
+    assert block.timestamp <= payment.valid_before + refund_window, "escrow: refund window closed"
+    reference: bytes32 = self._payment_reference(payment.payer, payment.nonce)
+    assert not self.refunded[reference], "escrow: already refunded"
+    self._verify_paid_authorization(payment)
+    fee: uint256 = self._split(payment.amount)
+    share: uint256 = payment.amount - fee
+    assert self.earnings[payment.provider] >= share, "escrow: provider share already claimed"
+    assert self._platform_fees() >= fee, "escrow: platform fee already withdrawn"
+    self.refunded[reference] = True
+    self.earnings[payment.provider] -= share
+    self._update_totals(0, 0, 0, share, 0, fee)
+    self._transfer_out(payment.payer, payment.amount)
+    log PaymentRefunded(payer=payment.payer, provider=payment.provider, nonce=payment.nonce, amount=payment.amount, fee=fee)
+
+
+# ################################################################
+#                    PREPAID DEPOSITS AND CHARGES                #
+# ################################################################
+
+@external
+@nonreentrant
+def deposit(amount: uint256, beneficiary: address):
+    """
+    @dev Deposits `amount` of the caller's USDC (approved beforehand) as
+         prepaid balance of `beneficiary` (the caller, or anyone: a grant).
+    @param amount The amount in atomic units.
+    @param beneficiary The consumer credited.
+    """
+    pausable._require_not_paused()
+    assert amount > 0, "escrow: zero amount"
+    assert beneficiary != empty(address), "escrow: zero beneficiary"
+    assert extcall IERC20(usdc).transferFrom(msg.sender, self, amount, default_return_value=True), "escrow: transfer failed"
+    self._credit_deposit(msg.sender, beneficiary, amount)
+
+
+@external
+@nonreentrant
+def deposit_with_authorization(
+    consumer: address,
+    amount: uint256,
+    valid_after: uint256,
+    valid_before: uint256,
+    nonce: bytes32,
+    v: uint8,
+    r: bytes32,
+    s: bytes32,
+):
+    """
+    @dev Gasless deposit: anyone (a relayer) submits the consumer's EIP-3009
+         `ReceiveWithAuthorization` to this escrow, which only this contract can
+         redeem, so it cannot be front-run. Credits the signer.
+    @param consumer The payer, who signed and is credited.
+    @param amount The amount in atomic units.
+    @param valid_after The time after which the authorization is valid.
+    @param valid_before The time before which the authorization is valid.
+    @param nonce The authorization's 32-byte nonce.
+    @param v The signature's recovery id.
+    @param r The signature's r.
+    @param s The signature's s.
+    """
+    pausable._require_not_paused()
+    assert amount > 0, "escrow: zero amount"
+    extcall IFiatToken(usdc).receiveWithAuthorization(consumer, self, amount, valid_after, valid_before, nonce, v, r, s)
+    self._credit_deposit(msg.sender, consumer, amount)
+
+
+@external
+def request_withdrawal(amount: uint256):
+    """
+    @dev Starts a withdrawal of `amount` of the caller's deposit, possible after
+         `withdrawal_delay`. Replaces any pending request. Charges already served
+         can still settle against the deposit meanwhile.
+    @param amount The amount in atomic units.
+    """
+    assert amount > 0, "escrow: zero amount"
+    assert amount <= self.deposits[msg.sender], "escrow: amount exceeds deposit"
+    unlock_at: uint256 = block.timestamp + withdrawal_delay
+    self.withdrawals[msg.sender] = WithdrawalRequest(amount=amount, unlock_at=unlock_at)
+    log WithdrawalRequested(consumer=msg.sender, amount=amount, unlock_at=unlock_at)
+
+
+@external
+def cancel_withdrawal():
+    """
+    @dev Cancels the caller's pending withdrawal.
+    """
+    assert self.withdrawals[msg.sender].amount > 0, "escrow: no pending withdrawal"
+    self.withdrawals[msg.sender] = empty(WithdrawalRequest)
+    log WithdrawalCancelled(consumer=msg.sender)
+
+
+@external
+@nonreentrant
+def withdraw() -> uint256:
+    """
+    @dev Completes the caller's pending withdrawal once unlocked: pays out the
+         requested amount, or what is left of the deposit if charges settled
+         meanwhile. Works while paused.
+    @return uint256 The amount paid out.
+    """
+    request: WithdrawalRequest = self.withdrawals[msg.sender]
+    assert request.amount > 0, "escrow: no pending withdrawal"
+    assert block.timestamp >= request.unlock_at, "escrow: withdrawal locked"
+    amount: uint256 = min(request.amount, self.deposits[msg.sender])
+    self.withdrawals[msg.sender] = empty(WithdrawalRequest)
+    self.deposits[msg.sender] -= amount
+    self._update_totals(0, amount, 0, 0, 0, 0)
+    if amount > 0:
+        self._transfer_out(msg.sender, amount)
+    log Withdrawn(consumer=msg.sender, amount=amount)
+    return amount
+
+
+@external
+@nonreentrant
+def settle_charges(
+    permission: SpendPermission,
+    signature: Bytes[65],
+    expected_spent: uint256,
+    reference: bytes32,
+    charges: DynArray[uint256, MAX_CHARGES],
+):
+    """
+    @dev Settles captured charges of prepaid calls under a consumer-signed
+         permission, in one transaction for many calls and providers. The caller
+         must be an operator and the permission's spender.
+    @notice Idempotent without a storage slot per batch: a batch names the
+            amount already spent under the permission before it
+            (`expected_spent`), so the same batch can never apply twice and
+            batches apply in order. A retry after a crash is refused with
+            "escrow: permission spent mismatch" once the first attempt landed.
+    @param permission The consumer's spend permission.
+    @param signature The consumer's EIP-712 signature of it (EOA or ERC-1271).
+    @param expected_spent `permission_spent` of the permission before this batch.
+    @param reference The relay's id of this batch, echoed in `ChargesSettled`.
+    @param charges The charges, each `provider << 96 | amount`: the amount for
+           calls served by that provider (the relay sums a provider's calls).
+    """
+    self._check_operator()
+    pausable._require_not_paused()
+    digest: bytes32 = self._check_permission(permission, signature, expected_spent)
+    total: uint256 = 0
+    total_fee: uint256 = 0
+    total, total_fee = self._credit_charges(charges)
+    self._debit_permission(permission, digest, expected_spent, reference, total, total_fee, len(charges))
+
+
+@external
+@nonreentrant
+def settle_charges_batch(batches: DynArray[ChargeBatch, MAX_CHARGE_BATCHES]):
+    """
+    @dev `settle_charges` for several permissions in one transaction.
+    @param batches Each permission with its signature, expected spent amount,
+           reference and charges.
+    """
+    self._check_operator()
+    pausable._require_not_paused()
+    for batch: ChargeBatch in batches:
+        digest: bytes32 = self._check_permission(batch.permission, batch.signature, batch.expected_spent)
+        total: uint256 = 0
+        total_fee: uint256 = 0
+        total, total_fee = self._credit_charges(batch.charges)
+        self._debit_permission(
+            batch.permission, digest, batch.expected_spent, batch.reference, total, total_fee, len(batch.charges)
+        )
+
+
+# ################################################################
+#                       CLAIMS AND DELEGATIONS                   #
+# ################################################################
+
+@external
+@nonreentrant
+def claim(amount: uint256, payee: address):
+    """
+    @dev Pays `amount` of the caller's earnings to `payee`. Works while paused.
+    @param amount The amount in atomic units.
+    @param payee The receiver (the provider itself, or anyone it names).
+    """
+    assert amount > 0, "escrow: zero amount"
+    assert payee != empty(address), "escrow: zero payee"
+    self._debit_earnings(msg.sender, amount)
+    self._transfer_out(payee, amount)
+    log Claimed(provider=msg.sender, payee=payee, delegation=empty(bytes32), amount=amount, relayer=empty(address), relayer_fee=0)
+
+
+@external
+@nonreentrant
+def claim_with_delegation(delegation: Delegation, signature: Bytes[65], amount: uint256):
+    """
+    @dev Claims `amount` of a provider's earnings under its signed delegation,
+         for a provider without ETH: any relayer (or only `delegate`, if set)
+         submits it and receives `relayer_fee` in USDC, the payee the rest.
+         Works while paused.
+    @param delegation The provider's delegation.
+    @param signature The provider's EIP-712 signature of it (EOA or ERC-1271).
+    @param amount The amount taken from the earnings, relayer fee included.
+    """
+    assert delegation.delegate == empty(address) or delegation.delegate == msg.sender, "escrow: not the delegate"
+    assert block.timestamp < delegation.valid_until, "escrow: delegation expired"
+    assert delegation.payee != empty(address), "escrow: zero payee"
+    assert amount > delegation.relayer_fee, "escrow: amount not above relayer fee"
+    digest: bytes32 = self._hash_delegation(delegation)
+    assert not self.revoked[delegation.provider][digest], "escrow: delegation revoked"
+    claimed: uint256 = self.delegation_claimed[digest] + amount
+    assert claimed <= delegation.max_amount, "escrow: delegation cap exceeded"
+    assert signature_checker._is_valid_signature_now(delegation.provider, digest, signature), "escrow: invalid signature"
+    self.delegation_claimed[digest] = claimed
+    self._debit_earnings(delegation.provider, amount)
+    if delegation.relayer_fee > 0:
+        self._transfer_out(msg.sender, delegation.relayer_fee)
+    self._transfer_out(delegation.payee, amount - delegation.relayer_fee)
+    log Claimed(
+        provider=delegation.provider,
+        payee=delegation.payee,
+        delegation=digest,
+        amount=amount,
+        relayer=msg.sender,
+        relayer_fee=delegation.relayer_fee,
+    )
+
+
+# ################################################################
+#                           REVOCATIONS                          #
+# ################################################################
+
+@external
+def revoke(item: bytes32):
+    """
+    @dev Revokes one of the caller's signed items (a permission or delegation
+         digest, see `hash_permission` and `hash_delegation`).
+    @param item The EIP-712 digest of the item.
+    """
+    self._revoke(msg.sender, item)
+
+
+@external
+def revoke_permission(permission: SpendPermission):
+    """
+    @dev Revokes a spend permission; only its consumer can.
+    @param permission The permission.
+    """
+    assert msg.sender == permission.consumer, "escrow: not the consumer"
+    self._revoke(msg.sender, self._hash_permission(permission))
+
+
+@external
+def revoke_delegation(delegation: Delegation):
+    """
+    @dev Revokes a delegation; only its provider can.
+    @param delegation The delegation.
+    """
+    assert msg.sender == delegation.provider, "escrow: not the provider"
+    self._revoke(msg.sender, self._hash_delegation(delegation))
+
+
+@external
+def revoke_with_signature(account: address, item: bytes32, signature: Bytes[65]):
+    """
+    @dev Gasless revocation: anyone submits `account`'s EIP-712 signature of
+         `Revocation(account, item)`.
+    @param account The signer of the revoked item.
+    @param item The EIP-712 digest of the item.
+    @param signature The account's signature (EOA or ERC-1271).
+    """
+    digest: bytes32 = self._hash_revocation(account, item)
+    assert signature_checker._is_valid_signature_now(account, digest, signature), "escrow: invalid signature"
+    self._revoke(account, item)
+
+
+# ################################################################
+#                              OWNER                             #
+# ################################################################
+
+@external
+def set_operator(operator: address, status: bool):
+    """
+    @dev Grants or removes the operator (settling key) role.
+    @param operator The address.
+    @param status True to grant.
+    """
+    ownable._check_owner()
+    assert operator != empty(address), "escrow: zero operator"
+    self.is_operator[operator] = status
+    log OperatorSet(operator=operator, status=status)
+
+
+@external
+def set_fee_bps(fee_bps_: uint256):
+    """
+    @dev Sets the platform fee for payments credited from now on.
+    @param fee_bps_ The fee in basis points, at most `MAX_FEE_BPS`.
+    """
+    ownable._check_owner()
+    assert fee_bps_ <= MAX_FEE_BPS, "escrow: fee above cap"
+    self.fee_bps = fee_bps_
+    log FeeSet(fee_bps=fee_bps_)
+
+
+@external
+def pause():
+    """
+    @dev Stops deposits and settlements. Claims, withdrawals, refunds and
+         revocations keep working.
+    """
+    ownable._check_owner()
+    pausable._pause()
+
+
+@external
+def unpause():
+    """
+    @dev Lifts the pause.
+    """
+    ownable._check_owner()
+    pausable._unpause()
+
+
+@external
+@nonreentrant
+def withdraw_platform_fees(to: address, amount: uint256):
+    """
+    @dev Pays out accumulated platform fees.
+    @param to The receiver.
+    @param amount The amount in atomic units.
+    """
+    ownable._check_owner()
+    assert to != empty(address), "escrow: zero payee"
+    assert amount > 0, "escrow: zero amount"
+    assert amount <= self._platform_fees(), "escrow: amount exceeds fees"
+    self._update_totals(0, 0, 0, 0, 0, amount)
+    self._transfer_out(to, amount)
+    log PlatformFeesWithdrawn(to=to, amount=amount)
+
+
+@external
+@nonreentrant
+def sweep(token: address, to: address) -> uint256:
+    """
+    @dev Moves tokens sent here by mistake: for USDC only the excess over
+         `liabilities()`, for any other token the whole balance.
+    @param token The token.
+    @param to The receiver.
+    @return uint256 The amount swept.
+    """
+    ownable._check_owner()
+    assert to != empty(address), "escrow: zero payee"
+    balance: uint256 = staticcall IERC20(token).balanceOf(self)
+    amount: uint256 = balance
+    if token == usdc:
+        amount = balance - self._liabilities()
+    assert amount > 0, "escrow: nothing to sweep"
+    assert extcall IERC20(token).transfer(to, amount, default_return_value=True), "escrow: transfer failed"
+    log Swept(token=token, to=to, amount=amount)
+    return amount
+
+
+# ################################################################
+#                              VIEWS                             #
+# ################################################################
+
+@external
+@view
+def liabilities() -> uint256:
+    """
+    @dev Everything this escrow owes: deposits, earnings and platform fees.
+    @return uint256 The amount in atomic units.
+    """
+    return self._liabilities()
+
+
+@external
+@view
+def hash_permission(permission: SpendPermission) -> bytes32:
+    """
+    @dev The EIP-712 digest a consumer signs for `permission`.
+    @param permission The permission.
+    @return bytes32 The digest.
+    """
+    return self._hash_permission(permission)
+
+
+@external
+@view
+def hash_delegation(delegation: Delegation) -> bytes32:
+    """
+    @dev The EIP-712 digest a provider signs for `delegation`.
+    @param delegation The delegation.
+    @return bytes32 The digest.
+    """
+    return self._hash_delegation(delegation)
+
+
+@external
+@view
+def hash_revocation(account: address, item: bytes32) -> bytes32:
+    """
+    @dev The EIP-712 digest an account signs to revoke `item` gaslessly.
+    @param account The signer.
+    @param item The revoked item's digest.
+    @return bytes32 The digest.
+    """
+    return self._hash_revocation(account, item)
+
+
+@external
+@view
+def permission_remaining(permission: SpendPermission) -> uint256:
+    """
+    @dev What can still be charged under `permission` now: zero if revoked or
+         outside its window, else the unspent allowance (the deposit may be
+         lower).
+    @param permission The permission.
+    @return uint256 The amount in atomic units.
+    """
+    digest: bytes32 = self._hash_permission(permission)
+    if self.revoked[permission.consumer][digest]:
+        return 0
+    if block.timestamp < permission.valid_after or block.timestamp >= permission.valid_until:
+        return 0
+    return permission.allowance - min(self.permission_spent[digest], permission.allowance)
+
+
+@external
+@view
+def delegation_remaining(delegation: Delegation) -> uint256:
+    """
+    @dev What can still be claimed under `delegation` now: zero if revoked or
+         expired, else its unused cap (the earnings may be lower).
+    @param delegation The delegation.
+    @return uint256 The amount in atomic units.
+    """
+    digest: bytes32 = self._hash_delegation(delegation)
+    if self.revoked[delegation.provider][digest] or block.timestamp >= delegation.valid_until:
+        return 0
+    return delegation.max_amount - min(self.delegation_claimed[digest], delegation.max_amount)
+
+
+@external
+@view
+def total_deposits() -> uint256:
+    """
+    @dev Sum of all consumers' deposits.
+    @return uint256 The amount in atomic units.
+    """
+    return self._totals >> 2 * _TOTAL_BITS
+
+
+@external
+@view
+def total_earnings() -> uint256:
+    """
+    @dev Sum of all providers' unclaimed earnings.
+    @return uint256 The amount in atomic units.
+    """
+    return (self._totals >> _TOTAL_BITS) & _TOTAL_MASK
+
+
+@external
+@view
+def platform_fees() -> uint256:
+    """
+    @dev Platform fees not yet withdrawn.
+    @return uint256 The amount in atomic units.
+    """
+    return self._platform_fees()
+
+
+@external
+@pure
+def payment_reference(payer: address, nonce: bytes32) -> bytes32:
+    """
+    @dev The key of an x402 payment in `reconciled` and `refunded`.
+    @param payer The authorization's payer.
+    @param nonce The authorization's nonce.
+    @return bytes32 The reference.
+    """
+    return self._payment_reference(payer, nonce)
+
+
+@external
+@view
+def fee_of(amount: uint256) -> uint256:
+    """
+    @dev The platform fee a payment of `amount` would be split with now.
+    @param amount The amount in atomic units.
+    @return uint256 The fee; the provider gets the rest.
+    """
+    return self._split(amount)
+
+
+# ################################################################
+#                        INTERNAL FUNCTIONS                      #
+# ################################################################
+
+@internal
+@view
+def _check_operator():
+    """
+    @dev Throws unless the caller is an operator.
+    """
+    assert self.is_operator[msg.sender], "escrow: caller is not an operator"
+
+
+@internal
+@pure
+def _check_payment(payment: Payment):
+    """
+    @dev Throws on a payment that could never be credited.
+    """
+    assert payment.amount > 0, "escrow: zero amount"
+    assert payment.provider != empty(address), "escrow: zero provider"
+
+
+@internal
+@view
+def _split(amount: uint256) -> uint256:
+    """
+    @dev The platform fee of `amount` at the current rate.
+    """
+    return amount * self.fee_bps // MAX_BPS
+
+
+@internal
+@view
+def _liabilities() -> uint256:
+    """
+    @dev Sum of all that is owed.
+    """
+    packed: uint256 = self._totals
+    return (packed >> 2 * _TOTAL_BITS) + ((packed >> _TOTAL_BITS) & _TOTAL_MASK) + (packed & _TOTAL_MASK)
+
+
+@internal
+@view
+def _platform_fees() -> uint256:
+    """
+    @dev Unwithdrawn platform fees, from the packed totals.
+    """
+    return self._totals & _TOTAL_MASK
+
+
+@internal
+def _update_totals(
+    deposits_in: uint256,
+    deposits_out: uint256,
+    earnings_in: uint256,
+    earnings_out: uint256,
+    fees_in: uint256,
+    fees_out: uint256,
+):
+    """
+    @dev Applies one change to the packed totals in a single read and write.
+         Underflow reverts (checked arithmetic); each sum must fit its field.
+    """
+    packed: uint256 = self._totals
+    deposits_: uint256 = (packed >> 2 * _TOTAL_BITS) + deposits_in - deposits_out
+    earnings_: uint256 = ((packed >> _TOTAL_BITS) & _TOTAL_MASK) + earnings_in - earnings_out
+    fees_: uint256 = (packed & _TOTAL_MASK) + fees_in - fees_out
+    assert max(deposits_, max(earnings_, fees_)) <= _TOTAL_MASK, "escrow: totals overflow"
+    self._totals = (deposits_ << 2 * _TOTAL_BITS) | (earnings_ << _TOTAL_BITS) | fees_
+
+
+@internal
+@pure
+def _payment_reference(payer: address, nonce: bytes32) -> bytes32:
+    """
+    @dev The reference of an x402 payment.
+    """
+    return keccak256(abi_encode(payer, nonce))
+
+
+@internal
+@view
+def _verify_paid_authorization(payment: Payment):
+    """
+    @dev Throws unless the payer signed a `TransferWithAuthorization` of
+         `amount` to this escrow under USDC's domain and USDC marks it used.
+    """
+    struct_hash: bytes32 = keccak256(
+        abi_encode(
+            TRANSFER_WITH_AUTHORIZATION_TYPEHASH,
+            payment.payer,
+            self,
+            payment.amount,
+            payment.valid_after,
+            payment.valid_before,
+            payment.nonce,
+        )
+    )
+    digest: bytes32 = message_hash_utils._to_typed_data_hash(
+        staticcall IFiatToken(usdc).DOMAIN_SEPARATOR(), struct_hash
+    )
+    signature: Bytes[65] = concat(payment.r, payment.s, convert(payment.v, bytes1))
+    assert signature_checker._is_valid_signature_now(payment.payer, digest, signature), "escrow: invalid signature"
+    assert staticcall IFiatToken(usdc).authorizationState(payment.payer, payment.nonce), "escrow: authorization not used"
+
+
+@internal
+def _credit_deposit(sender: address, beneficiary: address, amount: uint256):
+    """
+    @dev Books a deposit that has arrived.
+    """
+    self.deposits[beneficiary] += amount
+    self._update_totals(amount, 0, 0, 0, 0, 0)
+    log Deposited(sender=sender, beneficiary=beneficiary, amount=amount)
+
+
+@internal
+@view
+def _check_permission(permission: SpendPermission, signature: Bytes[65], expected_spent: uint256) -> bytes32:
+    """
+    @dev Throws unless the caller may charge under `permission` now; returns
+         its digest.
+    """
+    assert msg.sender == permission.spender, "escrow: caller is not the spender"
+    assert block.timestamp >= permission.valid_after, "escrow: permission not yet valid"
+    assert block.timestamp < permission.valid_until, "escrow: permission expired"
+    digest: bytes32 = self._hash_permission(permission)
+    assert not self.revoked[permission.consumer][digest], "escrow: permission revoked"
+    assert self.permission_spent[digest] == expected_spent, "escrow: permission spent mismatch"
+    assert signature_checker._is_valid_signature_now(permission.consumer, digest, signature), "escrow: invalid signature"
+    return digest
+
+
+@internal
+def _credit_charges(charges: DynArray[uint256, MAX_CHARGES]) -> (uint256, uint256):
+    """
+    @dev Credits each packed charge's provider share; returns the total charged
+         and the total fee. Unchecked arithmetic is safe: amounts are below
+         2**96, `fee_bps` below `MAX_BPS`, and at most `MAX_CHARGES` entries sum
+         far below 2**256 (the deposit check then bounds the total).
+    """
+    bps: uint256 = self.fee_bps
+    total: uint256 = 0
+    total_fee: uint256 = 0
+    for packed: uint256 in charges:
+        provider: address = convert(packed >> _CHARGE_AMOUNT_BITS, address)
+        assert provider != empty(address), "escrow: zero provider"
+        amount: uint256 = packed & _CHARGE_AMOUNT_MASK
+        fee: uint256 = unsafe_div(unsafe_mul(amount, bps), MAX_BPS)
+        self.earnings[provider] = unsafe_add(self.earnings[provider], unsafe_sub(amount, fee))
+        total = unsafe_add(total, amount)
+        total_fee = unsafe_add(total_fee, fee)
+    return total, total_fee
+
+
+@internal
+def _debit_permission(
+    permission: SpendPermission,
+    digest: bytes32,
+    expected_spent: uint256,
+    reference: bytes32,
+    total: uint256,
+    total_fee: uint256,
+    count: uint256,
+):
+    """
+    @dev Debits a settled batch from the consumer's deposit and permission and
+         books it in the totals.
+    """
+    assert total > 0, "escrow: zero amount"
+    spent: uint256 = expected_spent + total
+    assert spent <= permission.allowance, "escrow: allowance exceeded"
+    assert total <= self.deposits[permission.consumer], "escrow: deposit exceeded"
+    self.permission_spent[digest] = spent
+    self.deposits[permission.consumer] -= total
+    self._update_totals(0, total, total - total_fee, 0, total_fee, 0)
+    log ChargesSettled(
+        consumer=permission.consumer, permission=digest, reference=reference, amount=total, fee=total_fee, count=count
+    )
+
+
+@internal
+def _debit_earnings(provider: address, amount: uint256):
+    """
+    @dev Takes `amount` from a provider's earnings.
+    """
+    assert amount <= self.earnings[provider], "escrow: amount exceeds earnings"
+    self.earnings[provider] -= amount
+    self._update_totals(0, 0, 0, amount, 0, 0)
+
+
+@internal
+def _revoke(account: address, item: bytes32):
+    """
+    @dev Marks `item` of `account` revoked.
+    """
+    self.revoked[account][item] = True
+    log Revoked(account=account, item=item)
+
+
+@internal
+def _transfer_out(to: address, amount: uint256):
+    """
+    @dev Pays USDC out of the escrow.
+    """
+    assert extcall IERC20(usdc).transfer(to, amount, default_return_value=True), "escrow: transfer failed"
+
+
+@internal
+@view
+def _hash_permission(permission: SpendPermission) -> bytes32:
+    """
+    @dev EIP-712 digest of a permission under this escrow's domain.
+    """
+    return eip712_domain_separator._hash_typed_data_v4(
+        keccak256(
+            abi_encode(
+                SPEND_PERMISSION_TYPEHASH,
+                permission.consumer,
+                permission.spender,
+                permission.allowance,
+                permission.valid_after,
+                permission.valid_until,
+                permission.salt,
+            )
+        )
+    )
+
+
+@internal
+@view
+def _hash_delegation(delegation: Delegation) -> bytes32:
+    """
+    @dev EIP-712 digest of a delegation under this escrow's domain.
+    """
+    return eip712_domain_separator._hash_typed_data_v4(
+        keccak256(
+            abi_encode(
+                DELEGATION_TYPEHASH,
+                delegation.provider,
+                delegation.delegate,
+                delegation.payee,
+                delegation.max_amount,
+                delegation.relayer_fee,
+                delegation.valid_until,
+                delegation.salt,
+            )
+        )
+    )
+
+
+@internal
+@view
+def _hash_revocation(account: address, item: bytes32) -> bytes32:
+    """
+    @dev EIP-712 digest of a gasless revocation under this escrow's domain.
+    """
+    return eip712_domain_separator._hash_typed_data_v4(keccak256(abi_encode(REVOCATION_TYPEHASH, account, item)))
