@@ -1,0 +1,44 @@
+"""Upstream adapter tests: the fake upstreams (one set per session, real HTTP) and a harness per
+upstream kind, so behaviour every provider shares is tested once for all of them."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+# tests/backend is on sys.path once its conftest.py is loaded; this also covers `--confcutdir` runs.
+_BACKEND_TESTS = str(Path(__file__).resolve().parents[1])
+if _BACKEND_TESTS not in sys.path:
+    sys.path.insert(0, _BACKEND_TESTS)
+
+from fakes import FakeUpstreams, start_fake_upstreams  # noqa: E402
+from upstream_helpers import KINDS, TLS, Harness  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fake_upstreams() -> Iterator[FakeUpstreams]:
+    with start_fake_upstreams() as fakes:
+        yield fakes
+
+
+@pytest.fixture(autouse=True)
+def _fresh_recorder(fake_upstreams: FakeUpstreams) -> Iterator[None]:
+    fake_upstreams.recorder.clear()
+    yield
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(verify=TLS) as http:
+        yield http
+
+
+@pytest.fixture(params=KINDS)
+def harness(
+    request: pytest.FixtureRequest, fake_upstreams: FakeUpstreams, client: httpx.AsyncClient
+) -> Harness:
+    return Harness(request.param, fake_upstreams, client)
