@@ -1,0 +1,139 @@
+"""Shared state built once in the app's lifespan, and the request dependencies built on it."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+import httpx
+from fastapi import Depends, Request
+
+from quotra.config import Settings
+from quotra.errors import AuthenticationFailed
+from quotra.metrics import Metrics
+from quotra.netguard import NetGuard
+from quotra.ratelimit import TokenBucketLimiter
+from quotra.services.gate import Caller, PaymentGate
+from quotra.services.listings import ListingCache, ListingService
+from quotra.services.relay import Relay
+from quotra.siwe import SiweVerifier
+from quotra.store.repositories import Store
+from quotra.vault import Vault
+
+SESSION_PREFIX = "qs_"
+
+
+class SessionTokens:
+    """Stateless, HMAC-signed session tokens: `qs_<payload>.<mac>` (payload: address, expiry)."""
+
+    def __init__(self, master_key: bytes, ttl_seconds: int) -> None:
+        self._key = hmac.new(master_key, b"quotra-session-token-v1", hashlib.sha256).digest()
+        self.ttl = ttl_seconds
+
+    def _mac(self, payload: bytes) -> str:
+        return (
+            base64.urlsafe_b64encode(hmac.new(self._key, payload, hashlib.sha256).digest())
+            .rstrip(b"=")
+            .decode()
+        )
+
+    def issue(self, address: str, now: float | None = None) -> tuple[str, int]:
+        expires = int((now or time.time()) + self.ttl)
+        payload = json.dumps({"a": address, "e": expires}, separators=(",", ":")).encode()
+        encoded = base64.urlsafe_b64encode(payload).rstrip(b"=").decode()
+        return f"{SESSION_PREFIX}{encoded}.{self._mac(payload)}", expires
+
+    def verify(self, token: str, now: float | None = None) -> str | None:
+        if not token.startswith(SESSION_PREFIX):
+            return None
+        encoded, _, mac = token[len(SESSION_PREFIX) :].partition(".")
+        try:
+            payload = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+            if not hmac.compare_digest(mac, self._mac(payload)):
+                return None
+            data = json.loads(payload)
+            if int(data["e"]) <= (now or time.time()):
+                return None
+            return str(data["a"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: Store
+    vault: Vault
+    http: httpx.AsyncClient
+    metrics: Metrics
+    limiter: TokenBucketLimiter
+    netguard: NetGuard
+    cache: ListingCache
+    listings: ListingService
+    gate: PaymentGate
+    relay: Relay
+    sessions: SessionTokens
+    siwe: SiweVerifier
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationFailed("The Authorization header must be 'Bearer <token>'")
+    return token.strip()
+
+
+def client_ip(request: Request, settings: Settings) -> str:
+    if settings.trust_forwarded_for:
+        forwarded = request.headers.get("x-forwarded-for")
+        if forwarded:
+            return forwarded.split(",")[0].strip()
+    return request.client.host if request.client else "unknown"
+
+
+def current_provider(request: Request, runtime: RuntimeDep) -> str:
+    token = _bearer(request)
+    if token is None:
+        raise AuthenticationFailed("Sign in with Ethereum first (POST /v1/auth/nonce, then /v1/auth/verify)")
+    address = runtime.sessions.verify(token)
+    if address is None:
+        raise AuthenticationFailed("The session token is invalid or expired", code="invalid_session")
+    return address
+
+
+def current_caller(request: Request, runtime: RuntimeDep) -> Caller:
+    """A consumer: signed-in wallet, sandbox API key, or (no credentials) the client address."""
+    token = _bearer(request)
+    if token is None:
+        return Caller("anonymous", f"ip:{client_ip(request, runtime.settings)}")
+    if token.startswith(SESSION_PREFIX):
+        address = runtime.sessions.verify(token)
+        if address is None:
+            raise AuthenticationFailed("The session token is invalid or expired", code="invalid_session")
+        return Caller("wallet", f"wallet:{address.lower()}")
+    if token in runtime.settings.sandbox_key_set:
+        return Caller("sandbox_key", "key:" + hashlib.sha256(token.encode()).hexdigest()[:16])
+    raise AuthenticationFailed(
+        "Unknown API key. Call without a key (playground), with a sign-in session token, "
+        "or with a sandbox key"
+    )
+
+
+CurrentProvider = Annotated[str, Depends(current_provider)]
+CurrentCaller = Annotated[Caller, Depends(current_caller)]

@@ -1,0 +1,286 @@
+"""The FastAPI application: lifespan wiring, pure-ASGI middleware (metrics, body limit,
+last-resort guard) and the single place where errors become OpenAI error objects."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from quotra import __version__
+from quotra.api import auth, chat, health, listings, models
+from quotra.api.deps import Runtime, SessionTokens
+from quotra.config import Settings
+from quotra.errors import PayloadTooLarge, QuotraError, error_body
+from quotra.metrics import Metrics
+from quotra.netguard import NetGuard
+from quotra.ratelimit import TokenBucketLimiter
+from quotra.services.gate import PaymentGate
+from quotra.services.listings import ListingCache, ListingService
+from quotra.services.relay import Relay
+from quotra.services.upstreams import AdapterFactory, AdapterRegistry
+from quotra.siwe import Erc1271Fn, SiweVerifier, web3_erc1271
+from quotra.store.db import create_engine, upgrade
+from quotra.store.repositories import Store
+from quotra.vault import Vault
+
+log = logging.getLogger("quotra.app")
+
+_STATUS_TYPES = {
+    400: ("invalid_request_error", "invalid_request"),
+    401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", "forbidden"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+}
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from `receive` while the body is read, so FastAPI passes it through untouched."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"The request body is larger than {limit} bytes")
+
+
+def _json_response_parts(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> list[Message]:
+    payload = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    return [
+        {"type": "http.response.start", "status": status, "headers": raw},
+        {"type": "http.response.body", "body": payload},
+    ]
+
+
+class RelayMiddleware:
+    """Counts requests and latency per route, limits the request body while it is read (413),
+    and turns anything unhandled into a bare OpenAI-shaped 500 (never a traceback)."""
+
+    def __init__(self, app: ASGIApp, *, max_body: int, metrics: Metrics) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        def route_name() -> str:
+            route = scope.get("route")
+            return getattr(route, "path", None) or "unmatched"
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                self.metrics.latency.labels(route_name()).observe(time.perf_counter() - started)
+            await send(message)
+
+        length = _content_length(scope)
+        if length is not None and length > self.max_body:
+            error = PayloadTooLarge(f"The request body is larger than {self.max_body} bytes")
+            for message in _json_response_parts(413, error.body(), {"connection": "close"}):
+                await send_wrapper(message)
+            self.metrics.requests.labels(scope["method"], route_name(), "413").inc()
+            return
+
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise BodyTooLarge(self.max_body)
+            return message
+
+        try:
+            await self.app(scope, receive_limited, send_wrapper)
+        except Exception:
+            log.exception("unhandled error", extra={"path": scope.get("path", "")})
+            if not response_started:
+                body = error_body(
+                    500,
+                    "The server had an error processing the request",
+                    type_="server_error",
+                    code="internal_error",
+                )
+                for message in _json_response_parts(500, body):
+                    await send_wrapper(message)
+        finally:
+            self.metrics.requests.labels(scope["method"], route_name(), str(status)).inc()
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _validation_param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(QuotraError)
+    async def _quotra(_: Request, exc: QuotraError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers or None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        param = _validation_param(tuple(first.get("loc", ())))
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_request"
+        return JSONResponse(
+            error_body(400, message, type_="invalid_request_error", code=code, param=param), status_code=400
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_, code = _STATUS_TYPES.get(
+            exc.status_code, ("server_error" if exc.status_code >= 500 else "invalid_request_error", None)
+        )
+        message = exc.detail if isinstance(exc.detail, str) else "Request failed"
+        if exc.status_code == 404 and message == "Not Found":
+            message = "Unknown path"
+        return JSONResponse(
+            error_body(exc.status_code, message, type_=type_, code=code),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc)
+        return JSONResponse(
+            error_body(
+                500,
+                "The server had an error processing the request",
+                type_="server_error",
+                code="internal_error",
+            ),
+            status_code=500,
+        )
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    adapter_factory: AdapterFactory | None = None,
+    erc1271: Erc1271Fn | None = None,
+    http_transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """The relay. Tests inject fakes for the upstream adapters, ERC-1271 and outgoing HTTP."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        keys, primary = settings.load_keyring()
+        vault = Vault(keys, primary)
+        engine = create_engine(settings.effective_database_url)
+        if settings.run_migrations_on_start:
+            await upgrade(engine)
+        store = Store(engine)
+        http = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.upstream_timeout_seconds, connect=10.0),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+            transport=http_transport,
+            follow_redirects=False,
+        )
+        adapters = AdapterRegistry(http, timeout=settings.upstream_timeout_seconds, factory=adapter_factory)
+        netguard = NetGuard.from_lists(
+            allow_private=settings.upstream_allow_private,
+            allowlist=settings.upstream_allowlist,
+            denylist=settings.upstream_denylist,
+        )
+        cache = ListingCache(store, settings.listing_cache_ttl_seconds)
+        limiter = TokenBucketLimiter()
+        listing_service = ListingService(
+            store, vault, cache, adapters, netguard, check_keys=settings.upstream_check_keys
+        )
+        gate = PaymentGate(store, free_calls=settings.playground_free_calls)
+        checker = erc1271
+        if checker is None and settings.chain_rpc_url:
+            checker = web3_erc1271(settings.chain_rpc_url)
+        app.state.runtime = Runtime(
+            settings=settings,
+            store=store,
+            vault=vault,
+            http=http,
+            metrics=metrics,
+            limiter=limiter,
+            netguard=netguard,
+            cache=cache,
+            listings=listing_service,
+            gate=gate,
+            relay=Relay(
+                store=store,
+                cache=cache,
+                listings=listing_service,
+                adapters=adapters,
+                gate=gate,
+                limiter=limiter,
+                metrics=metrics,
+                consumer_rate_per_minute=settings.consumer_rate_per_minute,
+                cooldown_after_failures=settings.cooldown_after_failures,
+                cooldown_seconds=settings.cooldown_seconds,
+            ),
+            sessions=SessionTokens(keys[primary], settings.session_ttl_seconds),
+            siwe=SiweVerifier(
+                domain=settings.expected_siwe_domain,
+                uri=settings.public_url,
+                chain_id=settings.chain_id,
+                erc1271=checker,
+            ),
+        )
+        log.info(
+            "relay started",
+            extra={"env": settings.env, "database": store.dialect, "version": __version__},
+        )
+        try:
+            yield
+        finally:
+            await http.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="Quotra relay",
+        version=__version__,
+        summary="OpenAI-compatible gateway over provider listings",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(RelayMiddleware, max_body=settings.max_body_bytes, metrics=metrics)
+    for module in (chat, models, listings, auth, health):
+        app.include_router(module.router)
+    app.state.metrics = metrics
+    return app

@@ -1,0 +1,204 @@
+"""Relay configuration: one typed Settings object read from `QUOTRA_*` variables and `.env`.
+
+With nothing configured the relay runs in dev mode (SQLite and a generated master key under
+`./data/`); `QUOTRA_ENV=production` refuses missing or placeholder secrets instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import os
+import secrets
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger("quotra.config")
+
+PLACEHOLDERS = {"", "changeme", "change-me", "placeholder", "secret", "dev", "test", "xxx", "todo"}
+
+
+class ConfigError(RuntimeError):
+    """The configuration cannot be used (the message says what to fix)."""
+
+
+def decode_master_key(value: str) -> bytes:
+    """A master key is 32 bytes, written as 64 hex characters or base64 (standard or URL-safe)."""
+    text = value.strip()
+    if len(text) == 64:
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            pass
+    try:
+        urlsafe = text.replace("+", "-").replace("/", "_").rstrip("=")
+        raw = base64.b64decode(urlsafe + "=" * (-len(urlsafe) % 4), altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ConfigError("master key must be 32 bytes as 64 hex characters or base64") from exc
+    if len(raw) != 32:
+        raise ConfigError(f"master key must be 32 bytes, got {len(raw)}")
+    return raw
+
+
+def is_placeholder_secret(value: str | None) -> bool:
+    if value is None:
+        return True
+    text = value.strip().lower()
+    if text in PLACEHOLDERS or "changeme" in text or "placeholder" in text or "example" in text:
+        return True
+    return len(set(text)) <= 2  # "0000…", "aaaa…"
+
+
+def master_key_id(key: bytes) -> str:
+    """A short public name for a master key (stored beside each wrapped data key)."""
+    return hashlib.sha256(b"quotra-kek-id|" + key).hexdigest()[:12]
+
+
+def _split_list(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="QUOTRA_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    env: Literal["dev", "test", "production"] = "dev"
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    # 32 bytes (hex or base64). Previous keys stay readable until `quotra keys rotate` re-wraps.
+    master_key: SecretStr | None = None
+    previous_master_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+
+    public_url: str = "http://127.0.0.1:8000"
+    siwe_domain: str | None = None
+    chain_id: int = 84532
+    chain_rpc_url: str | None = None
+    deployment_file: Path | None = None
+    readyz_check_chain: bool = True
+    session_ttl_seconds: int = Field(default=3600, ge=60, le=7 * 86400)
+    siwe_nonce_ttl_seconds: int = Field(default=600, ge=30, le=86400)
+
+    upstream_allow_private: bool = False
+    upstream_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    upstream_denylist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    upstream_timeout_seconds: float = Field(default=60.0, gt=0, le=600)
+    upstream_check_keys: bool = True
+    cooldown_after_failures: int = Field(default=3, ge=1)
+    cooldown_seconds: float = Field(default=60.0, ge=0)
+
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    consumer_rate_per_minute: int = Field(default=120, ge=1)
+    playground_free_calls: int = Field(default=3, ge=0)
+    sandbox_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    trust_forwarded_for: bool = False
+    listing_cache_ttl_seconds: float = Field(default=2.0, ge=0)
+
+    log_level: str = "INFO"
+    log_json: bool = True
+    run_migrations_on_start: bool = True
+
+    _split = field_validator(
+        "previous_master_keys", "upstream_allowlist", "upstream_denylist", "sandbox_api_keys", mode="before"
+    )(_split_list)
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("public_url must be an absolute http(s) URL")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> Settings:
+        if self.env != "production":
+            return self
+        key = self.master_key.get_secret_value() if self.master_key else None
+        if is_placeholder_secret(key):
+            raise ValueError(
+                "QUOTRA_ENV=production needs QUOTRA_MASTER_KEY set to a real 32-byte key "
+                '(generate one with: python -c "import secrets; print(secrets.token_hex(32))")'
+            )
+        assert key is not None
+        try:
+            decode_master_key(key)
+        except ConfigError as exc:
+            raise ValueError(f"QUOTRA_MASTER_KEY: {exc}") from exc
+        for old in self.previous_master_keys:
+            decode_master_key(old.get_secret_value())
+        return self
+
+    # ---- derived values, computed once -------------------------------------------------------
+
+    @property
+    def is_production(self) -> bool:
+        return self.env == "production"
+
+    @cached_property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'quotra.db').resolve()}"
+
+    @cached_property
+    def expected_siwe_domain(self) -> str:
+        return self.siwe_domain or urlsplit(self.public_url).netloc
+
+    @cached_property
+    def sandbox_key_set(self) -> frozenset[str]:
+        return frozenset(k.get_secret_value() for k in self.sandbox_api_keys)
+
+    def load_keyring(self) -> tuple[dict[str, bytes], str]:
+        """The master keys by id and the id of the one new data keys are wrapped with.
+
+        Dev mode with no key generates one, kept in `<data_dir>/master.key` (with a warning)."""
+        if self.master_key is not None and self.master_key.get_secret_value().strip():
+            primary = decode_master_key(self.master_key.get_secret_value())
+        elif self.is_production:
+            raise ConfigError("QUOTRA_MASTER_KEY is required in production")
+        else:
+            primary = self._dev_master_key()
+        keys = {master_key_id(primary): primary}
+        for old in self.previous_master_keys:
+            raw = decode_master_key(old.get_secret_value())
+            keys.setdefault(master_key_id(raw), raw)
+        return keys, master_key_id(primary)
+
+    def _dev_master_key(self) -> bytes:
+        path = self.data_dir / "master.key"
+        if path.exists():
+            key = decode_master_key(path.read_text())
+        else:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            key = secrets.token_bytes(32)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(key.hex() + "\n")
+        log.warning(
+            "dev mode: using the generated master key in %s; set QUOTRA_MASTER_KEY for real use", path
+        )
+        return key
+
+    def write_dev_master_key(self, key: bytes) -> Path:
+        """Used by `quotra keys rotate` in dev mode, where the key lives in the data folder."""
+        path = self.data_dir / "master.key"
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key.hex() + "\n")
+        tmp.replace(path)
+        return path
+
+    @property
+    def uses_dev_master_key(self) -> bool:
+        return self.master_key is None or not self.master_key.get_secret_value().strip()

@@ -1,0 +1,1 @@
+"""Relay services: listings, the payment gate and the call path, used by the API routers."""

@@ -1,0 +1,509 @@
+"""The call path of `POST /v1/chat/completions`.
+
+resolve listings → rate limits → per listing: input limits, gate.authorize, reserve quota →
+upstream call → capture (success) or void + release (failure). When the model names a model
+rather than a listing, a refused or failing listing falls through to the next best one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import anyio
+
+from quotra.errors import (
+    BadRequest,
+    InputTooLarge,
+    NotFound,
+    PaymentRequired,
+    QuotaExhausted,
+    QuotraError,
+    RateLimited,
+    UpstreamFailed,
+)
+from quotra.logging import scrub
+from quotra.metrics import Metrics
+from quotra.ratelimit import Decision, TokenBucketLimiter
+from quotra.services.gate import Authorization, Caller, PaymentGate
+from quotra.services.listings import ListingCache, ListingService, is_usable
+from quotra.services.upstreams import AdapterRegistry
+from quotra.store.models import utcnow
+from quotra.store.repositories import ListingRecord, Store
+from quotra.upstream.base import (
+    Adapter,
+    UpstreamAuthError,
+    UpstreamBadRequest,
+    UpstreamError,
+    UpstreamRateLimited,
+    Usage,
+)
+
+log = logging.getLogger("quotra.relay")
+LISTING_PREFIX = "listing/"
+MAX_ATTEMPTS = 3
+
+
+def input_chars(messages: list[dict[str, Any]]) -> int:
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict):
+                    text = part.get("text")
+                    total += len(text) if isinstance(text, str) else len(json.dumps(part))
+        for key in ("tool_calls", "function_call"):
+            if message.get(key):
+                total += len(json.dumps(message[key]))
+    return total
+
+
+def estimate_tokens(chars: int, messages: int) -> int:
+    # ~4 characters per token plus per-message framing; cheap and deliberately generous.
+    return math.ceil(chars / 4) + 4 * messages
+
+
+def call_cost(listing: ListingRecord, prompt_tokens: int, completion_tokens: int) -> int:
+    cost = listing.price_per_call
+    if listing.price_input_per_mtok:
+        cost += math.ceil(prompt_tokens * listing.price_input_per_mtok / 1_000_000)
+    if listing.price_output_per_mtok:
+        cost += math.ceil(completion_tokens * listing.price_output_per_mtok / 1_000_000)
+    return cost
+
+
+@dataclass
+class Target:
+    """What a request asked for: a model (any listing may serve it) or one listing."""
+
+    model: str | None
+    listing_id: str | None
+
+    @classmethod
+    def parse(cls, name: str) -> Target:
+        if name.startswith(LISTING_PREFIX):
+            rest = name[len(LISTING_PREFIX) :]
+            listing_id, _, model = rest.partition("/")
+            if not listing_id:
+                raise BadRequest("model 'listing/<id>' needs a listing id", param="model")
+            return cls(model or None, listing_id)
+        return cls(name, None)
+
+
+@dataclass
+class Prepared:
+    listing: ListingRecord
+    adapter: Adapter
+    api_key: str
+    model: str
+    body: dict[str, Any]
+    auth: Authorization
+    max_cost: int
+    rate: Decision | None = None
+
+
+@dataclass
+class Outcome:
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Relay:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        cache: ListingCache,
+        listings: ListingService,
+        adapters: AdapterRegistry,
+        gate: PaymentGate,
+        limiter: TokenBucketLimiter,
+        metrics: Metrics,
+        consumer_rate_per_minute: int,
+        cooldown_after_failures: int,
+        cooldown_seconds: float,
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.listings = listings
+        self.adapters = adapters
+        self.gate = gate
+        self.limiter = limiter
+        self.metrics = metrics
+        self.consumer_rate = consumer_rate_per_minute
+        self.cooldown_after = cooldown_after_failures
+        self.cooldown = timedelta(seconds=cooldown_seconds)
+        self._failing: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ---- choosing listings -----------------------------------------------------------------------
+
+    async def candidates(self, target: Target) -> list[ListingRecord]:
+        now = utcnow()
+        if target.listing_id is not None:
+            record = await self.cache.get(target.listing_id)
+            if record is None or record.status == "revoked":
+                raise NotFound(
+                    f"The listing '{target.listing_id}' does not exist", param="model", code="model_not_found"
+                )
+            if target.model is not None and target.model not in record.models:
+                raise NotFound(
+                    f"Listing '{record.id}' does not serve model '{target.model}'",
+                    param="model",
+                    code="model_not_found",
+                )
+            if record.status != "active":
+                raise NotFound(f"Listing '{record.id}' is paused", param="model", code="listing_unavailable")
+            if record.expires_at is not None and record.expires_at <= now:
+                raise NotFound(
+                    f"Listing '{record.id}' has expired", param="model", code="listing_unavailable"
+                )
+            if record.in_cooldown(now):
+                assert record.cooldown_until is not None
+                retry = max(1, math.ceil((record.cooldown_until - now).total_seconds()))
+                raise RateLimited(
+                    f"Listing '{record.id}' is cooling down after upstream errors",
+                    code="listing_cooldown",
+                    headers={"Retry-After": str(retry)},
+                )
+            return [record]
+        assert target.model is not None
+        serving = [r for r in await self.cache.live() if target.model in r.models]
+        if not serving:
+            raise NotFound(
+                f"The model '{target.model}' is not served by any live listing",
+                param="model",
+                code="model_not_found",
+            )
+        healthy = [r for r in serving if is_usable(r, now)]
+        if not healthy:
+            raise RateLimited(
+                f"Every listing serving '{target.model}' is cooling down after upstream errors",
+                code="listing_cooldown",
+                headers={"Retry-After": str(int(self.cooldown.total_seconds()) or 1)},
+            )
+        healthy.sort(
+            key=lambda r: (
+                r.price_per_call,
+                -(r.remaining_calls if r.remaining_calls is not None else 2**62),
+                r.created_at,
+            )
+        )
+        return healthy
+
+    def _build_body(
+        self, request: dict[str, Any], listing: ListingRecord, model: str
+    ) -> tuple[dict[str, Any], int]:
+        body = dict(request)
+        body["model"] = model
+        cap = listing.max_output_tokens
+        wanted = body.get("max_completion_tokens") or body.get("max_tokens")
+        if cap is not None:
+            if body.get("max_completion_tokens") is not None:
+                body["max_completion_tokens"] = min(body["max_completion_tokens"], cap)
+                body.pop("max_tokens", None)
+            else:
+                body["max_tokens"] = min(wanted or cap, cap)
+        out = body.get("max_completion_tokens") or body.get("max_tokens") or 4096
+        return body, int(out)
+
+    def _check_input(self, listing: ListingRecord, chars: int, tokens: int) -> None:
+        if listing.max_input_chars is not None and chars > listing.max_input_chars:
+            raise InputTooLarge(
+                f"The input has {chars} characters; "
+                f"listing '{listing.id}' accepts at most {listing.max_input_chars}",
+                param="messages",
+            )
+        if listing.max_input_tokens is not None and tokens > listing.max_input_tokens:
+            raise InputTooLarge(
+                f"The input is about {tokens} tokens; "
+                f"listing '{listing.id}' accepts at most {listing.max_input_tokens}",
+                param="messages",
+            )
+
+    async def _prepare(
+        self,
+        caller: Caller,
+        listing: ListingRecord,
+        request: dict[str, Any],
+        target: Target,
+        chars: int,
+        tokens: int,
+    ) -> Prepared:
+        self._check_input(listing, chars, tokens)
+        rate = None
+        if listing.rate_per_minute:
+            rate = self.limiter.check(f"l:{listing.id}", listing.rate_per_minute, f"listing {listing.id}")
+        model = target.model or listing.models[0]
+        body, max_out = self._build_body(request, listing, model)
+        max_cost = call_cost(listing, tokens, max_out)
+        auth = await self.gate.authorize(caller, listing, max_cost)
+        if not await self.store.reserve_call(listing.id):
+            await auth.void()
+            self.cache.invalidate()
+            raise QuotaExhausted(f"Listing '{listing.id}' has no calls left", param="model")
+        try:
+            api_key = self.listings.api_key(listing)
+        except Exception:
+            await self._undo(listing, auth)
+            raise
+        return Prepared(
+            listing,
+            self.adapters.get(listing.kind, listing.base_url),
+            api_key,
+            model,
+            body,
+            auth,
+            max_cost,
+            rate,
+        )
+
+    async def _undo(self, listing: ListingRecord, auth: Authorization) -> None:
+        await self.store.release_call(listing.id)
+        await auth.void()
+
+    # ---- upstream errors -------------------------------------------------------------------------
+
+    async def _upstream_failed(self, prepared: Prepared, exc: UpstreamError) -> QuotraError:
+        listing = prepared.listing
+        self.metrics.upstream_errors.labels(listing.kind, type(exc).__name__).inc()
+        self.metrics.listing_calls.labels(listing.id, "upstream_error").inc()
+        await self._undo(listing, prepared.auth)
+        if isinstance(exc, UpstreamAuthError | UpstreamRateLimited):
+            self._failing.add(listing.id)
+            cooled = await self.store.note_upstream_failure(
+                listing.id, threshold=self.cooldown_after, cooldown=self.cooldown
+            )
+            if cooled:
+                self.cache.invalidate()
+                log.warning(
+                    "listing in cooldown after repeated upstream refusals", extra={"listing": listing.id}
+                )
+        log.info(
+            "upstream error",
+            extra={
+                "listing": listing.id,
+                "error": type(exc).__name__,
+                "status": getattr(exc, "status_code", 0),
+            },
+        )
+        return map_upstream_error(listing, exc)
+
+    async def _succeeded(
+        self, prepared: Prepared, usage: Usage, *, stream: bool, caller: Caller, outcome: str = "ok"
+    ) -> int:
+        listing = prepared.listing
+        cost = call_cost(listing, usage.prompt_tokens, usage.completion_tokens)
+        await prepared.auth.capture(cost)
+        if listing.id in self._failing or listing.failure_streak:
+            self._failing.discard(listing.id)
+            await self.store.note_upstream_success(listing.id)
+        await self.store.record_call(
+            listing_id=listing.id,
+            consumer=caller.id,
+            gate=prepared.auth.gate,
+            model=prepared.model[:200],
+            outcome=outcome,
+            stream=stream,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cost_atomic=cost,
+            created_at=utcnow(),
+        )
+        self.metrics.listing_calls.labels(listing.id, outcome).inc()
+        self.metrics.listing_tokens.labels(listing.id, "input").inc(usage.prompt_tokens)
+        self.metrics.listing_tokens.labels(listing.id, "output").inc(usage.completion_tokens)
+        return cost
+
+    # ---- the call --------------------------------------------------------------------------------
+
+    def _headers(self, prepared: Prepared, consumer_rate: Decision) -> dict[str, str]:
+        headers = consumer_rate.headers()
+        headers["X-Quotra-Listing"] = prepared.listing.id
+        headers["X-Quotra-Payment"] = prepared.auth.gate
+        return headers
+
+    async def _attempts(
+        self, caller: Caller, request: dict[str, Any]
+    ) -> AsyncGenerator[tuple[Prepared, Decision, bool]]:
+        """Yields prepared (authorized, reserved) attempts in order until one is used."""
+        target = Target.parse(str(request["model"]))
+        candidates = await self.candidates(target)
+        consumer_rate = self.limiter.check(f"c:{caller.id}", self.consumer_rate, "this consumer")
+        messages = request["messages"]
+        chars = input_chars(messages)
+        tokens = estimate_tokens(chars, len(messages))
+        routed = target.listing_id is None
+        errors: list[QuotraError] = []
+        attempts = 0
+        for listing in candidates:
+            if attempts >= MAX_ATTEMPTS:
+                break
+            try:
+                prepared = await self._prepare(caller, listing, request, target, chars, tokens)
+            except (InputTooLarge, RateLimited, PaymentRequired, QuotaExhausted) as exc:
+                if not routed:
+                    raise
+                errors.append(exc)
+                continue
+            attempts += 1
+            yield prepared, consumer_rate, routed
+        if not errors:
+            raise QuotaExhausted(f"No listing serving '{request['model']}' has calls left", param="model")
+        payment = [e for e in errors if isinstance(e, PaymentRequired)]
+        raise payment[0] if payment else errors[0]
+
+    async def complete(
+        self, caller: Caller, request: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        last: QuotraError | None = None
+        attempts = self._attempts(caller, request)
+        try:
+            async for prepared, consumer_rate, routed in attempts:
+                try:
+                    completion = await prepared.adapter.complete(
+                        prepared.body, api_key=prepared.api_key, model=prepared.model
+                    )
+                except UpstreamError as exc:
+                    last = await self._upstream_failed(prepared, exc)
+                    if routed and not isinstance(exc, UpstreamBadRequest):
+                        continue
+                    raise last from exc
+                except BaseException:
+                    await self._undo(prepared.listing, prepared.auth)
+                    raise
+                cost = await self._succeeded(prepared, completion.usage, stream=False, caller=caller)
+                headers = self._headers(prepared, consumer_rate)
+                headers["X-Quotra-Cost"] = str(cost)
+                return completion.body, headers
+        except (QuotaExhausted, RateLimited, PaymentRequired, InputTooLarge):
+            if last is not None:
+                raise last from None
+            raise
+        finally:
+            await attempts.aclose()
+        raise last or UpstreamFailed("No listing could serve the request")
+
+    async def open_stream(
+        self, caller: Caller, request: dict[str, Any]
+    ) -> tuple[AsyncIterator[bytes], dict[str, str]]:
+        """Starts the upstream stream and waits for its first chunk, so that failures before any
+        output still become proper HTTP errors (and may fall through to another listing)."""
+        last: QuotraError | None = None
+        attempts = self._attempts(caller, request)
+        try:
+            async for prepared, consumer_rate, routed in attempts:
+                upstream = prepared.adapter.stream(
+                    prepared.body, api_key=prepared.api_key, model=prepared.model
+                )
+                iterator = aiter(upstream)
+                try:
+                    first = await anext(iterator)
+                except StopAsyncIteration:
+                    first = None
+                except UpstreamError as exc:
+                    await _aclose(iterator)
+                    last = await self._upstream_failed(prepared, exc)
+                    if routed and not isinstance(exc, UpstreamBadRequest):
+                        continue
+                    raise last from exc
+                except BaseException:
+                    await _aclose(iterator)
+                    await self._undo(prepared.listing, prepared.auth)
+                    raise
+                headers = self._headers(prepared, consumer_rate)
+                return self._sse(prepared, caller, iterator, first), headers
+        except (QuotaExhausted, RateLimited, PaymentRequired, InputTooLarge):
+            if last is not None:
+                raise last from None
+            raise
+        finally:
+            await attempts.aclose()
+        raise last or UpstreamFailed("No listing could serve the request")
+
+    async def _sse(
+        self,
+        prepared: Prepared,
+        caller: Caller,
+        iterator: AsyncIterator[dict[str, Any]],
+        first: dict[str, Any] | None,
+    ) -> AsyncIterator[bytes]:
+        usage: Usage | None = None
+        outcome = "cancelled"
+        failure: UpstreamError | None = None
+        try:
+            chunk = first
+            while chunk is not None:
+                if chunk.get("usage"):
+                    usage = _usage_of(chunk["usage"])
+                yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+                try:
+                    chunk = await anext(iterator)
+                except StopAsyncIteration:
+                    chunk = None
+            outcome = "ok"
+            yield b"data: [DONE]\n\n"
+        except UpstreamError as exc:
+            outcome = "upstream_error"
+            failure = exc
+            error = map_upstream_error(prepared.listing, exc)
+            yield b"data: " + json.dumps(error.body()).encode() + b"\n\n"
+        finally:
+            # Runs on normal end, upstream failure and client disconnect (cancellation):
+            # close the upstream request, then settle, shielded from the cancellation.
+            with anyio.CancelScope(shield=True):
+                await _aclose(iterator)
+                if failure is not None and usage is None:
+                    await self._upstream_failed(prepared, failure)
+                else:
+                    await self._succeeded(
+                        prepared, usage or Usage(0, 0), stream=True, caller=caller, outcome=outcome
+                    )
+
+
+async def _aclose(iterator: AsyncIterator[Any]) -> None:
+    close = getattr(iterator, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:  # closing a failed upstream stream must not mask the real outcome
+            log.debug("upstream stream close failed", exc_info=True)
+
+
+def _usage_of(raw: Any) -> Usage:
+    if isinstance(raw, Usage):
+        return raw
+    return Usage(int(raw.get("prompt_tokens") or 0), int(raw.get("completion_tokens") or 0))
+
+
+def map_upstream_error(listing: ListingRecord, exc: UpstreamError) -> QuotraError:
+    """Upstream failures as client errors. Upstream auth messages are never passed on: they
+    can quote part of the provider's key."""
+    if isinstance(exc, UpstreamAuthError):
+        return UpstreamFailed(
+            f"The upstream refused the provider key of listing '{listing.id}'; try another listing",
+            code="upstream_auth_failed",
+        )
+    if isinstance(exc, UpstreamRateLimited):
+        retry = exc.retry_after
+        headers = {"Retry-After": str(max(1, math.ceil(retry)))} if retry else {}
+        return RateLimited(
+            f"The upstream of listing '{listing.id}' is rate limited; retry later",
+            code="upstream_rate_limited",
+            headers=headers,
+        )
+    if isinstance(exc, UpstreamBadRequest):
+        message = scrub(str(getattr(exc, "message", "") or exc))[:500]
+        return BadRequest(f"The upstream rejected the request: {message}", code="upstream_bad_request")
+    return UpstreamFailed(
+        f"The upstream of listing '{listing.id}' failed ({type(exc).__name__}); nothing was charged",
+        code="upstream_unavailable",
+    )

@@ -1,0 +1,147 @@
+"""Quotas under concurrency, the playground allowance, and rate limits (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from relay_helpers import SANDBOX_KEY, chat_body
+
+SANDBOX = {"Authorization": f"Bearer {SANDBOX_KEY}"}
+
+
+async def test_parallel_calls_never_exceed_max_calls(start_relay, db_url: str) -> None:
+    async with start_relay(database_url=db_url, consumer_rate_per_minute=10_000) as relay:
+        relay.upstream.delay = 0.01  # keep calls in flight together
+        _, headers = await relay.provider()
+        listing = await relay.listing(headers, max_calls=10)
+        replies = await asyncio.gather(
+            *(
+                relay.client.post(
+                    "/v1/chat/completions", json=chat_body(f"listing/{listing['id']}"), headers=SANDBOX
+                )
+                for _ in range(40)
+            )
+        )
+        statuses = sorted(r.status_code for r in replies)
+        assert statuses.count(200) == 10 and statuses.count(429) == 30, statuses
+        assert {r.json()["error"]["code"] for r in replies if r.status_code == 429} == {
+            "listing_quota_exhausted"
+        }
+        assert len(relay.upstream.calls) == 10
+        stored = await relay.runtime.store.get_listing(listing["id"])
+        assert stored.calls_used == 10
+        assert await relay.runtime.store.count_calls(listing["id"], "ok") == 10
+
+
+async def test_playground_gives_three_free_calls_then_402(start_relay, db_url: str) -> None:
+    async with start_relay(database_url=db_url) as relay:
+        _, headers = await relay.provider()
+        listing = await relay.listing(headers, price_per_call="0.004")
+        other = await relay.listing(headers, models=["other-model"])
+        model = f"listing/{listing['id']}"
+        replies = await asyncio.gather(
+            *(relay.client.post("/v1/chat/completions", json=chat_body(model)) for _ in range(5))
+        )
+        assert sorted(r.status_code for r in replies) == [200, 200, 200, 402, 402]
+        refused = next(r for r in replies if r.status_code == 402).json()["error"]
+        assert refused["type"] == "payment_required" and refused["code"] == "payment_required"
+        assert "x402" in refused["message"] and "0.004000 USDC" in refused["message"]
+        assert (
+            refused["payment"]["listing"] == listing["id"]
+            and refused["payment"]["price_per_call"] == "0.004000"
+        )
+        # each listing has its own allowance
+        assert (
+            await relay.client.post("/v1/chat/completions", json=chat_body("other-model"))
+        ).status_code == 200
+        assert await relay.runtime.store.playground_calls(other["id"], "ip:203.0.113.7") == 1
+        assert len(relay.upstream.calls) == 4
+
+
+async def test_playground_counts_per_consumer(start_relay) -> None:
+    async with start_relay() as relay:
+        account, headers = await relay.provider()
+        listing = await relay.listing(headers)
+        model = f"listing/{listing['id']}"
+        for _ in range(3):
+            assert (await relay.client.post("/v1/chat/completions", json=chat_body(model))).status_code == 200
+        assert (await relay.client.post("/v1/chat/completions", json=chat_body(model))).status_code == 402
+        # the signed-in wallet is a different consumer than this client address
+        signed_in = await relay.client.post("/v1/chat/completions", json=chat_body(model), headers=headers)
+        assert signed_in.status_code == 200
+        wallet = f"wallet:{account.address.lower()}"
+        assert await relay.runtime.store.playground_calls(listing["id"], wallet) == 1
+    async with start_relay(client_ip="198.51.100.9") as other_ip:
+        _, headers = await other_ip.provider()
+        second = await other_ip.listing(headers)
+        assert (
+            await other_ip.client.post("/v1/chat/completions", json=chat_body(f"listing/{second['id']}"))
+        ).status_code == 200
+
+
+async def test_sandbox_key_only_pays_for_sandbox_listings(relay) -> None:
+    _, headers = await relay.provider()
+    real = await relay.listing(headers, kind="openai", api_key="sk-good", models=["gpt"])
+    reply = await relay.client.post(
+        "/v1/chat/completions", json=chat_body(f"listing/{real['id']}"), headers=SANDBOX
+    )
+    assert reply.status_code == 402 and "Sandbox API keys" in reply.json()["error"]["message"]
+    sandbox = await relay.listing(headers)
+    for _ in range(5):  # no playground allowance applies to sandbox keys
+        ok = await relay.client.post(
+            "/v1/chat/completions", json=chat_body(f"listing/{sandbox['id']}"), headers=SANDBOX
+        )
+        assert ok.status_code == 200 and ok.headers["x-quotra-payment"] == "sandbox"
+    assert (await relay.runtime.store.get_listing(sandbox["id"])).calls_used == 5  # metered as for real
+
+
+async def test_consumer_rate_limit_has_headers(start_relay) -> None:
+    async with start_relay(consumer_rate_per_minute=3) as relay:
+        _, headers = await relay.provider()
+        listing = await relay.listing(headers)
+        model = f"listing/{listing['id']}"
+        replies = [
+            await relay.client.post("/v1/chat/completions", json=chat_body(model), headers=SANDBOX)
+            for _ in range(4)
+        ]
+        assert [r.status_code for r in replies] == [200, 200, 200, 429]
+        assert (
+            replies[0].headers["ratelimit-limit"] == "3" and replies[0].headers["ratelimit-remaining"] == "2"
+        )
+        limited = replies[-1]
+        assert limited.json()["error"]["type"] == "rate_limit_error"
+        assert int(limited.headers["retry-after"]) >= 1
+        assert (
+            limited.headers["ratelimit-remaining"] == "0" and limited.headers["ratelimit-policy"] == "3;w=60"
+        )
+        assert "limit=3" in limited.headers["ratelimit"]
+        # another consumer has its own bucket
+        assert (await relay.client.post("/v1/chat/completions", json=chat_body(model))).status_code == 200
+
+
+async def test_listing_rate_limit_applies_to_every_consumer(start_relay) -> None:
+    async with start_relay() as relay:
+        _, headers = await relay.provider()
+        listing = await relay.listing(headers, rate_per_minute=2)
+        model = f"listing/{listing['id']}"
+        statuses = [
+            (await relay.client.post("/v1/chat/completions", json=chat_body(model), headers=h)).status_code
+            for h in (SANDBOX, {}, SANDBOX)
+        ]
+        assert statuses == [200, 200, 429]
+        limited = await relay.client.post("/v1/chat/completions", json=chat_body(model))
+        assert limited.status_code == 429 and "retry-after" in limited.headers
+        assert f"listing {listing['id']}" in limited.json()["error"]["message"]
+        assert await relay.runtime.store.playground_calls(listing["id"], "ip:203.0.113.7") == 1  # not counted
+
+
+def test_token_bucket_refills_over_time() -> None:
+    from quotra.ratelimit import TokenBucketLimiter
+
+    now = [0.0]
+    limiter = TokenBucketLimiter(clock=lambda: now[0])
+    assert [limiter.hit("k", 60).allowed for _ in range(61)].count(True) == 60
+    assert limiter.hit("k", 60).retry_after == 1
+    now[0] += 1.0
+    assert limiter.hit("k", 60).allowed
+    assert not limiter.hit("k", 60).allowed
