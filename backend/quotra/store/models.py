@@ -5,7 +5,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -101,3 +113,195 @@ class CallRecord(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cost_atomic: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# ---- payments (x402 and prepaid), settlement and the ledger --------------------------------------
+# Amounts are atomic USDC. Addresses are checksummed. uint256 values that can exceed 64 bits
+# (salts, nonces) are stored as 0x-hex strings.
+
+
+class X402Payment(Base):
+    """One x402 `exact` authorization: reserved before serving, then the settlement outbox row.
+
+    status: reserved → captured → settling → settled | failed;  reserved → voided (not charged);
+    settled → refunded; a front-run one ends `reconciled`.
+    """
+
+    __tablename__ = "x402_payments"
+    __table_args__ = (
+        UniqueConstraint("payer", "nonce", name="uq_x402_payer_nonce"),
+        Index("ix_x402_status_created", "status", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    payer: Mapped[str] = mapped_column(String(42))
+    nonce: Mapped[str] = mapped_column(String(66))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    valid_after: Mapped[int] = mapped_column(BigInteger)
+    valid_before: Mapped[int] = mapped_column(BigInteger)
+    signature: Mapped[str] = mapped_column(String(132))
+    listing_id: Mapped[str] = mapped_column(String(40))
+    provider: Mapped[str] = mapped_column(String(42))
+    call_id: Mapped[int | None] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), default="reserved")
+    batch_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    tx_hash: Mapped[str | None] = mapped_column(String(66))
+    error: Mapped[str | None] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class ConsumerAccount(Base):
+    """A consumer wallet's prepaid position as the relay sees it.
+
+    available = min(deposit - pending_withdrawal, permission_allowance - permission_spent)
+                - reserved - unsettled
+    `deposit`, `pending_withdrawal` and `permission_spent` mirror the escrow (refreshed by the
+    indexer); `reserved` (open calls) and `unsettled` (captured, not yet on-chain) are the relay's.
+    """
+
+    __tablename__ = "consumer_accounts"
+    __table_args__ = (
+        CheckConstraint("reserved >= 0", name="ck_accounts_reserved_nonnegative"),
+        CheckConstraint("unsettled >= 0", name="ck_accounts_unsettled_nonnegative"),
+    )
+
+    wallet: Mapped[str] = mapped_column(String(42), primary_key=True)
+    deposit: Mapped[int] = mapped_column(BigInteger, default=0)
+    pending_withdrawal: Mapped[int] = mapped_column(BigInteger, default=0)
+    permission_digest: Mapped[str | None] = mapped_column(String(66))
+    permission_allowance: Mapped[int] = mapped_column(BigInteger, default=0)
+    permission_spent: Mapped[int] = mapped_column(BigInteger, default=0)
+    reserved: Mapped[int] = mapped_column(BigInteger, default=0)
+    unsettled: Mapped[int] = mapped_column(BigInteger, default=0)
+    synced_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class SpendPermissionRecord(Base):
+    """A consumer-signed SpendPermission registered with the relay (the active one is on the account)."""
+
+    __tablename__ = "spend_permissions"
+
+    digest: Mapped[str] = mapped_column(String(66), primary_key=True)
+    consumer: Mapped[str] = mapped_column(String(42), index=True)
+    spender: Mapped[str] = mapped_column(String(42))
+    allowance: Mapped[int] = mapped_column(BigInteger)
+    valid_after: Mapped[int] = mapped_column(BigInteger)
+    valid_until: Mapped[int] = mapped_column(BigInteger)
+    salt: Mapped[str] = mapped_column(String(66))
+    signature: Mapped[str] = mapped_column(Text)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiKeyRecord(Base):
+    """A prepaid API key `sk-quotra-…`: only its SHA-256 is stored; shown once at creation."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (CheckConstraint("reserved >= 0", name="ck_api_keys_reserved_nonnegative"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    wallet: Mapped[str] = mapped_column(String(42), index=True)
+    name: Mapped[str] = mapped_column(String(100), default="")
+    mode: Mapped[str] = mapped_column(String(8), default="live")  # live | sandbox
+    spend_cap: Mapped[int | None] = mapped_column(BigInteger)
+    spent: Mapped[int] = mapped_column(BigInteger, default=0)
+    reserved: Mapped[int] = mapped_column(BigInteger, default=0)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class PrepaidCharge(Base):
+    """One prepaid call: reserved (max cost) before serving, captured (actual cost) after.
+
+    status: reserved → captured → settling → settled;  reserved → released (not charged).
+    Captured rows are the outbox of `settle_charges` batches.
+    """
+
+    __tablename__ = "prepaid_charges"
+    __table_args__ = (Index("ix_prepaid_status_consumer", "status", "consumer"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    consumer: Mapped[str] = mapped_column(String(42))
+    api_key_id: Mapped[str] = mapped_column(String(40))
+    permission_digest: Mapped[str] = mapped_column(String(66))
+    listing_id: Mapped[str] = mapped_column(String(40))
+    provider: Mapped[str] = mapped_column(String(42))
+    call_id: Mapped[int | None] = mapped_column(BigInteger)
+    reserved_amount: Mapped[int] = mapped_column(BigInteger)
+    amount: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    model: Mapped[str] = mapped_column(String(200), default="")
+    status: Mapped[str] = mapped_column(String(16), default="reserved")
+    batch_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class SettlementBatch(Base):
+    """One settlement transaction: `settle_authorizations` (kind x402) or `settle_charges` (charges).
+
+    status: pending → submitted → confirmed | failed. For charges, (permission_digest,
+    expected_spent) makes the batch idempotent on-chain; `reference` is echoed in the event.
+    """
+
+    __tablename__ = "settlement_batches"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    permission_digest: Mapped[str | None] = mapped_column(String(66))
+    expected_spent: Mapped[int | None] = mapped_column(BigInteger)
+    reference: Mapped[str] = mapped_column(String(66), unique=True)
+    amount: Mapped[int] = mapped_column(BigInteger, default=0)
+    items: Mapped[int] = mapped_column(Integer, default=0)
+    submission_id: Mapped[str | None] = mapped_column(String(100))
+    tx_hash: Mapped[str | None] = mapped_column(String(66), index=True)
+    gas_used: Mapped[int | None] = mapped_column(BigInteger)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    error: Mapped[str | None] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class LedgerEntry(Base):
+    """The append-only ledger: every reservation, capture, release, settlement, refund and claim.
+
+    Rows are only ever inserted (never updated or deleted). kind: reserve | capture | release |
+    void | settle | refund | reconcile | deposit | withdraw | claim. method: x402 | prepaid | chain.
+    """
+
+    __tablename__ = "ledger"
+    __table_args__ = (
+        Index("ix_ledger_account_created", "account", "created_at"),
+        Index("ix_ledger_reference", "reference"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    method: Mapped[str] = mapped_column(String(8))
+    account: Mapped[str] = mapped_column(String(42))
+    provider: Mapped[str | None] = mapped_column(String(42))
+    listing_id: Mapped[str | None] = mapped_column(String(40))
+    call_id: Mapped[int | None] = mapped_column(BigInteger)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    fee: Mapped[int | None] = mapped_column(BigInteger)
+    reference: Mapped[str | None] = mapped_column(String(80))
+    batch_id: Mapped[int | None] = mapped_column(BigInteger)
+    tx_hash: Mapped[str | None] = mapped_column(String(66))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ChainCursor(Base):
+    """How far the escrow event indexer has read (one row per contract)."""
+
+    __tablename__ = "chain_cursors"
+
+    contract: Mapped[str] = mapped_column(String(42), primary_key=True)
+    block: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

@@ -1,0 +1,227 @@
+"""Getting a call on-chain and learning what happened to it: one interface, several relayers.
+
+`DirectRelayer` signs with a key the relay holds (the operator's settling key: escrow
+settlement is operator-only) and submits with web3.py: nonces handed out locally, gas
+estimated (a call that would revert is refused before anything is sent), EIP-1559 fees,
+stuck transactions replaced with bumped fees, receipts read back. The 1Shot-style client
+for the permissionless relayer (ETH-free claims and deposits) implements the same
+`Relayer` protocol in `quotra.chain.oneshot`.
+
+Status codes follow the 1Shot relayer's: 100 pending, 110 submitted, 200 confirmed,
+400 rejected (never sent), 500 reverted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from enum import IntEnum
+from typing import Any, Protocol
+
+from eth_account.signers.local import LocalAccount
+from hexbytes import HexBytes
+from web3 import AsyncWeb3
+from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
+
+log = logging.getLogger("quotra.relayer")
+
+
+class TxState(IntEnum):
+    PENDING = 100
+    SUBMITTED = 110
+    CONFIRMED = 200
+    REJECTED = 400
+    REVERTED = 500
+
+    @property
+    def final(self) -> bool:
+        return self >= TxState.CONFIRMED
+
+
+@dataclass(frozen=True)
+class ChainCall:
+    """A contract call to put on-chain: target, calldata, and a label for logs."""
+
+    to: str
+    data: bytes
+    label: str = ""
+    gas: int | None = None
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a relayer knows about one call it was given."""
+
+    id: str
+    state: TxState
+    tx_hash: str | None = None
+    block_number: int | None = None
+    gas_used: int | None = None
+    error: str | None = None
+    memo: str | None = None
+
+
+class RelayerError(Exception):
+    """The relayer could not be reached or did not answer sensibly (retry later)."""
+
+
+class Relayer(Protocol):
+    name: str
+
+    async def send(self, call: ChainCall, *, memo: str | None = None) -> Submission: ...
+
+    async def status(self, submission_id: str) -> Submission: ...
+
+
+async def wait_final(
+    relayer: Relayer, submission_id: str, *, within: float = 60.0, poll: float = 0.25
+) -> Submission:
+    """Poll a submission until it is final or `within` seconds pass (then return the last state)."""
+    deadline = time.monotonic() + within
+    while True:
+        sub = await relayer.status(submission_id)
+        if sub.state.final or time.monotonic() >= deadline:
+            return sub
+        await asyncio.sleep(poll)
+
+
+def revert_reason(exc: BaseException) -> str:
+    """The contract's revert string when the node gave one, else the error text."""
+    if isinstance(exc, ContractLogicError) and exc.message:
+        return exc.message.removeprefix("execution reverted: ")
+    return str(exc) or type(exc).__name__
+
+
+@dataclass
+class _Pending:
+    submission: Submission
+    tx: dict[str, Any]
+    sent_at: float = field(default_factory=time.monotonic)
+    # Every hash broadcast for this nonce: after a replacement either one may be mined.
+    hashes: list[str] = field(default_factory=list)
+
+
+class DirectRelayer:
+    """Submits transactions signed by a local key (never logged, never written to disk here)."""
+
+    name = "direct"
+
+    def __init__(
+        self,
+        w3: AsyncWeb3,
+        account: LocalAccount,
+        *,
+        chain_id: int,
+        gas_margin: float = 1.25,
+        replace_after: float = 30.0,
+        fee_bump: float = 1.25,
+    ) -> None:
+        self.w3 = w3
+        self.account = account
+        self.address = account.address
+        self.chain_id = chain_id
+        self.gas_margin = gas_margin
+        self.replace_after = replace_after
+        self.fee_bump = fee_bump
+        self._nonce: int | None = None
+        self._lock = asyncio.Lock()
+        self._subs: dict[str, _Pending] = {}
+
+    async def _fees(self) -> tuple[int, int]:
+        block = await self.w3.eth.get_block("pending")
+        base = int(block.get("baseFeePerGas") or 0)
+        try:
+            tip = int(await self.w3.eth.max_priority_fee)
+        except (Web3RPCError, ValueError):
+            tip = 1_000_000  # 0.001 gwei: Base's usual tip
+        return 2 * base + tip, tip
+
+    async def send(self, call: ChainCall, *, memo: str | None = None) -> Submission:
+        sub_id = uuid.uuid4().hex
+        tx: dict[str, Any] = {"from": self.address, "to": call.to, "data": HexBytes(call.data), "value": 0}
+        try:
+            gas = call.gas or int(await self.w3.eth.estimate_gas(tx) * self.gas_margin)  # type: ignore[arg-type]
+        except (ContractLogicError, Web3RPCError, ValueError) as exc:
+            sub = Submission(sub_id, TxState.REJECTED, error=revert_reason(exc), memo=memo)
+            self._subs[sub_id] = _Pending(sub, tx)
+            log.info("relayer.rejected", extra={"label": call.label, "reason": sub.error})
+            return sub
+        max_fee, tip = await self._fees()
+        async with self._lock:
+            if self._nonce is None:
+                self._nonce = await self.w3.eth.get_transaction_count(self.address, "pending")
+            tx.update(
+                gas=gas,
+                maxFeePerGas=max_fee,
+                maxPriorityFeePerGas=tip,
+                nonce=self._nonce,
+                chainId=self.chain_id,
+                type=2,
+            )
+            try:
+                tx_hash = await self._broadcast(tx)
+            except (Web3RPCError, ValueError) as exc:
+                # Nothing was accepted: resynchronise the nonce from the node next time.
+                self._nonce = None
+                raise RelayerError(f"could not broadcast {call.label or 'transaction'}: {exc}") from exc
+            self._nonce += 1
+        sub = Submission(sub_id, TxState.SUBMITTED, tx_hash=tx_hash, memo=memo)
+        self._subs[sub_id] = _Pending(sub, tx, hashes=[tx_hash])
+        log.info("relayer.submitted", extra={"label": call.label, "tx": tx_hash})
+        return sub
+
+    async def _broadcast(self, tx: dict[str, Any]) -> str:
+        signed = self.account.sign_transaction(tx)
+        return "0x" + bytes(await self.w3.eth.send_raw_transaction(signed.raw_transaction)).hex()
+
+    async def status(self, submission_id: str) -> Submission:
+        pending = self._subs.get(submission_id)
+        if pending is None:
+            raise RelayerError(f"unknown submission {submission_id}")
+        sub = pending.submission
+        if sub.state.final or sub.tx_hash is None:
+            return sub
+        receipt = None
+        for tx_hash in reversed(pending.hashes):
+            try:
+                receipt = await self.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
+                break
+            except TransactionNotFound:
+                continue
+        if receipt is None:
+            if time.monotonic() - pending.sent_at > self.replace_after:
+                await self._replace(pending)
+            return pending.submission
+        state = TxState.CONFIRMED if receipt["status"] == 1 else TxState.REVERTED
+        sub = replace(
+            sub,
+            state=state,
+            tx_hash="0x" + bytes(receipt["transactionHash"]).hex(),
+            block_number=receipt["blockNumber"],
+            gas_used=receipt["gasUsed"],
+            error=None if state is TxState.CONFIRMED else "reverted",
+        )
+        pending.submission = sub
+        return sub
+
+    async def _replace(self, pending: _Pending) -> None:
+        """Resend a stuck transaction with the same nonce and fees bumped past the node's minimum."""
+        tx = dict(pending.tx)
+        max_fee, tip = await self._fees()
+        tx["maxPriorityFeePerGas"] = max(int(tx["maxPriorityFeePerGas"] * self.fee_bump), tip)
+        tx["maxFeePerGas"] = max(int(tx["maxFeePerGas"] * self.fee_bump), max_fee, tx["maxPriorityFeePerGas"])
+        try:
+            tx_hash = await self._broadcast(tx)
+        except (Web3RPCError, ValueError) as exc:
+            # "nonce too low": the original was mined meanwhile; its receipt will show up.
+            log.info("relayer.replace_skipped", extra={"reason": str(exc)})
+            pending.sent_at = time.monotonic()
+            return
+        log.warning("relayer.replaced", extra={"old": pending.submission.tx_hash, "new": tx_hash})
+        pending.tx = tx
+        pending.sent_at = time.monotonic()
+        pending.hashes.append(tx_hash)
+        pending.submission = replace(pending.submission, tx_hash=tx_hash)
