@@ -1,0 +1,260 @@
+"""The relay's async view of the chain: escrow and USDC reads, and escrow calls encoded for a relayer.
+
+One `EscrowClient` per process, created in the app's lifespan (the ABIs are parsed once). Reads go
+through web3's async HTTP provider; writes are never sent from here: `encode_*` returns a
+`ChainCall` that a `Relayer` puts on-chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from eth_utils import to_checksum_address
+from hexbytes import HexBytes
+from web3 import AsyncHTTPProvider, AsyncWeb3
+
+from quotra.chain import eip712
+from quotra.chain.escrow import load_artifact
+from quotra.chain.relayer import ChainCall
+
+
+@dataclass(frozen=True)
+class PaymentArgs:
+    """The escrow's `Payment` struct: an x402 authorization and the provider that served the call."""
+
+    payer: str
+    provider: str
+    amount: int
+    valid_after: int
+    valid_before: int
+    nonce: bytes
+    signature: eip712.Signature
+
+    def as_tuple(self) -> tuple[Any, ...]:
+        sig = self.signature
+        return (
+            self.payer,
+            self.provider,
+            self.amount,
+            self.valid_after,
+            self.valid_before,
+            self.nonce,
+            sig.v,
+            sig.r,
+            sig.s,
+        )
+
+
+@dataclass(frozen=True)
+class PermissionArgs:
+    """The escrow's `SpendPermission` struct."""
+
+    consumer: str
+    spender: str
+    allowance: int
+    valid_after: int
+    valid_until: int
+    salt: int
+
+    def as_tuple(self) -> tuple[Any, ...]:
+        return (self.consumer, self.spender, self.allowance, self.valid_after, self.valid_until, self.salt)
+
+    def as_message(self) -> dict[str, Any]:
+        return {
+            "consumer": self.consumer,
+            "spender": self.spender,
+            "allowance": self.allowance,
+            "valid_after": self.valid_after,
+            "valid_until": self.valid_until,
+            "salt": self.salt,
+        }
+
+
+@dataclass(frozen=True)
+class DelegationArgs:
+    """The escrow's `Delegation` struct."""
+
+    provider: str
+    delegate: str
+    payee: str
+    max_amount: int
+    relayer_fee: int
+    valid_until: int
+    salt: int
+
+    def as_tuple(self) -> tuple[Any, ...]:
+        return (
+            self.provider,
+            self.delegate,
+            self.payee,
+            self.max_amount,
+            self.relayer_fee,
+            self.valid_until,
+            self.salt,
+        )
+
+    def as_message(self) -> dict[str, Any]:
+        return dict(
+            zip(
+                ("provider", "delegate", "payee", "max_amount", "relayer_fee", "valid_until", "salt"),
+                self.as_tuple(),
+                strict=True,
+            )
+        )
+
+
+class EscrowClient:
+    def __init__(self, w3: AsyncWeb3, *, escrow: str, usdc: str, chain_id: int) -> None:
+        self.w3 = w3
+        self.chain_id = chain_id
+        self.escrow_address = to_checksum_address(escrow)
+        self.usdc_address = to_checksum_address(usdc)
+        self.escrow = w3.eth.contract(address=self.escrow_address, abi=load_artifact("QuotraEscrow").abi)
+        self.usdc = w3.eth.contract(address=self.usdc_address, abi=load_artifact("MockUSDC").abi)
+        self.escrow_domain = eip712.escrow_domain(chain_id, self.escrow_address)
+
+    @classmethod
+    def connect(
+        cls, rpc_url: str, *, escrow: str, usdc: str, chain_id: int, timeout: float = 10.0
+    ) -> EscrowClient:
+        w3 = AsyncWeb3(AsyncHTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
+        return cls(w3, escrow=escrow, usdc=usdc, chain_id=chain_id)
+
+    # ---- reads ---------------------------------------------------------------------------------
+
+    async def chain_id_onchain(self) -> int:
+        return int(await self.w3.eth.chain_id)
+
+    async def block_number(self) -> int:
+        return int(await self.w3.eth.block_number)
+
+    async def usdc_domain(self) -> eip712.Domain:
+        """USDC's EIP-712 domain as the token itself reports it (name differs per network)."""
+        (
+            _fields,
+            name,
+            version,
+            chain_id,
+            contract,
+            _salt,
+            _ext,
+        ) = await self.usdc.functions.eip712Domain().call()
+        return eip712.Domain(name, version, int(chain_id), to_checksum_address(contract))
+
+    async def usdc_balance(self, account: str) -> int:
+        return int(await self.usdc.functions.balanceOf(to_checksum_address(account)).call())
+
+    async def authorization_used(self, payer: str, nonce: bytes) -> bool:
+        return bool(await self.usdc.functions.authorizationState(to_checksum_address(payer), nonce).call())
+
+    async def deposit_of(self, consumer: str) -> int:
+        return int(await self.escrow.functions.deposits(to_checksum_address(consumer)).call())
+
+    async def withdrawal_of(self, consumer: str) -> tuple[int, int]:
+        amount, unlock_at = await self.escrow.functions.withdrawals(to_checksum_address(consumer)).call()
+        return int(amount), int(unlock_at)
+
+    async def earnings_of(self, provider: str) -> int:
+        return int(await self.escrow.functions.earnings(to_checksum_address(provider)).call())
+
+    async def permission_spent(self, digest: bytes) -> int:
+        return int(await self.escrow.functions.permission_spent(digest).call())
+
+    async def delegation_claimed(self, digest: bytes) -> int:
+        return int(await self.escrow.functions.delegation_claimed(digest).call())
+
+    async def is_revoked(self, account: str, digest: bytes) -> bool:
+        return bool(await self.escrow.functions.revoked(to_checksum_address(account), digest).call())
+
+    async def fee_bps(self) -> int:
+        return int(await self.escrow.functions.fee_bps().call())
+
+    async def liabilities(self) -> int:
+        return int(await self.escrow.functions.liabilities().call())
+
+    async def is_operator(self, account: str) -> bool:
+        return bool(await self.escrow.functions.is_operator(to_checksum_address(account)).call())
+
+    async def paused(self) -> bool:
+        return bool(await self.escrow.functions.paused().call())
+
+    async def code_at(self, address: str) -> bytes:
+        return bytes(await self.w3.eth.get_code(to_checksum_address(address)))
+
+    # ---- escrow calls, encoded for a relayer ---------------------------------------------------
+
+    def _call(self, fn: Any, label: str) -> ChainCall:
+        return ChainCall(to=self.escrow_address, data=HexBytes(fn._encode_transaction_data()), label=label)
+
+    def encode_settle_authorization(self, payment: PaymentArgs) -> ChainCall:
+        return self._call(
+            self.escrow.functions.settle_authorization(payment.as_tuple()), "settle_authorization"
+        )
+
+    def encode_settle_authorizations(self, payments: list[PaymentArgs]) -> ChainCall:
+        fn = self.escrow.functions.settle_authorizations([p.as_tuple() for p in payments])
+        return self._call(fn, f"settle_authorizations[{len(payments)}]")
+
+    def encode_reconcile_authorization(self, payment: PaymentArgs) -> ChainCall:
+        fn = self.escrow.functions.reconcile_authorization(payment.as_tuple())
+        return self._call(fn, "reconcile_authorization")
+
+    def encode_refund_payment(self, payment: PaymentArgs) -> ChainCall:
+        return self._call(self.escrow.functions.refund_payment(payment.as_tuple()), "refund_payment")
+
+    def encode_settle_charges(
+        self,
+        permission: PermissionArgs,
+        signature: bytes,
+        expected_spent: int,
+        reference: bytes,
+        charges: list[int],
+    ) -> ChainCall:
+        """`charges` are packed with `quotra.chain.charges.pack_charge` (one per provider)."""
+        fn = self.escrow.functions.settle_charges(
+            permission.as_tuple(), signature, expected_spent, reference, charges
+        )
+        return self._call(fn, f"settle_charges[{len(charges)}]")
+
+    def encode_deposit_with_authorization(
+        self,
+        consumer: str,
+        amount: int,
+        valid_after: int,
+        valid_before: int,
+        nonce: bytes,
+        signature: eip712.Signature,
+    ) -> ChainCall:
+        fn = self.escrow.functions.deposit_with_authorization(
+            to_checksum_address(consumer),
+            amount,
+            valid_after,
+            valid_before,
+            nonce,
+            signature.v,
+            signature.r,
+            signature.s,
+        )
+        return self._call(fn, "deposit_with_authorization")
+
+    def encode_claim_with_delegation(
+        self, delegation: DelegationArgs, signature: bytes, amount: int
+    ) -> ChainCall:
+        fn = self.escrow.functions.claim_with_delegation(delegation.as_tuple(), signature, amount)
+        return self._call(fn, "claim_with_delegation")
+
+    def encode_revoke_with_signature(self, account: str, item: bytes, signature: bytes) -> ChainCall:
+        fn = self.escrow.functions.revoke_with_signature(to_checksum_address(account), item, signature)
+        return self._call(fn, "revoke_with_signature")
+
+    # ---- digests (local, no I/O) ----------------------------------------------------------------
+
+    def permission_digest(self, permission: PermissionArgs) -> bytes:
+        return eip712.digest(self.escrow_domain, "SpendPermission", permission.as_message())
+
+    def delegation_digest(self, delegation: DelegationArgs) -> bytes:
+        return eip712.digest(self.escrow_domain, "Delegation", delegation.as_message())
+
+    def revocation_digest(self, account: str, item: bytes) -> bytes:
+        return eip712.digest(self.escrow_domain, "Revocation", {"account": account, "item": item})
