@@ -140,3 +140,11 @@ def keys_rotate(new_key: str | None) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+@main.command()
+def demo() -> None:
+    """Tell Quotra's story on a local Base Sepolia twin (what `make demo` runs)."""
+    from quotra.demo import main as run_demo
+
+    raise SystemExit(run_demo())

@@ -1,0 +1,267 @@
+"""A thin synchronous web3 layer over the escrow and USDC for the demo, the gas bench and tests.
+
+The relay has its own async client; this one favours plainness: local keys sign, every
+transaction waits for its receipt and a revert raises `TxFailed` with the contract's reason.
+Amounts are atomic USDC units (6 decimals); `parse_usdc` / `format_usdc` convert at the edges.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from functools import cache
+from pathlib import Path
+from typing import Any, Final
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
+from web3 import Web3
+from web3.contract import Contract
+from web3.contract.contract import ContractFunction
+from web3.exceptions import ContractLogicError
+from web3.types import TxReceipt
+
+from quotra.chain import eip712
+
+USDC_DECIMALS: Final = 6
+USDC_UNIT: Final = 10**USDC_DECIMALS
+ZERO_ADDRESS: Final = "0x0000000000000000000000000000000000000000"
+BUILD_FILE: Final = Path(".build") / "__local__.json"
+# The checkout this package is installed from (editable install), for running outside it.
+REPO_ROOT: Final = Path(__file__).resolve().parents[3]
+
+
+class EscrowError(RuntimeError):
+    """Base of this module's errors."""
+
+
+class TxFailed(EscrowError):
+    """A transaction reverted (the message carries the revert reason when there is one)."""
+
+
+class ArtifactMissing(EscrowError):
+    """Compiled contracts are missing: run `ape compile` (`make compile`)."""
+
+
+# ---- amounts ---------------------------------------------------------------------------------
+
+
+def parse_usdc(text: str | int | Decimal) -> int:
+    """Human USDC (`"1.50"`) to atomic units (1_500_000), exactly: no floats, no rounding.
+
+    Raises ValueError on anything that is not a non-negative amount with at most 6 decimals."""
+    try:
+        value = Decimal(str(text).strip().replace("_", ""))
+    except InvalidOperation:
+        raise ValueError(f"not an amount: {text!r}") from None
+    if not value.is_finite():
+        raise ValueError(f"not an amount: {text!r}")
+    if value < 0:
+        raise ValueError(f"amount must not be negative: {text!r}")
+    atomic = value * USDC_UNIT
+    if atomic != atomic.to_integral_value():
+        raise ValueError(f"USDC has {USDC_DECIMALS} decimals; {text!r} has more")
+    return int(atomic)
+
+
+def format_usdc(atomic: int) -> str:
+    """Atomic units to human USDC with all 6 decimals (`1_500_000` -> `"1.500000"`)."""
+    sign = "-" if atomic < 0 else ""
+    whole, frac = divmod(abs(atomic), USDC_UNIT)
+    return f"{sign}{whole:,}.{frac:06d}"
+
+
+# ---- compiled artifacts ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Artifact:
+    name: str
+    abi: list[dict[str, Any]]
+    bytecode: str
+    runtime_bytecode: str
+
+
+@cache
+def _build(path: Path) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactMissing(f"{path} not found: run `ape compile` (make compile)") from None
+    return data
+
+
+def default_build_file() -> Path:
+    """ape's build output in the current directory, else in the checkout of this package."""
+    here = Path.cwd() / BUILD_FILE
+    return here if here.is_file() else REPO_ROOT / BUILD_FILE
+
+
+def load_artifact(name: str, build_file: Path | None = None) -> Artifact:
+    """A contract compiled by ape (`.build/__local__.json`)."""
+    build_file = build_file or default_build_file()
+    contract_types = _build(build_file.resolve()).get("contractTypes", {})
+    if name not in contract_types:
+        raise ArtifactMissing(f"{name} is not in {build_file}: run `ape compile` (make compile)")
+    ct = contract_types[name]
+    return Artifact(
+        name=name,
+        abi=ct["abi"],
+        bytecode=ct["deploymentBytecode"]["bytecode"],
+        runtime_bytecode=ct["runtimeBytecode"]["bytecode"],
+    )
+
+
+# ---- transactions ----------------------------------------------------------------------------
+
+
+def _reason(exc: Exception) -> str:
+    message = getattr(exc, "message", None) or str(exc)
+    return str(message).removeprefix("execution reverted: ")
+
+
+class Chain:
+    """A web3 connection plus local signing keys; sends a transaction and waits for its receipt."""
+
+    def __init__(self, rpc_url: str, timeout: float = 30.0) -> None:
+        self.w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
+        self.chain_id = self.w3.eth.chain_id
+
+    def contract(self, name: str, address: str, build_file: Path | None = None) -> Contract:
+        return self.w3.eth.contract(
+            address=to_checksum_address(address), abi=load_artifact(name, build_file).abi
+        )
+
+    def transact(self, fn: ContractFunction, sender: LocalAccount, gas: int | None = None) -> TxReceipt:
+        """Sign `fn` with `sender`'s key, send it and wait. Reverts raise `TxFailed` before sending."""
+        params: dict[str, Any] = {
+            "from": sender.address,
+            "nonce": self.w3.eth.get_transaction_count(sender.address, "pending"),
+            "chainId": self.chain_id,
+        }
+        try:
+            params["gas"] = gas or int(fn.estimate_gas(params) * 1.2) + 10_000  # type: ignore[arg-type]
+        except ContractLogicError as exc:
+            raise TxFailed(f"{fn.fn_name}: {_reason(exc)}") from exc
+        tx = fn.build_transaction(params)  # type: ignore[arg-type]
+        return self._send(tx, sender, fn.fn_name)
+
+    def deploy(self, name: str, sender: LocalAccount, *args: Any, build_file: Path | None = None) -> Contract:
+        artifact = load_artifact(name, build_file)
+        factory = self.w3.eth.contract(abi=artifact.abi, bytecode=artifact.bytecode)
+        tx = factory.constructor(*args).build_transaction(
+            {
+                "from": sender.address,
+                "nonce": self.w3.eth.get_transaction_count(sender.address, "pending"),
+                "chainId": self.chain_id,
+            }
+        )
+        receipt = self._send(tx, sender, f"deploy {name}")
+        address = receipt["contractAddress"]
+        assert address is not None
+        return self.w3.eth.contract(address=address, abi=artifact.abi)
+
+    def _send(self, tx: Any, sender: LocalAccount, label: str) -> TxReceipt:
+        signed = sender.sign_transaction(tx)
+        tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+        receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=30, poll_latency=0.02)
+        if receipt["status"] != 1:
+            raise TxFailed(f"{label}: reverted in transaction {tx_hash.to_0x_hex()}")
+        return receipt
+
+
+def new_account() -> LocalAccount:
+    """A fresh random key (the demo's consumer and providers, who never hold ETH)."""
+    account: LocalAccount = Account.create()
+    return account
+
+
+def account_from_key(key: str | bytes) -> LocalAccount:
+    account: LocalAccount = Account.from_key(key)
+    return account
+
+
+# ---- EIP-712 messages as the contracts take them ---------------------------------------------
+
+
+def read_usdc_domain(usdc: Contract, chain_id: int) -> eip712.Domain:
+    """USDC's EIP-712 domain as the token itself reports it (`"USDC"` on Base Sepolia, `"USD Coin"`
+    on mainnet): never assumed per network."""
+    return eip712.Domain(
+        usdc.functions.name().call(), usdc.functions.version().call(), chain_id, usdc.address
+    )
+
+
+def random_nonce() -> bytes:
+    return secrets.token_bytes(32)
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """A signed EIP-3009 authorization (`TransferWithAuthorization` / `ReceiveWithAuthorization`)."""
+
+    payer: str
+    to: str
+    amount: int
+    valid_after: int
+    valid_before: int
+    nonce: bytes
+    signature: eip712.Signature
+
+    def payment(self, provider: str) -> tuple[Any, ...]:
+        """The escrow's `Payment` struct for this authorization served by `provider`."""
+        sig = self.signature
+        return (
+            self.payer,
+            provider,
+            self.amount,
+            self.valid_after,
+            self.valid_before,
+            self.nonce,
+            sig.v,
+            sig.r,
+            sig.s,
+        )
+
+    def deposit_args(self) -> tuple[Any, ...]:
+        """The arguments of `deposit_with_authorization`."""
+        sig = self.signature
+        return (self.payer, self.amount, self.valid_after, self.valid_before, self.nonce, sig.v, sig.r, sig.s)
+
+
+def sign_authorization(
+    payer: LocalAccount,
+    usdc_domain: eip712.Domain,
+    to: str,
+    amount: int,
+    *,
+    primary: str = "TransferWithAuthorization",
+    valid_after: int = 0,
+    valid_before: int = 2**48,
+    nonce: bytes | None = None,
+) -> Authorization:
+    """Sign what an x402 client (Transfer...) or a gasless depositor (Receive...) signs."""
+    nonce = nonce or random_nonce()
+    message = {
+        "from": payer.address,
+        "to": to,
+        "value": amount,
+        "validAfter": valid_after,
+        "validBefore": valid_before,
+        "nonce": nonce,
+    }
+    signature = eip712.sign(payer.key, usdc_domain, primary, message)
+    return Authorization(payer.address, to, amount, valid_after, valid_before, nonce, signature)
+
+
+def permission_tuple(message: dict[str, Any]) -> tuple[Any, ...]:
+    """The escrow's `SpendPermission` struct from its EIP-712 message."""
+    return tuple(message[name] for name, _ in eip712.TYPES["SpendPermission"])
+
+
+def delegation_tuple(message: dict[str, Any]) -> tuple[Any, ...]:
+    """The escrow's `Delegation` struct from its EIP-712 message."""
+    return tuple(message[name] for name, _ in eip712.TYPES["Delegation"])

@@ -1,0 +1,309 @@
+"""Gas per paid call of every escrow path, measured on the Base Sepolia twin (`make bench`).
+
+Deploys the compiled escrow on a fresh twin (MockUSDC at the real USDC address), brings it to a
+steady state (providers already hold unclaimed earnings, the escrow and payers hold balances, a
+spend permission has settled before), then sends one transaction per path and reads `gasUsed`
+from its receipt. Each row is split with anvil's call tracer into the intrinsic cost (21,000 +
+calldata), the USDC calls made by the escrow, and the escrow's own execution (storage writes,
+signature checks). Prints a markdown table and writes it to bench/results/gas.md.
+
+Targets (DESIGN.md section 5): x402 single <= 90k, x402 batched <= 45k per call, prepaid
+batched <= 2k per call at 100 calls per transaction.
+
+Note: MockUSDC is not Circle's FiatToken v2.2 (a proxy with blacklist checks); real USDC's own
+share of each x402 path is a few thousand gas higher on Base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
+from quotra.chain import eip712, twin
+from quotra.chain.charges import aggregate, pack_charge
+from quotra.chain.escrow import (
+    ZERO_ADDRESS,
+    Chain,
+    account_from_key,
+    delegation_tuple,
+    new_account,
+    permission_tuple,
+    read_usdc_domain,
+    sign_authorization,
+)
+from web3.types import TxReceipt
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "gas.md"
+USDC = 10**6
+N_PROVIDERS = 5
+X402_BATCH = 20
+PREPAID_BATCH = 100
+
+TARGETS = {
+    "x402 single": 90_000,
+    "x402 batched": 45_000,
+    "prepaid batched": 2_000,
+}
+
+
+@dataclass
+class Row:
+    path: str
+    calls: int
+    receipt: TxReceipt
+    intrinsic: int
+    usdc: int
+    floor_applied: bool
+    target: str | None = None
+
+    @property
+    def gas(self) -> int:
+        return int(self.receipt["gasUsed"])
+
+    @property
+    def per_call(self) -> float:
+        return self.gas / self.calls
+
+    @property
+    def escrow_own(self) -> int:
+        return self.gas - self.intrinsic - self.usdc
+
+
+def calldata_costs(data: bytes) -> tuple[int, int]:
+    """(standard intrinsic gas, EIP-7623 floor) of a call's calldata (Prague pricing)."""
+    zeros = data.count(0)
+    nonzeros = len(data) - zeros
+    tokens = zeros + 4 * nonzeros
+    return 21_000 + 4 * zeros + 16 * nonzeros, 21_000 + 10 * tokens
+
+
+class Bench:
+    def __init__(self, chain_: twin.Twin) -> None:
+        self.twin = chain_
+        self.chain = Chain(chain_.rpc_url)
+        self.w3 = self.chain.w3
+        dev = [account_from_key(a.private_key) for a in chain_.accounts]
+        self.owner, self.operator, self.relayer, self.claimer = dev[0], dev[1], dev[2], dev[3]
+        self.usdc = self.chain.contract("MockUSDC", chain_.usdc)
+        self.usdc_domain = read_usdc_domain(self.usdc, self.chain.chain_id)
+        self.escrow = self.chain.deploy("QuotraEscrow", self.owner, chain_.usdc, 3_600, 86_400)
+        self.escrow_domain = eip712.escrow_domain(self.chain.chain_id, self.escrow.address)
+        self.chain.transact(self.escrow.functions.set_operator(self.operator.address, True), self.owner)
+        self.providers = [new_account() for _ in range(N_PROVIDERS)]
+        self.payers = [new_account() for _ in range(X402_BATCH + 2)]
+        for payer in self.payers:
+            chain_.mint_usdc(payer.address, 100 * USDC)
+        self.rows: list[Row] = []
+
+    # ---- measuring ----------------------------------------------------------------------------
+
+    def measure(self, path: str, calls: int, receipt: TxReceipt, target: str | None = None) -> Row:
+        tx = self.w3.eth.get_transaction(receipt["transactionHash"])
+        standard, floor = calldata_costs(bytes(tx["input"]))
+        trace = self.twin.rpc(
+            "debug_traceTransaction", receipt["transactionHash"].to_0x_hex(), {"tracer": "callTracer"}
+        )
+        usdc = sum(
+            int(call["gasUsed"], 16)
+            for call in trace.get("calls", [])
+            if to_checksum_address(call["to"]) == self.usdc.address
+        )
+        floor_applied = int(receipt["gasUsed"]) == floor and floor > standard
+        intrinsic = floor if floor_applied else standard
+        row = Row(path, calls, receipt, intrinsic, usdc if not floor_applied else 0, floor_applied, target)
+        self.rows.append(row)
+        return row
+
+    def transact(self, fn: Any, sender: LocalAccount) -> TxReceipt:
+        return self.chain.transact(fn, sender)
+
+    # ---- the paths ----------------------------------------------------------------------------
+
+    def x402_payment(self, payer: LocalAccount, provider: LocalAccount, amount: int) -> tuple[Any, ...]:
+        auth = sign_authorization(payer, self.usdc_domain, self.escrow.address, amount)
+        return auth.payment(provider.address)
+
+    def permission(self, consumer: LocalAccount, allowance: int) -> tuple[tuple[Any, ...], bytes]:
+        now = self.w3.eth.get_block("latest")["timestamp"]
+        message = {
+            "consumer": consumer.address,
+            "spender": self.operator.address,
+            "allowance": allowance,
+            "valid_after": now - 60,
+            "valid_until": now + 86_400,
+            "salt": secrets.randbits(64),
+        }
+        signature = eip712.sign(consumer.key, self.escrow_domain, "SpendPermission", message)
+        return permission_tuple(message), signature.raw
+
+    def run(self) -> list[Row]:
+        f = self.escrow.functions
+        op = self.operator
+        payers, providers = self.payers, self.providers
+
+        # Steady state: every provider has earnings, the escrow holds a balance.
+        warm = [self.x402_payment(payers[i], providers[i], 1 * USDC) for i in range(N_PROVIDERS)]
+        self.transact(f.settle_authorizations(warm), op)
+
+        receipt = self.transact(
+            f.settle_authorization(self.x402_payment(payers[0], providers[0], 10_000)), op
+        )
+        self.measure("settle_authorization (1 payment)", 1, receipt, "x402 single")
+
+        batch = [
+            self.x402_payment(payers[i], providers[i % N_PROVIDERS], 10_000 + i) for i in range(X402_BATCH)
+        ]
+        receipt = self.transact(f.settle_authorizations(batch), op)
+        self.measure(f"settle_authorizations ({X402_BATCH} payments)", X402_BATCH, receipt, "x402 batched")
+
+        # Prepaid: a consumer deposits gaslessly (ReceiveWithAuthorization through a relayer).
+        consumer = payers[X402_BATCH]
+        auth = sign_authorization(
+            consumer, self.usdc_domain, self.escrow.address, 50 * USDC, primary="ReceiveWithAuthorization"
+        )
+        receipt = self.transact(f.deposit_with_authorization(*auth.deposit_args()), self.relayer)
+        self.measure("deposit_with_authorization (relayer)", 1, receipt)
+
+        permission, signature = self.permission(consumer, 40 * USDC)
+        spent = 0
+
+        def settle(calls: list[tuple[LocalAccount, int]], packed: list[int]) -> TxReceipt:
+            nonlocal spent
+            fn = f.settle_charges(permission, signature, spent, secrets.token_bytes(32), packed)
+            receipt = self.transact(fn, op)
+            spent += sum(amount for _, amount in calls)
+            return receipt
+
+        one = [(providers[0], 1_000)]
+        settle(one, [pack_charge(p.address, a) for p, a in one])  # the permission's first batch
+        one = [(providers[1], 1_000)]
+        receipt = settle(one, [pack_charge(p.address, a) for p, a in one])
+        self.measure("settle_charges (1 call, 1 charge)", 1, receipt)
+        calls = [(providers[i % N_PROVIDERS], 1_000 + i) for i in range(PREPAID_BATCH)]
+        receipt = settle(calls, [pack_charge(p.address, a) for p, a in calls])
+        self.measure(
+            f"settle_charges ({PREPAID_BATCH} calls as {PREPAID_BATCH} charges, {N_PROVIDERS} providers)",
+            PREPAID_BATCH,
+            receipt,
+            "prepaid batched",
+        )
+        receipt = settle(calls, aggregate((p.address, a) for p, a in calls))
+        self.measure(
+            f"settle_charges ({PREPAID_BATCH} calls aggregated into {N_PROVIDERS} charges)",
+            PREPAID_BATCH,
+            receipt,
+            "prepaid batched",
+        )
+
+        # A depositor with ETH: approve (not counted), then deposit.
+        depositor = self.claimer
+        self.twin.mint_usdc(depositor.address, 10 * USDC)
+        self.transact(self.usdc.functions.approve(self.escrow.address, 10 * USDC), depositor)
+        receipt = self.transact(f.deposit(5 * USDC, depositor.address), depositor)
+        self.measure("deposit (after approve)", 1, receipt)
+
+        # Claims: one provider pays its own gas, another claims through a relayer.
+        self.twin.fund_eth(providers[0].address, 10**18)
+        receipt = self.transact(f.claim(100_000, providers[0].address), providers[0])
+        self.measure("claim", 1, receipt)
+        now = self.w3.eth.get_block("latest")["timestamp"]
+        delegation = {
+            "provider": providers[1].address,
+            "delegate": ZERO_ADDRESS,
+            "payee": providers[1].address,
+            "max_amount": 1 * USDC,
+            "relayer_fee": 10_000,
+            "valid_until": now + 86_400,
+            "salt": secrets.randbits(64),
+        }
+        sig = eip712.sign(providers[1].key, self.escrow_domain, "Delegation", delegation)
+        receipt = self.transact(
+            f.claim_with_delegation(delegation_tuple(delegation), sig.raw, 500_000), self.relayer
+        )
+        self.measure("claim_with_delegation (relayer)", 1, receipt)
+
+        # Front-run x402 authorization: submitted straight to USDC, then reconciled.
+        payer = payers[X402_BATCH + 1]
+        auth = sign_authorization(payer, self.usdc_domain, self.escrow.address, 20_000)
+        self.transact(
+            self.usdc.functions.transferWithAuthorization(
+                auth.payer, auth.to, auth.amount, auth.valid_after, auth.valid_before, auth.nonce,
+                auth.signature.v, auth.signature.r, auth.signature.s,
+            ),
+            self.relayer,
+        )  # fmt: skip
+        receipt = self.transact(f.reconcile_authorization(auth.payment(providers[2].address)), op)
+        self.measure("reconcile_authorization", 1, receipt)
+
+        # Refund of a settled x402 payment.
+        payment = self.x402_payment(payers[3], providers[3], 30_000)
+        self.transact(f.settle_authorization(payment), op)
+        receipt = self.transact(f.refund_payment(payment), op)
+        self.measure("refund_payment", 1, receipt)
+
+        liabilities = f.liabilities().call()
+        balance = self.usdc.functions.balanceOf(self.escrow.address).call()
+        if balance != liabilities:
+            raise SystemExit(f"solvency check failed: balance {balance} != liabilities {liabilities}")
+        return self.rows
+
+
+def table(rows: Sequence[Row]) -> str:
+    lines = [
+        "| path | calls/tx | gas/tx | gas per paid call | target | met "
+        "| intrinsic (21k+calldata) | USDC calls | escrow own |",
+        "|---|---:|---:|---:|---:|:---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        target = TARGETS.get(row.target or "")
+        met = (
+            ""
+            if target is None
+            else ("yes" if row.per_call <= target else f"**no** (+{row.per_call - target:,.0f})")
+        )
+        intrinsic = f"{row.intrinsic:,}" + (" (EIP-7623 floor)" if row.floor_applied else "")
+        lines.append(
+            f"| {row.path} | {row.calls} | {row.gas:,} | {row.per_call:,.0f} | "
+            f"{'' if target is None else f'<= {target:,} ({row.target})'} | {met} | {intrinsic} | "
+            f"{row.usdc:,} | {row.escrow_own:,} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file to write")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    with twin.start() as chain_:
+        rows = Bench(chain_).run()
+    body = table(rows)
+    header = (
+        "# Escrow gas per paid call\n\n"
+        "Measured by `bench/gas.py` on the Base Sepolia twin (anvil, Prague rules, MockUSDC at the real\n"
+        "USDC address) in steady state: providers already hold earnings, payers and the escrow hold\n"
+        "balances, and the spend permission has settled once before. `USDC calls` is the gas of the\n"
+        "escrow's calls into USDC; `escrow own` is the rest of the execution.\n\n"
+    )
+    text = header + body + "\n"
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text, encoding="utf-8")
+    print(body)
+    print(f"\nwritten to {args.output} in {time.monotonic() - started:.1f} s")
+    for row in rows:
+        if row.target and row.per_call > TARGETS[row.target]:
+            print(f"target missed: {row.path}: {row.per_call:,.0f} > {TARGETS[row.target]:,} gas per call")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Consumer's commands: `ape run consumer <command> --network ... --account <alias>`.
+
+deposit AMOUNT [--for ADDR] | request-withdrawal AMOUNT | cancel-withdrawal | withdraw |
+sign-permission --allowance 5.00 --days 30 [--spender OPERATOR] | revoke (--permission-file F | --digest D) |
+balance
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from ape.cli import ConnectedProviderCommand, account_option
+from quotra.chain import eip712
+from quotra.chain.escrow import permission_tuple
+
+from scripts._common import (
+    ADDRESS,
+    USDC,
+    PositiveDays,
+    confirm,
+    echo_json,
+    escrow_contract,
+    head_timestamp,
+    load_deployment,
+    new_salt,
+    parse_digest,
+    read_signed_item,
+    reverts_as_click_errors,
+    sign_typed,
+    signed_item,
+    usdc_contract,
+    usdc_text,
+    yes_option,
+)
+
+
+@click.group()
+def cli() -> None:
+    """Prepaid balance and spend permissions of a Quotra consumer."""
+
+
+@cli.command(cls=ConnectedProviderCommand)
+@account_option()
+@click.argument("amount", type=USDC)
+@click.option("--for", "beneficiary", type=ADDRESS, default=None, help="Credit another consumer (a grant).")
+@yes_option
+def deposit(account: Any, amount: int, beneficiary: str | None, yes: bool) -> None:
+    """Deposit AMOUNT USDC (like 25.00) as prepaid balance: approve, then deposit."""
+    deployment = load_deployment()
+    escrow, usdc = escrow_contract(deployment), usdc_contract(deployment.usdc)
+    beneficiary = beneficiary or account.address
+    held = usdc.balanceOf(account.address)
+    if amount > held:
+        raise click.BadParameter(f"{account.address} holds only {usdc_text(held)}", param_hint="AMOUNT")
+    if escrow.paused():
+        raise click.UsageError("the escrow is paused: deposits are stopped")
+    confirm(yes, f"Deposit {usdc_text(amount)} for {beneficiary}?")
+    if usdc.allowance(account.address, escrow.address) < amount:
+        with reverts_as_click_errors("approve"):
+            usdc.approve(escrow.address, amount, sender=account)
+    with reverts_as_click_errors("deposit"):
+        escrow.deposit(amount, beneficiary, sender=account)
+    click.echo(
+        f"deposited {usdc_text(amount)} for {beneficiary}; balance {usdc_text(escrow.deposits(beneficiary))}"
+    )
+
+
+@cli.command("request-withdrawal", cls=ConnectedProviderCommand)
+@account_option()
+@click.argument("amount", type=USDC)
+@yes_option
+def request_withdrawal(account: Any, amount: int, yes: bool) -> None:
+    """Start withdrawing AMOUNT of the deposit (possible after the withdrawal delay)."""
+    escrow = escrow_contract(load_deployment())
+    deposited = escrow.deposits(account.address)
+    if amount > deposited:
+        raise click.BadParameter(f"the deposit is only {usdc_text(deposited)}", param_hint="AMOUNT")
+    confirm(yes, f"Request a withdrawal of {usdc_text(amount)} (replaces any pending one)?")
+    with reverts_as_click_errors("request_withdrawal"):
+        escrow.request_withdrawal(amount, sender=account)
+    amount_pending, unlock_at = escrow.withdrawals(account.address)
+    click.echo(f"withdrawal of {usdc_text(amount_pending)} unlocks at timestamp {unlock_at}")
+
+
+@cli.command("cancel-withdrawal", cls=ConnectedProviderCommand)
+@account_option()
+def cancel_withdrawal(account: Any) -> None:
+    """Cancel the pending withdrawal."""
+    escrow = escrow_contract(load_deployment())
+    if escrow.withdrawals(account.address)[0] == 0:
+        raise click.UsageError("no pending withdrawal")
+    with reverts_as_click_errors("cancel_withdrawal"):
+        escrow.cancel_withdrawal(sender=account)
+    click.echo("withdrawal cancelled")
+
+
+@cli.command(cls=ConnectedProviderCommand)
+@account_option()
+def withdraw(account: Any) -> None:
+    """Complete the pending withdrawal once unlocked."""
+    escrow = escrow_contract(load_deployment())
+    amount, unlock_at = escrow.withdrawals(account.address)
+    if amount == 0:
+        raise click.UsageError("no pending withdrawal: run request-withdrawal first")
+    now = head_timestamp()
+    if now < unlock_at:
+        raise click.UsageError(f"the withdrawal unlocks in {unlock_at - now} s")
+    with reverts_as_click_errors("withdraw"):
+        receipt = escrow.withdraw(sender=account)
+    paid = receipt.return_value if isinstance(receipt.return_value, int) else amount
+    click.echo(f"withdrew {usdc_text(paid)}")
+
+
+@cli.command(cls=ConnectedProviderCommand)
+@account_option()
+def balance(account: Any) -> None:
+    """Print the account's deposit, pending withdrawal and wallet USDC."""
+    deployment = load_deployment()
+    escrow, usdc = escrow_contract(deployment), usdc_contract(deployment.usdc)
+    pending, unlock_at = escrow.withdrawals(account.address)
+    click.echo(f"deposit             {usdc_text(escrow.deposits(account.address))}")
+    click.echo(
+        f"pending withdrawal  {usdc_text(pending)}" + (f" (unlocks at {unlock_at})" if pending else "")
+    )
+    click.echo(f"wallet              {usdc_text(usdc.balanceOf(account.address))}")
+
+
+@cli.command("sign-permission", cls=ConnectedProviderCommand)
+@account_option()
+@click.option("--allowance", type=USDC, required=True, help="Most the spender may charge, e.g. 5.00.")
+@click.option("--days", "duration", type=PositiveDays(), default="30", show_default=True, help="Validity.")
+@click.option(
+    "--spender", type=ADDRESS, default=None, help="The relay operator (default: the first recorded)."
+)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def sign_permission(
+    account: Any, allowance: int, duration: int, spender: str | None, output: Path | None
+) -> None:
+    """Sign a SpendPermission (no transaction) and print it as JSON for the relay."""
+    deployment = load_deployment()
+    if spender is None:
+        if not deployment.operators:
+            raise click.BadParameter(
+                "no operator recorded in the deployment; pass --spender", param_hint="--spender"
+            )
+        spender = deployment.operators[0]
+    now = head_timestamp()
+    message = {
+        "consumer": account.address,
+        "spender": spender,
+        "allowance": allowance,
+        "valid_after": now,
+        "valid_until": now + duration,
+        "salt": new_salt(),
+    }
+    signature = sign_typed(account, deployment.escrow_domain, "SpendPermission", message)
+    echo_json(signed_item(deployment, "SpendPermission", message, signature), output)
+
+
+@cli.command(cls=ConnectedProviderCommand)
+@account_option()
+@click.option(
+    "--permission-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A permission printed by sign-permission.",
+)
+@click.option("--digest", default=None, help="Or the permission's EIP-712 digest (0x + 64 hex).")
+@yes_option
+def revoke(account: Any, permission_file: Path | None, digest: str | None, yes: bool) -> None:
+    """Revoke a spend permission on-chain (no charge settles under it afterwards)."""
+    deployment = load_deployment()
+    escrow = escrow_contract(deployment)
+    if (permission_file is None) == (digest is None):
+        raise click.UsageError("pass exactly one of --permission-file and --digest")
+    if permission_file is not None:
+        message = read_signed_item(permission_file, "SpendPermission", deployment)
+        if message["consumer"] != account.address:
+            raise click.BadParameter(
+                f"the permission's consumer is {message['consumer']}, not {account.address}"
+            )
+        item = eip712.digest(deployment.escrow_domain, "SpendPermission", message)
+        confirm(yes, f"Revoke permission 0x{item.hex()}?")
+        with reverts_as_click_errors("revoke_permission"):
+            escrow.revoke_permission(permission_tuple(message), sender=account)
+    else:
+        item = parse_digest(digest)
+        confirm(yes, f"Revoke 0x{item.hex()}?")
+        with reverts_as_click_errors("revoke"):
+            escrow.revoke(item, sender=account)
+    click.echo(f"revoked 0x{item.hex()}")

@@ -1,0 +1,149 @@
+"""Provider's commands: `ape run provider <command> --network ... --account <alias>`.
+
+claim AMOUNT [--to ADDR] | sign-delegation --max 10.00 --relayer-fee 0.05 --days 7 [--payee ADDR]
+[--delegate ADDR] | revoke (--delegation-file F | --digest D) | earnings [ADDRESS]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from ape.cli import ConnectedProviderCommand, account_option
+from quotra.chain import eip712
+from quotra.chain.escrow import ZERO_ADDRESS, delegation_tuple
+
+from scripts._common import (
+    ADDRESS,
+    USDC,
+    PositiveDays,
+    UsdcAmount,
+    confirm,
+    echo_json,
+    escrow_contract,
+    head_timestamp,
+    load_deployment,
+    new_salt,
+    parse_digest,
+    read_signed_item,
+    reverts_as_click_errors,
+    sign_typed,
+    signed_item,
+    usdc_contract,
+    usdc_text,
+    yes_option,
+)
+
+
+@click.group()
+def cli() -> None:
+    """Earnings, claims and claim delegations of a Quotra provider."""
+
+
+@cli.command(cls=ConnectedProviderCommand)
+@account_option()
+@click.argument("amount", type=USDC)
+@click.option("--to", "payee", type=ADDRESS, default=None, help="Receiver (default: the provider itself).")
+@yes_option
+def claim(account: Any, amount: int, payee: str | None, yes: bool) -> None:
+    """Claim AMOUNT USDC (like 4.50) of the account's earnings."""
+    deployment = load_deployment()
+    escrow = escrow_contract(deployment)
+    payee = payee or account.address
+    earned = escrow.earnings(account.address)
+    if amount > earned:
+        raise click.BadParameter(f"the earnings are only {usdc_text(earned)}", param_hint="AMOUNT")
+    confirm(yes, f"Claim {usdc_text(amount)} to {payee}?")
+    with reverts_as_click_errors("claim"):
+        escrow.claim(amount, payee, sender=account)
+    click.echo(f"claimed {usdc_text(amount)} to {payee}; {usdc_text(escrow.earnings(account.address))} left")
+
+
+@cli.command(cls=ConnectedProviderCommand)
+@account_option(prompt=False)
+@click.argument("address", type=ADDRESS, required=False)
+def earnings(account: Any, address: str | None) -> None:
+    """Print the unclaimed earnings of ADDRESS (default: the --account)."""
+    if address is None:
+        if account is None:
+            raise click.UsageError("pass ADDRESS or --account")
+        address = account.address
+    deployment = load_deployment()
+    escrow, usdc = escrow_contract(deployment), usdc_contract(deployment.usdc)
+    click.echo(f"earnings  {usdc_text(escrow.earnings(address))}")
+    click.echo(f"wallet    {usdc_text(usdc.balanceOf(address))}")
+
+
+@cli.command("sign-delegation", cls=ConnectedProviderCommand)
+@account_option()
+@click.option("--max", "max_amount", type=USDC, required=True, help="Most that may be claimed in total.")
+@click.option(
+    "--relayer-fee",
+    type=UsdcAmount(allow_zero=True),
+    default="0",
+    show_default=True,
+    help="Paid to the submitting relayer per claim, out of the claimed amount.",
+)
+@click.option("--days", "duration", type=PositiveDays(), default="7", show_default=True, help="Validity.")
+@click.option("--payee", type=ADDRESS, default=None, help="Receiver of the claims (default: the provider).")
+@click.option("--delegate", type=ADDRESS, default=None, help="The only allowed submitter (default: anyone).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def sign_delegation(
+    account: Any,
+    max_amount: int,
+    relayer_fee: int,
+    duration: int,
+    payee: str | None,
+    delegate: str | None,
+    output: Path | None,
+) -> None:
+    """Sign a claim Delegation (no transaction) and print it as JSON for a relayer."""
+    if relayer_fee >= max_amount:
+        raise click.BadParameter("the relayer fee must be below --max", param_hint="--relayer-fee")
+    deployment = load_deployment()
+    message = {
+        "provider": account.address,
+        "delegate": delegate or ZERO_ADDRESS,
+        "payee": payee or account.address,
+        "max_amount": max_amount,
+        "relayer_fee": relayer_fee,
+        "valid_until": head_timestamp() + duration,
+        "salt": new_salt(),
+    }
+    signature = sign_typed(account, deployment.escrow_domain, "Delegation", message)
+    echo_json(signed_item(deployment, "Delegation", message, signature), output)
+
+
+@cli.command(cls=ConnectedProviderCommand)
+@account_option()
+@click.option(
+    "--delegation-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A delegation printed by sign-delegation.",
+)
+@click.option("--digest", default=None, help="Or the delegation's EIP-712 digest (0x + 64 hex).")
+@yes_option
+def revoke(account: Any, delegation_file: Path | None, digest: str | None, yes: bool) -> None:
+    """Revoke a delegation on-chain (no claim goes through it afterwards)."""
+    deployment = load_deployment()
+    escrow = escrow_contract(deployment)
+    if (delegation_file is None) == (digest is None):
+        raise click.UsageError("pass exactly one of --delegation-file and --digest")
+    if delegation_file is not None:
+        message = read_signed_item(delegation_file, "Delegation", deployment)
+        if message["provider"] != account.address:
+            raise click.BadParameter(
+                f"the delegation's provider is {message['provider']}, not {account.address}"
+            )
+        item = eip712.digest(deployment.escrow_domain, "Delegation", message)
+        confirm(yes, f"Revoke delegation 0x{item.hex()}?")
+        with reverts_as_click_errors("revoke_delegation"):
+            escrow.revoke_delegation(delegation_tuple(message), sender=account)
+    else:
+        item = parse_digest(digest)
+        confirm(yes, f"Revoke 0x{item.hex()}?")
+        with reverts_as_click_errors("revoke"):
+            escrow.revoke(item, sender=account)
+    click.echo(f"revoked 0x{item.hex()}")
