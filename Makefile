@@ -20,7 +20,9 @@ $(BIN)/.installed: requirements.lock pyproject.toml
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	# `npm install --no-save` honours the lock file; `npm ci` refuses a lock that, as npm 11
+	# writes it, only lists this platform's anvil binary.
+	npm install --no-save --no-audit --no-fund --loglevel=error
 	touch $@
 
 setup: $(BIN)/.installed node_modules/.installed
