@@ -22,11 +22,20 @@
      Pausing stops deposits and settlements; claims, withdrawals, refunds and
      revocations always work. Solvency: `usdc.balanceOf(self) >= liabilities()`,
      equal except for tokens sent here directly, which only `sweep` can move.
-@custom:security Gas: per-call x402 settlement writes no per-payment storage
-                 slot. USDC's own `authorizationState` makes each (payer, nonce)
-                 settle once; `reconciled` and `refunded` are written only on the
-                 rare reconcile and refund paths. `reconcile_authorization`
-                 credits only funds that nobody is owed (the excess).
+@custom:security Per-call x402 settlement writes no per-payment storage slot
+                 (one would cost 22k gas a call and miss the gas budget). USDC's
+                 own `authorizationState` makes each (payer, nonce) settle once;
+                 `reconciled` and `refunded` are written only on the rare
+                 reconcile and refund paths, each once per reference. What the
+                 escrow therefore cannot tell by itself, and trusts the operator
+                 with: whether a used authorization was front-run or settled here
+                 (`reconcile_authorization` credits only the excess nobody is
+                 owed, so a mistake can only misattribute stray funds), and
+                 whether a paid authorization was credited, cancelled, or split
+                 at an older fee (`refund_payment` pays only the payer who signed
+                 it, at most its amount, once, within the window, at the current
+                 fee). The invariant suite checks these bounds; the relay's
+                 ledger records which path credited each payment.
 """
 
 from ethereum.ercs import IERC20
@@ -462,7 +471,10 @@ def refund_payment(payment: Payment):
     """
     self._check_operator()
     self._check_payment(payment)
-    assert block.timestamp <= payment.valid_before + refund_window, "escrow: refund window closed"
+    # Written so that a huge `valid_before` cannot overflow.
+    assert (
+        block.timestamp <= payment.valid_before or block.timestamp - payment.valid_before <= refund_window
+    ), "escrow: refund window closed"
     reference: bytes32 = self._payment_reference(payment.payer, payment.nonce)
     assert not self.refunded[reference], "escrow: already refunded"
     self._verify_paid_authorization(payment)

@@ -3,6 +3,7 @@ last-resort guard) and the single place where errors become OpenAI error objects
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -18,12 +19,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from quotra import __version__
-from quotra.api import auth, chat, health, listings, models
+from quotra.api import account, auth, chat, claims, health, listings, models, settlements, webhooks
 from quotra.api.deps import Runtime, SessionTokens
+from quotra.chain.client import EscrowClient
+from quotra.chain.relayer import DirectRelayer, Relayer
 from quotra.config import Settings
 from quotra.errors import PayloadTooLarge, QuotraError, error_body
 from quotra.metrics import Metrics
 from quotra.netguard import NetGuard
+from quotra.payments.claims import build_claims, configured_relayer, webhook_verifier
+from quotra.payments.prepaid import PrepaidService, PrepaidSettings
+from quotra.payments.service import Payments, escrow_location, load_operator
 from quotra.ratelimit import TokenBucketLimiter
 from quotra.services.gate import PaymentGate
 from quotra.services.listings import ListingCache, ListingService
@@ -31,6 +37,7 @@ from quotra.services.relay import Relay
 from quotra.services.upstreams import AdapterFactory, AdapterRegistry
 from quotra.siwe import Erc1271Fn, SiweVerifier, web3_erc1271
 from quotra.store.db import create_engine, upgrade
+from quotra.store.prepaid_repo import PrepaidStore
 from quotra.store.repositories import Store
 from quotra.vault import Vault
 
@@ -191,14 +198,34 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
 
+def connect_chain(
+    settings: Settings, relayer: Relayer | None = None
+) -> tuple[EscrowClient | None, Relayer | None, str | None]:
+    """The escrow client (`chain_rpc_url` and the escrow from the settings or `deployment_file`),
+    the relayer (the given one, else a DirectRelayer with the operator's key) and the operator's
+    address; Nones when not configured."""
+    location = escrow_location(settings) if settings.chain_rpc_url else None
+    if location is None or settings.chain_rpc_url is None:
+        return None, relayer, None
+    escrow = EscrowClient.connect(
+        settings.chain_rpc_url, escrow=location.escrow, usdc=location.usdc, chain_id=settings.chain_id
+    )
+    signer = load_operator(settings)
+    if signer is not None and relayer is None:
+        relayer = DirectRelayer(escrow.w3, signer, chain_id=settings.chain_id)
+    return escrow, relayer, None if signer is None else signer.address
+
+
 def create_app(
     settings: Settings | None = None,
     *,
     adapter_factory: AdapterFactory | None = None,
     erc1271: Erc1271Fn | None = None,
     http_transport: httpx.AsyncBaseTransport | None = None,
+    relayer: Relayer | None = None,
 ) -> FastAPI:
-    """The relay. Tests inject fakes for the upstream adapters, ERC-1271 and outgoing HTTP."""
+    """The relay. Tests inject fakes for the upstream adapters, ERC-1271, outgoing HTTP and the
+    relayer."""
     settings = settings or Settings()
     metrics = Metrics()
 
@@ -227,10 +254,31 @@ def create_app(
         listing_service = ListingService(
             store, vault, cache, adapters, netguard, check_keys=settings.upstream_check_keys
         )
-        gate = PaymentGate(store, free_calls=settings.playground_free_calls)
         checker = erc1271
         if checker is None and settings.chain_rpc_url:
             checker = web3_erc1271(settings.chain_rpc_url)
+        chosen_relayer = relayer or configured_relayer(settings, http)
+        escrow, chain_relayer, operator = connect_chain(settings, chosen_relayer)
+        claims_repo, claim_service = build_claims(settings, store, escrow, chain_relayer)
+        prepaid = PrepaidService(
+            PrepaidStore(store),
+            settings=PrepaidSettings(
+                key_cache_seconds=settings.prepaid_key_cache_seconds,
+                max_keys_per_wallet=settings.prepaid_max_keys_per_wallet,
+                refresh_seconds=settings.prepaid_refresh_seconds,
+                reservation_ttl_seconds=settings.prepaid_reservation_ttl_seconds,
+                permission_margin_seconds=settings.prepaid_permission_margin_seconds,
+                deposit_wait_seconds=settings.prepaid_deposit_wait_seconds,
+            ),
+            chain=escrow,
+            relayer=chain_relayer,
+            operator=operator,
+            erc1271=checker,
+        )
+        payments = Payments(settings, store, metrics, client=escrow, relayer=chain_relayer)
+        gate = PaymentGate(
+            store, free_calls=settings.playground_free_calls, prepaid=prepaid, x402=payments.gate
+        )
         app.state.runtime = Runtime(
             settings=settings,
             store=store,
@@ -261,7 +309,20 @@ def create_app(
                 chain_id=settings.chain_id,
                 erc1271=checker,
             ),
+            escrow=escrow,
+            relayer=chain_relayer,
+            prepaid=prepaid,
+            claims_repo=claims_repo,
+            claims=claim_service,
+            webhook_verifier=webhook_verifier(settings, http),
+            payments=payments,
         )
+        await payments.start()  # x402 on (USDC's domain read once), settlement worker, indexer
+        background = []
+        if settings.prepaid_refresh_seconds > 0:
+            background.append(asyncio.create_task(prepaid.run_background(), name="prepaid-refresher"))
+        if claim_service is not None:
+            background.append(asyncio.create_task(claim_service.run(asyncio.Event()), name="claims-poller"))
         log.info(
             "relay started",
             extra={"env": settings.env, "database": store.dialect, "version": __version__},
@@ -269,6 +330,11 @@ def create_app(
         try:
             yield
         finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await payments.stop()
+            await prepaid.close()
             await http.aclose()
             await engine.dispose()
 
@@ -280,7 +346,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(RelayMiddleware, max_body=settings.max_body_bytes, metrics=metrics)
-    for module in (chat, models, listings, auth, health):
+    for module in (chat, models, listings, auth, account, claims, webhooks, settlements, health):
         app.include_router(module.router)
     app.state.metrics = metrics
     return app

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sys
+from pathlib import Path
+from typing import Any
 
 import click
 from pydantic import ValidationError
@@ -138,6 +140,75 @@ def keys_rotate(new_key: str | None) -> None:
         click.echo("Now set QUOTRA_MASTER_KEY to the new key on every replica.")
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=9545, show_default=True, type=int)
+@click.option(
+    "--rpc-url",
+    envvar=["QUOTRA_RELAYER_RPC_URL", "QUOTRA_CHAIN_RPC_URL"],
+    required=True,
+    help="The chain's JSON-RPC URL (env QUOTRA_RELAYER_RPC_URL or QUOTRA_CHAIN_RPC_URL)",
+)
+@click.option("--chain-id", envvar="QUOTRA_CHAIN_ID", default=84532, show_default=True, type=int)
+@click.option(
+    "--deployment",
+    "deployment_file",
+    envvar="QUOTRA_DEPLOYMENT_FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="deployments/<network>.json: the escrow (and USDC) to relay for",
+)
+@click.option("--escrow", default=None, help="The escrow address, instead of (or besides) --deployment")
+@click.option(
+    "--fee", envvar="QUOTRA_RELAYER_FEE", default="0.01", show_default=True, help="Minimum fee in USDC"
+)
+@click.option(
+    "--webhook-format",
+    envvar="QUOTRA_RELAYER_WEBHOOK_FORMAT",
+    type=click.Choice(["oneshot", "standard"]),
+    default="oneshot",
+    show_default=True,
+)
+def relayer(
+    host: str,
+    port: int,
+    rpc_url: str,
+    chain_id: int,
+    deployment_file: Path | None,
+    escrow: str | None,
+    fee: str,
+    webhook_format: str,
+) -> None:
+    """Run the local gas relayer for the twin (1Shot-style JSON-RPC, Ed25519-signed webhooks).
+
+    The gas key comes from $QUOTRA_RELAYER_KEY only (a dev account key on the twin; never a file
+    or an argument); the webhook key from $QUOTRA_RELAYER_ED25519_KEY (32-byte seed, hex or
+    base64), generated at start when unset."""
+    import uvicorn
+
+    from quotra.relayer_service import config_from_env, create_relayer_app
+
+    configure_logging("INFO", json_logs=False)
+    try:
+        config = config_from_env(
+            rpc_url=rpc_url,
+            chain_id=chain_id,
+            deployment=deployment_file,
+            escrow=escrow,
+            fee=fee,
+            webhook_format="standard" if webhook_format == "standard" else "oneshot",
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(
+        f"relayer {config.gas_account.address} on chain {chain_id}, webhook kid {config.signer.kid}, "
+        f"JSON-RPC at http://{host}:{port}/",
+        err=True,
+    )
+    app = create_relayer_app(config)
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, server_header=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
@@ -148,3 +219,89 @@ def demo() -> None:
     from quotra.demo import main as run_demo
 
     raise SystemExit(run_demo())
+
+
+def _payments_runtime(settings: Settings) -> Any:
+    """The payments service of a one-off command (no background tasks), on a migrated database."""
+    from quotra.metrics import Metrics
+    from quotra.payments.service import Payments
+    from quotra.store.db import create_engine, upgrade
+    from quotra.store.repositories import Store
+
+    async def build() -> Any:
+        engine = create_engine(settings.effective_database_url)
+        await upgrade(engine)
+        payments = Payments(settings, Store(engine), Metrics())
+        if not payments.configured:
+            await engine.dispose()
+            raise click.ClickException(
+                "needs the chain and the escrow: QUOTRA_CHAIN_RPC_URL and QUOTRA_ESCROW_ADDRESS "
+                "(or QUOTRA_DEPLOYMENT_FILE)"
+            )
+        await payments.start(background=False)
+        return engine, payments
+
+    return build()
+
+
+@main.command()
+@click.option("--once/--loop", default=True, show_default=True, help="One pass, or run until Ctrl-C")
+def settle(once: bool) -> None:
+    """Settle captured payments into the escrow now (what the relay's worker does in the background).
+
+    Takes the settlement leadership first: refuses while a relay of this database is settling."""
+    import dataclasses
+
+    settings = load_settings()
+    configure_logging(settings.log_level, json_logs=settings.log_json)
+
+    async def run() -> None:
+        engine, payments = await _payments_runtime(settings)
+        try:
+            worker = payments.worker
+            if worker is None:
+                raise click.ClickException("settling needs QUOTRA_OPERATOR_KEY (or a keystore)")
+            if once:
+                worker.config = dataclasses.replace(worker.config, max_age=0.0)  # flush everything due
+                assert worker.lock is not None
+                if not await worker.lock.acquire():
+                    raise click.ClickException("another process is the settlement leader of this database")
+                try:
+                    await worker.tick()
+                    await worker.tick()  # follows what the first pass sent
+                finally:
+                    await worker.lock.release()
+            else:
+                await worker.run(asyncio.Event())
+        finally:
+            await payments.stop()
+            await engine.dispose()
+
+    asyncio.run(run())
+    click.echo("settlement pass done")
+
+
+@main.command()
+def reconcile() -> None:
+    """Compare the ledger with the escrow's events from its first block; exit 1 on any discrepancy.
+
+    Credits the relay had not recorded yet (a crash between sending and writing down) are recorded."""
+    settings = load_settings()
+    configure_logging(settings.log_level, json_logs=settings.log_json)
+
+    async def run() -> list[Any]:
+        engine, payments = await _payments_runtime(settings)
+        try:
+            assert payments.indexer is not None
+            found: list[Any] = await payments.indexer.full_check()
+            return found
+        finally:
+            await payments.stop()
+            await engine.dispose()
+
+    found = asyncio.run(run())
+    for item in found:
+        click.echo(str(item))
+    click.echo(f"{len(found)} discrepancies")
+    if found:
+        raise SystemExit(1)

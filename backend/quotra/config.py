@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -87,6 +88,34 @@ class Settings(BaseSettings):
     readyz_check_chain: bool = True
     session_ttl_seconds: int = Field(default=3600, ge=60, le=7 * 86400)
     siwe_nonce_ttl_seconds: int = Field(default=600, ge=30, le=86400)
+    # The relay's settling key (an escrow operator): the spender of prepaid SpendPermissions and
+    # the sender of the relay's own transactions (DirectRelayer). Never logged.
+    operator_key: SecretStr | None = None
+
+    # Prepaid API keys (quotra.payments.prepaid).
+    prepaid_key_cache_seconds: float = Field(default=5.0, ge=0, le=300)
+    prepaid_max_keys_per_wallet: int = Field(default=50, ge=1)
+    prepaid_refresh_seconds: float = Field(default=30.0, ge=0)  # 0 = no background refresher
+    prepaid_reservation_ttl_seconds: int = Field(default=1800, ge=60)
+    prepaid_permission_margin_seconds: int = Field(default=600, ge=0)
+    prepaid_deposit_wait_seconds: float = Field(default=30.0, ge=0, le=300)
+
+    # Relayer for gasless transactions (claims, revocations, deposits): `direct` submits with
+    # operator_key; `oneshot` goes through a 1Shot-style JSON-RPC relayer (`quotra relayer` on the
+    # twin) that reports back with Ed25519-signed webhooks, verified against its JWKS.
+    relayer: Literal["direct", "oneshot"] = "direct"
+    relayer_url: str | None = None
+    relayer_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    # Default: <origin of relayer_url>/.well-known/jwks.json. HTTPS; http only to loopback outside production.
+    relayer_jwks_url: str | None = None
+    relayer_pinned_jwks: str | None = None  # a JWKS document (JSON) trusted without fetching
+    relayer_webhook_url: str | None = None  # default: <public_url>/v1/webhooks/relayer
+    webhook_tolerance_seconds: int = Field(default=300, ge=10, le=3600)
+    jwks_cache_seconds: float = Field(default=600.0, ge=0)
+    jwks_min_refetch_seconds: float = Field(default=30.0, ge=0)
+    claims_poll_seconds: float = Field(default=5.0, gt=0)  # the poller of unfinished claims
+    claims_stale_seconds: float = Field(default=20.0, ge=0)  # checked this long after its last news
+    claims_delegation_ttl_seconds: int = Field(default=3600, ge=60)
 
     upstream_allow_private: bool = False
     upstream_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -103,6 +132,31 @@ class Settings(BaseSettings):
     trust_forwarded_for: bool = False
     listing_cache_ttl_seconds: float = Field(default=2.0, ge=0)
 
+    # ---- x402 per-call payments, settlement and the indexer ---------------------------------
+    # The escrow and USDC come from `deployment_file` (deployments/<network>.json) unless given.
+    escrow_address: str | None = None
+    usdc_address: str | None = None
+    escrow_start_block: int | None = Field(default=None, ge=0)
+    # Instead of QUOTRA_OPERATOR_KEY (environment only): an encrypted keystore file, opened with
+    # the password from the environment.
+    operator_keystore: Path | None = None
+    operator_keystore_password: SecretStr | None = None
+    x402_enabled: bool = True
+    x402_max_timeout_seconds: int = Field(default=300, ge=30, le=86_400)
+    x402_settle_margin_seconds: int = Field(default=60, ge=0, le=3600)
+    x402_balance_cache_seconds: float = Field(default=2.0, ge=0, le=300)
+    settlement_enabled: bool = True
+    settlement_batch_size: int = Field(default=32, ge=1, le=64)
+    settlement_max_age_seconds: float = Field(default=2.0, ge=0, le=3600)
+    settlement_poll_seconds: float = Field(default=0.25, gt=0, le=60)
+    settlement_retry_base_seconds: float = Field(default=1.0, gt=0, le=600)
+    settlement_retry_max_seconds: float = Field(default=60.0, gt=0, le=3600)
+    settlement_stuck_seconds: float = Field(default=120.0, gt=0)
+    indexer_enabled: bool = True
+    indexer_poll_seconds: float = Field(default=2.0, gt=0, le=600)
+    indexer_confirmations: int = Field(default=0, ge=0, le=1000)
+    receipts_enabled: bool = True
+
     log_level: str = "INFO"
     log_json: bool = True
     run_migrations_on_start: bool = True
@@ -118,6 +172,18 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("public_url must be an absolute http(s) URL")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_relayer(self) -> Settings:
+        from quotra.webhooks import check_jwks_url, parse_jwks
+
+        if self.relayer == "oneshot" and not self.relayer_url:
+            raise ValueError("QUOTRA_RELAYER=oneshot needs QUOTRA_RELAYER_URL")
+        if self.effective_jwks_url:
+            check_jwks_url(self.effective_jwks_url, allow_http_loopback=not self.is_production)
+        if self.relayer_pinned_jwks:
+            parse_jwks(json.loads(self.relayer_pinned_jwks))
+        return self
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:
@@ -149,6 +215,19 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'quotra.db').resolve()}"
+
+    @property
+    def effective_jwks_url(self) -> str | None:
+        if self.relayer_jwks_url:
+            return self.relayer_jwks_url
+        if self.relayer == "oneshot" and self.relayer_url:
+            parts = urlsplit(self.relayer_url)
+            return f"{parts.scheme}://{parts.netloc}/.well-known/jwks.json"
+        return None
+
+    @property
+    def effective_webhook_url(self) -> str:
+        return self.relayer_webhook_url or f"{self.public_url}/v1/webhooks/relayer"
 
     @cached_property
     def expected_siwe_domain(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
@@ -28,6 +28,30 @@ class Metrics:
             "quotra_listing_calls_total",
             "Relayed calls per listing",
             ["listing", "outcome"],
+            registry=self.registry,
+        )
+        self.x402_payments = Counter(
+            "quotra_x402_payments_total",
+            "x402 payments by outcome (reserved, captured, voided, or the x402 refusal reason)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.settlements = Counter(
+            "quotra_settlement_items_total",
+            "Settled items (x402 authorizations, prepaid charges) by kind and outcome",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+        self.discrepancies = Counter(
+            "quotra_reconcile_discrepancies_total",
+            "Differences between the ledger and the escrow's events found by the indexer",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.open_discrepancies = Gauge(
+            "quotra_reconcile_open_discrepancies",
+            "Discrepancies found by the indexer's last audit",
+            ["kind"],
             registry=self.registry,
         )
         self.listing_tokens = Counter(

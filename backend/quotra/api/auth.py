@@ -97,6 +97,7 @@ async def verify(body: VerifyRequest, runtime: RuntimeDep) -> dict[str, Any]:
             "Sign-in refused: unknown, expired or already used nonce", code="invalid_nonce"
         )
     token, expires = runtime.sessions.issue(message.address)
+    runtime.prepaid.refresh_soon(message.address)  # the prepaid account mirror, in the background
     return {"access_token": token, "token_type": "bearer", "address": message.address, "expires_at": expires}
 
 

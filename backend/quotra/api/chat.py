@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from quotra.api.deps import CurrentCaller, RuntimeDep
+from quotra.payments.x402_gate import X402Attempt
 
 router = APIRouter(tags=["openai"])
 
@@ -84,9 +86,17 @@ class DisconnectAwareStream(StreamingResponse):
     summary="Create a chat completion (OpenAI-compatible)",
 )
 async def chat_completions(
-    payload: Annotated[ChatCompletionRequest, Body()], caller: CurrentCaller, runtime: RuntimeDep
+    payload: Annotated[ChatCompletionRequest, Body()],
+    caller: CurrentCaller,
+    runtime: RuntimeDep,
+    http_request: Request,
 ) -> Any:
     request = payload.model_dump(exclude_none=True, exclude_unset=False)
+    # An x402 payment (PAYMENT-SIGNATURE / X-PAYMENT) is checked per listing by the gate; the body
+    # was read already (its hash goes into the signed receipt).
+    attempt = X402Attempt.from_request(http_request.headers, await http_request.body())
+    if attempt is not None:
+        caller = dataclasses.replace(caller, payment=attempt)
     if payload.stream:
         body, headers = await runtime.relay.open_stream(caller, request)
         headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

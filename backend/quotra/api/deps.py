@@ -8,22 +8,31 @@ import hmac
 import json
 import time
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import httpx
 from fastapi import Depends, Request
 
+from quotra.chain.client import EscrowClient
+from quotra.chain.relayer import Relayer
 from quotra.config import Settings
-from quotra.errors import AuthenticationFailed
+from quotra.errors import AuthenticationFailed, NotFound
 from quotra.metrics import Metrics
 from quotra.netguard import NetGuard
+from quotra.payments.claims import ClaimService
+from quotra.payments.prepaid import KEY_PREFIX, PrepaidService
 from quotra.ratelimit import TokenBucketLimiter
 from quotra.services.gate import Caller, PaymentGate
 from quotra.services.listings import ListingCache, ListingService
 from quotra.services.relay import Relay
 from quotra.siwe import SiweVerifier
+from quotra.store.claims_repo import ClaimsRepo
 from quotra.store.repositories import Store
 from quotra.vault import Vault
+from quotra.webhooks import WebhookVerifier
+
+if TYPE_CHECKING:
+    from quotra.payments.service import Payments
 
 SESSION_PREFIX = "qs_"
 
@@ -79,6 +88,13 @@ class Runtime:
     relay: Relay
     sessions: SessionTokens
     siwe: SiweVerifier
+    escrow: EscrowClient | None  # None when no chain is configured
+    relayer: Relayer | None
+    prepaid: PrepaidService
+    claims_repo: ClaimsRepo
+    claims: ClaimService | None = None  # None without a chain and a relayer
+    webhook_verifier: WebhookVerifier | None = None  # None without relayer keys (JWKS or pinned)
+    payments: Payments | None = None  # x402, settlement, indexer (quotra.payments.service)
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -87,6 +103,20 @@ def get_runtime(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_relayer(runtime: RuntimeDep) -> Relayer:
+    """The configured relayer (`QUOTRA_RELAYER=direct|oneshot`) for gasless transactions."""
+    if runtime.relayer is None:
+        raise NotFound(
+            "No relayer is configured (QUOTRA_RELAYER=direct needs QUOTRA_OPERATOR_KEY, "
+            "oneshot needs QUOTRA_RELAYER_URL; both need the chain)",
+            code="relayer_unavailable",
+        )
+    return runtime.relayer
+
+
+RelayerDep = Annotated[Relayer, Depends(get_relayer)]
 
 
 def _bearer(request: Request) -> str | None:
@@ -117,8 +147,8 @@ def current_provider(request: Request, runtime: RuntimeDep) -> str:
     return address
 
 
-def current_caller(request: Request, runtime: RuntimeDep) -> Caller:
-    """A consumer: signed-in wallet, sandbox API key, or (no credentials) the client address."""
+async def current_caller(request: Request, runtime: RuntimeDep) -> Caller:
+    """A consumer: signed-in wallet, prepaid or sandbox API key, or (no credentials) the client address."""
     token = _bearer(request)
     if token is None:
         return Caller("anonymous", f"ip:{client_ip(request, runtime.settings)}")
@@ -129,9 +159,12 @@ def current_caller(request: Request, runtime: RuntimeDep) -> Caller:
         return Caller("wallet", f"wallet:{address.lower()}")
     if token in runtime.settings.sandbox_key_set:
         return Caller("sandbox_key", "key:" + hashlib.sha256(token.encode()).hexdigest()[:16])
+    if token.startswith(KEY_PREFIX):
+        key = await runtime.prepaid.authenticate(token)
+        return Caller("api_key", f"wallet:{key.wallet.lower()}", api_key=key)
     raise AuthenticationFailed(
         "Unknown API key. Call without a key (playground), with a sign-in session token, "
-        "or with a sandbox key"
+        "or with a Quotra API key (sk-quotra-…)"
     )
 
 

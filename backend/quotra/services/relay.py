@@ -31,7 +31,7 @@ from quotra.errors import (
 from quotra.logging import scrub
 from quotra.metrics import Metrics
 from quotra.ratelimit import Decision, TokenBucketLimiter
-from quotra.services.gate import Authorization, Caller, PaymentGate
+from quotra.services.gate import Authorization, Caller, Metered, PaymentGate, PaymentResponder
 from quotra.services.listings import ListingCache, ListingService, is_usable
 from quotra.services.upstreams import AdapterRegistry
 from quotra.store.models import utcnow
@@ -302,6 +302,8 @@ class Relay:
     ) -> int:
         listing = prepared.listing
         cost = call_cost(listing, usage.prompt_tokens, usage.completion_tokens)
+        if isinstance(prepared.auth, Metered):
+            prepared.auth.meter(prepared.model, usage)
         await prepared.auth.capture(cost)
         if listing.id in self._failing or listing.failure_streak:
             self._failing.discard(listing.id)
@@ -383,6 +385,8 @@ class Relay:
                 cost = await self._succeeded(prepared, completion.usage, stream=False, caller=caller)
                 headers = self._headers(prepared, consumer_rate)
                 headers["X-Quotra-Cost"] = str(cost)
+                if isinstance(prepared.auth, PaymentResponder):
+                    headers.update(prepared.auth.response_headers(completion.usage, prepared.model))
                 return completion.body, headers
         except (QuotaExhausted, RateLimited, PaymentRequired, InputTooLarge):
             if last is not None:
@@ -420,6 +424,9 @@ class Relay:
                     await self._undo(prepared.listing, prepared.auth)
                     raise
                 headers = self._headers(prepared, consumer_rate)
+                if isinstance(prepared.auth, PaymentResponder):
+                    # Headers go first: the payment is pending; the stream's last event tells more.
+                    headers.update(prepared.auth.response_headers(None, prepared.model))
                 return self._sse(prepared, caller, iterator, first), headers
         except (QuotaExhausted, RateLimited, PaymentRequired, InputTooLarge):
             if last is not None:
@@ -439,17 +446,27 @@ class Relay:
         usage: Usage | None = None
         outcome = "cancelled"
         failure: UpstreamError | None = None
+        captured = False
+        last: dict[str, Any] = {}
         try:
             chunk = first
             while chunk is not None:
                 if chunk.get("usage"):
                     usage = _usage_of(chunk["usage"])
+                last = chunk
                 yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
                 try:
                     chunk = await anext(iterator)
                 except StopAsyncIteration:
                     chunk = None
             outcome = "ok"
+            # Captured before [DONE], so that a paid stream can end with what happened to the payment.
+            with anyio.CancelScope(shield=True):
+                captured = True
+                await _aclose(iterator)
+                await self._succeeded(prepared, usage or Usage(0, 0), stream=True, caller=caller)
+            if isinstance(prepared.auth, PaymentResponder):
+                yield _payment_chunk(last, prepared.auth.settlement_event(usage, prepared.model))
             yield b"data: [DONE]\n\n"
         except UpstreamError as exc:
             outcome = "upstream_error"
@@ -459,14 +476,29 @@ class Relay:
         finally:
             # Runs on normal end, upstream failure and client disconnect (cancellation):
             # close the upstream request, then settle, shielded from the cancellation.
-            with anyio.CancelScope(shield=True):
-                await _aclose(iterator)
-                if failure is not None and usage is None:
-                    await self._upstream_failed(prepared, failure)
-                else:
-                    await self._succeeded(
-                        prepared, usage or Usage(0, 0), stream=True, caller=caller, outcome=outcome
-                    )
+            if not captured:
+                with anyio.CancelScope(shield=True):
+                    await _aclose(iterator)
+                    if failure is not None and usage is None:
+                        await self._upstream_failed(prepared, failure)
+                    else:
+                        await self._succeeded(
+                            prepared, usage or Usage(0, 0), stream=True, caller=caller, outcome=outcome
+                        )
+
+
+def _payment_chunk(last: dict[str, Any], event: dict[str, Any]) -> bytes:
+    """The payment's event as a chunk with no choices (like the usage chunk) and the details under
+    `quotra`: OpenAI clients and SDKs take it as one more `chat.completion.chunk`."""
+    chunk = {
+        "id": last.get("id", "chatcmpl-quotra"),
+        "object": "chat.completion.chunk",
+        "created": last.get("created", 0),
+        "model": last.get("model", ""),
+        "choices": [],
+        "quotra": event,
+    }
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
 
 async def _aclose(iterator: AsyncIterator[Any]) -> None:

@@ -124,13 +124,14 @@ class X402Payment(Base):
     """One x402 `exact` authorization: reserved before serving, then the settlement outbox row.
 
     status: reserved → captured → settling → settled | failed;  reserved → voided (not charged);
-    settled → refunded; a front-run one ends `reconciled`.
+    settled → refunded; a front-run one ends `reconciled` (settling → reconciling → reconciled).
     """
 
     __tablename__ = "x402_payments"
     __table_args__ = (
         UniqueConstraint("payer", "nonce", name="uq_x402_payer_nonce"),
         Index("ix_x402_status_created", "status", "created_at"),
+        Index("ix_x402_payer_status", "payer", "status"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -305,3 +306,84 @@ class ChainCursor(Base):
     contract: Mapped[str] = mapped_column(String(42), primary_key=True)
     block: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+# ---- ETH-free claims, revocations and relayer webhooks (migration 0005) ----------------------------
+# uint256 caps of signed grants are stored as decimal strings (they may exceed 64 bits).
+
+
+class DelegationRecord(Base):
+    """A provider-signed Delegation the relay has seen: revoked ones are never sent again."""
+
+    __tablename__ = "delegations"
+
+    digest: Mapped[str] = mapped_column(String(66), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(42), index=True)
+    delegate: Mapped[str] = mapped_column(String(42))
+    payee: Mapped[str] = mapped_column(String(42))
+    max_amount: Mapped[str] = mapped_column(String(78))
+    relayer_fee: Mapped[str] = mapped_column(String(78))
+    valid_until: Mapped[str] = mapped_column(String(78))
+    salt: Mapped[str] = mapped_column(String(78))
+    signature: Mapped[str] = mapped_column(Text)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ClaimRecord(Base):
+    """One ETH-free claim: requested → submitted → confirmed | failed (from webhooks and the poller)."""
+
+    __tablename__ = "claims"
+    __table_args__ = (Index("ix_claims_status_check", "status", "next_check_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(42), index=True)
+    payee: Mapped[str] = mapped_column(String(42))
+    delegation_digest: Mapped[str] = mapped_column(String(66), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    relayer_fee: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), default="requested")
+    relayer: Mapped[str] = mapped_column(String(16))
+    task_id: Mapped[str | None] = mapped_column(String(100), index=True)
+    tx_hash: Mapped[str | None] = mapped_column(String(66))
+    block_number: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(String(300))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_check_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class RevocationRecord(Base):
+    """A gasless `revoke_with_signature` sent through the relayer (same states as a claim)."""
+
+    __tablename__ = "revocations"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    account: Mapped[str] = mapped_column(String(42), index=True)
+    item: Mapped[str] = mapped_column(String(66), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # delegation | permission | unknown
+    signature: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="requested")
+    relayer: Mapped[str] = mapped_column(String(16))
+    task_id: Mapped[str | None] = mapped_column(String(100), index=True)
+    tx_hash: Mapped[str | None] = mapped_column(String(66))
+    error: Mapped[str | None] = mapped_column(String(300))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_check_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class WebhookEventRecord(Base):
+    """A relayer webhook already processed: a replay of (event id, type) is acknowledged, not applied."""
+
+    __tablename__ = "webhook_events"
+
+    event_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    type: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    format: Mapped[str] = mapped_column(String(16))
+    task_id: Mapped[str] = mapped_column(String(100))
+    memo: Mapped[str | None] = mapped_column(String(256))
+    status: Mapped[int | None] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

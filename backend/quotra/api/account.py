@@ -1,0 +1,361 @@
+"""The consumer's prepaid account (signed in with Ethereum): balance, spend permission, gasless
+deposits, API keys and usage. Amounts are USDC strings with 6 decimals, each beside its
+`*_atomic` integer."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from quotra.api.deps import CurrentProvider, RuntimeDep
+from quotra.errors import NotFound
+from quotra.payments.prepaid import PrepaidService, usdc
+from quotra.store.prepaid_repo import ApiKeyView, UsageRow
+
+router = APIRouter(prefix="/v1/account", tags=["account"])
+
+ATOMIC = Decimal(10**6)
+Usdc = Annotated[Decimal, Field(gt=0, le=Decimal(10**9), decimal_places=6, description="USDC")]
+KeyId = Annotated[str, Path(pattern=r"^key_[0-9a-f]{16}$")]
+
+
+def _atomic(value: Decimal) -> int:
+    return int(value * ATOMIC)
+
+
+def _money(name: str, atomic: int) -> dict[str, Any]:
+    return {name: usdc(atomic), f"{name}_atomic": atomic}
+
+
+# ---- models -------------------------------------------------------------------------------------
+
+
+class PermissionState(BaseModel):
+    digest: str
+    spender: str
+    allowance: str
+    allowance_atomic: int
+    spent: str
+    spent_atomic: int
+    valid_after: int
+    valid_until: int
+    revoked: bool
+    active: bool
+
+
+class AccountResponse(BaseModel):
+    object: str = "account"
+    wallet: str
+    deposit: str
+    deposit_atomic: int
+    pending_withdrawal: str
+    pending_withdrawal_atomic: int
+    reserved: str
+    reserved_atomic: int
+    unsettled: str = Field(description="Captured, not yet settled on-chain")
+    unsettled_atomic: int
+    settled_total: str
+    settled_total_atomic: int
+    remaining_allowance: str
+    remaining_allowance_atomic: int
+    available: str = Field(description="What calls can reserve now")
+    available_atomic: int
+    permission: PermissionState | None
+    synced_at: datetime | None
+
+
+def account_view(raw: dict[str, Any]) -> dict[str, Any]:
+    view: dict[str, Any] = {"object": "account", "wallet": raw["wallet"], "synced_at": raw["synced_at"]}
+    for name in (
+        "deposit",
+        "pending_withdrawal",
+        "reserved",
+        "unsettled",
+        "settled_total",
+        "remaining_allowance",
+        "available",
+    ):
+        view.update(_money(name, raw[name]))
+    permission = raw["permission"]
+    if permission is not None:
+        permission = {
+            **{k: v for k, v in permission.items() if k not in ("allowance", "spent")},
+            **_money("allowance", permission["allowance"]),
+            **_money("spent", permission["spent"]),
+        }
+    view["permission"] = permission
+    return view
+
+
+class ApiKeyPublic(BaseModel):
+    id: str
+    object: str = "api_key"
+    name: str
+    mode: Literal["live", "sandbox"]
+    spend_cap: str | None
+    spend_cap_atomic: int | None
+    spent: str
+    spent_atomic: int
+    reserved: str
+    reserved_atomic: int
+    remaining: str | None
+    remaining_atomic: int | None
+    revoked: bool
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    created_at: datetime
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    key: str = Field(description="The secret, shown only this once")
+
+
+class ApiKeyList(BaseModel):
+    object: str = "list"
+    data: list[ApiKeyPublic]
+
+
+def key_view(view: ApiKeyView) -> dict[str, Any]:
+    remaining = view.remaining
+    return {
+        "id": view.id,
+        "object": "api_key",
+        "name": view.name,
+        "mode": view.mode,
+        "spend_cap": None if view.spend_cap is None else usdc(view.spend_cap),
+        "spend_cap_atomic": view.spend_cap,
+        **_money("spent", view.spent),
+        **_money("reserved", view.reserved),
+        "remaining": None if remaining is None else usdc(remaining),
+        "remaining_atomic": remaining,
+        "revoked": view.revoked_at is not None,
+        "revoked_at": view.revoked_at,
+        "last_used_at": view.last_used_at,
+        "created_at": view.created_at,
+    }
+
+
+class CreateKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="", max_length=100)
+    mode: Literal["live", "sandbox"] = "live"
+    spend_cap: Usdc | None = Field(default=None, description="Most this key may spend in total (USDC)")
+
+
+class UpdateKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, max_length=100)
+    spend_cap: Usdc | None = Field(default=None, description="New cap (USDC); null removes the cap")
+
+
+class UsageEntry(BaseModel):
+    id: int
+    object: str = "prepaid.call"
+    api_key_id: str
+    listing_id: str
+    provider: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    reserved: str
+    reserved_atomic: int
+    price: str
+    price_atomic: int
+    status: str = Field(description="reserved | captured | settling | settled | released | metered | failed")
+    settlement_tx: str | None
+    created_at: datetime
+
+
+class UsageList(BaseModel):
+    object: str = "list"
+    data: list[UsageEntry]
+    has_more: bool
+    next_before: int | None = Field(description="Pass as `before` for the next (older) page")
+
+
+def usage_view(row: UsageRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "object": "prepaid.call",
+        "api_key_id": row.api_key_id,
+        "listing_id": row.listing_id,
+        "provider": row.provider,
+        "model": row.model,
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        **_money("reserved", row.reserved_amount),
+        **_money("price", row.amount),
+        "status": row.status,
+        "settlement_tx": row.tx_hash,
+        "created_at": row.created_at,
+    }
+
+
+class SpendPermissionFields(BaseModel):
+    """The EIP-712 `SpendPermission` message; uint256 values as integers or decimal/0x strings."""
+
+    consumer: str
+    spender: str
+    allowance: int | str
+    valid_after: int | str
+    valid_until: int | str
+    salt: int | str
+
+
+class RegisterPermission(BaseModel):
+    permission: SpendPermissionFields
+    signature: str = Field(min_length=2, max_length=1000, description="0x-hex, at most 65 bytes")
+
+
+class TypedDataResponse(BaseModel):
+    typed_data: dict[str, Any] = Field(description="Sign with eth_signTypedData_v4")
+    digest: str
+
+
+class Eip3009Fields(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    from_: str = Field(alias="from")
+    to: str
+    value: int | str
+    validAfter: int | str  # EIP-3009's spelling
+    validBefore: int | str
+    nonce: str
+
+
+class DepositRequest(BaseModel):
+    authorization: Eip3009Fields = Field(description="A ReceiveWithAuthorization to the escrow")
+    signature: str = Field(min_length=2, max_length=200)
+
+
+class DepositResponse(BaseModel):
+    status: Literal["confirmed", "submitted"]
+    tx_hash: str | None
+    amount: str
+    amount_atomic: int
+    account: AccountResponse | None
+
+
+# ---- routes -------------------------------------------------------------------------------------
+
+
+def _prepaid(runtime: Any) -> PrepaidService:
+    prepaid: PrepaidService = runtime.prepaid
+    return prepaid
+
+
+@router.get("", response_model=AccountResponse, summary="The prepaid account (refreshed from the chain)")
+async def get_account(wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
+    return account_view(await _prepaid(runtime).account(wallet))
+
+
+@router.get("/usage", response_model=UsageList, summary="Prepaid calls, newest first")
+async def usage(
+    wallet: CurrentProvider,
+    runtime: RuntimeDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    before: Annotated[int | None, Query(ge=1, description="`next_before` of the previous page")] = None,
+) -> dict[str, Any]:
+    rows = await _prepaid(runtime).repo.usage(wallet, limit=limit + 1, before=before)
+    page = rows[:limit]
+    has_more = len(rows) > limit
+    return {
+        "object": "list",
+        "data": [usage_view(r) for r in page],
+        "has_more": has_more,
+        "next_before": page[-1].id if has_more and page else None,
+    }
+
+
+@router.get(
+    "/permission/typed-data",
+    response_model=TypedDataResponse,
+    summary="The SpendPermission to sign (spender = this relay's operator)",
+)
+async def permission_typed_data(
+    wallet: CurrentProvider,
+    runtime: RuntimeDep,
+    allowance: Annotated[Usdc, Query(description="Most the relay may charge in total (USDC)")],
+    days: Annotated[int, Query(ge=1, le=365)] = 30,
+) -> dict[str, Any]:
+    return _prepaid(runtime).permission_typed_data(wallet, _atomic(allowance), days)
+
+
+@router.post(
+    "/permission",
+    response_model=AccountResponse,
+    summary="Register a signed SpendPermission (becomes the active one)",
+)
+async def register_permission(
+    body: RegisterPermission, wallet: CurrentProvider, runtime: RuntimeDep
+) -> dict[str, Any]:
+    raw = await _prepaid(runtime).register_permission(wallet, body.permission.model_dump(), body.signature)
+    return account_view(raw)
+
+
+@router.post(
+    "/deposits",
+    response_model=DepositResponse,
+    summary="Gasless deposit: the relayer submits your ReceiveWithAuthorization",
+    responses={202: {"model": DepositResponse, "description": "Submitted, not yet confirmed"}},
+)
+async def deposit(
+    body: DepositRequest, wallet: CurrentProvider, runtime: RuntimeDep, response: Response
+) -> dict[str, Any]:
+    authorization = body.authorization.model_dump(by_alias=True)
+    result = await _prepaid(runtime).deposit(wallet, authorization, body.signature)
+    if result["status"] == "submitted":
+        response.status_code = 202
+    account = result["account"]
+    return {
+        "status": result["status"],
+        "tx_hash": result["tx_hash"],
+        **_money("amount", result["amount"]),
+        "account": None if account is None else account_view(account),
+    }
+
+
+@router.get("/keys", response_model=ApiKeyList, summary="Your API keys (never their secrets)")
+async def list_keys(wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
+    keys = await _prepaid(runtime).repo.list_keys(wallet)
+    return {"object": "list", "data": [key_view(k) for k in keys]}
+
+
+@router.post("/keys", response_model=ApiKeyCreated, status_code=201, summary="Create an API key (shown once)")
+async def create_key(body: CreateKey, wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
+    view, secret = await _prepaid(runtime).create_key(
+        wallet,
+        name=body.name,
+        mode=body.mode,
+        spend_cap=None if body.spend_cap is None else _atomic(body.spend_cap),
+    )
+    return {**key_view(view), "key": secret}
+
+
+@router.patch("/keys/{key_id}", response_model=ApiKeyPublic, summary="Rename a key or change its spend cap")
+async def update_key(
+    key_id: KeyId, body: UpdateKey, wallet: CurrentProvider, runtime: RuntimeDep
+) -> dict[str, Any]:
+    values = body.model_dump(exclude_unset=True)
+    if "spend_cap" in values and values["spend_cap"] is not None:
+        values["spend_cap"] = _atomic(values["spend_cap"])
+    try:
+        view = await _prepaid(runtime).repo.update_key(wallet, key_id, **values)
+    except KeyError:
+        raise NotFound(f"No API key '{key_id}' in this account") from None
+    return key_view(view)
+
+
+@router.delete("/keys/{key_id}", response_model=ApiKeyPublic, summary="Revoke an API key (at once)")
+async def revoke_key(key_id: KeyId, wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
+    try:
+        view = await _prepaid(runtime).revoke_key(wallet, key_id)
+    except KeyError:
+        raise NotFound(f"No API key '{key_id}' in this account") from None
+    return key_view(view)

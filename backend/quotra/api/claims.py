@@ -1,0 +1,325 @@
+"""ETH-free claims for providers, their earnings, and gasless revocations.
+
+Amounts are USDC as decimal strings (`"1.50"`) with their atomic value beside them; the EIP-712
+messages to sign carry atomic integers (as decimal strings, safe for JavaScript).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any
+
+from eth_utils import to_checksum_address
+from fastapi import APIRouter, Depends, Path, Query
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from quotra.api.deps import CurrentProvider, RuntimeDep
+from quotra.chain.client import DelegationArgs
+from quotra.errors import BadRequest, NotFound
+from quotra.payments.claims import UINT256_MAX, ClaimService
+from quotra.store.claims_repo import ClaimView, RevocationView
+
+router = APIRouter(tags=["claims"])
+
+ATOMIC = Decimal(10**6)
+AddressStr = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{40}$")]
+SignatureStr = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{130}$", description="65-byte signature, 0x-hex")]
+Bytes32Str = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{64}$")]
+UsdcAmount = Annotated[Decimal, Field(gt=0, le=Decimal(10**12), decimal_places=6, description="USDC")]
+
+
+def _uint256(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("must be an unsigned integer")
+    if isinstance(value, str):
+        text = value.strip()
+        value = int(text, 16) if text.lower().startswith("0x") else int(text)
+    if not isinstance(value, int) or not 0 <= value <= UINT256_MAX:
+        raise ValueError("must be an unsigned 256-bit integer")
+    return value
+
+
+Uint256 = Annotated[int, BeforeValidator(_uint256)]
+
+
+def usdc_text(atomic: int) -> str:
+    whole, frac = divmod(atomic, 10**6)
+    return f"{whole}.{frac:06d}"
+
+
+def to_atomic(amount: Decimal) -> int:
+    return int(amount * ATOMIC)
+
+
+class ClaimsUnavailable(NotFound):
+    """This relay offers no claims (no chain or no relayer configured): like a missing route."""
+
+    code = "claims_unavailable"
+
+
+def claims_service(runtime: RuntimeDep) -> ClaimService:
+    if runtime.claims is None:
+        raise ClaimsUnavailable(
+            "Claims need the chain and a relayer: set QUOTRA_CHAIN_RPC_URL, QUOTRA_DEPLOYMENT_FILE and "
+            "QUOTRA_RELAYER (with QUOTRA_OPERATOR_KEY for direct, QUOTRA_RELAYER_URL for oneshot)",
+            code="claims_unavailable",
+        )
+    return runtime.claims
+
+
+ClaimsDep = Annotated[ClaimService, Depends(claims_service)]
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+
+class DelegationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    provider: AddressStr
+    delegate: AddressStr
+    payee: AddressStr
+    max_amount: Uint256
+    relayer_fee: Uint256
+    valid_until: Uint256
+    salt: Uint256
+
+    def args(self) -> DelegationArgs:
+        return DelegationArgs(
+            provider=to_checksum_address(self.provider),
+            delegate=to_checksum_address(self.delegate),
+            payee=to_checksum_address(self.payee),
+            max_amount=self.max_amount,
+            relayer_fee=self.relayer_fee,
+            valid_until=self.valid_until,
+            salt=self.salt,
+        )
+
+
+class ClaimRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    delegation: DelegationIn
+    signature: SignatureStr
+    amount: UsdcAmount | None = Field(default=None, description="Defaults to the delegation's max_amount")
+
+
+class ClaimOut(BaseModel):
+    id: str
+    object: str = "claim"
+    status: str
+    provider: str
+    payee: str
+    amount: str
+    amount_atomic: int
+    relayer_fee: str
+    relayer_fee_atomic: int
+    delegation_digest: str
+    relayer: str
+    task_id: str | None
+    tx_hash: str | None
+    block_number: int | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class ClaimList(BaseModel):
+    object: str = "list"
+    data: list[ClaimOut]
+
+
+class RelayerQuoteOut(BaseModel):
+    relayer: str
+    address: str
+    fee: str
+    fee_atomic: int
+    quote_expires_at: int | None
+
+
+class TypedDataOut(BaseModel):
+    typed_data: dict[str, Any]
+    digest: str
+    amount: str
+    amount_atomic: int
+    claimable: str
+    relayer: RelayerQuoteOut
+
+
+class EarningsOut(BaseModel):
+    provider: str
+    claimable: str
+    claimable_atomic: int
+    claimed: str
+    claimed_atomic: int
+    claimed_via_relay_atomic: int
+    pending_atomic: int
+    per_listing: dict[str, str] | None
+
+
+class RevocationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    account: AddressStr
+    item: Bytes32Str = Field(description="EIP-712 digest of the delegation or spend permission")
+    signature: SignatureStr = Field(
+        description="The account's EIP-712 signature of Revocation(account, item)"
+    )
+
+
+class RevocationOut(BaseModel):
+    id: str
+    object: str = "revocation"
+    status: str
+    account: str
+    item: str
+    kind: str
+    relayer: str
+    task_id: str | None
+    tx_hash: str | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+def claim_out(claim: ClaimView) -> dict[str, Any]:
+    return {
+        "id": claim.id,
+        "status": claim.status,
+        "provider": claim.provider,
+        "payee": claim.payee,
+        "amount": usdc_text(claim.amount),
+        "amount_atomic": claim.amount,
+        "relayer_fee": usdc_text(claim.relayer_fee),
+        "relayer_fee_atomic": claim.relayer_fee,
+        "delegation_digest": claim.delegation_digest,
+        "relayer": claim.relayer,
+        "task_id": claim.task_id,
+        "tx_hash": claim.tx_hash,
+        "block_number": claim.block_number,
+        "error": claim.error,
+        "created_at": claim.created_at,
+        "updated_at": claim.updated_at,
+    }
+
+
+def revocation_out(revocation: RevocationView) -> dict[str, Any]:
+    fields = ("id", "status", "account", "item", "kind", "relayer", "task_id", "tx_hash", "error")
+    out = {name: getattr(revocation, name) for name in fields}
+    out.update(created_at=revocation.created_at, updated_at=revocation.updated_at)
+    return out
+
+
+# ---- claims ------------------------------------------------------------------------------------
+
+
+@router.get(
+    "/v1/provider/claims/typed-data",
+    response_model=TypedDataOut,
+    summary="A Delegation to sign for one claim, with the relayer's current fee",
+)
+async def claim_typed_data(
+    provider: CurrentProvider,
+    claims: ClaimsDep,
+    amount: Annotated[UsdcAmount, Query(description="USDC to claim, relayer fee included")],
+    payee: Annotated[str | None, Query(pattern=r"^0x[0-9a-fA-F]{40}$")] = None,
+) -> dict[str, Any]:
+    result = await claims.typed_data(provider, to_atomic(amount), payee)
+    typed = result["typed_data"]
+    typed["message"] = {k: str(v) if isinstance(v, int) else v for k, v in typed["message"].items()}
+    quote = result["quote"]
+    return {
+        "typed_data": typed,
+        "digest": result["digest"],
+        "amount": usdc_text(to_atomic(amount)),
+        "amount_atomic": to_atomic(amount),
+        "claimable": usdc_text(result["earnings"]),
+        "relayer": {
+            "relayer": quote.relayer,
+            "address": quote.delegate,
+            "fee": usdc_text(quote.fee),
+            "fee_atomic": quote.fee,
+            "quote_expires_at": quote.expires_at,
+        },
+    }
+
+
+@router.post(
+    "/v1/provider/claims",
+    response_model=ClaimOut,
+    status_code=202,
+    summary="Claim earnings without ETH: a signed Delegation, submitted by the relayer",
+)
+async def create_claim(body: ClaimRequest, provider: CurrentProvider, claims: ClaimsDep) -> dict[str, Any]:
+    delegation = body.delegation.args()
+    amount = to_atomic(body.amount) if body.amount is not None else delegation.max_amount
+    if amount > UINT256_MAX:  # pragma: no cover - bounded by the model
+        raise BadRequest("amount too large")
+    return claim_out(await claims.submit(provider, delegation, body.signature, amount))
+
+
+@router.get("/v1/provider/claims", response_model=ClaimList, summary="The signed-in provider's claims")
+async def list_claims(
+    provider: CurrentProvider,
+    runtime: RuntimeDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    rows = await runtime.claims_repo.list_claims(to_checksum_address(provider), limit=limit, offset=offset)
+    return {"object": "list", "data": [claim_out(c) for c in rows]}
+
+
+@router.get("/v1/provider/claims/{claim_id}", response_model=ClaimOut, summary="One claim")
+async def get_claim(
+    provider: CurrentProvider, runtime: RuntimeDep, claim_id: Annotated[str, Path(max_length=40)]
+) -> dict[str, Any]:
+    claim = await runtime.claims_repo.get_claim(claim_id)
+    if claim is None or claim.provider != to_checksum_address(provider):
+        raise NotFound(f"No claim {claim_id}")
+    return claim_out(claim)
+
+
+@router.get(
+    "/v1/provider/earnings",
+    response_model=EarningsOut,
+    summary="Claimable on-chain, claimed, and earned per listing (from the ledger)",
+)
+async def earnings(provider: CurrentProvider, claims: ClaimsDep) -> dict[str, Any]:
+    result = await claims.earnings(provider)
+    per_listing = result["per_listing"]
+    return {
+        "provider": to_checksum_address(provider),
+        "claimable": usdc_text(result["claimable"]),
+        "claimable_atomic": result["claimable"],
+        "claimed": usdc_text(result["claimed"]),
+        "claimed_atomic": result["claimed"],
+        "claimed_via_relay_atomic": result["claimed_via_relay"],
+        "pending_atomic": result["pending"],
+        "per_listing": {k: usdc_text(v) for k, v in per_listing.items()} if per_listing else None,
+    }
+
+
+# ---- revocations -------------------------------------------------------------------------------
+
+
+@router.post(
+    "/v1/revocations",
+    response_model=RevocationOut,
+    status_code=202,
+    summary="Revoke a delegation or spend permission without ETH (a signed Revocation)",
+)
+async def create_revocation(body: RevocationRequest, claims: ClaimsDep) -> dict[str, Any]:
+    # The signature is the authority: no session is needed to revoke one's own grant.
+    item = bytes.fromhex(body.item[2:])
+    return revocation_out(await claims.revoke(to_checksum_address(body.account), item, body.signature))
+
+
+@router.get("/v1/revocations/{revocation_id}", response_model=RevocationOut, summary="One revocation")
+async def get_revocation(
+    runtime: RuntimeDep, revocation_id: Annotated[str, Path(max_length=40)]
+) -> dict[str, Any]:
+    revocation = await runtime.claims_repo.get_revocation(revocation_id)
+    if revocation is None:
+        raise NotFound(f"No revocation {revocation_id}")
+    return revocation_out(revocation)

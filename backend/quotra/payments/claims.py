@@ -1,0 +1,527 @@
+"""ETH-free claims and gasless revocations through the configured relayer, tracked to the end.
+
+A provider signs a `Delegation`; the relay checks it against the escrow (signature, payee, cap,
+expiry, revocation, earnings, the relayer's fee) before anything is sent, records the claim, and
+hands `claim_with_delegation` to the relayer with the claim id as memo. Webhooks (verified in
+`quotra.webhooks`) move the claim on; a poller asks the relayer, and failing that the chain, about
+claims no webhook finished. A resend reuses the claim's relayer task id, so a relayer that is slow,
+down or restarted never executes a claim twice (and a delegation proposed by the relay caps
+exactly one claim: `max_amount == amount`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Final
+
+import httpx
+from eth_utils import to_checksum_address
+from hexbytes import HexBytes
+from web3.exceptions import TransactionNotFound
+
+from quotra.chain import eip712
+from quotra.chain.client import DelegationArgs, EscrowClient
+from quotra.chain.deployment import Deployment, DeploymentError
+from quotra.chain.escrow import ZERO_ADDRESS
+from quotra.chain.oneshot import OneShotRelayer, UnknownTask, new_task_id
+from quotra.chain.relayer import ChainCall, DirectRelayer, Relayer, RelayerError, Submission, TxState
+from quotra.config import Settings
+from quotra.errors import BadRequest, Forbidden, QuotraError, ServiceUnavailable
+from quotra.store.claims_repo import (
+    ClaimInFlight,
+    ClaimsRepo,
+    ClaimView,
+    RevocationView,
+    new_claim_id,
+    new_revocation_id,
+)
+from quotra.store.models import utcnow
+from quotra.store.repositories import Store
+from quotra.webhooks import JwksCache, WebhookVerifier, parse_jwks
+
+log = logging.getLogger("quotra.claims")
+
+UINT256_MAX: Final = 2**256 - 1
+MAX_BACKOFF: Final = 300.0
+
+
+class ClaimConflict(QuotraError):
+    """The claim cannot go ahead in the escrow's current state (revoked, cap used, no earnings...)."""
+
+    status_code = 409
+    type = "invalid_request_error"
+    code = "claim_conflict"
+
+
+@dataclass(frozen=True)
+class RelayerQuote:
+    relayer: str
+    delegate: str  # who submits (msg.sender): the address a delegation may name as `delegate`
+    fee: int  # the smallest relayer_fee accepted, atomic USDC
+    expires_at: int | None
+
+
+def _hex(raw: bytes) -> str:
+    return "0x" + bytes(raw).hex()
+
+
+class ClaimService:
+    def __init__(
+        self,
+        repo: ClaimsRepo,
+        escrow: EscrowClient,
+        relayer: Relayer,
+        *,
+        poll_seconds: float = 5.0,
+        stale_seconds: float = 20.0,
+        delegation_ttl: int = 3600,
+        direct_fee: int = 0,
+        from_block: int = 0,
+    ) -> None:
+        self.repo = repo
+        self.escrow = escrow
+        self.relayer = relayer
+        self.poll_seconds = poll_seconds
+        self.stale_seconds = stale_seconds
+        self.delegation_ttl = delegation_ttl
+        self.direct_fee = direct_fee
+        self.from_block = from_block
+
+    # ---- quotes and typed data -----------------------------------------------------------------
+
+    async def quote(self) -> RelayerQuote:
+        relayer = self.relayer
+        try:
+            if isinstance(relayer, OneShotRelayer):
+                fee = await relayer.fee_data()
+                delegate = fee.target_address or (await relayer.capabilities()).target_address
+                return RelayerQuote("oneshot", delegate, fee.min_fee, fee.expiry)
+        except RelayerError as exc:
+            raise ServiceUnavailable(
+                f"The relayer cannot be reached: {exc}", code="relayer_unavailable"
+            ) from exc
+        if isinstance(relayer, DirectRelayer):
+            return RelayerQuote(relayer.name, relayer.address, self.direct_fee, None)
+        address = getattr(relayer, "address", None)
+        return RelayerQuote(
+            relayer.name, to_checksum_address(address) if address else ZERO_ADDRESS, self.direct_fee, None
+        )
+
+    async def _quote_or_none(self) -> RelayerQuote | None:
+        try:
+            return await self.quote()
+        except ServiceUnavailable:
+            return None
+
+    async def chain_time(self) -> int:
+        block = await self.escrow.w3.eth.get_block("latest")
+        return int(block["timestamp"])
+
+    async def typed_data(self, provider: str, amount: int, payee: str | None = None) -> dict[str, Any]:
+        """A Delegation for one claim of `amount` through the current relayer, ready to sign."""
+        quote, now, earnings = await asyncio.gather(
+            self.quote(), self.chain_time(), self.escrow.earnings_of(provider)
+        )
+        if amount <= quote.fee:
+            raise BadRequest(
+                f"amount must be above the relayer fee ({quote.fee} atomic USDC)", code="amount_not_above_fee"
+            )
+        if amount > earnings:
+            raise ClaimConflict(
+                f"amount exceeds the claimable earnings ({earnings} atomic USDC)",
+                code="insufficient_earnings",
+            )
+        delegation = DelegationArgs(
+            provider=provider,
+            delegate=quote.delegate,
+            payee=to_checksum_address(payee) if payee else provider,
+            max_amount=amount,
+            relayer_fee=quote.fee,
+            valid_until=now + self.delegation_ttl,
+            salt=secrets.randbits(64),
+        )
+        typed = eip712.typed_data(self.escrow.escrow_domain, "Delegation", delegation.as_message())
+        return {
+            "typed_data": typed,
+            "digest": _hex(self.escrow.delegation_digest(delegation)),
+            "delegation": delegation.as_message(),
+            "quote": quote,
+            "earnings": earnings,
+        }
+
+    # ---- claims --------------------------------------------------------------------------------
+
+    def _check_signature(self, digest: bytes, signature: str, signer: str, has_code: bool) -> None:
+        try:
+            sig = eip712.Signature.from_bytes(signature)
+            recovered = eip712.recover(digest, sig)
+        except (eip712.InvalidSignature, ValueError) as exc:
+            if has_code:
+                return  # a contract wallet (ERC-1271): the escrow checks it when the relayer simulates
+            raise BadRequest(f"Invalid signature: {exc}", code="invalid_signature") from exc
+        if recovered != signer and not has_code:
+            raise BadRequest(f"The signature is not {signer}'s", code="invalid_signature")
+
+    async def submit(
+        self, provider: str, delegation: DelegationArgs, signature: str, amount: int
+    ) -> ClaimView:
+        """Check a signed delegation against the escrow, then send one claim through the relayer."""
+        provider = to_checksum_address(provider)
+        if to_checksum_address(delegation.provider) != provider:
+            raise Forbidden("The delegation is another provider's", code="not_your_delegation")
+        if to_checksum_address(delegation.payee) == ZERO_ADDRESS:
+            raise BadRequest("The delegation has no payee", code="zero_payee")
+        if amount <= delegation.relayer_fee:
+            raise BadRequest("amount must be above the delegation's relayer_fee", code="amount_not_above_fee")
+        if amount > delegation.max_amount:
+            raise BadRequest(
+                f"amount {amount} is above the delegation's cap max_amount {delegation.max_amount}",
+                code="delegation_cap_exceeded",
+            )
+        digest = self.escrow.delegation_digest(delegation)
+        quote, now, code, revoked, claimed, earnings = await asyncio.gather(
+            self._quote_or_none(),
+            self.chain_time(),
+            self.escrow.code_at(provider),
+            self.escrow.is_revoked(provider, digest),
+            self.escrow.delegation_claimed(digest),
+            self.escrow.earnings_of(provider),
+        )
+        self._check_signature(digest, signature, provider, bool(code))
+        delegate = to_checksum_address(delegation.delegate)
+        # Without a quote (relayer unreachable) the claim is recorded and sent when the relayer is
+        # back; the relayer then checks its delegate and fee itself.
+        if quote is not None and delegate not in (ZERO_ADDRESS, quote.delegate):
+            raise BadRequest(
+                f"The delegation names delegate {delegate}, but the relayer submits from {quote.delegate}",
+                code="wrong_delegate",
+            )
+        if quote is not None and delegation.relayer_fee < quote.fee:
+            raise BadRequest(
+                f"relayer_fee {delegation.relayer_fee} is below the relayer's fee {quote.fee}: sign a new "
+                "delegation (GET /v1/provider/claims/typed-data)",
+                code="relayer_fee_too_low",
+            )
+        if now >= delegation.valid_until:
+            raise BadRequest("The delegation has expired", code="delegation_expired")
+        digest_hex = _hex(digest)
+        tracked = await self.repo.get_delegation(digest_hex)
+        if revoked or (tracked is not None and tracked.revoked_at is not None):
+            raise ClaimConflict("The delegation has been revoked", code="delegation_revoked")
+        if claimed + amount > delegation.max_amount:
+            raise ClaimConflict(
+                f"The delegation's cap would be exceeded: {delegation.max_amount - claimed} of "
+                f"{delegation.max_amount} left",
+                code="delegation_cap_exceeded",
+            )
+        if amount > earnings:
+            raise ClaimConflict(
+                f"amount exceeds the claimable earnings ({earnings})", code="insufficient_earnings"
+            )
+        sig_hex = "0x" + bytes.fromhex(signature.removeprefix("0x")).hex()
+        await self.repo.save_delegation(
+            digest=digest_hex,
+            provider=provider,
+            delegate=delegate,
+            payee=to_checksum_address(delegation.payee),
+            max_amount=delegation.max_amount,
+            relayer_fee=delegation.relayer_fee,
+            valid_until=delegation.valid_until,
+            salt=delegation.salt,
+            signature=sig_hex,
+        )
+        claim_id = new_claim_id()
+        try:
+            await self.repo.create_claim(
+                claim_id=claim_id,
+                provider=provider,
+                payee=to_checksum_address(delegation.payee),
+                delegation_digest=digest_hex,
+                amount=amount,
+                relayer_fee=delegation.relayer_fee,
+                relayer=self.relayer.name,
+                task_id=new_task_id() if isinstance(self.relayer, OneShotRelayer) else None,
+                next_check_at=utcnow() + timedelta(seconds=self.stale_seconds),
+            )
+        except ClaimInFlight:
+            raise ClaimConflict(
+                "Another claim under this delegation is still in flight", code="claim_in_flight"
+            ) from None
+        call = self.escrow.encode_claim_with_delegation(delegation, bytes.fromhex(sig_hex[2:]), amount)
+        await self._send(claim_id, call)
+        claim = await self.repo.get_claim(claim_id)
+        assert claim is not None
+        return claim
+
+    async def _send(self, row_id: str, call: ChainCall) -> Submission | None:
+        """Hand a call to the relayer; on an outage the row stays requested for the poller."""
+        row = await (
+            self.repo.get_revocation(row_id) if row_id.startswith("rev_") else self.repo.get_claim(row_id)
+        )
+        task_id = row.task_id if row is not None else None
+        try:
+            if isinstance(self.relayer, OneShotRelayer):
+                sub = await self.relayer.send(call, memo=row_id, task_id=task_id)
+            else:
+                sub = await self.relayer.send(call, memo=row_id)
+        except RelayerError as exc:
+            log.warning("claims.relayer_unavailable", extra={"row": row_id, "error": str(exc)[:200]})
+            return None
+        if sub.state is TxState.REJECTED:
+            await self.repo.fail(row_id, sub.error or "rejected by the relayer")
+        else:
+            await self.repo.advance(row_id, sub)
+        return sub
+
+    def _claim_call(self, delegation: Any, amount: int) -> ChainCall:
+        args = DelegationArgs(
+            provider=delegation.provider,
+            delegate=delegation.delegate,
+            payee=delegation.payee,
+            max_amount=delegation.max_amount,
+            relayer_fee=delegation.relayer_fee,
+            valid_until=delegation.valid_until,
+            salt=delegation.salt,
+        )
+        return self.escrow.encode_claim_with_delegation(args, bytes.fromhex(delegation.signature[2:]), amount)
+
+    # ---- revocations ---------------------------------------------------------------------------
+
+    async def revoke(self, account: str, item: bytes, signature: str) -> RevocationView:
+        """Stop using `item` at once, then revoke it on-chain through the relayer."""
+        account = to_checksum_address(account)
+        digest = self.escrow.revocation_digest(account, item)
+        code, already = await asyncio.gather(
+            self.escrow.code_at(account), self.escrow.is_revoked(account, item)
+        )
+        self._check_signature(digest, signature, account, bool(code))
+        revocation = await self.repo.create_revocation(
+            revocation_id=new_revocation_id(),
+            account=account,
+            item=_hex(item),
+            signature="0x" + bytes.fromhex(signature.removeprefix("0x")).hex(),
+            relayer=self.relayer.name,
+            task_id=new_task_id() if isinstance(self.relayer, OneShotRelayer) else None,
+        )
+        if already:
+            await self.repo.advance(revocation.id, Submission("", TxState.CONFIRMED))
+        else:
+            await self.repo.reschedule(
+                revocation.id, attempts=0, next_check_at=utcnow() + timedelta(seconds=self.stale_seconds)
+            )
+            await self._send(
+                revocation.id,
+                self.escrow.encode_revoke_with_signature(
+                    account, item, bytes.fromhex(revocation.signature[2:])
+                ),
+            )
+        view = await self.repo.get_revocation(revocation.id)
+        assert view is not None
+        return view
+
+    # ---- the poller ----------------------------------------------------------------------------
+
+    async def _receipt(self, tx_hash: str | None) -> Submission | None:
+        if not tx_hash:
+            return None
+        try:
+            receipt = await self.escrow.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
+        except (TransactionNotFound, ValueError):
+            return None
+        state = TxState.CONFIRMED if receipt["status"] == 1 else TxState.REVERTED
+        return Submission(
+            "",
+            state,
+            tx_hash=_hex(receipt["transactionHash"]),
+            block_number=int(receipt["blockNumber"]),
+            gas_used=int(receipt["gasUsed"]),
+            error=None if state is TxState.CONFIRMED else "reverted",
+        )
+
+    async def _claimed_onchain(self, claim: ClaimView) -> Submission | None:
+        """A `Claimed` event of this claim's delegation and amount (a relayer that lost its task)."""
+        try:
+            logs = await self.escrow.escrow.events.Claimed.get_logs(
+                argument_filters={"delegation": HexBytes(claim.delegation_digest)}, from_block=self.from_block
+            )
+        except Exception as exc:  # a node without log filters: fall back on the relayer only
+            log.info("claims.logs_unavailable", extra={"error": str(exc)[:200]})
+            return None
+        for entry in logs:
+            if int(entry["args"]["amount"]) == claim.amount:
+                return Submission(
+                    "",
+                    TxState.CONFIRMED,
+                    tx_hash=_hex(entry["transactionHash"]),
+                    block_number=int(entry["blockNumber"]),
+                )
+        return None
+
+    async def _check_claim(self, claim: ClaimView) -> None:
+        sub: Submission | None = None
+        resend = claim.status == "requested" and claim.task_id is None
+        if claim.task_id is not None:
+            try:
+                sub = await self.relayer.status(claim.task_id)
+            except UnknownTask:
+                sub = await self._receipt(claim.tx_hash) or await self._claimed_onchain(claim)
+                resend = sub is None and claim.status == "requested"
+            except RelayerError:
+                sub = await self._receipt(claim.tx_hash)
+        if sub is not None and sub.state is TxState.SUBMITTED and sub.tx_hash:
+            sub = await self._receipt(sub.tx_hash) or sub
+        if sub is not None:
+            await self.repo.advance(claim.id, sub)
+        elif resend:
+            delegation = await self.repo.get_delegation(claim.delegation_digest)
+            if delegation is None or delegation.revoked_at is not None:
+                await self.repo.fail(claim.id, "delegation revoked")
+                return
+            await self._send(claim.id, self._claim_call(delegation, claim.amount))
+
+    async def _check_revocation(self, revocation: RevocationView) -> None:
+        sub: Submission | None = None
+        resend = revocation.status == "requested" and revocation.task_id is None
+        if revocation.task_id is not None:
+            try:
+                sub = await self.relayer.status(revocation.task_id)
+            except UnknownTask:
+                sub = await self._receipt(revocation.tx_hash)
+                if sub is None and await self.escrow.is_revoked(
+                    revocation.account, bytes.fromhex(revocation.item[2:])
+                ):
+                    sub = Submission("", TxState.CONFIRMED)
+                resend = sub is None and revocation.status == "requested"
+            except RelayerError:
+                sub = await self._receipt(revocation.tx_hash)
+        if sub is not None:
+            await self.repo.advance(revocation.id, sub)
+        elif resend:
+            call = self.escrow.encode_revoke_with_signature(
+                revocation.account,
+                bytes.fromhex(revocation.item[2:]),
+                bytes.fromhex(revocation.signature[2:]),
+            )
+            await self._send(revocation.id, call)
+
+    async def poll_once(self) -> int:
+        """Check every open claim and revocation that is due; returns how many were checked."""
+        now = utcnow()
+        rows: list[ClaimView | RevocationView] = [
+            *await self.repo.due_claims(now),
+            *await self.repo.due_revocations(now),
+        ]
+        for row in rows:
+            try:
+                if isinstance(row, ClaimView):
+                    await self._check_claim(row)
+                else:
+                    await self._check_revocation(row)
+            except Exception:
+                log.exception("claims.check_failed", extra={"row": row.id})
+            delay = min(self.stale_seconds * 2 ** min(row.attempts, 16), MAX_BACKOFF)
+            await self.repo.reschedule(
+                row.id, attempts=row.attempts + 1, next_check_at=utcnow() + timedelta(seconds=delay)
+            )
+        return len(rows)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """The poller: every `poll_seconds`, until `stop` is set."""
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                await self.poll_once()
+            except Exception:
+                log.exception("claims.poll_failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    stop.wait(), max(0.0, self.poll_seconds - (time.monotonic() - started))
+                )
+
+    # ---- earnings ------------------------------------------------------------------------------
+
+    async def earnings(self, provider: str) -> dict[str, Any]:
+        provider = to_checksum_address(provider)
+        claimable, claimed_relay, per_listing, claims = await asyncio.gather(
+            self.escrow.earnings_of(provider),
+            self.repo.confirmed_total(provider),
+            self.repo.listing_earnings(provider),
+            self.repo.list_claims(provider, limit=1000),
+        )
+        claimed_chain: int | None
+        try:
+            logs = await self.escrow.escrow.events.Claimed.get_logs(
+                argument_filters={"provider": provider}, from_block=self.from_block
+            )
+            claimed_chain = sum(int(entry["args"]["amount"]) for entry in logs)
+        except Exception as exc:
+            log.info("claims.logs_unavailable", extra={"error": str(exc)[:200]})
+            claimed_chain = None
+        pending = sum(c.amount for c in claims if c.status in ("requested", "submitted"))
+        return {
+            "claimable": claimable,
+            "claimed": claimed_chain if claimed_chain is not None else claimed_relay,
+            "claimed_via_relay": claimed_relay,
+            "pending": pending,
+            "per_listing": per_listing,
+        }
+
+
+# ---- wiring (called from the app's lifespan) ------------------------------------------------------
+
+
+def configured_relayer(settings: Settings, http: httpx.AsyncClient) -> OneShotRelayer | None:
+    """The 1Shot-style relayer when `QUOTRA_RELAYER=oneshot` (direct is built with the escrow client)."""
+    if settings.relayer != "oneshot" or not settings.relayer_url:
+        return None
+    return OneShotRelayer(
+        settings.relayer_url,
+        chain_id=settings.chain_id,
+        destination_url=settings.effective_webhook_url,
+        http=http,
+        timeout=settings.relayer_timeout_seconds,
+    )
+
+
+def webhook_verifier(settings: Settings, http: httpx.AsyncClient) -> WebhookVerifier | None:
+    url = settings.effective_jwks_url
+    pinned = parse_jwks(json.loads(settings.relayer_pinned_jwks)) if settings.relayer_pinned_jwks else []
+    if url is None and not pinned:
+        return None
+    jwks = JwksCache(
+        http,
+        url,
+        ttl=settings.jwks_cache_seconds,
+        min_refetch=settings.jwks_min_refetch_seconds,
+        pinned=pinned,
+    )
+    return WebhookVerifier(jwks, tolerance=settings.webhook_tolerance_seconds)
+
+
+def build_claims(
+    settings: Settings, store: Store, escrow: EscrowClient | None, relayer: Relayer | None
+) -> tuple[ClaimsRepo, ClaimService | None]:
+    repo = ClaimsRepo(store)
+    if escrow is None or relayer is None:
+        return repo, None
+    from_block = 0
+    if settings.deployment_file is not None:
+        with contextlib.suppress(DeploymentError):
+            from_block = Deployment.load(settings.deployment_file).block
+    service = ClaimService(
+        repo,
+        escrow,
+        relayer,
+        poll_seconds=settings.claims_poll_seconds,
+        stale_seconds=settings.claims_stale_seconds,
+        delegation_ttl=settings.claims_delegation_ttl_seconds,
+        from_block=from_block,
+    )
+    return repo, service

@@ -1,0 +1,451 @@
+"""The escrow's events, followed from `chain_cursors`, and the audit of the ledger against them.
+
+`EscrowEvents` decodes the payment events (the settlement worker uses it to read its receipts and
+to find an earlier credit of an authorization). `Indexer` follows them block range by block range:
+a credit the worker has not recorded yet (it crashed after sending, say) is recorded here, once,
+and anything the relay cannot account for is a `Discrepancy`. `audit` compares the database with
+the chain: `quotra reconcile` prints it, `/metrics` counts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from eth_utils import event_abi_to_log_topic, keccak, to_checksum_address
+from hexbytes import HexBytes
+
+from quotra.chain.client import EscrowClient
+from quotra.metrics import Metrics
+from quotra.store.payments_repo import PaymentsRepo, settlement_id
+
+log = logging.getLogger("quotra.indexer")
+
+EVENTS: Final = (
+    "PaymentSettled",
+    "PaymentsSettled",
+    "PaymentFailed",
+    "PaymentReconciled",
+    "PaymentRefunded",
+    "ChargesSettled",
+)
+CREDITS: Final = ("PaymentSettled", "PaymentReconciled")
+# USDC (FiatToken) logs this for every EIP-3009 authorization it executes.
+AUTHORIZATION_USED: Final = "0x" + keccak(text="AuthorizationUsed(address,bytes32)").hex()
+MAX_BPS: Final = 10_000
+
+
+def _hex(value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        return "0x" + bytes(value).hex()
+    text = str(value)
+    return text if text.startswith("0x") else "0x" + text
+
+
+def address_topic(address: str) -> str:
+    return "0x" + "00" * 12 + address.lower().removeprefix("0x")
+
+
+@dataclass(frozen=True)
+class EscrowEvent:
+    name: str
+    args: dict[str, Any]
+    tx_hash: str
+    block: int
+    log_index: int
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(payer, nonce) of a payment event, as the x402 table stores them."""
+        return to_checksum_address(self.args["payer"]), _hex(self.args["nonce"]).lower()
+
+
+@dataclass(frozen=True)
+class Credit:
+    """One x402 payment the escrow credited (settled alone or in a batch, or reconciled) or refunded."""
+
+    kind: str  # settled | reconciled | refunded
+    payer: str
+    nonce: str
+    provider: str
+    amount: int
+    fee: int
+    tx_hash: str
+    block: int
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.payer, self.nonce
+
+
+@dataclass(frozen=True)
+class Discrepancy:
+    kind: str
+    detail: str
+    reference: str | None = None
+
+    def __str__(self) -> str:
+        ref = f" [{self.reference}]" if self.reference else ""
+        return f"{self.kind}{ref}: {self.detail}"
+
+
+def _credit(event: EscrowEvent, kind: str) -> Credit:
+    payer, nonce = event.key
+    return Credit(
+        kind,
+        payer,
+        nonce,
+        to_checksum_address(event.args["provider"]),
+        int(event.args["amount"]),
+        int(event.args["fee"]),
+        event.tx_hash,
+        event.block,
+    )
+
+
+class EscrowEvents:
+    """Decodes the escrow's payment events. A batch (`settle_authorizations`) logs one
+    `PaymentsSettled`; its payments are read from the transaction's input, and those USDC
+    executed (its `AuthorizationUsed` log in the same transaction) are the credited ones."""
+
+    def __init__(self, client: EscrowClient, start_block: int = 0) -> None:
+        self.client = client
+        self.start_block = start_block
+        abis: dict[str, Any] = {
+            str(item.get("name")): item for item in client.escrow.abi if item.get("type") == "event"
+        }
+        self.topics = {name: "0x" + event_abi_to_log_topic(abis[name]).hex() for name in EVENTS}
+        self._decoders = {topic: getattr(client.escrow.events, name)() for name, topic in self.topics.items()}
+        self._fee_at: dict[int, int] = {}
+
+    def decode(self, entry: Any) -> EscrowEvent | None:
+        topics = entry.get("topics") or []
+        if not topics or str(entry["address"]).lower() != self.client.escrow_address.lower():
+            return None
+        decoder = self._decoders.get(_hex(topics[0]))
+        if decoder is None:
+            return None
+        data = decoder.process_log(entry)
+        return EscrowEvent(
+            data["event"], dict(data["args"]), _hex(entry["transactionHash"]), int(entry["blockNumber"]),
+            int(entry["logIndex"]),
+        )  # fmt: skip
+
+    def from_receipt(self, receipt: Any) -> list[EscrowEvent]:
+        return [e for e in (self.decode(entry) for entry in receipt["logs"]) if e is not None]
+
+    def authorizations_used(self, receipt: Any) -> set[tuple[str, str]]:
+        """(payer, nonce) of every authorization USDC executed in a transaction."""
+        used: set[tuple[str, str]] = set()
+        for entry in receipt["logs"]:
+            topics = entry.get("topics") or []
+            if (
+                len(topics) == 3
+                and str(entry["address"]).lower() == self.client.usdc_address.lower()
+                and _hex(topics[0]) == AUTHORIZATION_USED
+            ):
+                used.add((to_checksum_address("0x" + _hex(topics[1])[-40:]), _hex(topics[2]).lower()))
+        return used
+
+    async def fee_bps_at(self, block: int) -> int:
+        if block not in self._fee_at:
+            fee = await self.client.escrow.functions.fee_bps().call(block_identifier=block)
+            self._fee_at[block] = int(fee)
+        return self._fee_at[block]
+
+    async def credits_in(self, tx_hash: str, receipt: Any = None) -> list[Credit]:
+        """The payments the escrow credited or refunded in one transaction."""
+        if receipt is None:
+            receipt = await self.client.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
+        credits: list[Credit] = []
+        events = self.from_receipt(receipt)
+        for event in events:
+            if event.name == "PaymentSettled":
+                credits.append(_credit(event, "settled"))
+            elif event.name == "PaymentReconciled":
+                credits.append(_credit(event, "reconciled"))
+            elif event.name == "PaymentRefunded":
+                credits.append(_credit(event, "refunded"))
+        if any(e.name == "PaymentsSettled" for e in events):
+            tx = await self.client.w3.eth.get_transaction(HexBytes(tx_hash))
+            _, args = self.client.escrow.decode_function_input(tx["input"])
+            tx_hex = _hex(tx_hash)
+            used = self.authorizations_used(receipt)
+            block = int(receipt["blockNumber"])
+            bps = await self.fee_bps_at(block)
+            for payment in args["payments"]:
+                fields = payment if isinstance(payment, tuple | list) else tuple(payment.values())
+                payer, nonce = to_checksum_address(fields[0]), _hex(fields[5]).lower()
+                if (payer, nonce) in used:
+                    provider, amount = to_checksum_address(fields[1]), int(fields[2])
+                    fee = amount * bps // MAX_BPS
+                    credits.append(Credit("settled", payer, nonce, provider, amount, fee, tx_hex, block))
+        return credits
+
+    async def fetch(
+        self, from_block: int, to_block: int | str, topics: list[Any] | None = None
+    ) -> list[EscrowEvent]:
+        params: dict[str, Any] = {
+            "address": self.client.escrow_address,
+            "fromBlock": from_block,
+            "toBlock": to_block,
+            "topics": topics or [list(self.topics.values())],
+        }
+        logs = await self.client.w3.eth.get_logs(params)  # type: ignore[arg-type]
+        events = [e for e in (self.decode(entry) for entry in logs) if e is not None]
+        return sorted(events, key=lambda e: (e.block, e.log_index))
+
+    async def credit_of(self, payer: str, nonce: str) -> Credit | None:
+        """The escrow's credit (settled, alone or in a batch, or reconciled) of one authorization."""
+        nonce = nonce.lower()
+        topics = [[self.topics[n] for n in CREDITS], address_topic(payer), None, nonce]
+        events = await self.fetch(self.start_block, "latest", topics)
+        if events:
+            return _credit(events[0], "settled" if events[0].name == "PaymentSettled" else "reconciled")
+        logs = await self.client.w3.eth.get_logs(
+            {
+                "address": self.client.usdc_address,
+                "fromBlock": self.start_block,
+                "toBlock": "latest",
+                "topics": [AUTHORIZATION_USED, address_topic(payer), nonce],
+            }
+        )
+        for entry in logs:
+            for credit in await self.credits_in(_hex(entry["transactionHash"])):
+                if credit.key == (to_checksum_address(payer), nonce) and credit.kind != "refunded":
+                    return credit
+        return None
+
+    async def charges_of(self, permission: str, reference: str) -> EscrowEvent | None:
+        topics = [self.topics["ChargesSettled"], None, permission.lower(), reference.lower()]
+        events = await self.fetch(self.start_block, "latest", topics)
+        return events[0] if events else None
+
+
+class Indexer:
+    """Follows the escrow's payment events and keeps the database in step with them."""
+
+    def __init__(
+        self,
+        repo: PaymentsRepo,
+        client: EscrowClient,
+        metrics: Metrics | None = None,
+        *,
+        start_block: int = 0,
+        confirmations: int = 0,
+        chunk: int = 2_000,
+        poll: float = 2.0,
+        audit_every: float = 30.0,
+    ) -> None:
+        self.repo = repo
+        self.client = client
+        self.events = EscrowEvents(client, start_block)
+        self.metrics = metrics
+        self.start_block = start_block
+        self.confirmations = confirmations
+        self.chunk = chunk
+        self.poll = poll
+        self.audit_every = audit_every
+        self.contract = client.escrow_address
+        self.found: list[Discrepancy] = []
+
+    def _report(self, found: Discrepancy) -> None:
+        log.warning("reconcile discrepancy", extra={"kind": found.kind, "detail": found.detail})
+        self.found.append(found)
+        if self.metrics is not None:
+            self.metrics.discrepancies.labels(found.kind).inc()
+
+    async def step(self) -> int:
+        """Reads the events of the blocks since the cursor; returns how many it applied."""
+        head = await self.client.block_number() - self.confirmations
+        cursor = await self.repo.cursor(self.contract)
+        start = self.start_block if cursor is None else cursor + 1
+        applied = 0
+        while start <= head:
+            end = min(head, start + self.chunk - 1)
+            for event in await self.events.fetch(start, end):
+                for found in await self.handle(event):
+                    self._report(found)
+                applied += 1
+            await self.repo.set_cursor(self.contract, end)
+            start = end + 1
+        return applied
+
+    async def credits(self, event: EscrowEvent) -> list[Credit]:
+        if event.name == "PaymentsSettled":
+            return [c for c in await self.events.credits_in(event.tx_hash) if c.kind == "settled"]
+        kinds = {
+            "PaymentSettled": "settled",
+            "PaymentReconciled": "reconciled",
+            "PaymentRefunded": "refunded",
+        }
+        if event.name in kinds:
+            return [_credit(event, kinds[event.name])]
+        return []
+
+    async def handle(self, event: EscrowEvent) -> list[Discrepancy]:
+        """Records what one event says; discrepancies when the database cannot account for it."""
+        if event.name == "ChargesSettled":
+            reference = _hex(event.args["reference"]).lower()
+            batch = await self.repo.batch_by_reference(reference)
+            if batch is None:
+                return [Discrepancy("unknown_charges", f"ChargesSettled in {event.tx_hash}", reference)]
+            if batch.amount != int(event.args["amount"]):
+                return [
+                    Discrepancy(
+                        "charges_amount_mismatch",
+                        f"batch {batch.id} is {batch.amount}, the escrow charged {event.args['amount']}",
+                        reference,
+                    )
+                ]
+            return []
+        found = []
+        for credit in await self.credits(event):
+            result = await self.apply(credit)
+            if result is not None:
+                found.append(result)
+        return found
+
+    async def apply(self, credit: Credit) -> Discrepancy | None:
+        row = await self.repo.find_x402(credit.payer, credit.nonce)
+        if row is None:
+            return Discrepancy(
+                "unknown_payment", f"{credit.kind} {credit.payer} nonce {credit.nonce} in {credit.tx_hash}"
+            )
+        ref = settlement_id(row.id)
+        if credit.amount != row.amount or credit.provider != to_checksum_address(row.provider):
+            return Discrepancy(
+                "payment_mismatch",
+                f"{credit.kind} {credit.amount} to {credit.provider}, "
+                f"the relay captured {row.amount} for {row.provider}",
+                ref,
+            )
+        if credit.kind == "refunded":
+            if row.status != "refunded":
+                return Discrepancy("refund_not_recorded", credit.tx_hash, ref)
+            return None
+        if row.status in ("captured", "settling", "reconciling"):
+            # Credited on-chain before the worker recorded it (it crashed, or is just slower).
+            await self.repo.settle_x402(
+                row.id, tx_hash=credit.tx_hash, fee=credit.fee, reconciled=credit.kind == "reconciled"
+            )
+            return None
+        if row.status in ("settled", "reconciled", "refunded"):
+            if row.tx_hash and row.tx_hash.lower() != credit.tx_hash.lower():
+                return Discrepancy("credited_twice", f"also {credit.kind} in {credit.tx_hash}", ref)
+            return None
+        return Discrepancy(
+            "credited_but_" + row.status, f"{credit.kind} in {credit.tx_hash} for a {row.status} payment", ref
+        )
+
+    async def audit(self, now: float | None = None) -> list[Discrepancy]:
+        """What the database says went wrong: calls served but never paid, payments that can no
+        longer settle, batches stuck in flight, and the ledger against the escrow's credits."""
+        now = now or time.time()
+        found: list[Discrepancy] = []
+        for row in await self.repo.x402_with_status(["failed"]):
+            found.append(Discrepancy("unpaid_call", row.error or "settlement failed", settlement_id(row.id)))
+        for row in await self.repo.x402_with_status(["captured", "settling", "reconciling"]):
+            if row.valid_before < now and row.status != "reconciling":
+                found.append(
+                    Discrepancy("expired_unsettled", f"{row.status} past validBefore", settlement_id(row.id))
+                )
+        for batch in await self.repo.batches(["pending", "submitted"]):
+            if batch.created_at.timestamp() < now - 600:
+                found.append(
+                    Discrepancy(
+                        "batch_stuck",
+                        f"{batch.kind} batch {batch.status} for 10+ minutes",
+                        f"batch_{batch.id}",
+                    )
+                )
+        for batch in await self.repo.batches(["failed"]):
+            found.append(Discrepancy("batch_failed", batch.error or "", f"batch_{batch.id}"))
+        return found
+
+    async def full_check(self) -> list[Discrepancy]:
+        """Everything from the escrow's first block: each credit against the database, each settled
+        payment against its credit, the ledger's sums against the escrow's (for `quotra reconcile`)."""
+        found: list[Discrepancy] = []
+        head = await self.client.block_number()
+        credits: dict[tuple[str, str], list[Credit]] = {}
+        refunds: list[Credit] = []
+        start = self.start_block
+        while start <= head:
+            end = min(head, start + self.chunk - 1)
+            for event in await self.events.fetch(start, end):
+                found.extend(await self.handle(event))
+                for credit in await self.credits(event):
+                    if credit.kind == "refunded":
+                        refunds.append(credit)
+                    else:
+                        credits.setdefault(credit.key, []).append(credit)
+            start = end + 1
+        chain_totals: dict[str, list[int]] = {}
+        for key, items in credits.items():
+            if len(items) > 1:
+                found.append(Discrepancy("credited_twice", f"{key} credited {len(items)} times"))
+            if await self.repo.find_x402(*key) is None:
+                continue
+            for credit in items:
+                totals = chain_totals.setdefault(credit.provider, [0, 0])
+                totals[0] += credit.amount
+                totals[1] += credit.fee
+        for credit in refunds:
+            totals = chain_totals.setdefault(credit.provider, [0, 0])
+            totals[0] -= credit.amount
+            totals[1] -= credit.fee
+        for row in await self.repo.x402_with_status(["settled", "reconciled", "refunded"], limit=10**9):
+            if (row.payer, row.nonce.lower()) not in credits:
+                found.append(
+                    Discrepancy("settled_without_credit", "no credit on-chain", settlement_id(row.id))
+                )
+        ledger_totals: dict[str, list[int]] = {}
+        for (kind, provider), (amount, fee) in (await self.repo.ledger_sums("x402")).items():
+            sign = {"settle": 1, "reconcile": 1, "refund": -1}.get(kind)
+            if sign is None:
+                continue
+            totals = ledger_totals.setdefault(to_checksum_address(provider), [0, 0])
+            totals[0] += sign * amount
+            totals[1] += sign * fee
+        for provider in sorted(set(chain_totals) | set(ledger_totals)):
+            chain = chain_totals.get(provider, [0, 0])
+            books = ledger_totals.get(provider, [0, 0])
+            if chain != books:
+                found.append(
+                    Discrepancy(
+                        "ledger_mismatch",
+                        f"provider {provider}: ledger {books[0]} (fees {books[1]}), "
+                        f"escrow {chain[0]} (fees {chain[1]})",
+                    )
+                )
+        found.extend(await self.audit())
+        return found
+
+    async def run(self, stop: asyncio.Event) -> None:
+        last_audit = 0.0
+        while not stop.is_set():
+            try:
+                await self.step()
+                if time.monotonic() - last_audit >= self.audit_every:
+                    last_audit = time.monotonic()
+                    self._publish(await self.audit())
+            except Exception:
+                log.warning("indexer step failed; retrying", exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.poll)
+
+    def _publish(self, found: Iterable[Discrepancy]) -> None:
+        if self.metrics is None:
+            return
+        counts: dict[str, int] = {}
+        for item in found:
+            counts[item.kind] = counts.get(item.kind, 0) + 1
+        self.metrics.open_discrepancies.clear()
+        for kind, count in counts.items():
+            self.metrics.open_discrepancies.labels(kind).set(count)

@@ -1,0 +1,501 @@
+"""The settlement worker: the outbox of captured payments, settled into the escrow in batches.
+
+Captured x402 authorizations become `settle_authorizations` batches; captured prepaid charges,
+per consumer permission, `settle_charges` batches (one per permission in flight, since each names
+the amount spent before it). A batch is sent when it is full, when its oldest item is
+`max_age` old, or at once when an authorization nears its `validBefore`.
+
+Crash safety: an attempt is counted in the database before anything is sent, so a `pending`
+batch with attempts may already be on-chain; before sending it again the worker asks the chain
+(USDC's `authorizationState` and the escrow's credit events; for charges `permission_spent` and
+the `ChargesSettled` event with the batch's reference) and records what already landed, so
+nothing is paid twice. A `submitted` batch is followed by its transaction hash, also after a
+restart. An authorization USDC refused (`PaymentFailed`) is checked: used elsewhere (front-run)
+→ `reconcile_authorization`, else failed. RPC failures are retried with backoff.
+
+One worker per database settles: a PostgreSQL advisory lock elects it (the rows are taken with
+`FOR UPDATE SKIP LOCKED` all the same); on SQLite a lock file beside the database does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import IO, Any, Final
+
+from hexbytes import HexBytes
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from web3.exceptions import TransactionNotFound
+
+from quotra.chain.charges import aggregate
+from quotra.chain.client import EscrowClient, PermissionArgs
+from quotra.chain.relayer import Relayer, RelayerError, Submission, TxState, wait_final
+from quotra.metrics import Metrics
+from quotra.payments.indexer import EscrowEvent, EscrowEvents
+from quotra.store.models import utcnow
+from quotra.store.payments_repo import BatchRow, PaymentsRepo, X402Row, settlement_id, split_fee
+
+log = logging.getLogger("quotra.settlement")
+
+LEADER_LOCK_KEY: Final = 0x51_55_4F_54_52_41_01  # "QUOTRA" + 1: the settlement leader
+# Calls per `settle_charges` batch: their providers (one packed charge each) stay within MAX_CHARGES.
+MAX_CHARGE_ROWS: Final = 256
+
+
+@dataclass(frozen=True)
+class SettlementConfig:
+    batch_size: int = 32
+    max_age: float = 2.0
+    poll: float = 0.25
+    retry_base: float = 1.0
+    retry_max: float = 60.0
+    stuck_after: float = 120.0
+    # An authorization expiring within this is not sent any more (it could not be mined in time)…
+    min_validity: int = 10
+    # …and one expiring within this is settled at once, whatever the batch size and age.
+    urgent_window: int = 45
+    confirm_within: float = 30.0
+
+
+class LeaderLock:
+    """One settlement leader per database: a PostgreSQL session advisory lock held on its own
+    connection, or on SQLite an exclusive lock on a file beside the database."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._connection: AsyncConnection | None = None
+        self._file: IO[str] | None = None
+        self.held = False
+
+    def _lock_path(self) -> Path | None:
+        url = make_url(str(self.engine.url))
+        database = url.database or ""
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return None
+        return Path(database).with_name(Path(database).name + ".settlement.lock")
+
+    async def acquire(self) -> bool:
+        if self.held:
+            return True
+        if self.engine.dialect.name == "postgresql":
+            connection = await self.engine.connect()
+            try:
+                got = (
+                    await connection.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": LEADER_LOCK_KEY})
+                ).scalar_one()
+                await connection.commit()
+            except Exception:
+                await connection.close()
+                raise
+            if not got:
+                await connection.close()
+                return False
+            self._connection = connection
+        else:
+            path = self._lock_path()
+            if path is not None:
+                handle = _try_lock_file(path)
+                if handle is None:
+                    return False
+                self._file = handle
+        self.held = True
+        return True
+
+    async def check(self) -> bool:
+        """Still the leader? (A dropped PostgreSQL connection loses the lock.)"""
+        if self._connection is not None:
+            try:
+                await self._connection.execute(text("SELECT 1"))
+                await self._connection.commit()
+            except Exception:
+                await self.release()
+                return False
+        return self.held
+
+    async def release(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": LEADER_LOCK_KEY})
+                await self._connection.commit()
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+            self._connection = None
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+        self.held = False
+
+
+def _try_lock_file(path: Path) -> IO[str] | None:
+    """An exclusive, non-blocking lock on `path` (created if needed); None if another holds it."""
+    handle = path.open("a")  # held for the leader's lifetime
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
+class SettlementWorker:
+    def __init__(
+        self,
+        repo: PaymentsRepo,
+        client: EscrowClient,
+        relayer: Relayer,
+        config: SettlementConfig | None = None,
+        *,
+        metrics: Metrics | None = None,
+        start_block: int = 0,
+        lock: LeaderLock | None = None,
+        on_settled: Callable[[str], None] | None = None,
+    ) -> None:
+        self.repo = repo
+        self.client = client
+        self.relayer = relayer
+        self.config = config or SettlementConfig()
+        self.metrics = metrics
+        self.events = EscrowEvents(client, start_block)
+        self.lock = lock
+        self.on_settled = on_settled
+        self._reconcile_after: dict[int, tuple[float, int]] = {}
+        self._failures: dict[int, int] = {}  # batch id -> RPC failures in a row (for the backoff)
+        self._fee_bps: int | None = None
+        self._wake = asyncio.Event()
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                if self.lock is None or (await self.lock.acquire() and await self.lock.check()):
+                    try:
+                        await self.tick()
+                    except Exception:
+                        log.warning("settlement pass failed; retrying", exc_info=True)
+                    delay = self.config.poll
+                else:
+                    delay = max(1.0, self.config.poll * 4)  # a follower: try for leadership now and then
+                self._wake.clear()
+                waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+                _, pending = await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+                for task in pending:
+                    task.cancel()
+                # The hot path may wake us, but batches still fill for up to max_age.
+        finally:
+            if self.lock is not None:
+                await self.lock.release()
+
+    async def tick(self) -> None:
+        """One pass: follow submitted batches, form new ones, send what is due, reconcile."""
+        await self._follow_submitted()
+        await self._form_batches()
+        await self._send_due()
+        await self._follow_submitted()
+        await self._reconcile_front_runs()
+
+    def _backoff(self, attempts: int) -> float:
+        return float(min(self.config.retry_max, self.config.retry_base * 2 ** max(0, attempts - 1)))
+
+    async def _later(self, batch: BatchRow, error: str, attempts: int | None = None) -> None:
+        delay = self._backoff(attempts if attempts is not None else batch.attempts)
+        log.info("settlement retry", extra={"batch": batch.id, "error": error[:200], "in": delay})
+        await self.repo.retry_later(batch.id, error, utcnow() + timedelta(seconds=delay))
+
+    async def fee_bps(self) -> int:
+        if self._fee_bps is None:
+            self._fee_bps = await self.client.fee_bps()
+        return self._fee_bps
+
+    # ---- forming ----------------------------------------------------------------------------------
+
+    async def _form_batches(self) -> None:
+        cfg = self.config
+        count, oldest, expiry = await self.repo.x402_backlog()
+        now_ts = int(time.time())
+        while count:
+            due = (
+                count >= cfg.batch_size
+                or (oldest is not None and (utcnow() - oldest).total_seconds() >= cfg.max_age)
+                or (expiry is not None and expiry <= now_ts + cfg.urgent_window)
+            )
+            if not due:
+                break
+            batch = await self.repo.claim_x402_batch(cfg.batch_size, now_ts, cfg.min_validity)
+            if batch is None:
+                break
+            count, oldest, expiry = await self.repo.x402_backlog()
+        for digest, oldest_charge in await self.repo.charge_backlog():
+            if (utcnow() - oldest_charge).total_seconds() >= cfg.max_age:
+                await self.repo.claim_charge_batch(digest, MAX_CHARGE_ROWS)
+
+    # ---- sending ----------------------------------------------------------------------------------
+
+    async def _send_due(self) -> None:
+        now = utcnow()
+        for batch in await self.repo.batches(["pending"]):
+            if batch.next_attempt_at is not None and batch.next_attempt_at > now:
+                continue
+            try:
+                await self._send(batch)
+                self._failures.pop(batch.id, None)
+            except Exception as exc:  # RPC down, node hiccup: nothing known to be sent
+                failures = self._failures[batch.id] = self._failures.get(batch.id, 0) + 1
+                await self._later(batch, f"{type(exc).__name__}: {exc}", failures)
+
+    async def _send(self, batch: BatchRow) -> None:
+        if batch.attempts > 0 and await self._landed_already(batch):
+            return
+        if batch.kind == "x402":
+            rows = await self._sendable_x402(batch)
+            if not rows:
+                await self.repo.close_batch(batch.id, "confirmed")
+                return
+            call = self.client.encode_settle_authorizations([r.payment_args() for r in rows])
+            await self.repo.start_attempt(batch.id)
+        else:
+            assert batch.permission_digest is not None
+            permission = await self.repo.permission(batch.permission_digest)
+            if permission is None:
+                await self.repo.fail_batch(batch.id, "the spend permission is not registered")
+                return
+            charges = await self.repo.batch_charges(batch.id)
+            digest = bytes.fromhex(batch.permission_digest.removeprefix("0x"))
+            expected = await self.client.permission_spent(digest)
+            args = PermissionArgs(
+                consumer=permission.consumer,
+                spender=permission.spender,
+                allowance=permission.allowance,
+                valid_after=permission.valid_after,
+                valid_until=permission.valid_until,
+                salt=int(permission.salt, 0),
+            )
+            packed = aggregate((c.provider, c.amount) for c in charges if c.status == "settling")
+            signature = bytes.fromhex(permission.signature.removeprefix("0x"))
+            call = self.client.encode_settle_charges(
+                args, signature, expected, bytes.fromhex(batch.reference.removeprefix("0x")), packed
+            )
+            await self.repo.start_attempt(batch.id, expected_spent=expected)
+        submission = await self.relayer.send(call, memo=batch.reference)
+        if submission.state is TxState.REJECTED:
+            # Refused before sending (it would revert): retried later, checked against the chain first.
+            await self._later(batch, f"rejected: {submission.error}", batch.attempts + 1)
+            return
+        assert submission.tx_hash is not None
+        await self.repo.mark_submitted(batch.id, submission.id, submission.tx_hash)
+        log.info(
+            "settlement submitted", extra={"batch": batch.id, "tx": submission.tx_hash, "items": batch.items}
+        )
+
+    async def _sendable_x402(self, batch: BatchRow) -> list[X402Row]:
+        now_ts = int(time.time())
+        rows = []
+        for row in await self.repo.batch_x402(batch.id):
+            if row.valid_before <= now_ts + self.config.min_validity:
+                await self.repo.fail_x402(row.id, "expired before settlement")
+                self._count("x402", "failed")
+            else:
+                rows.append(row)
+        return rows
+
+    # ---- was it on-chain already? -----------------------------------------------------------------
+
+    async def _landed_already(self, batch: BatchRow) -> bool:
+        """Records whatever of a previously attempted batch the chain already credited; True when
+        nothing of it is left to send."""
+        if batch.kind == "x402":
+            for row in await self.repo.batch_x402(batch.id):
+                if await self.client.authorization_used(row.payer, row.nonce_bytes):
+                    await self._resolve_used(row)
+            if not await self.repo.batch_x402(batch.id):
+                await self.repo.close_batch(batch.id, "confirmed")
+                return True
+            return False
+        assert batch.permission_digest is not None
+        if batch.expected_spent is None:
+            return False
+        digest = bytes.fromhex(batch.permission_digest.removeprefix("0x"))
+        if await self.client.permission_spent(digest) <= batch.expected_spent:
+            return False
+        event = await self.events.charges_of(batch.permission_digest, batch.reference)
+        if event is None:
+            return False  # moved by something else: resent with the new amount spent
+        await self._charges_landed(batch, event, gas_used=None)
+        return True
+
+    async def _resolve_used(self, row: X402Row) -> None:
+        """USDC marks the authorization used: credited by the escrow earlier, or front-run."""
+        credit = await self.events.credit_of(row.payer, row.nonce)
+        if credit is not None:
+            if await self.repo.settle_x402(
+                row.id, tx_hash=credit.tx_hash, fee=credit.fee, reconciled=credit.kind == "reconciled"
+            ):
+                self._count("x402", "settled")
+                self._settled(row.payer)
+            return
+        if await self.repo.mark_reconciling(
+            row.id, "front-run: the authorization was used outside the escrow"
+        ):
+            log.warning("x402 authorization front-run; reconciling", extra={"payment": settlement_id(row.id)})
+
+    # ---- following transactions -------------------------------------------------------------------
+
+    async def _follow_submitted(self) -> None:
+        for batch in await self.repo.batches(["submitted"]):
+            try:
+                await self._follow(batch)
+            except Exception:
+                log.info("settlement status check failed; retrying", extra={"batch": batch.id}, exc_info=True)
+
+    async def _follow(self, batch: BatchRow) -> None:
+        assert batch.tx_hash is not None
+        tx_hash = batch.tx_hash
+        if batch.submission_id is not None:
+            try:
+                sub: Submission | None = await self.relayer.status(batch.submission_id)
+            except RelayerError:
+                sub = None  # sent by an earlier process: follow the hash
+            if sub is not None:
+                if not sub.state.final:
+                    return
+                tx_hash = sub.tx_hash or tx_hash
+        try:
+            receipt = await self.client.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
+        except TransactionNotFound:
+            if (utcnow() - batch.updated_at).total_seconds() > self.config.stuck_after:
+                await self._later(batch, "transaction not found", batch.attempts)
+            return
+        if receipt["status"] != 1:
+            await self._later(batch, f"reverted in {tx_hash}", batch.attempts)
+            return
+        gas_used = int(receipt["gasUsed"])
+        events = self.events.from_receipt(receipt)
+        if batch.kind == "x402":
+            await self._x402_landed(batch, tx_hash, receipt, events, gas_used)
+        else:
+            found = [e for e in events if e.name == "ChargesSettled"]
+            if not found:
+                await self._later(batch, f"no ChargesSettled in {tx_hash}", batch.attempts)
+                return
+            await self._charges_landed(batch, found[0], gas_used=gas_used)
+
+    async def _x402_landed(
+        self, batch: BatchRow, tx_hash: str, receipt: Any, events: list[EscrowEvent], gas_used: int
+    ) -> None:
+        settled = {c.key: c for c in await self.events.credits_in(tx_hash, receipt) if c.kind == "settled"}
+        failed = {e.key for e in events if e.name == "PaymentFailed"}
+        for row in await self.repo.batch_x402(batch.id):
+            key = (row.payer, row.nonce.lower())
+            if key in settled:
+                fee = settled[key].fee
+                if await self.repo.settle_x402(row.id, tx_hash=tx_hash, fee=fee, batch_id=batch.id):
+                    self._count("x402", "settled")
+                    self._settled(row.payer)
+            elif key in failed and await self.client.authorization_used(row.payer, row.nonce_bytes):
+                await self._resolve_used(row)
+            elif key in failed:
+                await self.repo.fail_x402(row.id, f"USDC refused the authorization in {tx_hash}")
+                self._count("x402", "failed")
+            else:
+                await self.repo.release_x402(row.id, f"not in {tx_hash}")
+        await self.repo.close_batch(batch.id, "confirmed", tx_hash=tx_hash, gas_used=gas_used)
+        log.info("settlement confirmed", extra={"batch": batch.id, "tx": tx_hash, "gas": gas_used})
+
+    async def _charges_landed(self, batch: BatchRow, event: EscrowEvent, *, gas_used: int | None) -> None:
+        assert batch.expected_spent is not None
+        if await self.repo.settle_charges(
+            batch,
+            tx_hash=event.tx_hash,
+            gas_used=gas_used,
+            fee_bps=await self.fee_bps(),
+            total_fee=int(event.args["fee"]),
+            expected_spent=batch.expected_spent,
+        ):
+            self._count("charges", "settled", batch.items)
+            log.info("charges settled", extra={"batch": batch.id, "tx": event.tx_hash})
+
+    # ---- front-run authorizations -----------------------------------------------------------------
+
+    async def _reconcile_front_runs(self) -> None:
+        now = time.monotonic()
+        for row in await self.repo.x402_with_status(["reconciling"], limit=64):
+            after, tries = self._reconcile_after.get(row.id, (0.0, 0))
+            if after > now:
+                continue
+            try:
+                await self._reconcile(row)
+                self._reconcile_after.pop(row.id, None)
+            except Exception as exc:
+                log.info(
+                    "reconcile failed; retrying", extra={"payment": settlement_id(row.id), "error": str(exc)}
+                )
+                self._reconcile_after[row.id] = (now + self._backoff(tries + 1), tries + 1)
+
+    async def _reconcile(self, row: X402Row) -> None:
+        credit = await self.events.credit_of(row.payer, row.nonce)
+        if credit is None:
+            call = self.client.encode_reconcile_authorization(row.payment_args())
+            submission = await self.relayer.send(call, memo=settlement_id(row.id))
+            if submission.state is TxState.REJECTED:
+                raise RelayerError(f"reconcile rejected: {submission.error}")
+            final = await wait_final(self.relayer, submission.id, within=self.config.confirm_within)
+            if final.state is not TxState.CONFIRMED or final.tx_hash is None:
+                raise RelayerError(f"reconcile not confirmed: {final.state.name}")
+            found = [c for c in await self.events.credits_in(final.tx_hash) if c.kind == "reconciled"]
+            if not found:
+                raise RelayerError(f"no PaymentReconciled in {final.tx_hash}")
+            credit = found[0]
+        if await self.repo.settle_x402(
+            row.id, tx_hash=credit.tx_hash, fee=credit.fee, reconciled=credit.kind == "reconciled"
+        ):
+            self._count("x402", "reconciled")
+            self._settled(row.payer)
+            log.info(
+                "x402 front-run reconciled", extra={"payment": settlement_id(row.id), "tx": credit.tx_hash}
+            )
+
+    # ---- refunds ----------------------------------------------------------------------------------
+
+    async def refund(self, payment_id: int) -> str:
+        """Refunds a settled x402 payment to its payer through the escrow's `refund_payment`
+        (out of the provider's unclaimed share and the fee); ledger `refund`. The tx hash."""
+        row = await self.repo.get_x402(payment_id)
+        if row is None or row.status not in ("settled", "reconciled"):
+            raise RelayerError(f"{settlement_id(payment_id)} is not settled: nothing to refund")
+        submission = await self.relayer.send(
+            self.client.encode_refund_payment(row.payment_args()), memo=f"refund {settlement_id(row.id)}"
+        )
+        if submission.state is TxState.REJECTED:
+            raise RelayerError(f"refund rejected: {submission.error}")
+        final = await wait_final(self.relayer, submission.id, within=self.config.confirm_within)
+        if final.state is not TxState.CONFIRMED or final.tx_hash is None:
+            raise RelayerError(f"refund not confirmed: {final.state.name}")
+        refunded = [c for c in await self.events.credits_in(final.tx_hash) if c.kind == "refunded"]
+        fee = refunded[0].fee if refunded else split_fee(row.amount, await self.fee_bps())
+        await self.repo.refund_x402(row.id, tx_hash=final.tx_hash, fee=fee)
+        self._count("x402", "refunded")
+        return final.tx_hash
+
+    # ---- helpers ----------------------------------------------------------------------------------
+
+    def _count(self, kind: str, outcome: str, n: int = 1) -> None:
+        if self.metrics is not None:
+            self.metrics.settlements.labels(kind, outcome).inc(n)
+
+    def _settled(self, payer: str) -> None:
+        if self.on_settled is not None:
+            self.on_settled(payer)

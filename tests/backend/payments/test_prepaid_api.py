@@ -1,0 +1,620 @@
+"""Prepaid API keys end to end through the relay, driven by the official `openai` SDK: exact
+reservations and captures, releases on failure, 402 with top-up advice, key caps, revocation,
+sandbox keys, permission registration and the account and usage endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import openai
+import pytest
+from eth_account import Account
+from eth_utils import to_checksum_address
+from prepaid_helpers import MAX_TOKENS, OPERATOR, Consumer, PrepaidRelay, prepaid_relay_factory
+from quotra.chain import eip712
+from quotra.services.relay import estimate_tokens
+from quotra.store.models import ApiKeyRecord, ConsumerAccount, LedgerEntry, PrepaidCharge, SettlementBatch
+from relay_helpers import FakeUpstream
+from sqlalchemy import select, update
+
+USDC = 10**6
+PROMPT = "Hello there, sandbox"
+MESSAGES = [{"role": "user", "content": PROMPT}]
+
+
+@pytest.fixture
+def start(make_settings: Callable[..., Any]) -> Callable[..., Any]:
+    return prepaid_relay_factory(make_settings)
+
+
+@pytest.fixture
+async def relay(start: Callable[..., Any]) -> AsyncIterator[PrepaidRelay]:
+    async with start() as running:
+        yield running
+
+
+@pytest.fixture
+async def listing(relay: PrepaidRelay) -> dict[str, Any]:
+    return await relay.provider_listing(
+        models=["sandbox-model", "sandbox-error-503"],
+        price_per_call="0.001",
+        price_input_per_mtok="2",
+        price_output_per_mtok="10",
+    )
+
+
+def priced(listing: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> int:
+    """The listing's price: 0.001 per call, 2 USDC per 1M input and 10 per 1M output tokens."""
+    return int(listing["price_per_call_atomic"]) + 2 * prompt_tokens + 10 * completion_tokens
+
+
+def max_cost(listing: dict[str, Any]) -> int:
+    return priced(listing, estimate_tokens(len(PROMPT), 1), MAX_TOKENS)
+
+
+async def charges(relay: PrepaidRelay, wallet: str) -> list[PrepaidCharge]:
+    async with relay.prepaid.repo.sessions() as session:
+        query = select(PrepaidCharge).where(PrepaidCharge.consumer == wallet).order_by(PrepaidCharge.id)
+        return list((await session.scalars(query)).all())
+
+
+async def ledger(relay: PrepaidRelay, wallet: str) -> list[tuple[str, int]]:
+    async with relay.prepaid.repo.sessions() as session:
+        query = select(LedgerEntry).where(LedgerEntry.account == wallet).order_by(LedgerEntry.id)
+        return [(e.kind, e.amount) for e in (await session.scalars(query)).all()]
+
+
+async def chat(client: openai.AsyncOpenAI, model: str = "sandbox-model") -> Any:
+    return await client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=MAX_TOKENS)  # type: ignore[arg-type]
+
+
+def error_of(exc: openai.APIStatusError) -> dict[str, Any]:
+    body = exc.response.json()
+    assert set(body["error"]) >= {"message", "type", "param", "code"}
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+# ---- reserve, capture, release -------------------------------------------------------------------
+
+
+async def test_call__reserves_max_cost__captures_actual_cost(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
+    consumer = await relay.consumer(deposit=5 * USDC, allowance=2 * USDC)
+    key = await consumer.key()
+    raw = await relay.openai(key["key"]).chat.completions.with_raw_response.create(
+        model="sandbox-model",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=MAX_TOKENS,
+    )
+    completion = raw.parse()
+    assert raw.headers["x-quotra-payment"] == "prepaid"
+    usage = completion.usage
+    assert usage is not None and usage.completion_tokens > 0
+    cost = priced(listing, usage.prompt_tokens, usage.completion_tokens)
+
+    (charge,) = await charges(relay, consumer.wallet)
+    assert charge.reserved_amount == max_cost(listing)
+    assert (charge.status, charge.amount) == ("captured", cost)
+    assert cost < charge.reserved_amount
+    assert (charge.model, charge.prompt_tokens, charge.completion_tokens) == (
+        "sandbox-model",
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )
+    assert charge.provider == listing["owner"] and charge.listing_id == listing["id"]
+    account = await consumer.account_state()
+    assert (account.reserved, account.unsettled) == (0, cost)
+    state = await consumer.key_state(key["id"])
+    assert (state.reserved, state.spent) == (0, cost)
+    assert await ledger(relay, consumer.wallet) == [("reserve", max_cost(listing)), ("capture", cost)]
+
+
+async def test_stream__captures_the_streamed_usage(relay: PrepaidRelay, listing: dict[str, Any]) -> None:
+    consumer = await relay.consumer(deposit=5 * USDC, allowance=2 * USDC)
+    key = await consumer.key()
+    stream = await relay.openai(key["key"]).chat.completions.create(
+        model="sandbox-model",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=MAX_TOKENS,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage = "", None
+    async for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        usage = chunk.usage or usage
+    assert text.startswith("Sandbox reply to:")
+    assert usage is not None
+    cost = priced(listing, usage.prompt_tokens, usage.completion_tokens)
+    (charge,) = await charges(relay, consumer.wallet)
+    assert (charge.status, charge.reserved_amount, charge.amount) == ("captured", max_cost(listing), cost)
+    assert (await consumer.account_state()).unsettled == cost
+
+
+async def test_upstream_failure__released__never_charged(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
+    consumer = await relay.consumer(deposit=5 * USDC, allowance=2 * USDC)
+    key = await consumer.key()
+    with pytest.raises(openai.InternalServerError) as failed:
+        await chat(relay.openai(key["key"]), f"listing/{listing['id']}/sandbox-error-503")
+    assert "nothing was charged" in error_of(failed.value)["message"]
+    (charge,) = await charges(relay, consumer.wallet)
+    assert (charge.status, charge.amount) == ("released", 0)
+    account = await consumer.account_state()
+    assert (account.reserved, account.unsettled) == (0, 0)
+    state = await consumer.key_state(key["id"])
+    assert (state.reserved, state.spent) == (0, 0)
+    reserved = charge.reserved_amount
+    assert await ledger(relay, consumer.wallet) == [("reserve", reserved), ("release", reserved)]
+
+
+async def test_capture__never_above_the_reservation(relay: PrepaidRelay, listing: dict[str, Any]) -> None:
+    consumer = await relay.consumer(deposit=5 * USDC, allowance=2 * USDC)
+    key = await consumer.key()
+    auth = await relay.prepaid.authorize(
+        await relay.prepaid.authenticate(key["key"]),
+        await relay.runtime.store.get_listing(listing["id"]),
+        1_500,
+    )
+    await auth.capture(9_999)
+    (charge,) = await charges(relay, consumer.wallet)
+    assert (charge.reserved_amount, charge.amount) == (1_500, 1_500)
+    await auth.void()  # already captured: nothing changes
+    await auth.capture(1)
+    assert (await consumer.account_state()).unsettled == 1_500
+    assert (await consumer.key_state(key["id"])).spent == 1_500
+
+
+# ---- 402 and its advice --------------------------------------------------------------------------
+
+
+async def test_no_deposit__402_says_how_to_deposit(relay: PrepaidRelay, listing: dict[str, Any]) -> None:
+    consumer = await relay.consumer(deposit=0, allowance=2 * USDC)
+    key = await consumer.key()
+    with pytest.raises(openai.APIStatusError) as refused:
+        await chat(relay.openai(key["key"]))
+    assert refused.value.status_code == 402
+    error = error_of(refused.value)
+    assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_balance")
+    assert "Deposit more USDC" in error["message"] and "/v1/account/deposits" in error["message"]
+    assert error["prepaid"]["available"] == "0.000000"
+    assert await charges(relay, consumer.wallet) == []
+
+
+async def test_deposit_just_short__402__one_unit_more__served(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
+    needed = max_cost(listing)
+    consumer = await relay.consumer(deposit=needed - 1, allowance=2 * USDC)
+    client = relay.openai((await consumer.key())["key"])
+    with pytest.raises(openai.APIStatusError) as refused:
+        await chat(client)
+    assert error_of(refused.value)["code"] == "insufficient_balance"
+    relay.chain.deposits[consumer.wallet] = needed
+    await consumer.get("/v1/account")  # refreshes the mirror from the chain
+    assert (await chat(client)).choices
+
+
+async def test_without_permission__402_says_how_to_sign_one(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
+    consumer = await relay.consumer(deposit=5 * USDC)
+    key = await consumer.key()
+    with pytest.raises(openai.APIStatusError) as refused:
+        await chat(relay.openai(key["key"]))
+    error = error_of(refused.value)
+    assert (refused.value.status_code, error["code"]) == (402, "no_spend_permission")
+    assert "/v1/account/permission/typed-data" in error["message"]
+
+
+async def test_permission_used_up__402__a_larger_permission__served(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
+    consumer = await relay.consumer(deposit=5 * USDC, allowance=max_cost(listing) - 1)
+    client = relay.openai((await consumer.key())["key"])
+    with pytest.raises(openai.APIStatusError) as refused:
+        await chat(client)
+    error = error_of(refused.value)
+    assert error["code"] == "permission_exhausted" and "higher allowance" in error["message"]
+    assert (await consumer.sign_permission(1 * USDC)).status_code == 200
+    assert (await chat(client)).choices
+
+
+async def test_key_cap__reached__402__raised__served(relay: PrepaidRelay, listing: dict[str, Any]) -> None:
+    consumer = await relay.consumer(deposit=5 * USDC, allowance=2 * USDC)
+    key = await consumer.key(spend_cap=max_cost(listing) + 10)
+    client = relay.openai(key["key"])
+    await chat(client)  # fits; the capture frees most of the reservation again
+    spent = (await consumer.key_state(key["id"])).spent
+    assert spent > 0
+    with pytest.raises(openai.APIStatusError) as refused:  # the rest is below one reservation
+        await chat(client)
+    error = error_of(refused.value)
+    assert error["code"] == "key_spend_cap_reached" and f"/v1/account/keys/{key['id']}" in error["message"]
+    reply = await relay.client.patch(
+        f"/v1/account/keys/{key['id']}", json={"spend_cap": "1"}, headers=consumer.headers
+    )
+    assert reply.status_code == 200 and reply.json()["spend_cap_atomic"] == USDC
+    assert (await chat(client)).choices
+
+
+# ---- keys ----------------------------------------------------------------------------------------
+
+
+async def test_keys__secret_shown_once__stored_hashed__listed_without_it(relay: PrepaidRelay) -> None:
+    consumer = await relay.consumer()
+    created = await consumer.key(name="ci", spend_cap=3 * USDC)
+    assert created["key"].startswith("sk-quotra-live-") and len(created["key"]) > 50
+    assert (created["mode"], created["spend_cap"], created["remaining_atomic"]) == (
+        "live",
+        "3.000000",
+        3 * USDC,
+    )
+    listed = await consumer.get("/v1/account/keys")
+    assert [k["id"] for k in listed["data"]] == [created["id"]]
+    assert "key" not in listed["data"][0] and created["key"] not in str(listed)
+    async with relay.prepaid.repo.sessions() as session:
+        row = await session.get(ApiKeyRecord, created["id"])
+    assert row is not None and row.key_hash == hashlib.sha256(created["key"].encode()).hexdigest()
+
+
+async def test_revoked_key__401_at_once_despite_the_cache(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
+    consumer = await relay.consumer(deposit=5 * USDC, allowance=2 * USDC)
+    key = await consumer.key()
+    client = relay.openai(key["key"])
+    await chat(client)  # the key is now in the (30 s) cache
+    reply = await relay.client.delete(f"/v1/account/keys/{key['id']}", headers=consumer.headers)
+    assert reply.status_code == 200 and reply.json()["revoked"] is True
+    with pytest.raises(openai.AuthenticationError) as refused:
+        await chat(client)
+    assert error_of(refused.value)["type"] == "authentication_error"
+    assert len(await charges(relay, consumer.wallet)) == 1
+
+
+async def test_key_revoked_elsewhere__refused_at_reserve(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
+    """Another replica revoked it: this process still caches the key, the reservation refuses it."""
+    consumer = await relay.consumer(deposit=5 * USDC, allowance=2 * USDC)
+    key = await consumer.key()
+    client = relay.openai(key["key"])
+    await chat(client)
+    await relay.prepaid.repo.revoke_key(consumer.wallet, key["id"])  # not through the service
+    with pytest.raises(openai.AuthenticationError):
+        await chat(client)
+    with pytest.raises(openai.AuthenticationError):  # and now the cache forgot it too
+        await chat(client)
+
+
+async def test_unknown_key__401_openai_shape(relay: PrepaidRelay, listing: dict[str, Any]) -> None:
+    with pytest.raises(openai.AuthenticationError) as refused:
+        await chat(relay.openai("sk-quotra-live-" + "x" * 43))
+    error = error_of(refused.value)
+    assert (error["type"], error["code"]) == ("authentication_error", "invalid_api_key")
+
+
+async def test_someone_elses_key__cannot_be_revoked_or_changed(relay: PrepaidRelay) -> None:
+    owner, other = await relay.consumer(), await relay.consumer()
+    key = await owner.key()
+    path = f"/v1/account/keys/{key['id']}"
+    assert (await relay.client.delete(path, headers=other.headers)).status_code == 404
+    assert (await relay.client.patch(path, json={"name": "x"}, headers=other.headers)).status_code == 404
+    assert (await relay.client.delete(path)).status_code == 401
+    assert not (await owner.key_state(key["id"])).revoked_at
+
+
+async def test_key_limit_per_wallet(start: Callable[..., Any]) -> None:
+    async with start(prepaid_max_keys_per_wallet=2) as relay:
+        consumer = await relay.consumer()
+        first = await consumer.key()
+        await consumer.key()
+        reply = await relay.client.post("/v1/account/keys", json={}, headers=consumer.headers)
+        assert (reply.status_code, reply.json()["error"]["code"]) == (400, "too_many_keys")
+        await relay.client.delete(f"/v1/account/keys/{first['id']}", headers=consumer.headers)
+        assert (
+            await relay.client.post("/v1/account/keys", json={}, headers=consumer.headers)
+        ).status_code == 201
+
+
+# ---- sandbox keys --------------------------------------------------------------------------------
+
+
+async def test_sandbox_key__metered_on_sandbox_listings__account_untouched(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
+    consumer = await relay.consumer()  # no deposit, no permission
+    key = await consumer.key(mode="sandbox", spend_cap=max_cost(listing) + 10)
+    assert key["key"].startswith("sk-quotra-test-")
+    client = relay.openai(key["key"])
+    raw = await client.chat.completions.with_raw_response.create(
+        model="sandbox-model",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=MAX_TOKENS,
+    )
+    usage = raw.parse().usage
+    assert raw.headers["x-quotra-payment"] == "sandbox" and usage is not None
+    cost = priced(listing, usage.prompt_tokens, usage.completion_tokens)
+    (charge,) = await charges(relay, consumer.wallet)
+    assert (charge.status, charge.amount, charge.permission_digest) == ("metered", cost, "")
+    assert (await consumer.key_state(key["id"])).spent == cost
+    account = await consumer.account_state()
+    assert (account.reserved, account.unsettled) == (0, 0)
+    assert await ledger(relay, consumer.wallet) == []  # not money
+    with pytest.raises(openai.APIStatusError) as capped:  # the cap is metered like a live one
+        await chat(client)
+    assert error_of(capped.value)["code"] == "key_spend_cap_reached"
+
+
+async def test_sandbox_key__cannot_call_live_listings(start: Callable[..., Any]) -> None:
+    async with start(adapter_factory=FakeUpstream().factory, upstream_check_keys=False) as relay:
+        live = await relay.provider_listing(kind="openai", models=["gpt-test"], api_key="sk-upstream")
+        consumer = await relay.consumer(deposit=5 * USDC, allowance=2 * USDC)
+        sandbox = relay.openai((await consumer.key(mode="sandbox"))["key"])
+        with pytest.raises(openai.APIStatusError) as refused:
+            await chat(sandbox, f"listing/{live['id']}")
+        assert refused.value.status_code == 402
+        assert error_of(refused.value)["code"] == "sandbox_key_live_listing"
+        assert (await chat(relay.openai((await consumer.key())["key"]), "gpt-test")).choices
+
+
+# ---- the spend permission ------------------------------------------------------------------------
+
+
+async def test_permission_typed_data__is_what_a_wallet_signs(relay: PrepaidRelay) -> None:
+    consumer = await relay.consumer()
+    typed = await consumer.typed_data(3 * USDC, days=7)
+    message = typed["message"]
+    assert typed["primaryType"] == "SpendPermission"
+    assert typed["domain"] == {
+        "name": "Quotra Escrow",
+        "version": "1",
+        "chainId": 84532,
+        "verifyingContract": relay.chain.escrow_address,
+    }
+    assert (message["consumer"], message["spender"], message["allowance"]) == (
+        consumer.wallet,
+        OPERATOR.address,
+        3 * USDC,
+    )
+    assert abs(message["valid_until"] - (time.time() + 7 * 86_400)) < 120
+    assert message["valid_after"] <= time.time()
+
+
+async def test_permission__registered__becomes_active(relay: PrepaidRelay) -> None:
+    consumer = await relay.consumer(deposit=5 * USDC)
+    reply = await consumer.sign_permission(2 * USDC)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["permission"]["active"] is True and body["permission"]["allowance_atomic"] == 2 * USDC
+    assert (body["remaining_allowance_atomic"], body["available_atomic"]) == (2 * USDC, 2 * USDC)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "code"),
+    [
+        (lambda m: m.update(spender=to_checksum_address("0x" + "12" * 20)), "wrong_spender"),
+        (lambda m: m.update(valid_until=int(time.time()) + 30), "permission_expired"),
+        (lambda m: m.update(valid_until=int(time.time()) - 30), "permission_expired"),
+        (lambda m: m.update(valid_after=int(time.time()) + 3_600), "permission_not_yet_valid"),
+        (lambda m: m.update(consumer=Account.create().address), "wrong_consumer"),
+    ],
+    ids=["wrong-spender", "expires-too-soon", "expired", "not-yet-valid", "other-consumer"],
+)
+async def test_permission__refused(relay: PrepaidRelay, tamper: Any, code: str) -> None:
+    consumer = await relay.consumer()
+    reply = await consumer.sign_permission(USDC, tamper=tamper)
+    assert (reply.status_code, reply.json()["error"]["code"]) == (400, code)
+    assert (await consumer.get("/v1/account"))["permission"] is None
+
+
+async def test_permission__bad_signature__refused(relay: PrepaidRelay) -> None:
+    consumer = await relay.consumer()
+    typed = await consumer.typed_data(USDC)
+    stranger = Account.sign_typed_data(Account.create().key, full_message=typed)
+    reply = await consumer.register(typed["message"], "0x" + bytes(stranger.signature).hex())
+    assert (reply.status_code, reply.json()["error"]["code"]) == (400, "invalid_signature")
+    own = Account.sign_typed_data(consumer.account.key, full_message=typed)
+    altered = {**typed["message"], "allowance": 10 * USDC}  # signed 1 USDC, claims 10
+    reply = await consumer.register(altered, "0x" + bytes(own.signature).hex())
+    assert (reply.status_code, reply.json()["error"]["code"]) == (400, "invalid_signature")
+    reply = await consumer.register(typed["message"], "0x" + "ab" * 66)  # longer than the escrow takes
+    assert reply.json()["error"]["code"] == "invalid_signature"
+
+
+async def test_permission__revoked_on_chain__refused__and_revocation_later_stops_calls(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
+    consumer = await relay.consumer(deposit=5 * USDC)
+    typed = await consumer.typed_data(USDC)
+    signed_digest = eip712.digest(relay.chain.escrow_domain, "SpendPermission", typed["message"])
+    relay.chain.revoked.add((consumer.wallet, signed_digest))
+    signature = (
+        "0x" + bytes(Account.sign_typed_data(consumer.account.key, full_message=typed).signature).hex()
+    )
+    reply = await consumer.register(typed["message"], signature)
+    assert (reply.status_code, reply.json()["error"]["code"]) == (400, "permission_revoked")
+
+    assert (await consumer.sign_permission(USDC)).status_code == 200
+    client = relay.openai((await consumer.key())["key"])
+    assert (await chat(client)).choices
+    active = (await consumer.get("/v1/account"))["permission"]
+    relay.chain.revoked.add((consumer.wallet, bytes.fromhex(active["digest"][2:])))
+    account = await consumer.get("/v1/account")  # the refresh sees the revocation
+    assert account["permission"]["revoked"] is True and account["available_atomic"] == 0
+    with pytest.raises(openai.APIStatusError) as refused:
+        await chat(client)
+    assert error_of(refused.value)["code"] == "no_spend_permission"
+
+
+async def test_permission__smart_wallet__erc1271(start: Callable[..., Any]) -> None:
+    wallet = to_checksum_address("0x" + "5c" * 20)
+    seen: list[tuple[str, bytes, bytes]] = []
+
+    async def erc1271(address: str, digest: bytes, signature: bytes) -> bool:
+        seen.append((address, digest, signature))
+        return address == wallet and signature == b"\x01" * 65
+
+    async with start(erc1271=erc1271) as relay:
+        token = relay.runtime.sessions.issue(wallet)[0]
+        consumer = Consumer(relay, None, {"Authorization": f"Bearer {token}"})
+        typed = await consumer.typed_data(USDC)
+        assert (await consumer.register(typed["message"], "0x" + "02" * 65)).status_code == 400
+        reply = await consumer.register(typed["message"], "0x" + "01" * 65)
+        assert reply.status_code == 200, reply.text
+        assert seen[-1][0] == wallet and len(seen[-1][1]) == 32
+
+
+async def test_permission_endpoints__need_sign_in(relay: PrepaidRelay) -> None:
+    for method, path in [
+        ("GET", "/v1/account"),
+        ("GET", "/v1/account/usage"),
+        ("GET", "/v1/account/keys"),
+        ("POST", "/v1/account/keys"),
+        ("GET", "/v1/account/permission/typed-data?allowance=1"),
+    ]:
+        reply = await relay.client.request(method, path, json={} if method == "POST" else None)
+        assert reply.status_code == 401, path
+
+
+# ---- the account and its usage -------------------------------------------------------------------
+
+
+async def test_account__mirror_and_relay_counters(relay: PrepaidRelay, listing: dict[str, Any]) -> None:
+    consumer = await relay.consumer(deposit=5 * USDC, allowance=3 * USDC)
+    relay.chain.withdrawals[consumer.wallet] = 1 * USDC
+    client = relay.openai((await consumer.key())["key"])
+    for _ in range(3):
+        await chat(client)
+    calls = await charges(relay, consumer.wallet)
+    captured = sum(c.amount for c in calls)
+    # The settlement worker settles the first call (simulated: its side of the contract).
+    async with relay.prepaid.repo.sessions.begin() as session:
+        batch = SettlementBatch(
+            kind="charges", status="confirmed", reference="0x" + "aa" * 32, tx_hash="0x" + "bb" * 32
+        )
+        session.add(batch)
+        await session.flush()
+        await session.execute(
+            update(PrepaidCharge)
+            .where(PrepaidCharge.id == calls[0].id)
+            .values(status="settled", batch_id=batch.id)
+        )
+    settled = calls[0].amount
+    relay.chain.deposits[consumer.wallet] = 5 * USDC - settled
+    relay.chain.spent[bytes.fromhex((await consumer.account_state()).permission_digest[2:])] = settled  # type: ignore[index]
+    async with relay.prepaid.repo.sessions.begin() as session:
+        await session.execute(
+            update(ConsumerAccount)
+            .where(ConsumerAccount.wallet == consumer.wallet)
+            .values(unsettled=ConsumerAccount.unsettled - settled)
+        )
+
+    account = await consumer.get("/v1/account")
+    unsettled = captured - settled
+    assert account["deposit_atomic"] == 5 * USDC - settled
+    assert account["pending_withdrawal_atomic"] == USDC
+    assert (account["reserved_atomic"], account["unsettled_atomic"]) == (0, unsettled)
+    assert account["settled_total_atomic"] == settled
+    assert account["permission"]["spent_atomic"] == settled
+    assert account["remaining_allowance_atomic"] == 3 * USDC - settled - unsettled
+    assert account["available_atomic"] == min(5 * USDC - settled - USDC, 3 * USDC - settled) - unsettled
+    assert account["deposit"] == f"{(5 * USDC - settled) / USDC:.6f}"
+
+    first = await consumer.get("/v1/account/usage", limit=2)
+    assert [r["id"] for r in first["data"]] == [calls[2].id, calls[1].id] and first["has_more"]
+    assert first["data"][0]["model"] == "sandbox-model" and first["data"][0]["status"] == "captured"
+    assert first["data"][0]["price_atomic"] == calls[2].amount
+    assert first["data"][0]["prompt_tokens"] == calls[2].prompt_tokens > 0
+    second = await consumer.get("/v1/account/usage", limit=2, before=first["next_before"])
+    (row,) = second["data"]
+    assert (row["id"], row["status"], row["settlement_tx"]) == (calls[0].id, "settled", "0x" + "bb" * 32)
+    assert second["has_more"] is False and second["next_before"] is None
+
+
+async def test_account__node_down__stale_values_still_served(relay: PrepaidRelay) -> None:
+    consumer = await relay.consumer(deposit=2 * USDC, allowance=USDC)
+    assert (await consumer.get("/v1/account"))["deposit_atomic"] == 2 * USDC
+    relay.chain.fail = True
+    relay.chain.deposits[consumer.wallet] = 0
+    assert (await consumer.get("/v1/account"))["deposit_atomic"] == 2 * USDC
+
+
+async def test_stale_reservations__swept(relay: PrepaidRelay, listing: dict[str, Any]) -> None:
+    from dataclasses import replace
+
+    consumer = await relay.consumer(deposit=5 * USDC, allowance=2 * USDC)
+    key = await relay.prepaid.authenticate((await consumer.key())["key"])
+    record = await relay.runtime.store.get_listing(listing["id"])
+    await relay.prepaid.authorize(key, record, 2_000)  # a call that never finishes
+    assert await relay.prepaid.sweep() == 0  # not stale yet
+    relay.prepaid.settings = replace(relay.prepaid.settings, reservation_ttl_seconds=-1)
+    assert await relay.prepaid.sweep() == 1
+    assert (await consumer.account_state()).reserved == 0
+    assert [c.status for c in await charges(relay, consumer.wallet)] == ["released"]
+
+
+# ---- concurrency ---------------------------------------------------------------------------------
+
+
+async def test_200_parallel_calls_near_the_key_cap__never_overspend(start: Callable[..., Any]) -> None:
+    upstream = FakeUpstream(delay=0.005)
+    async with start(adapter_factory=upstream.factory, consumer_rate_per_minute=100_000) as relay:
+        await relay.provider_listing(
+            models=["sandbox-model"], price_per_call="0.001", price_output_per_mtok="100"
+        )
+        consumer = await relay.consumer(deposit=10 * USDC, allowance=10 * USDC)
+        cap = 61_500  # reservation 1_000 + 50 * 100 = 6_000 per call; captures ~1_800
+        key = await consumer.key(spend_cap=cap)
+        client = relay.openai(key["key"])
+        done = asyncio.Event()
+        samples: list[tuple[int, int, int, int]] = []
+
+        async def watch() -> None:
+            while not done.is_set():
+                state = await consumer.key_state(key["id"])
+                account = await consumer.account_state()
+                samples.append((state.spent, state.reserved, account.reserved, account.unsettled))
+                await asyncio.sleep(0.002)
+
+        async def one() -> str:
+            try:
+                await chat(client)
+                return "ok"
+            except openai.APIStatusError as exc:
+                assert exc.status_code == 402, exc.response.text
+                return "402"
+
+        watcher = asyncio.create_task(watch())
+        results = await asyncio.gather(*(one() for _ in range(200)))
+        done.set()
+        await watcher
+
+        assert results.count("ok") > 10 and results.count("402") > 0
+        assert samples and all(spent + reserved <= cap for spent, reserved, _, _ in samples)
+        assert all(reserved + unsettled <= 10 * USDC for _, _, reserved, unsettled in samples)
+        rows = await charges(relay, consumer.wallet)
+        captured = sum(c.amount for c in rows if c.status == "captured")
+        assert len([c for c in rows if c.status == "captured"]) == results.count("ok")
+        assert {c.status for c in rows} == {"captured"}
+        state, account = await consumer.key_state(key["id"]), await consumer.account_state()
+        assert captured == state.spent == account.unsettled <= cap
+        assert state.reserved == account.reserved == 0
+        # Nothing leaked: the rest of the cap can still be used, down to less than one reservation.
+        while True:
+            try:
+                await chat(client)
+            except openai.APIStatusError as exc:
+                assert error_of(exc)["code"] == "key_spend_cap_reached"
+                break
+        spent = (await consumer.key_state(key["id"])).spent
+        assert cap - 6_000 < spent <= cap

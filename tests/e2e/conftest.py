@@ -1,0 +1,82 @@
+"""End to end on the Base Sepolia twin: a real anvil (MockUSDC at the real USDC address), the
+escrow deployed from its compiled artifact, and the relay served by uvicorn on a loopback port."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BACKEND_TESTS = Path(__file__).resolve().parents[1] / "backend"
+for extra in (BACKEND_TESTS, BACKEND_TESTS / "payments"):
+    if str(extra) not in sys.path:
+        sys.path.insert(0, str(extra))
+
+from e2e_helpers import Kit, OnChain, Served, relay_settings, serve_app  # noqa: E402
+from quotra.chain import twin  # noqa: E402
+from quotra.chain.client import EscrowClient  # noqa: E402
+from quotra.chain.escrow import Chain, account_from_key  # noqa: E402
+from quotra.chain.relayer import DirectRelayer  # noqa: E402
+from quotra.store.db import create_engine, upgrade  # noqa: E402
+from quotra.store.payments_repo import PaymentsRepo  # noqa: E402
+from quotra.store.repositories import Store  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("QUOTRA_") and key != "QUOTRA_TEST_POSTGRES_URL":
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture(scope="session")
+def onchain() -> Iterator[OnChain]:
+    with twin.start() as chain_:
+        chain = Chain(chain_.rpc_url)
+        owner, operator, outsider = (account_from_key(a.private_key) for a in chain_.accounts[:3])
+        usdc = chain.contract("MockUSDC", chain_.usdc)
+        escrow = chain.deploy("QuotraEscrow", owner, chain_.usdc, 3600, 86_400)
+        chain.transact(escrow.functions.set_operator(operator.address, True), owner)
+        block = int(chain.w3.eth.block_number)
+        yield OnChain(chain_, chain, escrow, usdc, owner, operator, outsider, block)
+
+
+@pytest.fixture
+def start_relay(onchain: OnChain, tmp_path: Path) -> Callable[..., Any]:
+    """`with start_relay(**settings) as served:` a relay on the twin; the database is kept per test,
+    so a second relay started in the same test continues where the first stopped."""
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
+
+    @contextmanager
+    def start(adapter_factory: Any = None, **overrides: Any) -> Iterator[Served]:
+        from quotra.app import create_app
+
+        def build(url: str) -> Any:
+            settings = relay_settings(onchain, tmp_path, database_url, url, **overrides)
+            return create_app(settings, adapter_factory=adapter_factory)
+
+        with serve_app(build) as served:
+            yield served
+
+    start.database_url = database_url  # type: ignore[attr-defined]
+    return start
+
+
+@pytest.fixture
+async def kit(onchain: OnChain, tmp_path: Path) -> AsyncIterator[Kit]:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'worker.db'}")
+    await upgrade(engine)
+    store = Store(engine)
+    client = EscrowClient.connect(
+        onchain.twin.rpc_url, escrow=onchain.escrow.address, usdc=onchain.usdc.address, chain_id=84532
+    )
+    relayer = DirectRelayer(client.w3, onchain.operator, chain_id=84532)
+    try:
+        yield Kit(onchain, store, PaymentsRepo(store), client, relayer)
+    finally:
+        await engine.dispose()

@@ -1,0 +1,417 @@
+"""ETH-free claims end to end on the twin: a provider with zero ETH signs a Delegation; the relay
+(uvicorn on a free port) checks it and hands it to the local relayer (uvicorn on another port),
+which submits to anvil and reports back with Ed25519-signed webhooks the relay verifies against the
+relayer's JWKS. Refused claims never reach the relayer; a relayer that is down or slow delays a
+claim but never executes it twice."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
+from hexbytes import HexBytes
+from quotra.app import create_app
+from quotra.chain import eip712, twin
+from quotra.chain.deployment import Deployment
+from quotra.chain.escrow import Chain, account_from_key, new_account, sign_authorization
+from quotra.config import Settings
+from quotra.relayer_service import RelayerConfig, RelayerCore, create_relayer_app
+from quotra.relayer_service.local import ThreadedServer, deploy_escrow
+from quotra.webhooks import Ed25519Signer
+
+USDC = 10**6
+FEE = 10_000  # the local relayer's fee: 0.01 USDC
+MASTER_KEY = "5e" * 32
+
+
+class SlowSends:
+    """ASGI wrapper of the relayer: answers `relayer_send7710Transaction` `delay` seconds late
+    (the task is created at once; only the answer is slow)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.delay = 0.0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self.delay:
+            await self.app(scope, receive, send)
+            return
+        messages, more = [], True
+        while more:
+            message = await receive()
+            messages.append(message)
+            more = message.get("more_body", False)
+        slow = any(b"relayer_send7710Transaction" in m.get("body", b"") for m in messages)
+        replay = iter(messages)
+
+        async def receive_again() -> Any:
+            return next(replay, {"type": "http.disconnect"})
+
+        async def send_late(message: Any) -> None:
+            if slow and message["type"] == "http.response.start":
+                await asyncio.sleep(self.delay)
+            await send(message)
+
+        await self.app(scope, receive_again, send_late)
+
+
+@dataclass
+class World:
+    twin: twin.Twin
+    chain: Chain
+    deployment: Deployment
+    operator: LocalAccount
+    gas: LocalAccount
+    relayer_app: Any
+    slow: SlowSends
+    relayer: ThreadedServer
+    relay: ThreadedServer
+
+    @property
+    def core(self) -> RelayerCore:
+        return self.relayer_app.state.core
+
+    @property
+    def escrow(self) -> Any:
+        return self.chain.contract("QuotraEscrow", self.deployment.escrow)
+
+    def balance(self, address: str) -> int:
+        return int(self.chain.contract("MockUSDC", self.deployment.usdc).functions.balanceOf(address).call())
+
+    def fund(self, provider: str, gross: int) -> int:
+        """A consumer pays `gross` per x402, the operator settles it; returns the provider's share."""
+        consumer = new_account()
+        self.twin.mint_usdc(consumer.address, gross)
+        auth = sign_authorization(consumer, self.deployment.usdc_domain, self.deployment.escrow, gross)
+        self.chain.transact(self.escrow.functions.settle_authorization(auth.payment(provider)), self.operator)
+        return gross - gross * self.deployment.fee_bps // 10_000
+
+    def claimed_events(self, digest: str) -> list[Any]:
+        return self.escrow.events.Claimed.get_logs(
+            argument_filters={"delegation": HexBytes(digest)}, from_block=self.deployment.block
+        )
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("claims-e2e")
+    with twin.start() as chain_:
+        dev = [account_from_key(a.private_key) for a in chain_.accounts]
+        owner, operator, gas = dev[0], dev[1], dev[2]
+        deployment = deploy_escrow(chain_.rpc_url, owner, (operator.address,))
+        deployment_file = deployment.save(tmp / "base-sepolia-twin.json")
+        config = RelayerConfig(
+            rpc_url=chain_.rpc_url,
+            gas_account=gas,
+            chain_id=deployment.chain_id,
+            usdc=deployment.usdc,
+            targets=(deployment.escrow,),
+            signer=Ed25519Signer.generate(),
+            min_fee=FEE,
+            webhook_backoff=0.05,
+            poll_interval=0.05,
+        )
+        relayer_app = create_relayer_app(config)
+        slow = SlowSends(relayer_app)
+        relay_port = twin.free_port()
+        with ThreadedServer(slow, twin.free_port()) as relayer:
+            settings = Settings(  # type: ignore[call-arg]
+                _env_file=None,
+                env="test",
+                data_dir=tmp / "data",
+                database_url=f"sqlite+aiosqlite:///{tmp / 'relay.db'}",
+                master_key=MASTER_KEY,
+                public_url=f"http://127.0.0.1:{relay_port}",
+                log_json=False,
+                chain_rpc_url=chain_.rpc_url,
+                deployment_file=deployment_file,
+                relayer="oneshot",
+                relayer_url=relayer.url + "/relayers",
+                relayer_timeout_seconds=1.0,
+                claims_poll_seconds=0.1,
+                claims_stale_seconds=0.3,
+                prepaid_refresh_seconds=0,
+            )
+            with ThreadedServer(create_app(settings), relay_port) as relay:
+                yield World(
+                    chain_,
+                    Chain(chain_.rpc_url),
+                    deployment,
+                    operator,
+                    gas,
+                    relayer_app,
+                    slow,
+                    relayer,
+                    relay,
+                )
+
+
+async def sign_in(client: httpx.AsyncClient, account: LocalAccount) -> dict[str, str]:
+    nonce = await client.post("/v1/auth/nonce", json={"address": account.address})
+    message = nonce.json()["message"]
+    signature = Account.sign_message(encode_defunct(text=message), account.key).signature.hex()
+    reply = await client.post(
+        "/v1/auth/verify", json={"message": message, "signature": "0x" + signature.removeprefix("0x")}
+    )
+    assert reply.status_code == 200, reply.text
+    return {"Authorization": f"Bearer {reply.json()['access_token']}"}
+
+
+async def wait_for(check: Callable[[], Awaitable[Any]], within: float = 20.0) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        if value := await check():
+            return value
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+def wallet_sign(account: LocalAccount, typed: dict[str, Any]) -> str:
+    """What a wallet's eth_signTypedData_v4 returns for the typed data the relay proposed."""
+    signed = Account.sign_typed_data(account.key, full_message=typed)
+    return "0x" + bytes(signed.signature).hex()
+
+
+def sign_delegation(world: World, provider: LocalAccount, **fields: Any) -> tuple[dict[str, Any], str]:
+    message: dict[str, Any] = {
+        "provider": provider.address,
+        "delegate": world.gas.address,
+        "payee": provider.address,
+        "max_amount": USDC,
+        "relayer_fee": FEE,
+        "valid_until": int(time.time()) + 3600,
+        "salt": int.from_bytes(Account.create().key[:8], "big"),
+    }
+    message.update(fields)
+    signature = eip712.sign(provider.key, world.deployment.escrow_domain, "Delegation", message)
+    return message, signature.hex
+
+
+def digest_of(world: World, message: dict[str, Any]) -> str:
+    return "0x" + eip712.digest(world.deployment.escrow_domain, "Delegation", message).hex()
+
+
+@pytest.fixture
+async def client(world: World) -> Any:
+    async with httpx.AsyncClient(base_url=world.relay.url, timeout=30) as http:
+        yield http
+
+
+async def final_claim(client: httpx.AsyncClient, headers: dict[str, str], claim_id: str) -> dict[str, Any]:
+    async def done() -> dict[str, Any] | None:
+        claim = (await client.get(f"/v1/provider/claims/{claim_id}", headers=headers)).json()
+        return claim if claim["status"] in ("confirmed", "failed") else None
+
+    return await wait_for(done)
+
+
+async def test_claim__zero_eth_provider__confirmed_with_exact_balances(
+    world: World, client: httpx.AsyncClient
+):
+    provider = new_account()
+    earned = world.fund(provider.address, 2 * USDC)
+    headers = await sign_in(client, provider)
+    fee_before = world.balance(world.gas.address)
+
+    reply = await client.get("/v1/provider/claims/typed-data", params={"amount": "1.8"}, headers=headers)
+    assert reply.status_code == 200, reply.text
+    offer = reply.json()
+    assert offer["relayer"] == {
+        "relayer": "oneshot",
+        "address": world.gas.address,
+        "fee": "0.010000",
+        "fee_atomic": FEE,
+        "quote_expires_at": offer["relayer"]["quote_expires_at"],
+    }
+    message = offer["typed_data"]["message"]
+    assert (message["max_amount"], message["relayer_fee"], message["delegate"]) == (
+        str(earned),
+        str(FEE),
+        world.gas.address,
+    )
+    signature = wallet_sign(provider, offer["typed_data"])
+
+    reply = await client.post(
+        "/v1/provider/claims",
+        json={"delegation": message, "signature": signature, "amount": "1.8"},
+        headers=headers,
+    )
+    assert reply.status_code == 202, reply.text
+    created = reply.json()
+    assert created["status"] in ("requested", "submitted", "confirmed") and created["amount_atomic"] == earned
+    claim = await final_claim(client, headers, created["id"])
+    assert claim["status"] == "confirmed", claim
+    assert claim["tx_hash"] and claim["block_number"] and claim["relayer_fee_atomic"] == FEE
+
+    # Exact money: the payee gets the amount less the fee, the relayer exactly its fee, no ETH involved.
+    assert world.balance(provider.address) == earned - FEE
+    assert world.balance(world.gas.address) - fee_before == FEE
+    assert world.escrow.functions.earnings(provider.address).call() == 0
+    assert world.twin.web3().eth.get_balance(provider.address) == 0
+    (event,) = world.claimed_events(offer["digest"])
+    assert "0x" + bytes(event["transactionHash"]).hex() == claim["tx_hash"]
+    assert (event["args"]["amount"], event["args"]["relayer"]) == (earned, world.gas.address)
+
+    # The relayer reported through signed webhooks, which the relay accepted (2xx).
+    world.relayer.call(world.core.idle)
+    deliveries = [d for d in world.core.deliveries if d.task_id == claim["task_id"]]
+    assert sorted((d.type, d.status_code) for d in deliveries) == [(0, 200), (4, 200)]
+
+    listed = (await client.get("/v1/provider/claims", headers=headers)).json()
+    assert [c["id"] for c in listed["data"]] == [claim["id"]]
+    earnings = (await client.get("/v1/provider/earnings", headers=headers)).json()
+    assert (earnings["claimable_atomic"], earnings["claimed_atomic"], earnings["pending_atomic"]) == (
+        0,
+        earned,
+        0,
+    )
+    assert earnings["claimed_via_relay_atomic"] == earned
+
+
+async def test_refusals__revoked_and_over_cap__nothing_reaches_the_relayer(
+    world: World, client: httpx.AsyncClient
+):
+    provider = new_account()
+    earned = world.fund(provider.address, USDC)  # 0.9 USDC
+    headers = await sign_in(client, provider)
+
+    # A delegation revoked without ETH: a signed Revocation, submitted by the relayer.
+    revoked, revoked_sig = sign_delegation(world, provider, max_amount=earned)
+    item = digest_of(world, revoked)
+    revocation_sig = eip712.sign(
+        provider.key,
+        world.deployment.escrow_domain,
+        "Revocation",
+        {"account": provider.address, "item": item},
+    )
+    reply = await client.post(
+        "/v1/revocations", json={"account": provider.address, "item": item, "signature": revocation_sig.hex}
+    )
+    assert reply.status_code == 202, reply.text
+    revocation_id = reply.json()["id"]
+
+    async def revoked_onchain() -> bool:
+        status = (await client.get(f"/v1/revocations/{revocation_id}")).json()["status"]
+        return status == "confirmed"
+
+    await wait_for(revoked_onchain)
+    assert world.escrow.functions.revoked(provider.address, HexBytes(item)).call()
+
+    sends, tasks = world.core.send_requests, len(world.core.tasks)
+    reply = await client.post(
+        "/v1/provider/claims", json={"delegation": revoked, "signature": revoked_sig}, headers=headers
+    )
+    assert (reply.status_code, reply.json()["error"]["code"]) == (409, "delegation_revoked")
+
+    # Over the delegation's cap.
+    capped, capped_sig = sign_delegation(world, provider, max_amount=USDC // 2)
+    reply = await client.post(
+        "/v1/provider/claims",
+        json={"delegation": capped, "signature": capped_sig, "amount": "0.8"},
+        headers=headers,
+    )
+    assert (reply.status_code, reply.json()["error"]["code"]) == (400, "delegation_cap_exceeded")
+    assert "above the delegation's cap" in reply.json()["error"]["message"]
+
+    # Above the earnings, another provider's delegation, a forged signature, a fee under the quote.
+    big, big_sig = sign_delegation(world, provider, max_amount=10 * USDC)
+    reply = await client.post(
+        "/v1/provider/claims", json={"delegation": big, "signature": big_sig}, headers=headers
+    )
+    assert (reply.status_code, reply.json()["error"]["code"]) == (409, "insufficient_earnings")
+    someone = new_account()
+    theirs, theirs_sig = sign_delegation(world, someone)
+    reply = await client.post(
+        "/v1/provider/claims", json={"delegation": theirs, "signature": theirs_sig}, headers=headers
+    )
+    assert reply.status_code == 403
+    forged = eip712.sign(someone.key, world.deployment.escrow_domain, "Delegation", capped).hex
+    reply = await client.post(
+        "/v1/provider/claims", json={"delegation": capped, "signature": forged}, headers=headers
+    )
+    assert (reply.status_code, reply.json()["error"]["code"]) == (400, "invalid_signature")
+    cheap, cheap_sig = sign_delegation(world, provider, max_amount=USDC // 2, relayer_fee=FEE - 1)
+    reply = await client.post(
+        "/v1/provider/claims", json={"delegation": cheap, "signature": cheap_sig}, headers=headers
+    )
+    assert (reply.status_code, reply.json()["error"]["code"]) == (400, "relayer_fee_too_low")
+
+    assert (world.core.send_requests, len(world.core.tasks)) == (sends, tasks)  # the relayer received nothing
+    assert (await client.get("/v1/provider/claims", headers=headers)).json()["data"] == []
+
+    # A cap partly used: the first claim goes, the second would exceed what is left.
+    first = await client.post(
+        "/v1/provider/claims",
+        json={"delegation": capped, "signature": capped_sig, "amount": "0.3"},
+        headers=headers,
+    )
+    assert first.status_code == 202, first.text
+    assert (await final_claim(client, headers, first.json()["id"]))["status"] == "confirmed"
+    sends = world.core.send_requests
+    reply = await client.post(
+        "/v1/provider/claims",
+        json={"delegation": capped, "signature": capped_sig, "amount": "0.3"},
+        headers=headers,
+    )
+    assert (reply.status_code, reply.json()["error"]["code"]) == (409, "delegation_cap_exceeded")
+    assert "200000 of 500000 left" in reply.json()["error"]["message"]
+    assert world.core.send_requests == sends
+
+
+async def test_relayer_down__claim_stays_pending_then_completes_once(world: World, client: httpx.AsyncClient):
+    provider = new_account()
+    earned = world.fund(provider.address, USDC)
+    headers = await sign_in(client, provider)
+    message, signature = sign_delegation(world, provider, max_amount=earned)
+
+    world.relayer.stop()
+    try:
+        reply = await client.post(
+            "/v1/provider/claims", json={"delegation": message, "signature": signature}, headers=headers
+        )
+        assert reply.status_code == 202, reply.text
+        claim_id = reply.json()["id"]
+        assert reply.json()["status"] == "requested"
+        await asyncio.sleep(1.0)  # the poller finds the relayer still down
+        pending = (await client.get(f"/v1/provider/claims/{claim_id}", headers=headers)).json()
+        assert (pending["status"], pending["tx_hash"]) == ("requested", None)
+    finally:
+        world.relayer.start()
+
+    claim = await final_claim(client, headers, claim_id)
+    assert claim["status"] == "confirmed", claim
+    assert len(world.claimed_events(digest_of(world, message))) == 1
+    assert world.balance(provider.address) == earned - FEE
+
+
+async def test_relayer_slow__answer_times_out__claim_completes_once(world: World, client: httpx.AsyncClient):
+    provider = new_account()
+    earned = world.fund(provider.address, USDC)
+    headers = await sign_in(client, provider)
+    message, signature = sign_delegation(world, provider, max_amount=earned)
+
+    world.slow.delay = 2.5  # longer than the relay's 1 s relayer timeout
+    try:
+        reply = await client.post(
+            "/v1/provider/claims", json={"delegation": message, "signature": signature}, headers=headers
+        )
+        assert reply.status_code == 202, reply.text
+        claim_id = reply.json()["id"]
+        claim = await final_claim(client, headers, claim_id)
+    finally:
+        world.slow.delay = 0.0
+    assert claim["status"] == "confirmed", claim
+    world.relayer.call(world.core.idle)
+    assert [t.id for t in world.core.tasks.values() if t.memo == claim_id] == [claim["task_id"]]
+    assert len(world.claimed_events(digest_of(world, message))) == 1
+    assert world.balance(provider.address) == earned - FEE
+    assert to_checksum_address(claim["payee"]) == provider.address
