@@ -162,6 +162,10 @@ async def current_caller(request: Request, runtime: RuntimeDep) -> Caller:
     if token.startswith(KEY_PREFIX):
         key = await runtime.prepaid.authenticate(token)
         return Caller("api_key", f"wallet:{key.wallet.lower()}", api_key=key)
+    if "payment-signature" in request.headers or "x-payment" in request.headers:
+        # An x402 payment pays for the call: SDKs that always send some bearer key (the OpenAI
+        # SDK wrapped in an x402 transport) must not be refused for it.
+        return Caller("anonymous", f"ip:{client_ip(request, runtime.settings)}")
     raise AuthenticationFailed(
         "Unknown API key. Call without a key (playground), with a sign-in session token, "
         "or with a Quotra API key (sk-quotra-…)"

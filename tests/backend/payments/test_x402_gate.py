@@ -190,6 +190,30 @@ async def test_v1_payment_is_answered_with_x_payment_response(paid: Any) -> None
     assert "payment-response" not in reply.headers
 
 
+async def test_a_payment_pays_even_beside_an_unknown_bearer_key(paid: Any) -> None:
+    # The OpenAI SDK always sends some key; with an x402 payment it must not be refused for it.
+    account = payer(paid.chain)
+    accepted = await requirements(paid)
+    reply = await paid.client.post(
+        "/v1/chat/completions",
+        json=chat_body(),
+        headers={
+            "PAYMENT-SIGNATURE": v2_header(accepted, authorization(account, accepted)),
+            "Authorization": "Bearer not-a-quotra-key",
+        },
+    )
+    assert reply.status_code == 200, reply.text
+    assert unb64(reply.headers["payment-response"])["success"] is True
+
+
+async def test_an_unknown_bearer_key_without_payment_is_refused(paid: Any) -> None:
+    reply = await paid.client.post(
+        "/v1/chat/completions", json=chat_body(), headers={"Authorization": "Bearer not-a-quotra-key"}
+    )
+    assert reply.status_code == 401
+    assert reply.json()["error"]["type"] == "authentication_error"
+
+
 async def test_paid_stream_says_pending_first_and_ends_with_the_settlement_event(paid: Any) -> None:
     account = payer(paid.chain)
     accepted = await requirements(paid, stream=True)
