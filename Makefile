@@ -30,8 +30,15 @@ setup: $(BIN)/.installed node_modules/.installed
 compile: setup
 	$(BIN)/ape compile
 
+# ape's test isolation tracks fixtures by name across a session, so each group of contract
+# tests whose fixtures share names at different scopes runs in its own pytest session.
+PYTEST := $(BIN)/pytest -q -p no:cacheprovider
 test: compile
-	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) tools/with-postgres.sh $(BIN)/pytest -q tests
+	$(PYTEST) tests/contracts/unit
+	$(PYTEST) tests/contracts/test_mock_usdc.py tests/contracts/test_twin.py
+	$(PYTEST) tests/contracts/test_scripts.py
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTEST) tests/contracts/invariants
+	tools/with-postgres.sh $(PYTEST) tests/backend tests/e2e
 
 lint: setup
 	$(BIN)/ruff check backend scripts tests bench

@@ -31,9 +31,14 @@ if shutil.which("anvil") is None and (REPO_ROOT / "node_modules" / ".bin" / "anv
     os.environ["PATH"] = f"{REPO_ROOT / 'node_modules' / '.bin'}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
+# The invariant state machine drives its own anvil with plain JSON-RPC, not ape.
+NON_APE_DIRS = (APE_TESTS_DIR / "invariants",)
+
+
 def uses_ape(item: pytest.Item) -> bool:
     """Whether `item` is an ape test (runs on ape's provider, with chain isolation)."""
-    return APE_TESTS_DIR in Path(item.path).parents
+    parents = Path(item.path).parents
+    return APE_TESTS_DIR in parents and not any(d in parents for d in NON_APE_DIRS)
 
 
 @pytest.hookimpl(trylast=True)  # after ape's own pytest_configure registered its runner

@@ -214,11 +214,13 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 @main.command()
-def demo() -> None:
-    """Tell Quotra's story on a local Base Sepolia twin (what `make demo` runs)."""
+@click.option("--keep", is_flag=True, help="Leave everything running and print the URLs and keys to try")
+@click.option("--chain-only", is_flag=True, help="Only the escrow's part, straight against the contracts")
+def demo(keep: bool, chain_only: bool) -> None:
+    """The whole marketplace on a local Base Sepolia twin (what `make demo` runs)."""
     from quotra.demo import main as run_demo
 
-    raise SystemExit(run_demo())
+    raise SystemExit(run_demo(keep=keep, chain_only=chain_only))
 
 
 def _payments_runtime(settings: Settings) -> Any:
