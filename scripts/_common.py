@@ -331,3 +331,38 @@ __all__ = [
     "usdc_text",
     "yes_option",
 ]
+
+
+def revoke_signed_item(
+    account: Any,
+    path: Path | None,
+    digest: str | None,
+    *,
+    primary: str,
+    signer_field: str,
+    revoke_method: str,
+    to_tuple: Callable[[dict[str, Any]], tuple[Any, ...]],
+    yes: bool,
+) -> bytes:
+    """Revoke a signed permission or delegation on-chain, named by its JSON file or its digest."""
+    deployment = load_deployment()
+    escrow = escrow_contract(deployment)
+    if (path is None) == (digest is None):
+        raise click.UsageError(f"pass exactly one of --{primary.lower()}-file and --digest")
+    if path is not None:
+        message = read_signed_item(path, primary, deployment)
+        if message[signer_field] != account.address:
+            raise click.BadParameter(
+                f"the item's {signer_field} is {message[signer_field]}, not {account.address}"
+            )
+        item = eip712.digest(deployment.escrow_domain, primary, message)
+        confirm(yes, f"Revoke {primary} 0x{item.hex()}?")
+        with reverts_as_click_errors(revoke_method):
+            getattr(escrow, revoke_method)(to_tuple(message), sender=account)
+    else:
+        item = parse_digest(digest)
+        confirm(yes, f"Revoke 0x{item.hex()}?")
+        with reverts_as_click_errors("revoke"):
+            escrow.revoke(item, sender=account)
+    click.echo(f"revoked 0x{item.hex()}")
+    return item

@@ -12,7 +12,6 @@ from typing import Any
 
 import click
 from ape.cli import ConnectedProviderCommand, account_option
-from quotra.chain import eip712
 from quotra.chain.escrow import permission_tuple
 
 from scripts._common import (
@@ -25,9 +24,8 @@ from scripts._common import (
     head_timestamp,
     load_deployment,
     new_salt,
-    parse_digest,
-    read_signed_item,
     reverts_as_click_errors,
+    revoke_signed_item,
     sign_typed,
     signed_item,
     usdc_contract,
@@ -171,23 +169,13 @@ def sign_permission(
 @yes_option
 def revoke(account: Any, permission_file: Path | None, digest: str | None, yes: bool) -> None:
     """Revoke a spend permission on-chain (no charge settles under it afterwards)."""
-    deployment = load_deployment()
-    escrow = escrow_contract(deployment)
-    if (permission_file is None) == (digest is None):
-        raise click.UsageError("pass exactly one of --permission-file and --digest")
-    if permission_file is not None:
-        message = read_signed_item(permission_file, "SpendPermission", deployment)
-        if message["consumer"] != account.address:
-            raise click.BadParameter(
-                f"the permission's consumer is {message['consumer']}, not {account.address}"
-            )
-        item = eip712.digest(deployment.escrow_domain, "SpendPermission", message)
-        confirm(yes, f"Revoke permission 0x{item.hex()}?")
-        with reverts_as_click_errors("revoke_permission"):
-            escrow.revoke_permission(permission_tuple(message), sender=account)
-    else:
-        item = parse_digest(digest)
-        confirm(yes, f"Revoke 0x{item.hex()}?")
-        with reverts_as_click_errors("revoke"):
-            escrow.revoke(item, sender=account)
-    click.echo(f"revoked 0x{item.hex()}")
+    revoke_signed_item(
+        account,
+        permission_file,
+        digest,
+        primary="SpendPermission",
+        signer_field="consumer",
+        revoke_method="revoke_permission",
+        to_tuple=permission_tuple,
+        yes=yes,
+    )

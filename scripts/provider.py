@@ -11,7 +11,6 @@ from typing import Any
 
 import click
 from ape.cli import ConnectedProviderCommand, account_option
-from quotra.chain import eip712
 from quotra.chain.escrow import ZERO_ADDRESS, delegation_tuple
 
 from scripts._common import (
@@ -25,9 +24,8 @@ from scripts._common import (
     head_timestamp,
     load_deployment,
     new_salt,
-    parse_digest,
-    read_signed_item,
     reverts_as_click_errors,
+    revoke_signed_item,
     sign_typed,
     signed_item,
     usdc_contract,
@@ -127,23 +125,13 @@ def sign_delegation(
 @yes_option
 def revoke(account: Any, delegation_file: Path | None, digest: str | None, yes: bool) -> None:
     """Revoke a delegation on-chain (no claim goes through it afterwards)."""
-    deployment = load_deployment()
-    escrow = escrow_contract(deployment)
-    if (delegation_file is None) == (digest is None):
-        raise click.UsageError("pass exactly one of --delegation-file and --digest")
-    if delegation_file is not None:
-        message = read_signed_item(delegation_file, "Delegation", deployment)
-        if message["provider"] != account.address:
-            raise click.BadParameter(
-                f"the delegation's provider is {message['provider']}, not {account.address}"
-            )
-        item = eip712.digest(deployment.escrow_domain, "Delegation", message)
-        confirm(yes, f"Revoke delegation 0x{item.hex()}?")
-        with reverts_as_click_errors("revoke_delegation"):
-            escrow.revoke_delegation(delegation_tuple(message), sender=account)
-    else:
-        item = parse_digest(digest)
-        confirm(yes, f"Revoke 0x{item.hex()}?")
-        with reverts_as_click_errors("revoke"):
-            escrow.revoke(item, sender=account)
-    click.echo(f"revoked 0x{item.hex()}")
+    revoke_signed_item(
+        account,
+        delegation_file,
+        digest,
+        primary="Delegation",
+        signer_field="provider",
+        revoke_method="revoke_delegation",
+        to_tuple=delegation_tuple,
+        yes=yes,
+    )
