@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/node_modules/.bin:$(CURDIR)/$(BIN):$(PATH)
 export APE_DATA_FOLDER ?= $(CURDIR)/.cache/ape
 FUZZ_EXAMPLES ?= 60
 
-.PHONY: all setup compile test test-contracts test-backend lint format demo bench clean
+.PHONY: all setup compile test lint format demo bench clean
 
 all: setup
 
@@ -54,6 +54,7 @@ demo: compile
 
 bench: compile
 	$(BIN)/python bench/gas.py
+	$(BIN)/python bench/relay_overhead.py
 
 clean:
 	rm -rf .build .cache data $(VENV) node_modules
