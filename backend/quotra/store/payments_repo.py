@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from sqlalchemy import func, insert, literal, select, text, update
 from sqlalchemy.exc import IntegrityError
@@ -270,29 +270,22 @@ class PaymentsRepo:
 
     async def capture_x402(self, payment_id: int) -> X402Row | None:
         """reserved → captured (the call was served); ledger `capture`. None if not reserved."""
-        async with self.sessions.begin() as session:
-            row = await self._x402_transition(session, payment_id, ["reserved"], status="captured")
-            if row is not None:
-                await ledger.append(
-                    session,
-                    kind="capture",
-                    method="x402",
-                    account=row.payer,
-                    amount=row.amount,
-                    provider=row.provider,
-                    listing_id=row.listing_id,
-                    reference=settlement_id(row.id),
-                )
-            return row
+        return await self._finish_x402(payment_id, status="captured", kind="capture")
 
     async def void_x402(self, payment_id: int) -> X402Row | None:
         """reserved → voided (the call failed: not charged); ledger `void`. None if not reserved."""
+        return await self._finish_x402(payment_id, status="voided", kind="void")
+
+    async def _finish_x402(
+        self, payment_id: int, *, status: str, kind: Literal["capture", "void"]
+    ) -> X402Row | None:
+        """Ends a reservation and records it in the ledger, in one transaction."""
         async with self.sessions.begin() as session:
-            row = await self._x402_transition(session, payment_id, ["reserved"], status="voided")
+            row = await self._x402_transition(session, payment_id, ["reserved"], status=status)
             if row is not None:
                 await ledger.append(
                     session,
-                    kind="void",
+                    kind=kind,
                     method="x402",
                     account=row.payer,
                     amount=row.amount,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -209,7 +210,7 @@ def transport_error(exc: Exception, provider: str, api_key: str) -> UpstreamUnav
 # --------------------------------------------------------------------------------------------
 
 
-class HTTPAdapter:
+class HTTPAdapter(ABC):
     """Sends JSON to one provider and maps every failure to an `UpstreamError`.
 
     Exceptions are raised outside `except` blocks on purpose: a chained httpx exception would
@@ -222,8 +223,9 @@ class HTTPAdapter:
         self._client = client
         self._timeout = httpx.Timeout(timeout)
 
+    @abstractmethod
     def _headers(self, api_key: str) -> dict[str, str]:
-        raise NotImplementedError
+        """The upstream's auth headers for `api_key`."""
 
     def _classify(self, status: int, payload: Any) -> int:
         """The status to map by; Gemini overrides it (a bad key there is a 400)."""
