@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/node_modules/.bin:$(CURDIR)/$(BIN):$(PATH)
 # ape keeps its data (compiled dependencies, accounts) inside the project, never in $HOME.
 export APE_DATA_FOLDER ?= $(CURDIR)/.cache/ape
-FUZZ_EXAMPLES ?= 60
+FUZZ_EXAMPLES ?= 150
 
 .PHONY: all setup compile test lint format demo bench clean
 

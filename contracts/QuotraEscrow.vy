@@ -11,31 +11,36 @@
         exactly: `fee = amount * fee_bps // 10_000` to the platform, the rest to
         the provider whose key served the call. Providers claim their earnings
         themselves or through a signed, revocable `Delegation` that any relayer
-        may submit for a USDC fee (the ERC-7710 idea, written for this escrow).
+        may submit for a USDC fee bounded by what the provider signed (the
+        ERC-7710 idea, written for this escrow).
 @dev Trust model: consumer deposits move only back to the consumer or, under a
      consumer-signed permission, to providers and the platform (never above its
-     allowance, outside its window, or after revocation). Provider earnings move
-     only to the provider or to the payee of a provider-signed delegation (never
-     above its cap, after expiry or revocation). Operators (the relay's settling
-     keys) are trusted to attribute a paid call to the provider that served it and
-     to refund a verified x402 payment to its payer within `refund_window`.
+     allowance, outside its window, after revocation, or twice for one batch
+     reference). Provider earnings move only to the provider or to the payee of a
+     provider-signed delegation (never above its cap, after expiry or
+     revocation; the relayer's fee is the signed fee pro rata of the amount
+     claimed, so splitting a claim never raises it). Every credit is backed by
+     USDC that entered the escrow in the same transaction: a settled
+     authorization, a settled charge, or, for a front-run authorization, the
+     operator's own funds (`reconcile_authorization`). Every x402 credit is
+     committed in a Merkle root of `(payer, nonce, provider, amount, fee_bps)`
+     leaves, and a refund must prove its payment is one of them: it can only
+     return a payment credited here, once, from the provider it was credited
+     to, at the fee it was split at. What operators (the relay's settling keys)
+     are still trusted with: naming the provider that served each call, and
+     choosing which credited x402 payments to refund within `refund_window`.
      Pausing stops deposits and settlements; claims, withdrawals, refunds and
      revocations always work. Solvency: `usdc.balanceOf(self) >= liabilities()`,
-     equal except for tokens sent here directly, which only `sweep` can move.
+     equal except for tokens that reached the escrow outside its own calls
+     (mistaken transfers, front-run authorizations), which only `sweep` moves.
 @custom:security Per-call x402 settlement writes no per-payment storage slot
-                 (one would cost 22k gas a call and miss the gas budget). USDC's
-                 own `authorizationState` makes each (payer, nonce) settle once;
-                 `reconciled` and `refunded` are written only on the rare
-                 reconcile and refund paths, each once per reference. What the
-                 escrow therefore cannot tell by itself, and trusts the operator
-                 with: whether a used authorization was front-run or settled here
-                 (`reconcile_authorization` credits only the excess nobody is
-                 owed, so a mistake can only misattribute stray funds), and
-                 whether a paid authorization was credited, cancelled, or split
-                 at an older fee (`refund_payment` pays only the payer who signed
-                 it, at most its amount, once, within the window, at the current
-                 fee). The invariant suite checks these bounds; the relay's
-                 ledger records which path credited each payment.
+                 (one would cost 22k gas a call and miss the gas budget): each
+                 batch stores one Merkle root, and USDC's own
+                 `authorizationState` makes each (payer, nonce) settle once.
+                 USDC records a cancelled authorization exactly as a used one
+                 and a front-run one arrives as a bare transfer, so the escrow
+                 never credits a payment out of funds it did not receive itself;
+                 `reconcile_authorization` is paid by the operator instead.
 """
 
 from ethereum.ercs import IERC20
@@ -56,6 +61,7 @@ initializes: eip712_domain_separator
 
 from snekmate.utils import signature_checker
 from snekmate.utils import message_hash_utils
+from snekmate.utils import merkle_proof_verification
 
 
 # @dev `ownable.renounce_ownership` / `ownable_2step.renounce_ownership` are left
@@ -83,6 +89,12 @@ MAX_FEE_BPS: public(constant(uint256)) = 2_000
 INITIAL_FEE_BPS: constant(uint256) = 1_000
 # @dev Bounds of the batch entry points.
 MAX_PAYMENTS: public(constant(uint256)) = 64
+# @dev The longest Merkle proof of a batch of `MAX_PAYMENTS`: ceil(log2(64)).
+MAX_PROOF_LENGTH: public(constant(uint256)) = 6
+# @dev Bounds of the deploy-time delays: a deposit can never be locked for longer
+# than this, nor a credited payment stay refundable for longer.
+MAX_WITHDRAWAL_DELAY: public(constant(uint256)) = 30 * 86_400
+MAX_REFUND_WINDOW: public(constant(uint256)) = 30 * 86_400
 MAX_CHARGES: public(constant(uint256)) = 256
 MAX_CHARGE_BATCHES: public(constant(uint256)) = 8
 MAX_BATCH_CHARGES: public(constant(uint256)) = 64
@@ -105,8 +117,8 @@ DELEGATION_TYPEHASH: public(constant(bytes32)) = keccak256(
     "Delegation(address provider,address delegate,address payee,uint256 max_amount,uint256 relayer_fee,uint256 valid_until,uint256 salt)"
 )
 REVOCATION_TYPEHASH: public(constant(bytes32)) = keccak256("Revocation(address account,bytes32 item)")
-# @dev USDC's EIP-3009 type hash (FiatToken v2), used to verify front-run
-# authorizations before reconciling or refunding them.
+# @dev USDC's EIP-3009 type hash (FiatToken v2), used to verify a front-run
+# authorization before reconciling it.
 TRANSFER_WITH_AUTHORIZATION_TYPEHASH: public(constant(bytes32)) = keccak256(
     "TransferWithAuthorization(address from,address to,uint256 value,uint256 validAfter,uint256 validBefore,bytes32 nonce)"
 )
@@ -121,8 +133,8 @@ usdc: public(immutable(address))
 # @dev Seconds between `request_withdrawal` and `withdraw`, so that charges
 # already served can still settle.
 withdrawal_delay: public(immutable(uint256))
-# @dev Seconds after an authorization's `validBefore` during which an operator
-# may refund it.
+# @dev Seconds after an x402 payment was credited during which an operator may
+# refund it.
 refund_window: public(immutable(uint256))
 
 
@@ -155,18 +167,36 @@ struct SpendPermission:
     salt: uint256
 
 
+# @dev An x402 payment as this escrow credited it: the leaf of a settlement's
+# Merkle root (see `hash_credit`), which a refund must prove.
+struct Credit:
+    payer: address
+    nonce: bytes32
+    provider: address
+    amount: uint256
+    fee_bps: uint256
+
+
+# @dev Consecutive credits to one provider within a batch, booked together.
+struct Run:
+    provider: address
+    amount: uint256
+    fee: uint256
+
+
 # @dev One permission's charges, for the multi-permission entry point.
 struct ChargeBatch:
     permission: SpendPermission
     signature: Bytes[65]
-    expected_spent: uint256
     reference: bytes32
     charges: DynArray[uint256, MAX_BATCH_CHARGES]
 
 
 # @dev A provider's grant letting `delegate` (anyone if empty) claim up to
-# `max_amount` of their earnings to `payee`, paying the caller `relayer_fee`
-# per claim, until `valid_until`.
+# `max_amount` of their earnings to `payee` until `valid_until`. The caller
+# receives `relayer_fee` for claiming all of `max_amount`, pro rata for less:
+# `relayer_fee * amount // max_amount` per claim, so however a relayer splits
+# the claims, its fees never exceed `relayer_fee` in all.
 struct Delegation:
     provider: address
     delegate: address
@@ -204,6 +234,11 @@ earnings: public(HashMap[address, uint256])
 _totals: uint256
 # @dev Amount charged so far under each permission (by EIP-712 digest).
 permission_spent: public(HashMap[bytes32, uint256])
+# @dev Charge batch references already settled: each batch settles once.
+settled_references: public(HashMap[bytes32, bool])
+# @dev When each x402 settlement was credited, by its Merkle root (a batch's
+# root, or a reconciled payment's single leaf); zero for an unknown root.
+settlement_roots: public(HashMap[bytes32, uint256])
 # @dev Amount claimed so far under each delegation (by EIP-712 digest).
 delegation_claimed: public(HashMap[bytes32, uint256])
 # @dev Items (permission or delegation digests) revoked by their signer.
@@ -218,17 +253,18 @@ refunded: public(HashMap[bytes32, bool])
 #                             EVENTS                             #
 # ################################################################
 
-event PaymentSettled:
-    payer: indexed(address)
-    provider: indexed(address)
-    nonce: indexed(bytes32)
-    amount: uint256
-    fee: uint256
-
-
 event PaymentsSettled:
     operator: indexed(address)
+    root: indexed(bytes32)
     count: uint256
+    amount: uint256
+    fee: uint256
+    fee_bps: uint256
+
+
+event Credited:
+    provider: indexed(address)
+    settlement: indexed(bytes32)
     amount: uint256
     fee: uint256
 
@@ -245,6 +281,7 @@ event PaymentReconciled:
     nonce: indexed(bytes32)
     amount: uint256
     fee: uint256
+    fee_bps: uint256
 
 
 event PaymentRefunded:
@@ -262,6 +299,7 @@ event ChargesSettled:
     amount: uint256
     fee: uint256
     count: uint256
+    fee_bps: uint256
 
 
 event Deposited:
@@ -330,10 +368,12 @@ def __init__(usdc_: address, withdrawal_delay_: uint256, refund_window_: uint256
     @param usdc_ The USDC (FiatToken) address on this chain.
     @param withdrawal_delay_ Seconds a consumer waits between requesting a
            withdrawal and withdrawing.
-    @param refund_window_ Seconds after an authorization's `validBefore` during
+    @param refund_window_ Seconds after an x402 payment was credited during
            which operators may refund it.
     """
-    assert usdc_ != empty(address), "escrow: zero usdc"
+    assert usdc_.is_contract, "escrow: usdc has no code"
+    assert withdrawal_delay_ <= MAX_WITHDRAWAL_DELAY, "escrow: withdrawal delay too long"
+    assert refund_window_ <= MAX_REFUND_WINDOW, "escrow: refund window too long"
     ownable.__init__()
     ownable_2step.__init__()
     pausable.__init__()
@@ -351,54 +391,28 @@ def __init__(usdc_: address, withdrawal_delay_: uint256, refund_window_: uint256
 
 @external
 @nonreentrant
-def settle_authorization(payment: Payment):
+def settle_authorizations(payments: DynArray[Payment, MAX_PAYMENTS]) -> bytes32:
     """
-    @dev Settles one x402 payment: submits the payer's EIP-3009 authorization to
-         USDC (paying this escrow) and credits the split in the same transaction.
-    @notice Reverts with USDC's own reason if the authorization is refused.
-    @param payment The authorization and the provider that served the call.
-    """
-    self._check_operator()
-    pausable._require_not_paused()
-    self._check_payment(payment)
-    extcall IFiatToken(usdc).transferWithAuthorization(
-        payment.payer,
-        self,
-        payment.amount,
-        payment.valid_after,
-        payment.valid_before,
-        payment.nonce,
-        payment.v,
-        payment.r,
-        payment.s,
-    )
-    fee: uint256 = self._split(payment.amount)
-    share: uint256 = payment.amount - fee
-    self.earnings[payment.provider] += share
-    self._update_totals(0, 0, share, 0, fee, 0)
-    log PaymentSettled(payer=payment.payer, provider=payment.provider, nonce=payment.nonce, amount=payment.amount, fee=fee)
-
-
-@external
-@nonreentrant
-def settle_authorizations(payments: DynArray[Payment, MAX_PAYMENTS]) -> uint256:
-    """
-    @dev Settles many x402 payments in one transaction. An authorization that
-         USDC refuses (for instance because someone submitted it to USDC first)
-         is skipped with a `PaymentFailed` event instead of failing the batch;
-         a front-run one can then be credited by `reconcile_authorization`.
-    @notice One `PaymentsSettled` event for the batch (each payment is also
-            visible as USDC's `AuthorizationUsed` and `Transfer` events in the
-            same transaction): a per-payment event would cost ~2.4k gas each.
+    @dev Settles x402 payments in one transaction: submits each payer's EIP-3009
+         authorization to USDC (paying this escrow) and credits the split in the
+         same transaction. An authorization that USDC refuses (used, cancelled,
+         expired, unfunded) is skipped with a `PaymentFailed` event instead of
+         failing the batch.
+    @notice The credited payments are committed in one Merkle root of their
+            `Credit` leaves (`hash_credit`, pairs hashed sorted), stored with
+            the time, which a refund must prove membership in. Consecutive
+            payments to one provider are booked together, with one `Credited`
+            event per run: list a provider's payments together to save gas.
     @param payments The authorizations and the providers that served them.
-    @return uint256 The number of payments settled.
+    @return bytes32 The settlement's Merkle root (empty if nothing settled).
     """
     self._check_operator()
     pausable._require_not_paused()
     bps: uint256 = self.fee_bps
-    total_share: uint256 = 0
+    leaves: DynArray[bytes32, MAX_PAYMENTS] = []
+    runs: DynArray[Run, MAX_PAYMENTS] = []
+    total: uint256 = 0
     total_fee: uint256 = 0
-    settled: uint256 = 0
     for payment: Payment in payments:
         self._check_payment(payment)
         ok: bool = raw_call(
@@ -423,25 +437,41 @@ def settle_authorizations(payments: DynArray[Payment, MAX_PAYMENTS]) -> uint256:
             log PaymentFailed(payer=payment.payer, provider=payment.provider, nonce=payment.nonce)
             continue
         fee: uint256 = payment.amount * bps // MAX_BPS
-        share: uint256 = payment.amount - fee
-        self.earnings[payment.provider] += share
-        total_share += share
+        leaves.append(self._hash_credit(payment.payer, payment.nonce, payment.provider, payment.amount, bps))
+        last: uint256 = len(runs)
+        if last > 0 and runs[last - 1].provider == payment.provider:
+            runs[last - 1].amount += payment.amount
+            runs[last - 1].fee += fee
+        else:
+            runs.append(Run(provider=payment.provider, amount=payment.amount, fee=fee))
+        total += payment.amount
         total_fee += fee
-        settled += 1
-    self._update_totals(0, 0, total_share, 0, total_fee, 0)
-    log PaymentsSettled(operator=msg.sender, count=settled, amount=total_share + total_fee, fee=total_fee)
-    return settled
+    root: bytes32 = empty(bytes32)
+    if len(leaves) > 0:
+        root = self._merkle_root(leaves)
+        self.settlement_roots[root] = block.timestamp
+        for run: Run in runs:
+            self._credit(run.provider, root, run.amount, run.fee)
+        self._update_totals(0, 0, total - total_fee, 0, total_fee, 0)
+    log PaymentsSettled(
+        operator=msg.sender, root=root, count=len(leaves), amount=total, fee=total_fee, fee_bps=bps
+    )
+    return root
 
 
 @external
 @nonreentrant
 def reconcile_authorization(payment: Payment):
     """
-    @dev Credits an x402 payment whose authorization was submitted straight to
-         USDC (front-run), so its funds arrived here uncredited.
-    @notice Credits once per reference, only after checking the payer's
-            signature against USDC's own EIP-712 domain and that USDC marks the
-            nonce used, and only out of funds nobody is owed.
+    @dev Credits an x402 payment whose authorization someone submitted straight
+         to USDC (front-run), so that its provider is paid for the call. The
+         operator pays the amount in: USDC records a cancelled authorization
+         exactly as a used one, and the front-run funds arrived as a bare
+         transfer, so the escrow cannot tell whether they are this payment's.
+         The front-run funds themselves stay outside the books, for `sweep`.
+    @notice Credits once per reference, only for an authorization the payer
+            signed to this escrow under USDC's own EIP-712 domain and that
+            USDC marks used. The operator must have approved the amount.
     @param payment The authorization and the provider that served the call.
     """
     self._check_operator()
@@ -450,43 +480,49 @@ def reconcile_authorization(payment: Payment):
     reference: bytes32 = self._payment_reference(payment.payer, payment.nonce)
     assert not self.reconciled[reference], "escrow: already reconciled"
     self._verify_paid_authorization(payment)
-    assert staticcall IERC20(usdc).balanceOf(self) - self._liabilities() >= payment.amount, "escrow: no unowed funds"
     self.reconciled[reference] = True
-    fee: uint256 = self._split(payment.amount)
-    share: uint256 = payment.amount - fee
-    self.earnings[payment.provider] += share
-    self._update_totals(0, 0, share, 0, fee, 0)
-    log PaymentReconciled(payer=payment.payer, provider=payment.provider, nonce=payment.nonce, amount=payment.amount, fee=fee)
+    bps: uint256 = self.fee_bps
+    fee: uint256 = payment.amount * bps // MAX_BPS
+    leaf: bytes32 = self._hash_credit(payment.payer, payment.nonce, payment.provider, payment.amount, bps)
+    self.settlement_roots[leaf] = block.timestamp
+    self._credit(payment.provider, leaf, payment.amount, fee)
+    self._update_totals(0, 0, payment.amount - fee, 0, fee, 0)
+    assert extcall IERC20(usdc).transferFrom(
+        msg.sender, self, payment.amount, default_return_value=True
+    ), "escrow: transfer failed"
+    log PaymentReconciled(
+        payer=payment.payer, provider=payment.provider, nonce=payment.nonce, amount=payment.amount, fee=fee, fee_bps=bps
+    )
 
 
 @external
 @nonreentrant
-def refund_payment(payment: Payment):
+def refund_payment(credit: Credit, root: bytes32, proof: DynArray[bytes32, MAX_PROOF_LENGTH]):
     """
-    @dev Refunds an x402 payment to its payer, out of the provider's unclaimed
-         share and the platform fee, once, within `refund_window` after the
-         authorization's `validBefore`.
+    @dev Refunds a credited x402 payment to its payer, out of the share it
+         credited to its provider and the fee it was split with, once, within
+         `refund_window` after it was credited.
     @notice Works while paused: a refund is an exit.
-    @param payment The paid authorization and the provider it was credited to.
+    @param credit The payment as it was credited (its leaf in `root`).
+    @param root The Merkle root of the settlement that credited it.
+    @param proof The sibling hashes from the leaf up to `root`.
     """
     self._check_operator()
-    self._check_payment(payment)
-    # Written so that a huge `valid_before` cannot overflow.
-    assert (
-        block.timestamp <= payment.valid_before or block.timestamp - payment.valid_before <= refund_window
-    ), "escrow: refund window closed"
-    reference: bytes32 = self._payment_reference(payment.payer, payment.nonce)
+    settled_at: uint256 = self.settlement_roots[root]
+    leaf: bytes32 = self._hash_credit(credit.payer, credit.nonce, credit.provider, credit.amount, credit.fee_bps)
+    assert settled_at != 0 and merkle_proof_verification._verify(proof, root, leaf), "escrow: payment not settled here"
+    assert block.timestamp - settled_at <= refund_window, "escrow: refund window closed"
+    reference: bytes32 = self._payment_reference(credit.payer, credit.nonce)
     assert not self.refunded[reference], "escrow: already refunded"
-    self._verify_paid_authorization(payment)
-    fee: uint256 = self._split(payment.amount)
-    share: uint256 = payment.amount - fee
-    assert self.earnings[payment.provider] >= share, "escrow: provider share already claimed"
+    fee: uint256 = credit.amount * credit.fee_bps // MAX_BPS
+    share: uint256 = credit.amount - fee
+    assert self.earnings[credit.provider] >= share, "escrow: provider share already claimed"
     assert self._platform_fees() >= fee, "escrow: platform fee already withdrawn"
     self.refunded[reference] = True
-    self.earnings[payment.provider] -= share
+    self.earnings[credit.provider] -= share
     self._update_totals(0, 0, 0, share, 0, fee)
-    self._transfer_out(payment.payer, payment.amount)
-    log PaymentRefunded(payer=payment.payer, provider=payment.provider, nonce=payment.nonce, amount=payment.amount, fee=fee)
+    self._transfer_out(credit.payer, credit.amount)
+    log PaymentRefunded(payer=credit.payer, provider=credit.provider, nonce=credit.nonce, amount=credit.amount, fee=fee)
 
 
 # ################################################################
@@ -505,6 +541,7 @@ def deposit(amount: uint256, beneficiary: address):
     pausable._require_not_paused()
     assert amount > 0, "escrow: zero amount"
     assert beneficiary != empty(address), "escrow: zero beneficiary"
+    assert beneficiary != self, "escrow: escrow as beneficiary"
     assert extcall IERC20(usdc).transferFrom(msg.sender, self, amount, default_return_value=True), "escrow: transfer failed"
     self._credit_deposit(msg.sender, beneficiary, amount)
 
@@ -592,7 +629,6 @@ def withdraw() -> uint256:
 def settle_charges(
     permission: SpendPermission,
     signature: Bytes[65],
-    expected_spent: uint256,
     reference: bytes32,
     charges: DynArray[uint256, MAX_CHARGES],
 ):
@@ -600,25 +636,24 @@ def settle_charges(
     @dev Settles captured charges of prepaid calls under a consumer-signed
          permission, in one transaction for many calls and providers. The caller
          must be an operator and the permission's spender.
-    @notice Idempotent without a storage slot per batch: a batch names the
-            amount already spent under the permission before it
-            (`expected_spent`), so the same batch can never apply twice and
-            batches apply in order. A retry after a crash is refused with
-            "escrow: permission spent mismatch" once the first attempt landed.
+    @notice Idempotent: each `reference` settles once, so a retry after a crash
+            is refused with "escrow: reference already settled" once the first
+            attempt landed. Consecutive charges to one provider are booked
+            together, with one `Credited` event per run.
     @param permission The consumer's spend permission.
     @param signature The consumer's EIP-712 signature of it (EOA or ERC-1271).
-    @param expected_spent `permission_spent` of the permission before this batch.
-    @param reference The relay's id of this batch, echoed in `ChargesSettled`.
+    @param reference The relay's id of this batch, unique, echoed in the events.
     @param charges The charges, each `provider << 96 | amount`: the amount for
            calls served by that provider (the relay sums a provider's calls).
     """
     self._check_operator()
     pausable._require_not_paused()
-    digest: bytes32 = self._check_permission(permission, signature, expected_spent)
+    digest: bytes32 = self._check_permission(permission, signature)
+    self._take_reference(reference)
     total: uint256 = 0
     total_fee: uint256 = 0
-    total, total_fee = self._credit_charges(charges)
-    self._debit_permission(permission, digest, expected_spent, reference, total, total_fee, len(charges))
+    total, total_fee = self._credit_charges(charges, reference)
+    self._debit_permission(permission, digest, reference, total, total_fee, len(charges))
 
 
 @external
@@ -626,18 +661,18 @@ def settle_charges(
 def settle_charges_batch(batches: DynArray[ChargeBatch, MAX_CHARGE_BATCHES]):
     """
     @dev `settle_charges` for several permissions in one transaction.
-    @param batches Each permission with its signature, expected spent amount,
-           reference and charges.
+    @param batches Each permission with its signature, reference and charges.
     """
     self._check_operator()
     pausable._require_not_paused()
     for batch: ChargeBatch in batches:
-        digest: bytes32 = self._check_permission(batch.permission, batch.signature, batch.expected_spent)
+        digest: bytes32 = self._check_permission(batch.permission, batch.signature)
+        self._take_reference(batch.reference)
         total: uint256 = 0
         total_fee: uint256 = 0
-        total, total_fee = self._credit_charges(batch.charges)
+        total, total_fee = self._credit_charges(batch.charges, batch.reference)
         self._debit_permission(
-            batch.permission, digest, batch.expected_spent, batch.reference, total, total_fee, len(batch.charges)
+            batch.permission, digest, batch.reference, total, total_fee, len(batch.charges)
         )
 
 
@@ -654,7 +689,7 @@ def claim(amount: uint256, payee: address):
     @param payee The receiver (the provider itself, or anyone it names).
     """
     assert amount > 0, "escrow: zero amount"
-    assert payee != empty(address), "escrow: zero payee"
+    self._check_payee(payee)
     self._debit_earnings(msg.sender, amount)
     self._transfer_out(payee, amount)
     log Claimed(provider=msg.sender, payee=payee, delegation=empty(bytes32), amount=amount, relayer=empty(address), relayer_fee=0)
@@ -666,16 +701,18 @@ def claim_with_delegation(delegation: Delegation, signature: Bytes[65], amount: 
     """
     @dev Claims `amount` of a provider's earnings under its signed delegation,
          for a provider without ETH: any relayer (or only `delegate`, if set)
-         submits it and receives `relayer_fee` in USDC, the payee the rest.
-         Works while paused.
+         submits it and receives the signed relayer fee pro rata,
+         `relayer_fee * amount // max_amount`; the payee gets the rest. Works
+         while paused.
     @param delegation The provider's delegation.
     @param signature The provider's EIP-712 signature of it (EOA or ERC-1271).
     @param amount The amount taken from the earnings, relayer fee included.
     """
     assert delegation.delegate == empty(address) or delegation.delegate == msg.sender, "escrow: not the delegate"
     assert block.timestamp < delegation.valid_until, "escrow: delegation expired"
-    assert delegation.payee != empty(address), "escrow: zero payee"
-    assert amount > delegation.relayer_fee, "escrow: amount not above relayer fee"
+    self._check_payee(delegation.payee)
+    assert amount > 0, "escrow: zero amount"
+    assert delegation.relayer_fee < delegation.max_amount, "escrow: relayer fee not below cap"
     digest: bytes32 = self._hash_delegation(delegation)
     assert not self.revoked[delegation.provider][digest], "escrow: delegation revoked"
     claimed: uint256 = self.delegation_claimed[digest] + amount
@@ -683,16 +720,18 @@ def claim_with_delegation(delegation: Delegation, signature: Bytes[65], amount: 
     assert signature_checker._is_valid_signature_now(delegation.provider, digest, signature), "escrow: invalid signature"
     self.delegation_claimed[digest] = claimed
     self._debit_earnings(delegation.provider, amount)
-    if delegation.relayer_fee > 0:
-        self._transfer_out(msg.sender, delegation.relayer_fee)
-    self._transfer_out(delegation.payee, amount - delegation.relayer_fee)
+    # Below `amount`: `relayer_fee < max_amount` and `amount <= max_amount`.
+    fee: uint256 = delegation.relayer_fee * amount // delegation.max_amount
+    if fee > 0:
+        self._transfer_out(msg.sender, fee)
+    self._transfer_out(delegation.payee, amount - fee)
     log Claimed(
         provider=delegation.provider,
         payee=delegation.payee,
         delegation=digest,
         amount=amount,
         relayer=msg.sender,
-        relayer_fee=delegation.relayer_fee,
+        relayer_fee=fee,
     )
 
 
@@ -801,7 +840,7 @@ def withdraw_platform_fees(to: address, amount: uint256):
     @param amount The amount in atomic units.
     """
     ownable._check_owner()
-    assert to != empty(address), "escrow: zero payee"
+    self._check_payee(to)
     assert amount > 0, "escrow: zero amount"
     assert amount <= self._platform_fees(), "escrow: amount exceeds fees"
     self._update_totals(0, 0, 0, 0, 0, amount)
@@ -813,14 +852,16 @@ def withdraw_platform_fees(to: address, amount: uint256):
 @nonreentrant
 def sweep(token: address, to: address) -> uint256:
     """
-    @dev Moves tokens sent here by mistake: for USDC only the excess over
-         `liabilities()`, for any other token the whole balance.
+    @dev Moves tokens that reached the escrow outside its own calls (mistaken
+         transfers, front-run x402 authorizations, which `reconcile_authorization`
+         pays the provider for out of the operator's funds): for USDC only the
+         excess over `liabilities()`, for any other token the whole balance.
     @param token The token.
     @param to The receiver.
     @return uint256 The amount swept.
     """
     ownable._check_owner()
-    assert to != empty(address), "escrow: zero payee"
+    self._check_payee(to)
     balance: uint256 = staticcall IERC20(token).balanceOf(self)
     amount: uint256 = balance
     if token == usdc:
@@ -955,6 +996,17 @@ def payment_reference(payer: address, nonce: bytes32) -> bytes32:
 
 
 @external
+@pure
+def hash_credit(credit: Credit) -> bytes32:
+    """
+    @dev The Merkle leaf of a credited x402 payment.
+    @param credit The payment as credited.
+    @return bytes32 The leaf.
+    """
+    return self._hash_credit(credit.payer, credit.nonce, credit.provider, credit.amount, credit.fee_bps)
+
+
+@external
 @view
 def fee_of(amount: uint256) -> uint256:
     """
@@ -979,13 +1031,33 @@ def _check_operator():
 
 
 @internal
-@pure
+@view
+def _check_provider(provider: address):
+    """
+    @dev Throws on a provider that could never claim what it is credited.
+    """
+    assert provider != empty(address), "escrow: zero provider"
+    assert provider != self, "escrow: escrow as provider"
+
+
+@internal
+@view
+def _check_payee(payee: address):
+    """
+    @dev Throws on a receiver that would strand the funds paid to it.
+    """
+    assert payee != empty(address), "escrow: zero payee"
+    assert payee != self, "escrow: escrow as payee"
+
+
+@internal
+@view
 def _check_payment(payment: Payment):
     """
     @dev Throws on a payment that could never be credited.
     """
     assert payment.amount > 0, "escrow: zero amount"
-    assert payment.provider != empty(address), "escrow: zero provider"
+    self._check_provider(payment.provider)
 
 
 @internal
@@ -1047,11 +1119,57 @@ def _payment_reference(payer: address, nonce: bytes32) -> bytes32:
 
 
 @internal
+@pure
+def _hash_credit(payer: address, nonce: bytes32, provider: address, amount: uint256, fee_bps: uint256) -> bytes32:
+    """
+    @dev The Merkle leaf of a credited x402 payment. Its 160-byte preimage can
+         never be read as a pair of 32-byte nodes.
+    """
+    return keccak256(abi_encode(payer, nonce, provider, amount, fee_bps))
+
+
+@internal
+@pure
+def _merkle_root(leaves: DynArray[bytes32, MAX_PAYMENTS]) -> bytes32:
+    """
+    @dev The Merkle root of `leaves` (at least one), built level by level in
+         place: each pair hashed sorted (snekmate's `_hash_pair`), an odd last
+         node carried up unchanged. `quotra.chain.merkle` builds the same tree
+         and its proofs.
+    """
+    nodes: DynArray[bytes32, MAX_PAYMENTS] = leaves
+    count: uint256 = len(nodes)
+    for _: uint256 in range(MAX_PROOF_LENGTH):
+        if count == 1:
+            break
+        parents: uint256 = unsafe_div(unsafe_add(count, 1), 2)
+        for i: uint256 in range(parents, bound=MAX_PAYMENTS):
+            left: uint256 = unsafe_add(i, i)
+            if unsafe_add(left, 1) < count:
+                nodes[i] = merkle_proof_verification._hash_pair(nodes[left], nodes[unsafe_add(left, 1)])
+            else:
+                nodes[i] = nodes[left]
+        count = parents
+    return nodes[0]
+
+
+@internal
+def _credit(provider: address, settlement: bytes32, amount: uint256, fee: uint256):
+    """
+    @dev Credits a provider its share of `amount` paid in for its calls (the
+         totals are booked by the caller, once per transaction).
+    """
+    self.earnings[provider] += amount - fee
+    log Credited(provider=provider, settlement=settlement, amount=amount, fee=fee)
+
+
+@internal
 @view
 def _verify_paid_authorization(payment: Payment):
     """
     @dev Throws unless the payer signed a `TransferWithAuthorization` of
-         `amount` to this escrow under USDC's domain and USDC marks it used.
+         `amount` to this escrow under USDC's domain and USDC marks it used
+         (or cancelled: USDC does not tell the two apart).
     """
     struct_hash: bytes32 = keccak256(
         abi_encode(
@@ -1084,7 +1202,7 @@ def _credit_deposit(sender: address, beneficiary: address, amount: uint256):
 
 @internal
 @view
-def _check_permission(permission: SpendPermission, signature: Bytes[65], expected_spent: uint256) -> bytes32:
+def _check_permission(permission: SpendPermission, signature: Bytes[65]) -> bytes32:
     """
     @dev Throws unless the caller may charge under `permission` now; returns
          its digest.
@@ -1094,30 +1212,47 @@ def _check_permission(permission: SpendPermission, signature: Bytes[65], expecte
     assert block.timestamp < permission.valid_until, "escrow: permission expired"
     digest: bytes32 = self._hash_permission(permission)
     assert not self.revoked[permission.consumer][digest], "escrow: permission revoked"
-    assert self.permission_spent[digest] == expected_spent, "escrow: permission spent mismatch"
     assert signature_checker._is_valid_signature_now(permission.consumer, digest, signature), "escrow: invalid signature"
     return digest
 
 
 @internal
-def _credit_charges(charges: DynArray[uint256, MAX_CHARGES]) -> (uint256, uint256):
+def _take_reference(reference: bytes32):
     """
-    @dev Credits each packed charge's provider share; returns the total charged
-         and the total fee. Unchecked arithmetic is safe: amounts are below
-         2**96, `fee_bps` below `MAX_BPS`, and at most `MAX_CHARGES` entries sum
-         far below 2**256 (the deposit check then bounds the total).
+    @dev Marks a charge batch's reference settled; throws if it already was.
+    """
+    assert not self.settled_references[reference], "escrow: reference already settled"
+    self.settled_references[reference] = True
+
+
+@internal
+def _credit_charges(charges: DynArray[uint256, MAX_CHARGES], reference: bytes32) -> (uint256, uint256):
+    """
+    @dev Credits each packed charge's provider share, one run of consecutive
+         charges to a provider at a time; returns the total charged and the
+         total fee. Unchecked arithmetic is safe: amounts are below 2**96,
+         `fee_bps` below `MAX_BPS`, and at most `MAX_CHARGES` entries sum far
+         below 2**256 (the deposit check then bounds the total).
     """
     bps: uint256 = self.fee_bps
     total: uint256 = 0
     total_fee: uint256 = 0
+    run: Run = empty(Run)
     for packed: uint256 in charges:
         provider: address = convert(packed >> _CHARGE_AMOUNT_BITS, address)
-        assert provider != empty(address), "escrow: zero provider"
+        self._check_provider(provider)
         amount: uint256 = packed & _CHARGE_AMOUNT_MASK
         fee: uint256 = unsafe_div(unsafe_mul(amount, bps), MAX_BPS)
-        self.earnings[provider] = unsafe_add(self.earnings[provider], unsafe_sub(amount, fee))
+        if provider != run.provider:
+            if run.provider != empty(address):
+                self._credit(run.provider, reference, run.amount, run.fee)
+            run = Run(provider=provider, amount=0, fee=0)
+        run.amount = unsafe_add(run.amount, amount)
+        run.fee = unsafe_add(run.fee, fee)
         total = unsafe_add(total, amount)
         total_fee = unsafe_add(total_fee, fee)
+    if run.provider != empty(address):
+        self._credit(run.provider, reference, run.amount, run.fee)
     return total, total_fee
 
 
@@ -1125,7 +1260,6 @@ def _credit_charges(charges: DynArray[uint256, MAX_CHARGES]) -> (uint256, uint25
 def _debit_permission(
     permission: SpendPermission,
     digest: bytes32,
-    expected_spent: uint256,
     reference: bytes32,
     total: uint256,
     total_fee: uint256,
@@ -1136,14 +1270,20 @@ def _debit_permission(
          books it in the totals.
     """
     assert total > 0, "escrow: zero amount"
-    spent: uint256 = expected_spent + total
+    spent: uint256 = self.permission_spent[digest] + total
     assert spent <= permission.allowance, "escrow: allowance exceeded"
     assert total <= self.deposits[permission.consumer], "escrow: deposit exceeded"
     self.permission_spent[digest] = spent
     self.deposits[permission.consumer] -= total
     self._update_totals(0, total, total - total_fee, 0, total_fee, 0)
     log ChargesSettled(
-        consumer=permission.consumer, permission=digest, reference=reference, amount=total, fee=total_fee, count=count
+        consumer=permission.consumer,
+        permission=digest,
+        reference=reference,
+        amount=total,
+        fee=total_fee,
+        count=count,
+        fee_bps=self.fee_bps,
     )
 
 

@@ -81,7 +81,8 @@ def earnings(account: Any, address: str | None) -> None:
     type=UsdcAmount(allow_zero=True),
     default="0",
     show_default=True,
-    help="Paid to the submitting relayer per claim, out of the claimed amount.",
+    help="The relayer's fee for claiming all of --max, out of the claimed amount; a partial claim "
+    "pays it pro rata, so the relayer never gets more however it splits the claims.",
 )
 @click.option("--days", "duration", type=PositiveDays(), default="7", show_default=True, help="Validity.")
 @click.option("--payee", type=ADDRESS, default=None, help="Receiver of the claims (default: the provider).")

@@ -244,7 +244,7 @@ def test_signed_permission__settles__provider_claims_exact_amounts(
     charges = [pack_charge(PROVIDER.address, 3 * USDC)]
     web3_chain.transact(
         escrow.functions.settle_charges(
-            permission_tuple(message), signature, 0, secrets.token_bytes(32), charges
+            permission_tuple(message), signature, secrets.token_bytes(32), charges
         ),
         account_from_key(OPERATOR.private_key),
     )

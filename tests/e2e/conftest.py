@@ -42,6 +42,7 @@ def onchain() -> Iterator[OnChain]:
         usdc = chain.contract("MockUSDC", chain_.usdc)
         escrow = chain.deploy("QuotraEscrow", owner, chain_.usdc, 3600, 86_400)
         chain.transact(escrow.functions.set_operator(operator.address, True), owner)
+        chain_.mint_usdc(operator.address, 1_000 * 10**6)  # it pays for the front-runs it reconciles
         block = int(chain.w3.eth.block_number)
         yield OnChain(chain_, chain, escrow, usdc, owner, operator, outsider, block)
 

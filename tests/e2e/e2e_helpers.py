@@ -61,8 +61,13 @@ class OnChain:
     def earnings(self, provider: str) -> int:
         return int(self.escrow.functions.earnings(provider).call())
 
+    def excess(self) -> int:
+        """What the escrow holds beyond what it owes: front-run payments (which a reconcile pays
+        the provider for out of the operator's funds) awaiting the owner's sweep."""
+        return self.balance(self.escrow.address) - int(self.escrow.functions.liabilities().call())
+
     def solvent(self) -> bool:
-        return self.balance(self.escrow.address) == self.escrow.functions.liabilities().call()
+        return self.excess() >= 0
 
 
 def relay_settings(

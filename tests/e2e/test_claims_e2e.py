@@ -92,7 +92,9 @@ class World:
         consumer = new_account()
         self.twin.mint_usdc(consumer.address, gross)
         auth = sign_authorization(consumer, self.deployment.usdc_domain, self.deployment.escrow, gross)
-        self.chain.transact(self.escrow.functions.settle_authorization(auth.payment(provider)), self.operator)
+        self.chain.transact(
+            self.escrow.functions.settle_authorizations([auth.payment(provider)]), self.operator
+        )
         return gross - gross * self.deployment.fee_bps // 10_000
 
     def claimed_events(self, digest: str) -> list[Any]:
@@ -313,7 +315,8 @@ async def test_refusals__revoked_and_over_cap__nothing_reaches_the_relayer(
     assert (reply.status_code, reply.json()["error"]["code"]) == (409, "delegation_revoked")
 
     # Over the delegation's cap.
-    capped, capped_sig = sign_delegation(world, provider, max_amount=USDC // 2)
+    # Its fee, pro rata, pays the relayer's minimum for a claim of 0.3 of its 0.5 USDC cap.
+    capped, capped_sig = sign_delegation(world, provider, max_amount=USDC // 2, relayer_fee=2 * FEE)
     reply = await client.post(
         "/v1/provider/claims",
         json={"delegation": capped, "signature": capped_sig, "amount": "0.8"},

@@ -16,6 +16,7 @@ from web3 import AsyncHTTPProvider, AsyncWeb3
 
 from quotra.chain import eip712
 from quotra.chain.escrow import load_artifact
+from quotra.chain.merkle import Credit
 from quotra.chain.relayer import ChainCall
 
 
@@ -94,6 +95,10 @@ class DelegationArgs:
             self.salt,
         )
 
+    def relayer_fee_for(self, amount: int) -> int:
+        """What the escrow pays the relayer for claiming `amount`: the signed fee, pro rata."""
+        return self.relayer_fee * amount // self.max_amount
+
     def as_message(self) -> dict[str, Any]:
         return dict(
             zip(
@@ -161,6 +166,17 @@ class EscrowClient:
     async def permission_spent(self, digest: bytes) -> int:
         return int(await self.escrow.functions.permission_spent(digest).call())
 
+    async def reference_settled(self, reference: bytes) -> bool:
+        """Whether a charge batch reference has settled (each settles once)."""
+        return bool(await self.escrow.functions.settled_references(reference).call())
+
+    async def usdc_allowance(self, owner: str, spender: str) -> int:
+        return int(
+            await self.usdc.functions.allowance(
+                to_checksum_address(owner), to_checksum_address(spender)
+            ).call()
+        )
+
     async def delegation_claimed(self, digest: bytes) -> int:
         return int(await self.escrow.functions.delegation_claimed(digest).call())
 
@@ -187,11 +203,6 @@ class EscrowClient:
     def _call(self, fn: Any, label: str) -> ChainCall:
         return ChainCall(to=self.escrow_address, data=HexBytes(fn._encode_transaction_data()), label=label)
 
-    def encode_settle_authorization(self, payment: PaymentArgs) -> ChainCall:
-        return self._call(
-            self.escrow.functions.settle_authorization(payment.as_tuple()), "settle_authorization"
-        )
-
     def encode_settle_authorizations(self, payments: list[PaymentArgs]) -> ChainCall:
         fn = self.escrow.functions.settle_authorizations([p.as_tuple() for p in payments])
         return self._call(fn, f"settle_authorizations[{len(payments)}]")
@@ -200,22 +211,22 @@ class EscrowClient:
         fn = self.escrow.functions.reconcile_authorization(payment.as_tuple())
         return self._call(fn, "reconcile_authorization")
 
-    def encode_refund_payment(self, payment: PaymentArgs) -> ChainCall:
-        return self._call(self.escrow.functions.refund_payment(payment.as_tuple()), "refund_payment")
+    def encode_refund_payment(self, credit: Credit, root: bytes, proof: list[bytes]) -> ChainCall:
+        """A refund of `credit`, proven by its leaf's path to the settlement's `root`."""
+        fn = self.escrow.functions.refund_payment(credit.as_tuple(), root, proof)
+        return self._call(fn, "refund_payment")
 
     def encode_settle_charges(
-        self,
-        permission: PermissionArgs,
-        signature: bytes,
-        expected_spent: int,
-        reference: bytes,
-        charges: list[int],
+        self, permission: PermissionArgs, signature: bytes, reference: bytes, charges: list[int]
     ) -> ChainCall:
-        """`charges` are packed with `quotra.chain.charges.pack_charge` (one per provider)."""
-        fn = self.escrow.functions.settle_charges(
-            permission.as_tuple(), signature, expected_spent, reference, charges
-        )
+        """`charges` are packed with `quotra.chain.charges.pack_charge` (one per provider); the
+        escrow settles each `reference` once."""
+        fn = self.escrow.functions.settle_charges(permission.as_tuple(), signature, reference, charges)
         return self._call(fn, f"settle_charges[{len(charges)}]")
+
+    def encode_usdc_approve(self, spender: str, amount: int) -> ChainCall:
+        fn = self.usdc.functions.approve(to_checksum_address(spender), amount)
+        return ChainCall(to=self.usdc_address, data=HexBytes(fn._encode_transaction_data()), label="approve")
 
     def encode_deposit_with_authorization(
         self,

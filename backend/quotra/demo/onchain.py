@@ -175,10 +175,12 @@ class Story:
         auth = sign_authorization(self.bob, d.usdc_domain, d.escrow, price)
         self.say("Bob's x402 client signs a TransferWithAuthorization of 0.25 USDC to the escrow")
         receipt = self.send(
-            "settle_authorization", f.settle_authorization(auth.payment(self.p1.address)), self.operator
+            "settle_authorizations", f.settle_authorizations([auth.payment(self.p1.address)]), self.operator
         )
         self.ledger.paid(self.p1.address, price)
-        self.ledger.gas_per_call.append(("x402 per call (settle_authorization)", receipt["gasUsed"], 1))
+        self.ledger.gas_per_call.append(
+            ("x402 per call (settle_authorizations, a batch of one)", receipt["gasUsed"], 1)
+        )
 
         self.step("3. Alice's API-key calls: one SpendPermission, one batch for two providers")
         now = self.now()
@@ -201,9 +203,7 @@ class Story:
         )
         receipt = self.send(
             "settle_charges",
-            f.settle_charges(
-                permission_tuple(permission), signature.raw, 0, secrets.token_bytes(32), charges
-            ),
+            f.settle_charges(permission_tuple(permission), signature.raw, secrets.token_bytes(32), charges),
             self.operator,
         )
         for provider, amount in calls:

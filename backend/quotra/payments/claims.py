@@ -178,8 +178,13 @@ class ClaimService:
             raise Forbidden("The delegation is another provider's", code="not_your_delegation")
         if to_checksum_address(delegation.payee) == ZERO_ADDRESS:
             raise BadRequest("The delegation has no payee", code="zero_payee")
-        if amount <= delegation.relayer_fee:
-            raise BadRequest("amount must be above the delegation's relayer_fee", code="amount_not_above_fee")
+        if amount <= 0:
+            raise BadRequest("amount must be positive", code="zero_amount")
+        if delegation.relayer_fee >= delegation.max_amount:
+            raise BadRequest(
+                "relayer_fee must be below max_amount (it is the fee for claiming all of it)",
+                code="relayer_fee_not_below_cap",
+            )
         if amount > delegation.max_amount:
             raise BadRequest(
                 f"amount {amount} is above the delegation's cap max_amount {delegation.max_amount}",
@@ -203,10 +208,11 @@ class ClaimService:
                 f"The delegation names delegate {delegate}, but the relayer submits from {quote.delegate}",
                 code="wrong_delegate",
             )
-        if quote is not None and delegation.relayer_fee < quote.fee:
+        if quote is not None and delegation.relayer_fee_for(amount) < quote.fee:
             raise BadRequest(
-                f"relayer_fee {delegation.relayer_fee} is below the relayer's fee {quote.fee}: sign a new "
-                "delegation (GET /v1/provider/claims/typed-data)",
+                f"this claim would pay the relayer {delegation.relayer_fee_for(amount)} (the delegation's "
+                f"relayer_fee, pro rata of max_amount), below its fee {quote.fee}: sign a new delegation "
+                "(GET /v1/provider/claims/typed-data)",
                 code="relayer_fee_too_low",
             )
         if now >= delegation.valid_until:
@@ -245,7 +251,7 @@ class ClaimService:
                 payee=to_checksum_address(delegation.payee),
                 delegation_digest=digest_hex,
                 amount=amount,
-                relayer_fee=delegation.relayer_fee,
+                relayer_fee=delegation.relayer_fee_for(amount),
                 relayer=self.relayer.name,
                 task_id=new_task_id() if isinstance(self.relayer, OneShotRelayer) else None,
                 next_check_at=utcnow() + timedelta(seconds=self.stale_seconds),

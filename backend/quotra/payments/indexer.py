@@ -20,24 +20,22 @@ from typing import Any, Final
 from eth_utils import event_abi_to_log_topic, keccak, to_checksum_address
 from hexbytes import HexBytes
 
+from quotra.chain import merkle
 from quotra.chain.client import EscrowClient
 from quotra.metrics import Metrics
-from quotra.store.payments_repo import PaymentsRepo, settlement_id
+from quotra.store.payments_repo import PaymentsRepo, settlement_id, split_fee
 
 log = logging.getLogger("quotra.indexer")
 
 EVENTS: Final = (
-    "PaymentSettled",
     "PaymentsSettled",
     "PaymentFailed",
     "PaymentReconciled",
     "PaymentRefunded",
     "ChargesSettled",
 )
-CREDITS: Final = ("PaymentSettled", "PaymentReconciled")
 # USDC (FiatToken) logs this for every EIP-3009 authorization it executes.
 AUTHORIZATION_USED: Final = "0x" + keccak(text="AuthorizationUsed(address,bytes32)").hex()
-MAX_BPS: Final = 10_000
 
 
 def _hex(value: Any) -> str:
@@ -67,7 +65,8 @@ class EscrowEvent:
 
 @dataclass(frozen=True)
 class Credit:
-    """One x402 payment the escrow credited (settled alone or in a batch, or reconciled) or refunded."""
+    """One x402 payment the escrow credited (settled in a batch, or reconciled) or refunded. A
+    credit carries what a refund must prove: its fee rate, its settlement's root and its proof."""
 
     kind: str  # settled | reconciled | refunded
     payer: str
@@ -77,10 +76,19 @@ class Credit:
     fee: int
     tx_hash: str
     block: int
+    fee_bps: int | None = None
+    root: bytes | None = None
+    proof: tuple[bytes, ...] = ()
 
     @property
     def key(self) -> tuple[str, str]:
         return self.payer, self.nonce
+
+    def leaf(self) -> merkle.Credit:
+        assert self.fee_bps is not None, "a refund event is no credit"
+        return merkle.Credit(
+            self.payer, bytes.fromhex(self.nonce[2:]), self.provider, self.amount, self.fee_bps
+        )
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,7 @@ class Discrepancy:
 
 def _credit(event: EscrowEvent, kind: str) -> Credit:
     payer, nonce = event.key
-    return Credit(
+    credit = Credit(
         kind,
         payer,
         nonce,
@@ -106,12 +114,19 @@ def _credit(event: EscrowEvent, kind: str) -> Credit:
         event.tx_hash,
         event.block,
     )
+    if kind == "reconciled":
+        # A reconciled payment is committed alone: its root is its own leaf.
+        bps = int(event.args["fee_bps"])
+        leaf = merkle.Credit(payer, bytes.fromhex(nonce[2:]), credit.provider, credit.amount, bps).leaf
+        credit = Credit(**{**credit.__dict__, "fee_bps": bps, "root": leaf})
+    return credit
 
 
 class EscrowEvents:
     """Decodes the escrow's payment events. A batch (`settle_authorizations`) logs one
-    `PaymentsSettled`; its payments are read from the transaction's input, and those USDC
-    executed (its `AuthorizationUsed` log in the same transaction) are the credited ones."""
+    `PaymentsSettled` with its Merkle root and fee rate; its payments are read from the
+    transaction's input, and those USDC executed (its `AuthorizationUsed` log in the same
+    transaction) are the credited ones, in the order of the root's leaves."""
 
     def __init__(self, client: EscrowClient, start_block: int = 0) -> None:
         self.client = client
@@ -121,7 +136,6 @@ class EscrowEvents:
         }
         self.topics = {name: "0x" + event_abi_to_log_topic(abis[name]).hex() for name in EVENTS}
         self._decoders = {topic: getattr(client.escrow.events, name)() for name, topic in self.topics.items()}
-        self._fee_at: dict[int, int] = {}
 
     def decode(self, entry: Any) -> EscrowEvent | None:
         topics = entry.get("topics") or []
@@ -152,12 +166,6 @@ class EscrowEvents:
                 used.add((to_checksum_address("0x" + _hex(topics[1])[-40:]), _hex(topics[2]).lower()))
         return used
 
-    async def fee_bps_at(self, block: int) -> int:
-        if block not in self._fee_at:
-            fee = await self.client.escrow.functions.fee_bps().call(block_identifier=block)
-            self._fee_at[block] = int(fee)
-        return self._fee_at[block]
-
     async def credits_in(self, tx_hash: str, receipt: Any = None) -> list[Credit]:
         """The payments the escrow credited or refunded in one transaction."""
         if receipt is None:
@@ -165,27 +173,52 @@ class EscrowEvents:
         credits: list[Credit] = []
         events = self.from_receipt(receipt)
         for event in events:
-            if event.name == "PaymentSettled":
-                credits.append(_credit(event, "settled"))
-            elif event.name == "PaymentReconciled":
+            if event.name == "PaymentReconciled":
                 credits.append(_credit(event, "reconciled"))
             elif event.name == "PaymentRefunded":
                 credits.append(_credit(event, "refunded"))
-        if any(e.name == "PaymentsSettled" for e in events):
-            tx = await self.client.w3.eth.get_transaction(HexBytes(tx_hash))
-            _, args = self.client.escrow.decode_function_input(tx["input"])
-            tx_hex = _hex(tx_hash)
-            used = self.authorizations_used(receipt)
-            block = int(receipt["blockNumber"])
-            bps = await self.fee_bps_at(block)
-            for payment in args["payments"]:
-                fields = payment if isinstance(payment, tuple | list) else tuple(payment.values())
-                payer, nonce = to_checksum_address(fields[0]), _hex(fields[5]).lower()
-                if (payer, nonce) in used:
-                    provider, amount = to_checksum_address(fields[1]), int(fields[2])
-                    fee = amount * bps // MAX_BPS
-                    credits.append(Credit("settled", payer, nonce, provider, amount, fee, tx_hex, block))
+        settled = [e for e in events if e.name == "PaymentsSettled" and int(e.args["count"]) > 0]
+        if settled:
+            credits.extend(await self._batch_credits(tx_hash, receipt, settled[0]))
         return credits
+
+    async def _batch_credits(self, tx_hash: str, receipt: Any, summary: EscrowEvent) -> list[Credit]:
+        """The payments one `settle_authorizations` credited, each with its proof in the root."""
+        tx = await self.client.w3.eth.get_transaction(HexBytes(tx_hash))
+        _, args = self.client.escrow.decode_function_input(tx["input"])
+        used = self.authorizations_used(receipt)
+        bps = int(summary.args["fee_bps"])
+        leaves: list[merkle.Credit] = []
+        for payment in args["payments"]:
+            fields = payment if isinstance(payment, tuple | list) else tuple(payment.values())
+            payer, nonce = to_checksum_address(fields[0]), _hex(fields[5]).lower()
+            if (payer, nonce) in used:
+                used.discard((payer, nonce))  # a repeat in the same batch was refused
+                nonce_bytes = bytes.fromhex(nonce[2:])
+                leaves.append(
+                    merkle.Credit(payer, nonce_bytes, to_checksum_address(fields[1]), int(fields[2]), bps)
+                )
+        hashes = [leaf.leaf for leaf in leaves]
+        root = merkle.root(hashes)
+        if root != bytes(summary.args["root"]):
+            raise ValueError(f"the payments of {tx_hash} do not make its settlement root")
+        block = int(receipt["blockNumber"])
+        return [
+            Credit(
+                "settled",
+                leaf.payer,
+                "0x" + leaf.nonce.hex(),
+                leaf.provider,
+                leaf.amount,
+                split_fee(leaf.amount, bps),
+                _hex(tx_hash),
+                block,
+                bps,
+                root,
+                tuple(merkle.proof(hashes, i)),
+            )
+            for i, leaf in enumerate(leaves)
+        ]
 
     async def fetch(
         self, from_block: int, to_block: int | str, topics: list[Any] | None = None
@@ -203,10 +236,10 @@ class EscrowEvents:
     async def credit_of(self, payer: str, nonce: str) -> Credit | None:
         """The escrow's credit (settled, alone or in a batch, or reconciled) of one authorization."""
         nonce = nonce.lower()
-        topics = [[self.topics[n] for n in CREDITS], address_topic(payer), None, nonce]
+        topics = [self.topics["PaymentReconciled"], address_topic(payer), None, nonce]
         events = await self.fetch(self.start_block, "latest", topics)
         if events:
-            return _credit(events[0], "settled" if events[0].name == "PaymentSettled" else "reconciled")
+            return _credit(events[0], "reconciled")
         logs = await self.client.w3.eth.get_logs(
             {
                 "address": self.client.usdc_address,
@@ -279,11 +312,7 @@ class Indexer:
     async def credits(self, event: EscrowEvent) -> list[Credit]:
         if event.name == "PaymentsSettled":
             return [c for c in await self.events.credits_in(event.tx_hash) if c.kind == "settled"]
-        kinds = {
-            "PaymentSettled": "settled",
-            "PaymentReconciled": "reconciled",
-            "PaymentRefunded": "refunded",
-        }
+        kinds = {"PaymentReconciled": "reconciled", "PaymentRefunded": "refunded"}
         if event.name in kinds:
             return [_credit(event, kinds[event.name])]
         return []

@@ -7,11 +7,13 @@ the amount spent before it). A batch is sent when it is full, when its oldest it
 
 Crash safety: an attempt is counted in the database before anything is sent, so a `pending`
 batch with attempts may already be on-chain; before sending it again the worker asks the chain
-(USDC's `authorizationState` and the escrow's credit events; for charges `permission_spent` and
-the `ChargesSettled` event with the batch's reference) and records what already landed, so
-nothing is paid twice. A `submitted` batch is followed by its transaction hash, also after a
-restart. An authorization USDC refused (`PaymentFailed`) is checked: used elsewhere (front-run)
-→ `reconcile_authorization`, else failed. RPC failures are retried with backoff.
+(USDC's `authorizationState` and the escrow's credit events; for charges whether the escrow has
+settled the batch's reference, which it does once, and its `ChargesSettled` event) and records
+what already landed, so nothing is paid twice. A `submitted` batch is followed by its transaction
+hash, also after a restart. An authorization USDC refused (`PaymentFailed`) is checked: used
+elsewhere (front-run) → `reconcile_authorization`, paid with the operator's own USDC, else
+failed. RPC failures are retried with backoff. Fees are what the escrow's events say each
+settlement was split at, never a rate remembered from earlier.
 
 One worker per database settles: a PostgreSQL advisory lock elects it (the rows are taken with
 `FOR UPDATE SKIP LOCKED` all the same); on SQLite a lock file beside the database does.
@@ -38,11 +40,11 @@ from web3.exceptions import TransactionNotFound
 
 from quotra.chain.charges import aggregate
 from quotra.chain.client import EscrowClient, PermissionArgs
-from quotra.chain.relayer import Relayer, RelayerError, Submission, TxState, wait_final
+from quotra.chain.relayer import DirectRelayer, RelayerError, Submission, TxState, wait_final
 from quotra.metrics import Metrics
 from quotra.payments.indexer import EscrowEvent, EscrowEvents
 from quotra.store.models import utcnow
-from quotra.store.payments_repo import BatchRow, PaymentsRepo, X402Row, settlement_id, split_fee
+from quotra.store.payments_repo import BatchRow, PaymentsRepo, X402Row, settlement_id
 
 log = logging.getLogger("quotra.settlement")
 
@@ -153,7 +155,7 @@ class SettlementWorker:
         self,
         repo: PaymentsRepo,
         client: EscrowClient,
-        relayer: Relayer,
+        relayer: DirectRelayer,
         config: SettlementConfig | None = None,
         *,
         metrics: Metrics | None = None,
@@ -171,7 +173,6 @@ class SettlementWorker:
         self.on_settled = on_settled
         self._reconcile_after: dict[int, tuple[float, int]] = {}
         self._failures: dict[int, int] = {}  # batch id -> RPC failures in a row (for the backoff)
-        self._fee_bps: int | None = None
         self._wake = asyncio.Event()
 
     # ---- the loop ---------------------------------------------------------------------------------
@@ -215,11 +216,6 @@ class SettlementWorker:
         delay = self._backoff(attempts if attempts is not None else batch.attempts)
         log.info("settlement retry", extra={"batch": batch.id, "error": error[:200], "in": delay})
         await self.repo.retry_later(batch.id, error, utcnow() + timedelta(seconds=delay))
-
-    async def fee_bps(self) -> int:
-        if self._fee_bps is None:
-            self._fee_bps = await self.client.fee_bps()
-        return self._fee_bps
 
     # ---- forming ----------------------------------------------------------------------------------
 
@@ -274,8 +270,6 @@ class SettlementWorker:
                 await self.repo.fail_batch(batch.id, "the spend permission is not registered")
                 return
             charges = await self.repo.batch_charges(batch.id)
-            digest = bytes.fromhex(batch.permission_digest.removeprefix("0x"))
-            expected = await self.client.permission_spent(digest)
             args = PermissionArgs(
                 consumer=permission.consumer,
                 spender=permission.spender,
@@ -287,9 +281,9 @@ class SettlementWorker:
             packed = aggregate((c.provider, c.amount) for c in charges if c.status == "settling")
             signature = bytes.fromhex(permission.signature.removeprefix("0x"))
             call = self.client.encode_settle_charges(
-                args, signature, expected, bytes.fromhex(batch.reference.removeprefix("0x")), packed
+                args, signature, bytes.fromhex(batch.reference.removeprefix("0x")), packed
             )
-            await self.repo.start_attempt(batch.id, expected_spent=expected)
+            await self.repo.start_attempt(batch.id)
         submission = await self.relayer.send(call, memo=batch.reference)
         if submission.state is TxState.REJECTED:
             # Refused before sending (it would revert): retried later, checked against the chain first.
@@ -326,14 +320,11 @@ class SettlementWorker:
                 return True
             return False
         assert batch.permission_digest is not None
-        if batch.expected_spent is None:
-            return False
-        digest = bytes.fromhex(batch.permission_digest.removeprefix("0x"))
-        if await self.client.permission_spent(digest) <= batch.expected_spent:
+        if not await self.client.reference_settled(bytes.fromhex(batch.reference.removeprefix("0x"))):
             return False
         event = await self.events.charges_of(batch.permission_digest, batch.reference)
         if event is None:
-            return False  # moved by something else: resent with the new amount spent
+            raise RelayerError(f"batch {batch.id} settled, but its ChargesSettled is not found yet")
         await self._charges_landed(batch, event, gas_used=None)
         return True
 
@@ -416,14 +407,12 @@ class SettlementWorker:
         log.info("settlement confirmed", extra={"batch": batch.id, "tx": tx_hash, "gas": gas_used})
 
     async def _charges_landed(self, batch: BatchRow, event: EscrowEvent, *, gas_used: int | None) -> None:
-        assert batch.expected_spent is not None
         if await self.repo.settle_charges(
             batch,
             tx_hash=event.tx_hash,
             gas_used=gas_used,
-            fee_bps=await self.fee_bps(),
+            fee_bps=int(event.args["fee_bps"]),
             total_fee=int(event.args["fee"]),
-            expected_spent=batch.expected_spent,
         ):
             self._count("charges", "settled", batch.items)
             log.info("charges settled", extra={"batch": batch.id, "tx": event.tx_hash})
@@ -448,6 +437,7 @@ class SettlementWorker:
     async def _reconcile(self, row: X402Row) -> None:
         credit = await self.events.credit_of(row.payer, row.nonce)
         if credit is None:
+            await self._allow_reconcile(row.amount)
             call = self.client.encode_reconcile_authorization(row.payment_args())
             submission = await self.relayer.send(call, memo=settlement_id(row.id))
             if submission.state is TxState.REJECTED:
@@ -468,6 +458,19 @@ class SettlementWorker:
                 "x402 front-run reconciled", extra={"payment": settlement_id(row.id), "tx": credit.tx_hash}
             )
 
+    async def _allow_reconcile(self, amount: int) -> None:
+        """A reconcile is paid with the operator's own USDC (the escrow never credits funds it did
+        not receive itself): approve the escrow to take it, once, when the allowance runs short."""
+        operator = self.relayer.address
+        if await self.client.usdc_allowance(operator, self.client.escrow_address) >= amount:
+            return
+        submission = await self.relayer.send(
+            self.client.encode_usdc_approve(self.client.escrow_address, 2**256 - 1), memo="approve reconciles"
+        )
+        final = await wait_final(self.relayer, submission.id, within=self.config.confirm_within)
+        if final.state is not TxState.CONFIRMED:
+            raise RelayerError(f"approving the escrow for reconciles: {final.state.name} {final.error or ''}")
+
     # ---- refunds ----------------------------------------------------------------------------------
 
     async def refund(self, payment_id: int) -> str:
@@ -476,8 +479,12 @@ class SettlementWorker:
         row = await self.repo.get_x402(payment_id)
         if row is None or row.status not in ("settled", "reconciled"):
             raise RelayerError(f"{settlement_id(payment_id)} is not settled: nothing to refund")
+        credit = await self.events.credit_of(row.payer, row.nonce)
+        if credit is None or credit.root is None:
+            raise RelayerError(f"{settlement_id(payment_id)}: its credit is not found on-chain")
         submission = await self.relayer.send(
-            self.client.encode_refund_payment(row.payment_args()), memo=f"refund {settlement_id(row.id)}"
+            self.client.encode_refund_payment(credit.leaf(), credit.root, list(credit.proof)),
+            memo=f"refund {settlement_id(row.id)}",
         )
         if submission.state is TxState.REJECTED:
             raise RelayerError(f"refund rejected: {submission.error}")
@@ -485,7 +492,7 @@ class SettlementWorker:
         if final.state is not TxState.CONFIRMED or final.tx_hash is None:
             raise RelayerError(f"refund not confirmed: {final.state.name}")
         refunded = [c for c in await self.events.credits_in(final.tx_hash) if c.kind == "refunded"]
-        fee = refunded[0].fee if refunded else split_fee(row.amount, await self.fee_bps())
+        fee = refunded[0].fee if refunded else credit.fee
         await self.repo.refund_x402(row.id, tx_hash=final.tx_hash, fee=fee)
         self._count("x402", "refunded")
         return final.tx_hash

@@ -26,6 +26,7 @@ from web3 import AsyncWeb3
 from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
 
 from quotra.chain import oneshot
+from quotra.chain.client import DelegationArgs
 from quotra.chain.escrow import ZERO_ADDRESS, load_artifact
 from quotra.chain.relayer import ChainCall, DirectRelayer, RelayerError, Submission, TxState, revert_reason
 from quotra.webhooks import (
@@ -382,11 +383,14 @@ class RelayerCore:
                 raise RpcError(
                     4209, "Unsupported Capability", f"the delegation names another delegate ({delegate})"
                 )
-            if int(delegation["relayer_fee"]) < min_fee:
+            # The escrow pays the signed fee pro rata of the amount claimed.
+            signed = DelegationArgs(**{k: delegation[k] for k in DELEGATION_FIELDS})
+            fee = signed.relayer_fee_for(int(args["amount"])) if signed.max_amount else 0
+            if fee < min_fee:
                 raise RpcError(
                     4200,
                     "Insufficient Payment",
-                    f"relayer_fee {delegation['relayer_fee']} is below the quoted minFee {min_fee}",
+                    f"this claim pays the relayer {fee}, below the quoted minFee {min_fee}",
                 )
             return name
         if name in self.config.sponsored:

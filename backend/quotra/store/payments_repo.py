@@ -476,12 +476,11 @@ class PaymentsRepo:
             )
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
-    async def start_attempt(self, batch_id: int, expected_spent: int | None = None) -> bool:
+    async def start_attempt(self, batch_id: int) -> bool:
         """Counted before anything is sent: a pending batch with attempts may already be on-chain."""
-        values: dict[str, Any] = {"attempts": SettlementBatch.attempts + 1, "error": None}
-        if expected_spent is not None:
-            values["expected_spent"] = expected_spent
-        return await self._batch_update(batch_id, ["pending"], **values)
+        return await self._batch_update(
+            batch_id, ["pending"], attempts=SettlementBatch.attempts + 1, error=None
+        )
 
     async def mark_submitted(self, batch_id: int, submission_id: str, tx_hash: str) -> bool:
         return await self._batch_update(
@@ -622,7 +621,6 @@ class PaymentsRepo:
         gas_used: int | None,
         fee_bps: int,
         total_fee: int,
-        expected_spent: int,
     ) -> bool:
         """A `settle_charges` batch landed: its charges are settled, one ledger `settle` entry per
         call (fees allocated so that each provider's add up to the escrow's), and the consumer's
@@ -632,13 +630,7 @@ class PaymentsRepo:
             result = await session.execute(
                 update(SettlementBatch)
                 .where(SettlementBatch.id == batch.id, SettlementBatch.status.in_(OPEN_BATCH))
-                .values(
-                    status="confirmed",
-                    tx_hash=tx_hash,
-                    gas_used=gas_used,
-                    expected_spent=expected_spent,
-                    updated_at=now,
-                )
+                .values(status="confirmed", tx_hash=tx_hash, gas_used=gas_used, updated_at=now)
             )
             if result.rowcount != 1:  # type: ignore[attr-defined]
                 return False
@@ -691,7 +683,7 @@ class PaymentsRepo:
                         deposit=func.max(ConsumerAccount.deposit - total, 0)
                         if self.dialect == "sqlite"
                         else func.greatest(ConsumerAccount.deposit - total, 0),
-                        permission_spent=expected_spent + total,
+                        permission_spent=ConsumerAccount.permission_spent + total,
                     )
                 )
             return True

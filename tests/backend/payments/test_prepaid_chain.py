@@ -201,7 +201,6 @@ async def test_gasless_deposit__permission__paid_call__settles_on_the_escrow(
         onchain.escrow.functions.settle_charges(
             permission_tuple(stored),
             bytes.fromhex(permission.signature[2:]),
-            0,
             secrets.token_bytes(32),
             aggregate([(charge.provider, charge.amount)]),
         ),

@@ -55,7 +55,9 @@ class ChainEnv:
         consumer = new_account()
         self.twin.mint_usdc(consumer.address, gross)
         auth = sign_authorization(consumer, self.deployment.usdc_domain, self.deployment.escrow, gross)
-        self.chain.transact(self.escrow.functions.settle_authorization(auth.payment(provider)), self.operator)
+        self.chain.transact(
+            self.escrow.functions.settle_authorizations([auth.payment(provider)]), self.operator
+        )
         return gross - gross * self.deployment.fee_bps // 10_000
 
     def delegation(

@@ -118,7 +118,7 @@ async def test_send__would_revert__rejected_by_simulation(
 ):
     provider = new_account()
     earned = chain_env.fund_provider(provider.address, USDC)
-    delegation, signature = chain_env.delegation(provider, 10 * USDC)
+    delegation, signature = chain_env.delegation(provider, earned + 1)
     call = escrow.encode_claim_with_delegation(delegation, bytes.fromhex(signature[2:]), earned + 1)
     tasks = len(local_relayer.core.tasks)
     sub = await client.send(call)
@@ -170,7 +170,7 @@ async def test_send__same_task_id_twice__one_task_never_two(
 ):
     provider = new_account()
     earned = chain_env.fund_provider(provider.address, USDC)
-    delegation, signature = chain_env.delegation(provider, 10 * USDC)
+    delegation, signature = chain_env.delegation(provider, earned // 2)
     call = escrow.encode_claim_with_delegation(delegation, bytes.fromhex(signature[2:]), earned // 2)
     task_id = new_task_id()
     first = await client.send(call, memo="dup", task_id=task_id)

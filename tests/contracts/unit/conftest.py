@@ -20,9 +20,11 @@ from escrow_helpers import (
     ZERO_ADDRESS,
     Delegation,
     Payment,
+    Settled,
     SpendPermission,
     Wallet,
     address_of,
+    settlement,
 )
 from eth_account import Account
 from eth_utils import keccak
@@ -71,13 +73,15 @@ def pytest_runtest_teardown(item, nextitem):
 
 
 @pytest.fixture(scope="session")
-def escrow(deploy_escrow, owner, operator, mint, consumer, consumer2):
+def escrow(deploy_escrow, usdc, owner, operator, mint, consumer, consumer2):
     """The escrow under test (WITHDRAWAL_DELAY, REFUND_WINDOW) with `operator` set; both
-    consumers hold STARTING_BALANCE USDC."""
+    consumers hold STARTING_BALANCE USDC, and so does the operator, which has approved the
+    escrow to take it (it pays for reconciled front-runs)."""
     contract = deploy_escrow(WITHDRAWAL_DELAY, REFUND_WINDOW)
     contract.set_operator(operator, True, sender=owner)
-    for account in (consumer, consumer2):
+    for account in (consumer, consumer2, operator):
         mint(account, STARTING_BALANCE)
+    usdc.approve(contract, 2**256 - 1, sender=operator)
     return contract
 
 
@@ -249,15 +253,38 @@ def sign_revocation(escrow_domain) -> Callable[..., bytes]:
 
 
 @pytest.fixture(scope="session")
-def settle(escrow, operator, sign_payment) -> Callable[..., Payment]:
-    """Signs and settles one x402 payment; returns it."""
+def settle_batch(escrow, operator) -> Callable[..., tuple[Any, list[Settled]]]:
+    """Settles x402 payments that will all be credited (at the current fee); returns the
+    receipt and each payment's credit, root and proof."""
 
-    def _settle(payer: Any, amount: int, provider: Any, **kwargs: Any) -> Payment:
-        payment = sign_payment(payer, amount, provider, **kwargs)
-        escrow.settle_authorization(payment, sender=operator)
-        return payment
+    def _settle_batch(payments: list[Payment]) -> tuple[Any, list[Settled]]:
+        settled = settlement(payments, escrow.fee_bps())
+        tx = escrow.settle_authorizations(payments, sender=operator)
+        assert tx.return_value == settled[0].root
+        return tx, settled
+
+    return _settle_batch
+
+
+@pytest.fixture(scope="session")
+def settle(sign_payment, settle_batch) -> Callable[..., Settled]:
+    """Signs and settles one x402 payment (a batch of one: its root is its leaf)."""
+
+    def _settle(payer: Any, amount: int, provider: Any, **kwargs: Any) -> Settled:
+        _, (settled,) = settle_batch([sign_payment(payer, amount, provider, **kwargs)])
+        return settled
 
     return _settle
+
+
+@pytest.fixture(scope="session")
+def refund(escrow, operator) -> Callable[..., Any]:
+    """Refunds a settled payment with its credit, root and proof (as given)."""
+
+    def _refund(settled: Settled, *, sender: Any = None) -> Any:
+        return escrow.refund_payment(settled.credit, settled.root, settled.proof, sender=sender or operator)
+
+    return _refund
 
 
 @pytest.fixture(scope="session")
@@ -328,23 +355,19 @@ def cancel_authorization(usdc, relayer, sign_usdc_typed) -> Callable[[Any, Payme
 
 @pytest.fixture(scope="session")
 def settle_charges(escrow, operator) -> Callable[..., Any]:
-    """`settle_charges` with `expected_spent` read from the chain unless given."""
+    """`settle_charges` under a fresh reference unless given."""
 
     def _settle_charges(
         permission: SpendPermission,
         signature: bytes,
         charges: list[int],
         *,
-        expected_spent: int | None = None,
         reference: bytes | None = None,
         sender: Any = None,
     ) -> Any:
-        if expected_spent is None:
-            expected_spent = escrow.permission_spent(escrow.hash_permission(permission))
         return escrow.settle_charges(
             permission,
             signature,
-            expected_spent,
             secrets.token_bytes(32) if reference is None else reference,
             charges,
             sender=sender or operator,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from quotra.chain import merkle
 from quotra.chain.charges import pack_charge
 
 WITHDRAWAL_DELAY = 3_600
@@ -40,6 +41,25 @@ class Payment(NamedTuple):
     s: bytes
 
 
+class Credit(NamedTuple):
+    """An x402 payment as the escrow credits it: a leaf of a settlement's Merkle root."""
+
+    payer: str
+    nonce: bytes
+    provider: str
+    amount: int
+    fee_bps: int
+
+
+class Settled(NamedTuple):
+    """A settled payment with what a refund must present: its credit, root and proof."""
+
+    payment: Payment
+    credit: Credit
+    root: bytes
+    proof: list[bytes]
+
+
 class SpendPermission(NamedTuple):
     consumer: str
     spender: str
@@ -57,6 +77,26 @@ class Delegation(NamedTuple):
     relayer_fee: int
     valid_until: int
     salt: int
+
+
+def credit_of(payment: Payment, fee_bps: int = FEE_BPS) -> Credit:
+    return Credit(payment.payer, payment.nonce, payment.provider, payment.amount, fee_bps)
+
+
+def leaf(credit: Credit) -> bytes:
+    return merkle.Credit(*credit).leaf
+
+
+def settlement(payments: list[Payment], fee_bps: int = FEE_BPS) -> list[Settled]:
+    """The root and proofs of a batch whose payments were all credited, built by the relay's
+    own `quotra.chain.merkle`."""
+    credits = [credit_of(p, fee_bps) for p in payments]
+    leaves = [leaf(c) for c in credits]
+    root = merkle.root(leaves)
+    return [
+        Settled(p, c, root, merkle.proof(leaves, i))
+        for i, (p, c) in enumerate(zip(payments, credits, strict=True))
+    ]
 
 
 def charge(provider: Any, amount: int) -> int:

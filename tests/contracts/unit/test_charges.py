@@ -27,7 +27,7 @@ def test_settle_charges__debits_deposit_credits_split(
     reference = secrets.token_bytes(32)
     charges = [charge(provider, 3 * USDC + 7), charge(provider2, 1 * USDC + 9)]
 
-    tx = escrow.settle_charges(permission, signature, 0, reference, charges, sender=operator)
+    tx = escrow.settle_charges(permission, signature, reference, charges, sender=operator)
 
     (share1, fee1), (share2, fee2) = split(3 * USDC + 7), split(1 * USDC + 9)
     total = 4 * USDC + 16
@@ -37,6 +37,12 @@ def test_settle_charges__debits_deposit_credits_split(
     assert escrow.platform_fees() == fee1 + fee2
     assert escrow.permission_spent(digest) == total
     assert escrow.permission_remaining(permission) == 50 * USDC - total
+    assert escrow.settled_references(reference)
+    # Every credit names its provider.
+    assert events(tx, escrow.Credited) == [
+        escrow.Credited(provider=provider, settlement=reference, amount=3 * USDC + 7, fee=fee1),
+        escrow.Credited(provider=provider2, settlement=reference, amount=1 * USDC + 9, fee=fee2),
+    ]
     assert events(tx, escrow.ChargesSettled) == [
         escrow.ChargesSettled(
             consumer=consumer, permission=digest, reference=reference, amount=total, fee=fee1 + fee2, count=2
@@ -63,35 +69,54 @@ def test_settle_charges__many_providers_one_batch(
     assert_solvent(providers=tuple(providers))
 
 
-def test_settle_charges__same_provider_twice_in_batch(
-    escrow, consumer, provider, sign_permission, settle_charges, assert_solvent
+def test_settle_charges__same_provider_twice_in_batch__one_run(
+    escrow, consumer, provider, provider2, sign_permission, settle_charges, assert_solvent
 ):
     permission, signature = sign_permission(consumer)
-    settle_charges(permission, signature, [charge(provider, 15), charge(provider, 15)])
-    assert escrow.earnings(provider) == 2 * split(15)[0] == 28
+    charges = [charge(provider, 15), charge(provider, 15), charge(provider2, 20), charge(provider, 10)]
+    tx = settle_charges(permission, signature, charges)
+    assert escrow.earnings(provider) == 2 * split(15)[0] + split(10)[0] == 37
+    # Fee rounding stays per charge; consecutive charges to one provider are one credit.
+    credits = [log.event_arguments for log in events(tx, escrow.Credited)]
+    assert [(c["provider"], c["amount"], c["fee"]) for c in credits] == [
+        (provider.address, 30, 2),
+        (provider2.address, 20, 2),
+        (provider.address, 10, 1),
+    ]
     assert_solvent()
 
 
 def test_settle_charges__successive_batches(escrow, consumer, provider, sign_permission, settle_charges):
     permission, signature = sign_permission(consumer, 10 * USDC)
-    settle_charges(permission, signature, [charge(provider, 4 * USDC)], expected_spent=0)
-    settle_charges(permission, signature, [charge(provider, 6 * USDC)], expected_spent=4 * USDC)
+    settle_charges(permission, signature, [charge(provider, 4 * USDC)])
+    settle_charges(permission, signature, [charge(provider, 6 * USDC)])
     assert escrow.permission_spent(escrow.hash_permission(permission)) == 10 * USDC
     assert escrow.permission_remaining(permission) == 0
 
 
 def test_settle_charges__batch_replayed__reverts(escrow, operator, consumer, provider, sign_permission):
     permission, signature = sign_permission(consumer)
-    args = (permission, signature, 0, secrets.token_bytes(32), [charge(provider, USDC)])
+    args = (permission, signature, secrets.token_bytes(32), [charge(provider, USDC)])
     escrow.settle_charges(*args, sender=operator)
-    with ape.reverts("escrow: permission spent mismatch"):
+    with ape.reverts("escrow: reference already settled"):
         escrow.settle_charges(*args, sender=operator)
 
 
-def test_settle_charges__expected_spent_ahead__reverts(consumer, provider, sign_permission, settle_charges):
-    permission, signature = sign_permission(consumer)
-    with ape.reverts("escrow: permission spent mismatch"):
-        settle_charges(permission, signature, [charge(provider, USDC)], expected_spent=1)
+def test_attack__same_reference_settled_twice__reverts(
+    escrow, operator, consumer, provider, sign_permission, settle_charges, assert_solvent
+):
+    # Issue 15, item 5: a retry that re-reads `permission_spent` used to settle one batch twice
+    # (within the allowance); each reference now settles once, whatever else the call says.
+    permission, signature = sign_permission(consumer, 10 * USDC)
+    reference = secrets.token_bytes(32)
+    settle_charges(permission, signature, [charge(provider, USDC)], reference=reference)
+    with ape.reverts("escrow: reference already settled"):
+        settle_charges(permission, signature, [charge(provider, USDC)], reference=reference)
+    other, other_signature = sign_permission(consumer, 10 * USDC)
+    with ape.reverts("escrow: reference already settled"):
+        settle_charges(other, other_signature, [charge(provider, USDC)], reference=reference)
+    assert escrow.deposits(consumer) == 99 * USDC
+    assert_solvent()
 
 
 def test_settle_charges__allowance_exceeded__reverts(consumer, provider, sign_permission, settle_charges):
@@ -203,9 +228,7 @@ def test_settle_charges__other_escrow_permission__reverts(
     other.set_operator(operator, True, sender=owner)
     permission, signature = sign_permission(consumer)  # signed for the session escrow
     with ape.reverts("escrow: invalid signature"):
-        other.settle_charges(
-            permission, signature, 0, b"\x00" * 32, [charge(provider, USDC)], sender=operator
-        )
+        other.settle_charges(permission, signature, b"\x00" * 32, [charge(provider, USDC)], sender=operator)
 
 
 def test_settle_charges__zero_total__reverts(consumer, provider, sign_permission, settle_charges):
@@ -323,10 +346,10 @@ def test_settle_charges_batch__several_permissions(
     p2, s2 = sign_permission(consumer2, 20 * USDC)
     p3, s3 = sign_permission(consumer, 5 * USDC)  # a second permission of the same consumer
     batches = [
-        (p1, s1, 0, b"\x01" * 32, [charge(provider, 2 * USDC), charge(provider2, 3 * USDC)]),
-        (p2, s2, 0, b"\x02" * 32, [charge(provider2, 7 * USDC + 1)]),
-        (p3, s3, 0, b"\x03" * 32, [charge(provider, 1 * USDC)]),
-        (p1, s1, 5 * USDC, b"\x04" * 32, [charge(provider, 1)]),  # p1 again, after its first batch
+        (p1, s1, b"\x01" * 32, [charge(provider, 2 * USDC), charge(provider2, 3 * USDC)]),
+        (p2, s2, b"\x02" * 32, [charge(provider2, 7 * USDC + 1)]),
+        (p3, s3, b"\x03" * 32, [charge(provider, 1 * USDC)]),
+        (p1, s1, b"\x04" * 32, [charge(provider, 1)]),  # p1 again, after its first batch
     ]
 
     tx = escrow.settle_charges_batch(batches, sender=operator)
@@ -352,8 +375,8 @@ def test_settle_charges_batch__one_bad__reverts_all(
     p1, s1 = sign_permission(consumer, 10 * USDC)
     p2, s2 = sign_permission(consumer2, USDC)
     batches = [
-        (p1, s1, 0, b"\x01" * 32, [charge(provider, USDC)]),
-        (p2, s2, 0, b"\x02" * 32, [charge(provider, 2 * USDC)]),
+        (p1, s1, b"\x01" * 32, [charge(provider, USDC)]),
+        (p2, s2, b"\x02" * 32, [charge(provider, 2 * USDC)]),
     ]
     with ape.reverts("escrow: allowance exceeded"):
         escrow.settle_charges_batch(batches, sender=operator)
@@ -364,8 +387,8 @@ def test_settle_charges_batch__same_batch_twice__reverts(
     escrow, operator, consumer, provider, sign_permission
 ):
     p1, s1 = sign_permission(consumer, 10 * USDC)
-    batch = (p1, s1, 0, b"\x01" * 32, [charge(provider, USDC)])
-    with ape.reverts("escrow: permission spent mismatch"):
+    batch = (p1, s1, b"\x01" * 32, [charge(provider, USDC)])
+    with ape.reverts("escrow: reference already settled"):
         escrow.settle_charges_batch([batch, batch], sender=operator)
 
 
@@ -379,14 +402,14 @@ def test_settle_charges_batch__empty(escrow, operator):
 def test_settle_charges_batch__not_operator__reverts(escrow, stranger, consumer, provider, sign_permission):
     p1, s1 = sign_permission(consumer, spender=stranger)
     with ape.reverts("escrow: caller is not an operator"):
-        escrow.settle_charges_batch([(p1, s1, 0, b"\x01" * 32, [charge(provider, USDC)])], sender=stranger)
+        escrow.settle_charges_batch([(p1, s1, b"\x01" * 32, [charge(provider, USDC)])], sender=stranger)
 
 
 def test_settle_charges_batch__paused__reverts(escrow, owner, operator, consumer, provider, sign_permission):
     p1, s1 = sign_permission(consumer)
     escrow.pause(sender=owner)
     with ape.reverts("pausable: contract is paused"):
-        escrow.settle_charges_batch([(p1, s1, 0, b"\x01" * 32, [charge(provider, USDC)])], sender=operator)
+        escrow.settle_charges_batch([(p1, s1, b"\x01" * 32, [charge(provider, USDC)])], sender=operator)
 
 
 # ---------------------------------------------------------------- permission_remaining

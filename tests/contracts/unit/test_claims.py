@@ -68,6 +68,12 @@ def test_claim__zero_payee__reverts(escrow, provider):
         escrow.claim(USDC, ZERO_ADDRESS, sender=provider)
 
 
+def test_claim__escrow_as_payee__reverts(escrow, provider):
+    # Paid to itself, the amount would leave the books but not the escrow: sweepable by the owner.
+    with ape.reverts("escrow: escrow as payee"):
+        escrow.claim(USDC, escrow, sender=provider)
+
+
 def test_claim__works_while_paused(escrow, usdc, owner, provider, assert_solvent):
     escrow.pause(sender=owner)
     escrow.claim(EARNED, provider, sender=provider)
@@ -82,7 +88,9 @@ def test_claim_with_delegation__any_relayer(
     chain, escrow, usdc, relayer, provider, new_wallet, sign_delegation, assert_solvent
 ):
     payee = new_wallet(balance=0)
-    delegation, signature = sign_delegation(provider, payee.address, relayer_fee=USDC // 2)
+    delegation, signature = sign_delegation(
+        provider, payee.address, max_amount=10 * USDC, relayer_fee=USDC // 2
+    )
     digest = escrow.hash_delegation(delegation)
     relayer_before = usdc.balanceOf(relayer)
 
@@ -110,7 +118,7 @@ def test_claim_with_delegation__no_eth_provider(
 ):
     wallet = new_wallet(balance=0)
     earn(wallet.address, 10 * USDC)
-    delegation, signature = sign_delegation(wallet, relayer_fee=1_000)
+    delegation, signature = sign_delegation(wallet, max_amount=split(10 * USDC)[0], relayer_fee=1_000)
     escrow.claim_with_delegation(delegation, signature, split(10 * USDC)[0], sender=relayer)
     assert usdc.balanceOf(wallet.address) == split(10 * USDC)[0] - 1_000
     assert chain.provider.get_balance(wallet.address) == 0
@@ -127,7 +135,7 @@ def test_claim_with_delegation__zero_relayer_fee(
 
 
 def test_claim_with_delegation__named_delegate(escrow, usdc, relayer, stranger, provider, sign_delegation):
-    delegation, signature = sign_delegation(provider, delegate=relayer, relayer_fee=7)
+    delegation, signature = sign_delegation(provider, delegate=relayer, max_amount=USDC, relayer_fee=7)
     with ape.reverts("escrow: not the delegate"):
         escrow.claim_with_delegation(delegation, signature, USDC, sender=stranger)
     with ape.reverts("escrow: not the delegate"):
@@ -241,19 +249,54 @@ def test_claim_with_delegation__other_chain__reverts(
         escrow.claim_with_delegation(delegation, signature, USDC, sender=relayer)
 
 
-@pytest.mark.parametrize("amount", [USDC, USDC - 1])
-def test_claim_with_delegation__amount_not_above_fee__reverts(
-    escrow, relayer, provider, sign_delegation, amount
-):
+@pytest.mark.parametrize("fee", [USDC, USDC + 1])
+def test_claim_with_delegation__fee_not_below_cap__reverts(escrow, relayer, provider, sign_delegation, fee):
+    delegation, signature = sign_delegation(provider, max_amount=USDC, relayer_fee=fee)
+    with ape.reverts("escrow: relayer fee not below cap"):
+        escrow.claim_with_delegation(delegation, signature, USDC, sender=relayer)
+
+
+def test_claim_with_delegation__zero_amount__reverts(escrow, relayer, provider, sign_delegation):
     delegation, signature = sign_delegation(provider, relayer_fee=USDC)
-    with ape.reverts("escrow: amount not above relayer fee"):
-        escrow.claim_with_delegation(delegation, signature, amount, sender=relayer)
+    with ape.reverts("escrow: zero amount"):
+        escrow.claim_with_delegation(delegation, signature, 0, sender=relayer)
 
 
-def test_claim_with_delegation__zero_payee__reverts(escrow, relayer, provider, sign_delegation):
-    zero_payee, zero_signature = sign_delegation(provider, ZERO_ADDRESS)
-    with ape.reverts("escrow: zero payee"):
-        escrow.claim_with_delegation(zero_payee, zero_signature, USDC, sender=relayer)
+@pytest.mark.parametrize(("payee", "reason"), [("zero", "zero payee"), ("escrow", "escrow as payee")])
+def test_claim_with_delegation__stranding_payee__reverts(
+    escrow, relayer, provider, sign_delegation, payee, reason
+):
+    delegation, signature = sign_delegation(provider, ZERO_ADDRESS if payee == "zero" else escrow.address)
+    with ape.reverts(f"escrow: {reason}"):
+        escrow.claim_with_delegation(delegation, signature, USDC, sender=relayer)
+
+
+@pytest.mark.parametrize(("amount", "fee"), [(10 * USDC, 50_000), (USDC, 5_000), (1_999, 9), (199, 0)])
+def test_claim_with_delegation__fee_pro_rata(escrow, usdc, relayer, provider, sign_delegation, amount, fee):
+    delegation, signature = sign_delegation(provider, max_amount=10 * USDC, relayer_fee=50_000)
+    before = usdc.balanceOf(relayer), usdc.balanceOf(provider)
+    tx = escrow.claim_with_delegation(delegation, signature, amount, sender=relayer)
+    assert (usdc.balanceOf(relayer), usdc.balanceOf(provider)) == (before[0] + fee, before[1] + amount - fee)
+    assert events(tx, escrow.Claimed)[0].relayer_fee == fee
+
+
+def test_attack__relayer_splits_claims__fees_bounded_by_the_signed_fee(
+    escrow, usdc, relayer, provider, new_wallet, sign_delegation, assert_solvent
+):
+    # Issue 15, item 1: a delegation of 10 USDC with a 0.05 USDC relayer fee, split into minimal
+    # claims, used to pay the relayer 0.05 USDC per claim (9.95 USDC over 199 claims).
+    payee = new_wallet(balance=0)
+    delegation, signature = sign_delegation(provider, payee.address, max_amount=10 * USDC, relayer_fee=50_000)
+    relayer_before = usdc.balanceOf(relayer)
+    for _ in range(25):
+        escrow.claim_with_delegation(delegation, signature, 50_001, sender=relayer)
+    rest = 10 * USDC - 25 * 50_001
+    escrow.claim_with_delegation(delegation, signature, rest, sender=relayer)
+    fees = usdc.balanceOf(relayer) - relayer_before
+    assert fees <= 50_000
+    assert usdc.balanceOf(payee.address) == 10 * USDC - fees >= 10 * USDC - 50_000
+    assert escrow.delegation_remaining(delegation) == 0
+    assert_solvent()
 
 
 def test_claim_with_delegation__works_while_paused(

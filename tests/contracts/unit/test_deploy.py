@@ -19,7 +19,7 @@ from eth_abi import encode
 from eth_utils import keccak, to_checksum_address
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from quotra.chain import eip712
+from quotra.chain import eip712, merkle
 
 
 def _random_address() -> str:
@@ -48,9 +48,35 @@ def test_deploy__emits_fee_set(deploy_escrow):
     assert events(receipt, contract.FeeSet) == [contract.FeeSet(fee_bps=FEE_BPS)]
 
 
-def test_deploy__zero_usdc__reverts(deploy_escrow):
-    with ape.reverts("escrow: zero usdc"):
-        deploy_escrow(token=ZERO_ADDRESS)
+# Issue 15, item 6: deploy-time parameters that would lock or fake every balance are refused.
+
+
+@pytest.mark.parametrize("token", ["zero", "eoa"])
+def test_deploy__usdc_without_code__reverts(deploy_escrow, stranger, token):
+    # A codeless "USDC" answers every call with success and no data: settlement would credit
+    # payments whose funds never arrived.
+    with ape.reverts("escrow: usdc has no code"):
+        deploy_escrow(token=ZERO_ADDRESS if token == "zero" else stranger.address)
+
+
+@pytest.mark.parametrize(
+    ("delay", "window", "reason"),
+    [
+        (30 * 86_400 + 1, REFUND_WINDOW, "withdrawal delay too long"),
+        (2**256 - 1, REFUND_WINDOW, "withdrawal delay too long"),
+        (WITHDRAWAL_DELAY, 30 * 86_400 + 1, "refund window too long"),
+        (WITHDRAWAL_DELAY, 2**256 - 1, "refund window too long"),
+    ],
+)
+def test_deploy__unbounded_delays__revert(deploy_escrow, delay, window, reason):
+    with ape.reverts(f"escrow: {reason}"):
+        deploy_escrow(delay, window)
+
+
+def test_deploy__longest_delays(deploy_escrow):
+    contract = deploy_escrow(30 * 86_400, 30 * 86_400)
+    assert contract.MAX_WITHDRAWAL_DELAY() == contract.withdrawal_delay() == 30 * 86_400
+    assert contract.MAX_REFUND_WINDOW() == contract.refund_window() == 30 * 86_400
 
 
 def test_eip712_domain(escrow, chain):
@@ -135,3 +161,14 @@ def test_payment_reference(escrow):
     payer, nonce = _random_address(), secrets.token_bytes(32)
     assert escrow.payment_reference(payer, nonce) == keccak(encode(["address", "bytes32"], [payer, nonce]))
     assert escrow.payment_reference(payer, nonce) != escrow.payment_reference(_random_address(), nonce)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    nonce=st.binary(min_size=32, max_size=32),
+    amount=st.integers(0, 2**256 - 1),
+    fee_bps=st.integers(0, 2**256 - 1),
+)
+def test_hash_credit__matches_python_module(escrow, nonce, amount, fee_bps):
+    credit = (_random_address(), nonce, _random_address(), amount, fee_bps)
+    assert escrow.hash_credit(credit) == merkle.Credit(*credit).leaf

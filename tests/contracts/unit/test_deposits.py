@@ -54,6 +54,14 @@ def test_deposit__zero_beneficiary__reverts(escrow, usdc, consumer):
         escrow.deposit(USDC, ZERO_ADDRESS, sender=consumer)
 
 
+def test_attack__deposit_for_the_escrow__reverts(escrow, usdc, consumer, assert_solvent):
+    # Issue 15, item 6: a deposit credited to the escrow itself could never be withdrawn.
+    usdc.approve(escrow, USDC, sender=consumer)
+    with ape.reverts("escrow: escrow as beneficiary"):
+        escrow.deposit(USDC, escrow, sender=consumer)
+    assert_solvent()
+
+
 def test_deposit__without_approval__reverts(escrow, consumer):
     with ape.reverts("erc20: insufficient allowance"):
         escrow.deposit(USDC, consumer, sender=consumer)

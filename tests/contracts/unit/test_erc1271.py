@@ -108,7 +108,9 @@ def test_delegation__smart_account_provider__accepted(
     earn(smart_wallet, 10 * USDC)
     earned = split(10 * USDC)[0]
     payee = wallet_owner
-    delegation, signature = sign_delegation(smart_wallet, payee, relayer_fee=100, signer=wallet_owner)
+    delegation, signature = sign_delegation(
+        smart_wallet, payee, max_amount=earned, relayer_fee=100, signer=wallet_owner
+    )
     before = usdc.balanceOf(payee)
     escrow.claim_with_delegation(delegation, signature, earned, sender=relayer)
     assert usdc.balanceOf(payee) == before + earned - 100

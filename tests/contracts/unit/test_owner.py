@@ -51,7 +51,7 @@ def test_set_operator__zero__reverts(escrow, owner):
 
 def test_set_operator__new_operator_settles(escrow, owner, relayer, consumer, provider, sign_payment):
     escrow.set_operator(relayer, True, sender=owner)
-    escrow.settle_authorization(sign_payment(consumer, USDC, provider), sender=relayer)
+    escrow.settle_authorizations([sign_payment(consumer, USDC, provider)], sender=relayer)
     assert escrow.earnings(provider) == split(USDC)[0]
 
 
@@ -59,11 +59,11 @@ def test_set_operator__new_operator_settles(escrow, owner, relayer, consumer, pr
 
 
 @pytest.mark.parametrize("fee_bps", [0, 1, 250, MAX_FEE_BPS])
-def test_set_fee_bps(escrow, owner, operator, consumer, provider, sign_payment, fee_bps):
+def test_set_fee_bps(escrow, owner, consumer, provider, settle, fee_bps):
     tx = escrow.set_fee_bps(fee_bps, sender=owner)
     assert escrow.fee_bps() == fee_bps
     assert events(tx, escrow.FeeSet) == [escrow.FeeSet(fee_bps=fee_bps)]
-    escrow.settle_authorization(sign_payment(consumer, 3 * USDC + 1, provider), sender=operator)
+    settle(consumer, 3 * USDC + 1, provider)
     assert (escrow.earnings(provider), escrow.platform_fees()) == split(3 * USDC + 1, fee_bps)
 
 
@@ -134,6 +134,12 @@ def test_withdraw_platform_fees__zero_payee__reverts(escrow, owner):
         escrow.withdraw_platform_fees(ZERO_ADDRESS, 1, sender=owner)
 
 
+def test_withdraw_platform_fees__escrow_as_payee__reverts(escrow, owner, consumer, provider, settle):
+    settle(consumer, USDC, provider)
+    with ape.reverts("escrow: escrow as payee"):
+        escrow.withdraw_platform_fees(escrow, 1, sender=owner)
+
+
 # ---------------------------------------------------------------- sweep
 
 
@@ -157,9 +163,14 @@ def test_sweep__usdc_only_the_excess(
         escrow.sweep(usdc, stranger, sender=owner)
 
 
-def test_sweep__front_run_funds_are_excess(escrow, usdc, owner, consumer, provider, sign_payment, front_run):
-    # Until reconciled, a front-run payment's funds are owed to nobody on-chain.
-    front_run(sign_payment(consumer, USDC, provider))
+def test_sweep__front_run_funds_are_excess(
+    escrow, usdc, owner, operator, consumer, provider, sign_payment, front_run
+):
+    # A front-run payment's funds are owed to nobody on-chain, reconciled or not: a reconcile is
+    # paid by the operator (see test_reconcile.py), and the owner returns the front-run funds.
+    front_run(payment := sign_payment(consumer, USDC, provider))
+    assert escrow.sweep.call(usdc, owner, sender=owner) == USDC
+    escrow.reconcile_authorization(payment, sender=operator)
     assert escrow.sweep.call(usdc, owner, sender=owner) == USDC
 
 
@@ -184,6 +195,13 @@ def test_sweep__other_token_fully(project, escrow, owner, stranger):
 def test_sweep__zero_payee__reverts(escrow, usdc, owner):
     with ape.reverts("escrow: zero payee"):
         escrow.sweep(usdc, ZERO_ADDRESS, sender=owner)
+
+
+def test_sweep__escrow_as_payee__reverts(escrow, usdc, owner, stranger, mint):
+    mint(stranger, USDC)
+    usdc.transfer(escrow, USDC, sender=stranger)
+    with ape.reverts("escrow: escrow as payee"):
+        escrow.sweep(usdc, escrow, sender=owner)
 
 
 # ---------------------------------------------------------------- ownership

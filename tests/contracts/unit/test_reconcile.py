@@ -1,8 +1,9 @@
-"""Front-running: an x402 authorization submitted straight to USDC, then `reconcile_authorization`."""
+"""Front-running: an x402 authorization submitted straight to USDC, then `reconcile_authorization`,
+which the operator pays for: the escrow never credits funds it did not receive itself."""
 
 import ape
 import pytest
-from escrow_helpers import USDC, ZERO_ADDRESS, events, split
+from escrow_helpers import USDC, ZERO_ADDRESS, credit_of, events, leaf, split
 
 
 def test_front_run__funds_arrive_uncredited(
@@ -16,13 +17,14 @@ def test_front_run__funds_arrive_uncredited(
     assert_solvent(stray=3 * USDC)
 
 
-def test_reconcile_authorization__credits_once(
-    escrow, operator, consumer, provider, sign_payment, front_run, assert_solvent
+def test_reconcile_authorization__operator_pays_once(
+    escrow, usdc, operator, consumer, provider, sign_payment, front_run, assert_solvent
 ):
     payment = sign_payment(consumer, 3 * USDC + 3, provider)
     front_run(payment)
     reference = escrow.payment_reference(consumer, payment.nonce)
     assert not escrow.reconciled(reference)
+    operator_before = usdc.balanceOf(operator)
 
     tx = escrow.reconcile_authorization(payment, sender=operator)
 
@@ -30,12 +32,20 @@ def test_reconcile_authorization__credits_once(
     assert escrow.earnings(provider) == share
     assert escrow.platform_fees() == fee
     assert escrow.reconciled(reference)
+    assert usdc.balanceOf(operator) == operator_before - payment.amount
+    # Committed like a batch of one, so that it can be refunded like any credited payment.
+    root = leaf(credit_of(payment))
+    assert escrow.settlement_roots(root) == tx.timestamp
+    assert events(tx, escrow.Credited) == [
+        escrow.Credited(provider=provider, settlement=root, amount=payment.amount, fee=fee)
+    ]
     assert events(tx, escrow.PaymentReconciled) == [
         escrow.PaymentReconciled(
             payer=consumer, provider=provider, nonce=payment.nonce, amount=payment.amount, fee=fee
         )
     ]
-    assert_solvent()
+    # The front-run funds stay outside the books, for the owner's sweep.
+    assert_solvent(stray=payment.amount)
     with ape.reverts("escrow: already reconciled"):
         escrow.reconcile_authorization(payment, sender=operator)
 
@@ -48,7 +58,7 @@ def test_reconcile_authorization__after_batch_skipped_it(
     escrow.settle_authorizations(payments, sender=operator)
     escrow.reconcile_authorization(payments[1], sender=operator)
     assert escrow.earnings(provider2) == split(2 * USDC)[0]
-    assert_solvent()
+    assert_solvent(stray=2 * USDC)
 
 
 def test_reconcile_authorization__second_time_other_provider__reverts(
@@ -61,35 +71,24 @@ def test_reconcile_authorization__second_time_other_provider__reverts(
         escrow.reconcile_authorization(payment._replace(provider=provider2.address), sender=operator)
 
 
-def test_reconcile_authorization__settled_normally__no_unowed_funds(
-    escrow, operator, consumer, provider, settle, assert_solvent
+def test_reconcile_authorization__operator_without_funds__reverts(
+    escrow, usdc, operator, stranger, consumer, provider, sign_payment, front_run
 ):
-    payment = settle(consumer, USDC, provider)
-    with ape.reverts("escrow: no unowed funds"):
-        escrow.reconcile_authorization(payment, sender=operator)
-    assert_solvent()
-
-
-def test_reconcile_authorization__excess_below_amount__reverts(
-    escrow, operator, consumer, provider, sign_payment, front_run, cancel_authorization, assert_solvent
-):
-    front_run(small := sign_payment(consumer, USDC, provider))
-    # Used (cancelled) on USDC, validly signed, but its 2 USDC never arrived: 1 USDC of excess.
-    cancel_authorization(consumer, large := sign_payment(consumer, 2 * USDC, provider))
-    with ape.reverts("escrow: no unowed funds"):
-        escrow.reconcile_authorization(large, sender=operator)
-    escrow.reconcile_authorization(small, sender=operator)
-    assert_solvent()
-
-
-def test_reconcile_authorization__cancelled_authorization__no_unowed_funds(
-    escrow, usdc, operator, consumer, provider, sign_payment, cancel_authorization
-):
-    # USDC marks a cancelled nonce exactly like a used one; no funds arrived.
     payment = sign_payment(consumer, USDC, provider)
-    cancel_authorization(consumer, payment)
-    assert usdc.authorizationState(consumer, payment.nonce)
-    with ape.reverts("escrow: no unowed funds"):
+    front_run(payment)
+    usdc.transfer(stranger, usdc.balanceOf(operator), sender=operator)
+    with ape.reverts("erc20: transfer amount exceeds balance"):
+        escrow.reconcile_authorization(payment, sender=operator)
+    assert escrow.earnings(provider) == 0
+
+
+def test_reconcile_authorization__operator_without_allowance__reverts(
+    escrow, usdc, operator, consumer, provider, sign_payment, front_run
+):
+    payment = sign_payment(consumer, USDC, provider)
+    front_run(payment)
+    usdc.approve(escrow, 0, sender=operator)
+    with ape.reverts("erc20: insufficient allowance"):
         escrow.reconcile_authorization(payment, sender=operator)
 
 
@@ -109,7 +108,7 @@ def test_reconcile_authorization__wrong_signer__reverts(
 
 
 def test_reconcile_authorization__tampered_amount__reverts(
-    escrow, operator, consumer, provider, sign_payment, front_run, mint
+    escrow, operator, consumer, provider, sign_payment, front_run
 ):
     payment = sign_payment(consumer, USDC, provider)
     front_run(payment)
@@ -122,26 +121,20 @@ def test_reconcile_authorization__paid_to_someone_else__reverts(
 ):
     payment = sign_payment(consumer, USDC, provider, to=relayer)
     usdc.transferWithAuthorization(
-        consumer,
-        relayer,
-        USDC,
-        0,
-        payment.valid_before,
-        payment.nonce,
-        payment.v,
-        payment.r,
-        payment.s,
+        consumer, relayer, USDC, 0, payment.valid_before, payment.nonce, payment.v, payment.r, payment.s,
         sender=relayer,
-    )
+    )  # fmt: skip
     with ape.reverts("escrow: invalid signature"):
         escrow.reconcile_authorization(payment, sender=operator)
 
 
 def test_reconcile_authorization__not_operator__reverts(
-    escrow, stranger, consumer, provider, sign_payment, front_run
+    escrow, usdc, stranger, consumer, provider, sign_payment, front_run, mint
 ):
     payment = sign_payment(consumer, USDC, provider)
     front_run(payment)
+    mint(stranger, USDC)
+    usdc.approve(escrow, USDC, sender=stranger)
     with ape.reverts("escrow: caller is not an operator"):
         escrow.reconcile_authorization(payment, sender=stranger)
 
@@ -157,38 +150,44 @@ def test_reconcile_authorization__paused__reverts(
 
 
 @pytest.mark.parametrize(
-    ("amount", "provider_", "reason"), [(0, "provider", "zero amount"), (1, None, "zero provider")]
+    ("amount", "who", "reason"),
+    [(0, "provider", "zero amount"), (1, "zero", "zero provider"), (1, "escrow", "escrow as provider")],
 )
 def test_reconcile_authorization__invalid_payment__reverts(
-    escrow, operator, consumer, provider, sign_payment, amount, provider_, reason
+    escrow, operator, consumer, provider, sign_payment, amount, who, reason
 ):
-    payment = sign_payment(consumer, amount, provider if provider_ else ZERO_ADDRESS)
+    to = {"provider": provider, "zero": ZERO_ADDRESS, "escrow": escrow}[who]
+    payment = sign_payment(consumer, amount, to)
     with ape.reverts(f"escrow: {reason}"):
         escrow.reconcile_authorization(payment, sender=operator)
 
 
-# The escrow keeps no per-payment record (22k gas a call), so whether a used authorization was
-# settled here or front-run is the operator's to know (see the contract's @custom:security note).
-# What the escrow does enforce: a reconcile only ever credits the excess nobody is owed.
+# ---------------------------------------------------------------- the audit's attacks (issue 15, item 3)
+# USDC records a cancelled authorization exactly as a used one, and without a per-payment slot
+# (22k gas a call) the escrow cannot tell a payment settled here from a front-run one. So a
+# reconcile no longer takes anything from the escrow: whatever the operator reconciles, it pays
+# for, and stray funds (someone else's front-run payment, a mistaken transfer) stay untouched.
 
 
-def test_reconcile_authorization__already_settled__can_only_consume_stray_excess(
+def test_attack__reconcile_already_settled_payment__takes_no_stray_funds(
     escrow, usdc, operator, stranger, consumer, provider, settle, mint, assert_solvent
 ):
-    payment = settle(consumer, USDC, provider)
-    with ape.reverts("escrow: no unowed funds"):  # no excess: nothing to credit it from
-        escrow.reconcile_authorization(payment, sender=operator)
-    mint(stranger, USDC)
-    usdc.transfer(escrow, USDC, sender=stranger)
-    escrow.reconcile_authorization(payment, sender=operator)  # an operator mistake, bounded:
-    assert escrow.earnings(provider) == 2 * split(USDC)[0]  # it consumed exactly the stray excess
-    assert_solvent()
-    with ape.reverts("escrow: already reconciled"):
-        escrow.reconcile_authorization(payment, sender=operator)
+    settled = settle(consumer, 10 * USDC, provider)
+    mint(stranger, 10 * USDC)
+    usdc.transfer(escrow, 10 * USDC, sender=stranger)  # stray funds the attack used to take
+    operator_before = usdc.balanceOf(operator)
+
+    escrow.reconcile_authorization(settled.payment, sender=operator)
+
+    # The second credit cost the operator exactly what it credited; the stray funds are intact.
+    assert usdc.balanceOf(operator) == operator_before - 10 * USDC
+    assert escrow.earnings(provider) == 2 * split(10 * USDC)[0]
+    assert_solvent(stray=10 * USDC)
 
 
-def test_reconcile_authorization__cancelled__is_bounded_by_the_excess(
+def test_attack__reconcile_cancelled_authorization__takes_no_front_run_funds(
     escrow,
+    usdc,
     operator,
     consumer,
     consumer2,
@@ -201,7 +200,25 @@ def test_reconcile_authorization__cancelled__is_bounded_by_the_excess(
 ):
     front_run(paid := sign_payment(consumer, USDC, provider))
     cancel_authorization(consumer2, cancelled := sign_payment(consumer2, USDC, provider2))
+    operator_before = usdc.balanceOf(operator)
+
     escrow.reconcile_authorization(cancelled, sender=operator)  # USDC reports cancelled as used
+
+    assert usdc.balanceOf(operator) == operator_before - USDC  # paid by the operator...
+    escrow.reconcile_authorization(paid, sender=operator)  # ...so the real front-run still credits
+    assert escrow.earnings(provider) == split(USDC)[0]
+    assert_solvent(stray=USDC)
+
+
+def test_attack__sweep_before_reconcile__provider_still_paid(
+    escrow, usdc, owner, operator, consumer, provider, sign_payment, front_run, assert_solvent
+):
+    # Issue 15, item 4: the owner sweeping a front-run payment no longer strands its provider.
+    payment = sign_payment(consumer, 2 * USDC, provider)
+    front_run(payment)
+    assert escrow.sweep(usdc, owner, sender=owner).return_value == 2 * USDC
+
+    escrow.reconcile_authorization(payment, sender=operator)
+
+    assert escrow.earnings(provider) == split(2 * USDC)[0]
     assert_solvent()
-    with ape.reverts("escrow: no unowed funds"):
-        escrow.reconcile_authorization(paid, sender=operator)

@@ -1,0 +1,78 @@
+"""The Merkle tree of an x402 settlement, exactly as the escrow builds it.
+
+`settle_authorizations` commits the payments it credited as leaves `hash_credit(payer, nonce,
+provider, amount, fee_bps)`, hashed pairwise level by level with each pair sorted (snekmate's
+`_hash_pair`), an odd last node carried up unchanged. A refund proves its payment with the
+sibling hashes from its leaf to the root; `proof` gives them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from eth_abi import encode as abi_encode
+from eth_utils import keccak
+
+
+@dataclass(frozen=True)
+class Credit:
+    """An x402 payment as the escrow credited it (the contract's `Credit` struct)."""
+
+    payer: str
+    nonce: bytes
+    provider: str
+    amount: int
+    fee_bps: int
+
+    def as_tuple(self) -> tuple[str, bytes, str, int, int]:
+        return (self.payer, self.nonce, self.provider, self.amount, self.fee_bps)
+
+    @property
+    def leaf(self) -> bytes:
+        return keccak(
+            abi_encode(
+                ["address", "bytes32", "address", "uint256", "uint256"],
+                [self.payer, self.nonce, self.provider, self.amount, self.fee_bps],
+            )
+        )
+
+
+def hash_pair(a: bytes, b: bytes) -> bytes:
+    return keccak(a + b) if a < b else keccak(b + a)
+
+
+def _levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
+    if not leaves:
+        raise ValueError("a settlement root needs at least one leaf")
+    levels = [list(leaves)]
+    while len(levels[-1]) > 1:
+        nodes = levels[-1]
+        parents = [
+            hash_pair(nodes[i], nodes[i + 1]) if i + 1 < len(nodes) else nodes[i]
+            for i in range(0, len(nodes), 2)
+        ]
+        levels.append(parents)
+    return levels
+
+
+def root(leaves: Sequence[bytes]) -> bytes:
+    return _levels(leaves)[-1][0]
+
+
+def proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
+    """The sibling hashes from `leaves[index]` up to the root (none where a node was carried up)."""
+    path = []
+    for nodes in _levels(leaves)[:-1]:
+        sibling = index ^ 1
+        if sibling < len(nodes):
+            path.append(nodes[sibling])
+        index //= 2
+    return path
+
+
+def verify(path: Sequence[bytes], root_: bytes, leaf: bytes) -> bool:
+    node = leaf
+    for sibling in path:
+        node = hash_pair(node, sibling)
+    return node == root_
