@@ -26,7 +26,7 @@ from quotra.chain.deployment import (
     deployment_path,
     load_for_chain,
 )
-from quotra.chain.escrow import format_usdc, parse_usdc
+from quotra.money import format_usdc, parse_usdc
 
 F = TypeVar("F", bound=Callable[..., Any])
 

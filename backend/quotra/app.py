@@ -19,8 +19,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from quotra import __version__
-from quotra.api import account, auth, chat, claims, health, listings, models, settlements, webhooks
+from quotra.api import account, auth, chat, claims, health, listings, models, webhooks
+from quotra.api import calls as calls_api
 from quotra.api.deps import Runtime, SessionTokens
+from quotra.calls.outbox import Outbox
+from quotra.calls.store import CallStore
 from quotra.chain.client import EscrowClient
 from quotra.chain.relayer import DirectRelayer, Relayer
 from quotra.config import Settings
@@ -39,6 +42,7 @@ from quotra.siwe import Erc1271Fn, SiweVerifier, web3_erc1271
 from quotra.store.db import create_engine, upgrade
 from quotra.store.prepaid_repo import PrepaidStore
 from quotra.store.repositories import Store
+from quotra.store.transactions import Transactions
 from quotra.vault import Vault
 
 log = logging.getLogger("quotra.app")
@@ -216,6 +220,19 @@ def connect_chain(
     return escrow, relayer, None if signer is None else signer.address
 
 
+async def sweep_calls(calls: CallStore, every: float) -> None:
+    """Ends reservations whose call never finished (its relay stopped): voided, nothing charged.
+    Every replica sweeps; each call is voided once whoever gets there first."""
+    while True:
+        try:
+            swept = await calls.sweep()
+            if swept:
+                log.warning("swept reservations that never finished", extra={"count": swept})
+        except Exception:
+            log.warning("sweep failed; retrying", exc_info=True)
+        await asyncio.sleep(every)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -237,6 +254,9 @@ def create_app(
         if settings.run_migrations_on_start:
             await upgrade(engine)
         store = Store(engine)
+        transactions = Transactions(engine)
+        calls = CallStore(engine, transactions)
+        outbox = Outbox(engine, transactions)
         http = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.upstream_timeout_seconds, connect=10.0),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
@@ -262,11 +282,11 @@ def create_app(
         claims_repo, claim_service = build_claims(settings, store, escrow, chain_relayer)
         prepaid = PrepaidService(
             PrepaidStore(store),
+            calls,
             settings=PrepaidSettings(
                 key_cache_seconds=settings.prepaid_key_cache_seconds,
                 max_keys_per_wallet=settings.prepaid_max_keys_per_wallet,
                 refresh_seconds=settings.prepaid_refresh_seconds,
-                reservation_ttl_seconds=settings.prepaid_reservation_ttl_seconds,
                 permission_margin_seconds=settings.prepaid_permission_margin_seconds,
                 deposit_wait_seconds=settings.prepaid_deposit_wait_seconds,
             ),
@@ -275,9 +295,15 @@ def create_app(
             operator=operator,
             erc1271=checker,
         )
-        payments = Payments(settings, store, metrics, client=escrow, relayer=chain_relayer)
+        payments = Payments(
+            settings, store, metrics, calls=calls, outbox=outbox, client=escrow, relayer=chain_relayer
+        )
         gate = PaymentGate(
-            store, free_calls=settings.playground_free_calls, prepaid=prepaid, x402=payments.gate
+            calls,
+            free_calls=settings.playground_free_calls,
+            call_timeout=settings.call_timeout_seconds,
+            prepaid=prepaid,
+            x402=payments.gate,
         )
         app.state.runtime = Runtime(
             settings=settings,
@@ -292,6 +318,7 @@ def create_app(
             gate=gate,
             relay=Relay(
                 store=store,
+                calls=calls,
                 cache=cache,
                 listings=listing_service,
                 adapters=adapters,
@@ -311,6 +338,7 @@ def create_app(
             ),
             escrow=escrow,
             relayer=chain_relayer,
+            calls=calls,
             prepaid=prepaid,
             claims_repo=claims_repo,
             claims=claim_service,
@@ -318,7 +346,7 @@ def create_app(
             payments=payments,
         )
         await payments.start()  # x402 on (USDC's domain read once), settlement worker, indexer
-        background = []
+        background = [asyncio.create_task(sweep_calls(calls, settings.sweep_seconds), name="call-sweeper")]
         if settings.prepaid_refresh_seconds > 0:
             background.append(asyncio.create_task(prepaid.run_background(), name="prepaid-refresher"))
         if claim_service is not None:
@@ -336,6 +364,7 @@ def create_app(
             await payments.stop()
             await prepaid.close()
             await http.aclose()
+            await transactions.close()
             await engine.dispose()
 
     app = FastAPI(
@@ -346,7 +375,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(RelayMiddleware, max_body=settings.max_body_bytes, metrics=metrics)
-    for module in (chat, models, listings, auth, account, claims, webhooks, settlements, health):
+    for module in (chat, models, listings, auth, account, calls_api, claims, webhooks, health):
         app.include_router(module.router)
     app.state.metrics = metrics
     return app

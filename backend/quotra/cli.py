@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import click
 from pydantic import ValidationError
 
+from quotra.chain.relayer import RelayerError
 from quotra.config import ConfigError, Settings, decode_master_key, master_key_id
 from quotra.logging import configure_logging
 
@@ -223,27 +226,36 @@ def demo(keep: bool, chain_only: bool) -> None:
     raise SystemExit(run_demo(keep=keep, chain_only=chain_only))
 
 
-def _payments_runtime(settings: Settings) -> Any:
+@contextlib.asynccontextmanager
+async def _payments_runtime(settings: Settings) -> AsyncIterator[Any]:
     """The payments service of a one-off command (no background tasks), on a migrated database."""
+    from quotra.calls.outbox import Outbox
+    from quotra.calls.store import CallStore
     from quotra.metrics import Metrics
     from quotra.payments.service import Payments
     from quotra.store.db import create_engine, upgrade
     from quotra.store.repositories import Store
+    from quotra.store.transactions import Transactions
 
-    async def build() -> Any:
-        engine = create_engine(settings.effective_database_url)
+    engine = create_engine(settings.effective_database_url)
+    transactions = Transactions(engine)
+    try:
         await upgrade(engine)
-        payments = Payments(settings, Store(engine), Metrics())
+        calls, outbox = CallStore(engine, transactions), Outbox(engine, transactions)
+        payments = Payments(settings, Store(engine), Metrics(), calls=calls, outbox=outbox)
         if not payments.configured:
-            await engine.dispose()
             raise click.ClickException(
                 "needs the chain and the escrow: QUOTRA_CHAIN_RPC_URL and QUOTRA_ESCROW_ADDRESS "
                 "(or QUOTRA_DEPLOYMENT_FILE)"
             )
         await payments.start(background=False)
-        return engine, payments
-
-    return build()
+        try:
+            yield payments
+        finally:
+            await payments.stop()
+    finally:
+        await transactions.close()
+        await engine.dispose()
 
 
 @main.command()
@@ -258,8 +270,7 @@ def settle(once: bool) -> None:
     configure_logging(settings.log_level, json_logs=settings.log_json)
 
     async def run() -> None:
-        engine, payments = await _payments_runtime(settings)
-        try:
+        async with _payments_runtime(settings) as payments:
             worker = payments.worker
             if worker is None:
                 raise click.ClickException("settling needs QUOTRA_OPERATOR_KEY (or a keystore)")
@@ -275,9 +286,6 @@ def settle(once: bool) -> None:
                     await worker.lock.release()
             else:
                 await worker.run(asyncio.Event())
-        finally:
-            await payments.stop()
-            await engine.dispose()
 
     asyncio.run(run())
     click.echo("settlement pass done")
@@ -285,21 +293,17 @@ def settle(once: bool) -> None:
 
 @main.command()
 def reconcile() -> None:
-    """Compare the ledger with the escrow's events from its first block; exit 1 on any discrepancy.
+    """Compare the calls with the escrow's events from its first block; exit 1 on any discrepancy.
 
     Credits the relay had not recorded yet (a crash between sending and writing down) are recorded."""
     settings = load_settings()
     configure_logging(settings.log_level, json_logs=settings.log_json)
 
     async def run() -> list[Any]:
-        engine, payments = await _payments_runtime(settings)
-        try:
+        async with _payments_runtime(settings) as payments:
             assert payments.indexer is not None
             found: list[Any] = await payments.indexer.full_check()
             return found
-        finally:
-            await payments.stop()
-            await engine.dispose()
 
     found = asyncio.run(run())
     for item in found:
@@ -307,3 +311,27 @@ def reconcile() -> None:
     click.echo(f"{len(found)} discrepancies")
     if found:
         raise SystemExit(1)
+
+
+@main.command()
+@click.argument("call_id")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation")
+def refund(call_id: str, yes: bool) -> None:
+    """Refund a settled x402 call's payment to its payer through the escrow (an operator action:
+    out of the provider's unclaimed share and the platform fee, within the escrow's refund window)."""
+    settings = load_settings()
+    configure_logging(settings.log_level, json_logs=settings.log_json)
+    if not yes:
+        click.confirm(f"Refund the payment of {call_id} to its payer?", abort=True)
+
+    async def run() -> str:
+        async with _payments_runtime(settings) as payments:
+            if payments.worker is None:
+                raise click.ClickException("refunding needs QUOTRA_OPERATOR_KEY (or a keystore)")
+            try:
+                tx_hash: str = await payments.worker.refund(call_id)
+            except RelayerError as exc:
+                raise click.ClickException(str(exc)) from exc
+            return tx_hash
+
+    click.echo(f"refunded in {asyncio.run(run())}")

@@ -96,7 +96,6 @@ class Settings(BaseSettings):
     prepaid_key_cache_seconds: float = Field(default=5.0, ge=0, le=300)
     prepaid_max_keys_per_wallet: int = Field(default=50, ge=1)
     prepaid_refresh_seconds: float = Field(default=30.0, ge=0)  # 0 = no background refresher
-    prepaid_reservation_ttl_seconds: int = Field(default=1800, ge=60)
     prepaid_permission_margin_seconds: int = Field(default=600, ge=0)
     prepaid_deposit_wait_seconds: float = Field(default=30.0, ge=0, le=300)
 
@@ -121,6 +120,10 @@ class Settings(BaseSettings):
     upstream_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
     upstream_denylist: Annotated[list[str], NoDecode] = Field(default_factory=list)
     upstream_timeout_seconds: float = Field(default=60.0, gt=0, le=600)
+    # A call's reservation is voided (nothing charged) if the call has not finished this long after
+    # it was reserved (its relay stopped); the sweeper looks every `sweep_seconds`.
+    call_timeout_seconds: float = Field(default=900.0, ge=10, le=86_400)
+    sweep_seconds: float = Field(default=30.0, gt=0, le=3600)
     upstream_check_keys: bool = True
     cooldown_after_failures: int = Field(default=3, ge=1)
     cooldown_seconds: float = Field(default=60.0, ge=0)
@@ -144,7 +147,9 @@ class Settings(BaseSettings):
     x402_enabled: bool = True
     x402_max_timeout_seconds: int = Field(default=300, ge=30, le=86_400)
     x402_settle_margin_seconds: int = Field(default=60, ge=0, le=3600)
-    x402_balance_cache_seconds: float = Field(default=2.0, ge=0, le=300)
+    # How long the chain's head block is reused: each x402 call is checked against the payer's
+    # balance as of that block, and what settles after it still counts as unpaid.
+    x402_head_cache_seconds: float = Field(default=1.0, ge=0, le=60)
     settlement_enabled: bool = True
     settlement_batch_size: int = Field(default=32, ge=1, le=64)
     settlement_max_age_seconds: float = Field(default=2.0, ge=0, le=3600)
@@ -183,6 +188,15 @@ class Settings(BaseSettings):
             check_jwks_url(self.effective_jwks_url, allow_http_loopback=not self.is_production)
         if self.relayer_pinned_jwks:
             parse_jwks(json.loads(self.relayer_pinned_jwks))
+        return self
+
+    @model_validator(mode="after")
+    def _check_call_timeout(self) -> Settings:
+        if self.call_timeout_seconds <= self.upstream_timeout_seconds:
+            raise ValueError(
+                "QUOTRA_CALL_TIMEOUT_SECONDS must exceed QUOTRA_UPSTREAM_TIMEOUT_SECONDS: a call still "
+                "waiting on its upstream would have its reservation voided under it"
+            )
         return self
 
     @model_validator(mode="after")

@@ -4,7 +4,6 @@ QUOTRA_TEST_POSTGRES_URL is set by tools/with-postgres.sh), signed-in wallets, f
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from eth_account import Account
 from fastapi import FastAPI
 from quotra.app import create_app
 from quotra.config import Settings
-from relay_helpers import MASTER_KEY, SANDBOX_KEY, FakeUpstream, sign_in
+from relay_helpers import MASTER_KEY, SANDBOX_KEY, FakeUpstream, create_pg_database, sign_in
 
 PG_URL = os.environ.get("QUOTRA_TEST_POSTGRES_URL")
 _pg_counts = {"postgresql": 0, "sqlite": 0}
@@ -52,42 +51,12 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(key)
 
 
-async def _create_pg_database() -> tuple[str, Callable[[], Any]]:
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
-    assert PG_URL is not None
-    url = make_url(PG_URL)
-    name = f"quotra_test_{uuid.uuid4().hex[:12]}"
-    dsn_kwargs: dict[str, Any] = {"user": url.username, "database": url.database or "postgres"}
-    if url.password:
-        dsn_kwargs["password"] = url.password
-    host = url.query.get("host") or url.host
-    dsn_kwargs["host"] = host
-    if url.port:
-        dsn_kwargs["port"] = url.port
-    admin = await asyncpg.connect(**dsn_kwargs)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-
-    async def drop() -> None:
-        admin = await asyncpg.connect(**dsn_kwargs)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-    return url.set(database=name).render_as_string(hide_password=False), drop
-
-
 @pytest.fixture
 async def db_url(backend_name: str, tmp_path: Any) -> AsyncIterator[str]:
     """A fresh, empty database: parametrized over SQLite and (when available) PostgreSQL."""
     _pg_counts[backend_name] += 1
     if backend_name == "postgresql":
-        url, drop = await _create_pg_database()
+        url, drop = await create_pg_database(PG_URL)
         try:
             yield url
         finally:

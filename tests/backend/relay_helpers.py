@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,3 +146,34 @@ def listing_body(**overrides: Any) -> dict[str, Any]:
 
 def chat_body(model: str = "sandbox-model", content: str = "Hello there", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+
+
+async def create_pg_database(server_url: str) -> tuple[str, Callable[[], Any]]:
+    """A fresh database on the PostgreSQL server at `server_url`: its URL, and a coroutine
+    function that drops it."""
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(server_url)
+    name = f"quotra_test_{uuid.uuid4().hex[:12]}"
+    dsn_kwargs: dict[str, Any] = {"user": url.username, "database": url.database or "postgres"}
+    if url.password:
+        dsn_kwargs["password"] = url.password
+    host = url.query.get("host") or url.host
+    dsn_kwargs["host"] = host
+    if url.port:
+        dsn_kwargs["port"] = url.port
+    admin = await asyncpg.connect(**dsn_kwargs)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+
+    async def drop() -> None:
+        admin = await asyncpg.connect(**dsn_kwargs)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+    return url.set(database=name).render_as_string(hide_password=False), drop

@@ -1,17 +1,26 @@
-"""Repository tests, run on SQLite and (through tools/with-postgres.sh) on PostgreSQL."""
+"""Repository tests, run on SQLite and (through tools/with-postgres.sh) on PostgreSQL: the
+migrations (and the models agreeing with them), listings, the listing quota and playground calls
+taken by the call store, nonces, cooldowns and key rewrapping."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from quotra.calls.records import Refused
+from quotra.calls.store import CallStore, Hold, Served
 from quotra.config import master_key_id
 from quotra.store.db import create_engine, upgrade
+from quotra.store.models import Base, utcnow
 from quotra.store.repositories import Store
+from quotra.store.transactions import Transactions
 from quotra.vault import Vault
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 OWNER = "0x" + "ab" * 20
 
@@ -24,6 +33,28 @@ async def store(db_url: str) -> AsyncIterator[Store]:
         yield Store(engine)
     finally:
         await engine.dispose()
+
+
+@pytest.fixture
+async def calls(store: Store) -> AsyncIterator[CallStore]:
+    transactions = Transactions(store.engine)
+    try:
+        yield CallStore(store.engine, transactions)
+    finally:
+        await transactions.close()
+
+
+def hold(listing_id: str, payer: str = "key:sandbox") -> Hold:
+    return Hold(payer, listing_id, OWNER, 0, utcnow() + timedelta(minutes=15))
+
+
+async def taken(work: list[Coroutine[Any, Any, str]]) -> list[str]:
+    """The call ids reserved; refusals must all be the listing's."""
+    results = await asyncio.gather(*work, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            assert isinstance(result, Refused), result
+    return [r for r in results if isinstance(r, str)]
 
 
 async def make(store: Store, listing_id: str, **values: object):
@@ -59,7 +90,31 @@ async def test_migrations_create_every_table_and_are_idempotent(db_url: str) -> 
         await upgrade(engine)  # at head already: nothing to do, no error
         async with engine.connect() as connection:
             tables = await connection.run_sync(lambda c: set(inspect(c).get_table_names()))
-        assert {"listings", "siwe_nonces", "playground_usage", "calls", "alembic_version"} <= tables
+            version = (await connection.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
+        assert version == "0005"
+        assert tables == set(Base.metadata.tables) | {"alembic_version"}
+        assert {
+            "listings", "siwe_nonces", "playground_usage", "calls", "x402_authorizations", "x402_payers",
+            "consumer_accounts", "api_keys", "spend_permissions", "settlement_batches", "chain_cursors",
+        } <= tables  # fmt: skip
+        assert not {"x402_payments", "prepaid_charges", "ledger"} & tables  # replaced by the call core
+    finally:
+        await engine.dispose()
+
+
+async def test_the_models_match_the_migrations(db_url: str) -> None:
+    """What autogenerate would write after the last migration: nothing (tables, columns, types,
+    nullability, indexes, unique constraints, foreign keys)."""
+    engine = create_engine(db_url)
+    try:
+        await upgrade(engine)
+
+        def compare(connection: Any) -> list[Any]:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            return list(compare_metadata(context, Base.metadata))
+
+        async with engine.connect() as connection:
+            assert await connection.run_sync(compare) == []
     finally:
         await engine.dispose()
 
@@ -112,36 +167,89 @@ async def test_search_filters_and_sorts(store: Store) -> None:
     assert [r.id for r in await store.search_listings(limit=1, offset=1)] == ["lst_mid"]
 
 
-async def test_reserve_call_never_exceeds_max_calls_under_concurrency(store: Store) -> None:
+async def test_calls_never_exceed_max_calls_under_concurrency(store: Store, calls: CallStore) -> None:
     await make(store, "lst_a", max_calls=7)
-    results = await asyncio.gather(*(store.reserve_call("lst_a") for _ in range(40)))
-    assert sum(results) == 7
+    ids = await taken([calls.reserve_open(hold("lst_a"), gate="sandbox") for _ in range(40)])
+    assert len(ids) == 7
+    listing = await store.get_listing("lst_a")
+    assert listing is not None and listing.calls_used == 7 and listing.remaining_calls == 0
+    assert await calls.void(ids[0], outcome="upstream_error")  # its call is given back
+    assert not await calls.void(ids[0], outcome="upstream_error")  # once
+    assert len(await taken([calls.reserve_open(hold("lst_a"), gate="sandbox") for _ in range(5)])) == 1
+    assert await calls.finish(ids[1], amount=0, usage=Served("m1", False, 1, 1, 1))  # a finished one is kept
     listing = await store.get_listing("lst_a")
     assert listing is not None and listing.calls_used == 7
-    await store.release_call("lst_a")
-    assert await store.reserve_call("lst_a") is True
-    assert await store.reserve_call("lst_a") is False
 
 
-async def test_reserve_call_refuses_paused_and_expired(store: Store) -> None:
+async def test_calls_are_refused_on_paused_and_expired_listings(store: Store, calls: CallStore) -> None:
     await make(store, "lst_paused", status="paused")
-    await make(store, "lst_expired", expires_at=datetime.now(UTC) + timedelta(seconds=30))
-    assert await store.reserve_call("lst_paused") is False
-    assert await store.reserve_call("lst_expired") is True
-    assert await store.reserve_call("lst_expired", now=datetime.now(UTC) + timedelta(minutes=1)) is False
+    await make(store, "lst_expiring", expires_at=datetime.now(UTC) + timedelta(seconds=30))
+    await make(store, "lst_expired", expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    for listing_id in ("lst_paused", "lst_expired"):
+        with pytest.raises(Refused) as refused:
+            await calls.reserve_open(hold(listing_id), gate="sandbox")
+        assert refused.value.reason == "listing_unavailable"
+        with pytest.raises(Refused):
+            await calls.reserve_playground(hold(listing_id, "ip:1.2.3.4"), free_calls=3)
+    assert await calls.reserve_open(hold("lst_expiring"), gate="sandbox")
+    for listing_id in ("lst_paused", "lst_expired"):
+        listing = await store.get_listing(listing_id)
+        assert listing is not None and listing.calls_used == 0
+        assert await store.playground_calls(listing_id, "ip:1.2.3.4") == 0
 
 
-async def test_playground_calls_are_counted_atomically_per_listing_and_consumer(store: Store) -> None:
+async def test_playground_calls_are_counted_atomically_per_listing_and_consumer(
+    store: Store, calls: CallStore
+) -> None:
     await make(store, "lst_a")
     await make(store, "lst_b")
-    taken = await asyncio.gather(*(store.take_playground_call("lst_a", "ip:1.2.3.4", 3) for _ in range(20)))
-    assert sum(taken) == 3
+
+    def free(listing_id: str, consumer: str) -> Coroutine[Any, Any, str]:
+        return calls.reserve_playground(hold(listing_id, consumer), free_calls=3)
+
+    ids = await taken([free("lst_a", "ip:1.2.3.4") for _ in range(20)])
+    assert len(ids) == 3
     assert await store.playground_calls("lst_a", "ip:1.2.3.4") == 3
-    assert await store.take_playground_call("lst_b", "ip:1.2.3.4", 3) is True  # other listing: own count
-    assert await store.take_playground_call("lst_a", "ip:5.6.7.8", 3) is True  # other consumer: own count
-    await store.return_playground_call("lst_a", "ip:1.2.3.4")
-    assert await store.take_playground_call("lst_a", "ip:1.2.3.4", 3) is True
-    assert await store.take_playground_call("lst_a", "ip:1.2.3.4", 3) is False
+    listing = await store.get_listing("lst_a")
+    assert listing is not None and listing.calls_used == 3  # a refused free call takes no quota
+    assert await free("lst_b", "ip:1.2.3.4")  # other listing: own count
+    assert await free("lst_a", "ip:5.6.7.8")  # other consumer: own count
+    assert await calls.void(ids[0], outcome="upstream_error")  # a failed free call is given back
+    assert await store.playground_calls("lst_a", "ip:1.2.3.4") == 2
+    assert await free("lst_a", "ip:1.2.3.4")
+    with pytest.raises(Refused) as refused:
+        await free("lst_a", "ip:1.2.3.4")
+    assert refused.value.reason == "free_calls_used"
+    # A free call is settled at once and never charged, whatever its cost.
+    assert await calls.finish(ids[1], amount=5_000, usage=Served("m1", True, 2, 3, 4, "cancelled"))
+    call = await calls.get(ids[1])
+    assert call is not None
+    assert (call.gate, call.state, call.amount, call.charged, call.payer) == (
+        "playground",
+        "settled",
+        0,
+        False,
+        "ip:1.2.3.4",
+    )
+    assert (call.model, call.stream, call.prompt_tokens, call.completion_tokens, call.outcome) == (
+        "m1",
+        True,
+        2,
+        3,
+        "cancelled",
+    )
+
+
+async def test_count_calls_counts_the_calls_a_listing_served(store: Store, calls: CallStore) -> None:
+    await make(store, "lst_a")
+    ok, cancelled, voided, _open = [await calls.reserve_open(hold("lst_a"), gate="sandbox") for _ in range(4)]
+    assert await calls.finish(ok, amount=10, usage=Served("m1", False, 1, 1, 1))
+    assert await calls.finish(cancelled, amount=10, usage=Served("m1", True, 1, 1, 1, "cancelled"))
+    assert await calls.void(voided, outcome="upstream_error")
+    assert await store.count_calls("lst_a") == 2
+    assert await store.count_calls("lst_a", "ok") == 1
+    assert await store.count_calls("lst_a", "cancelled") == 1
+    assert await store.count_calls("lst_a", "upstream_error") == 0  # voided: not served
 
 
 async def test_nonce_is_single_use_even_when_raced(store: Store) -> None:

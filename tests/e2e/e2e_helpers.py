@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,20 @@ import httpx
 import uvicorn
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from quotra.calls.outbox import Outbox, X402Payment
+from quotra.calls.records import X402Hold
+from quotra.calls.store import CallStore, Hold
+from quotra.calls.store import Served as ServedCall
 from quotra.chain import eip712, twin
 from quotra.chain.client import EscrowClient
 from quotra.chain.escrow import Chain, sign_authorization
 from quotra.chain.relayer import DirectRelayer
 from quotra.config import Settings
-from quotra.store.payments_repo import PaymentsRepo, X402Row
+from quotra.store.db import create_engine
+from quotra.store.models import Call, table, utcnow
 from quotra.store.repositories import Store
 from relay_helpers import MASTER_KEY, listing_body, sign
+from sqlalchemy import func, select
 from web3.contract import Contract
 
 FEE_BPS = 1_000
@@ -60,6 +67,14 @@ class OnChain:
 
     def earnings(self, provider: str) -> int:
         return int(self.escrow.functions.earnings(provider).call())
+
+    def credited(self, provider: str) -> tuple[int, int]:
+        """(Σ amount, Σ fee) of the escrow's `Credited` events for `provider` (it is credited once
+        per settlement it has payments in, and once per reconciled payment)."""
+        events = self.escrow.events.Credited.get_logs(
+            argument_filters={"provider": provider}, from_block=self.start_block
+        )
+        return sum(int(e["args"]["amount"]) for e in events), sum(int(e["args"]["fee"]) for e in events)
 
     def excess(self) -> int:
         """What the escrow holds beyond what it owes: front-run payments (which a reconcile pays
@@ -135,18 +150,44 @@ def serve_app(build: Callable[[str], Any]) -> Iterator[Served]:
         sock.close()
 
 
-async def create_listing(url: str, provider: LocalAccount | None = None, **body: Any) -> dict[str, Any]:
-    provider = provider or Account.create()
+async def sign_in(url: str, account: LocalAccount) -> dict[str, str]:
+    """A sign-in (SIWE) session of `account`: the headers that carry it."""
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        nonce = await client.post("/v1/auth/nonce", json={"address": provider.address})
+        nonce = await client.post("/v1/auth/nonce", json={"address": account.address})
         message = nonce.json()["message"]
         token = await client.post(
-            "/v1/auth/verify", json={"message": message, "signature": sign(provider, message)}
+            "/v1/auth/verify", json={"message": message, "signature": sign(account, message)}
         )
-        headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
+        assert token.status_code == 200, token.text
+        return {"Authorization": f"Bearer {token.json()['access_token']}"}
+
+
+async def create_listing(url: str, provider: LocalAccount | None = None, **body: Any) -> dict[str, Any]:
+    provider = provider or Account.create()
+    headers = await sign_in(url, provider)
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         reply = await client.post("/v1/listings", json=listing_body(**body), headers=headers)
         assert reply.status_code == 201, reply.text
         return reply.json()
+
+
+async def settled_books(database_url: str) -> dict[str, tuple[int, int]]:
+    """provider → (Σ amount, Σ fee) of the paid calls (x402, prepaid) the relay's `calls` table
+    says are settled: what the escrow's `Credited` events for that provider must add up to."""
+    calls = table(Call)
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            rows = (
+                await connection.execute(
+                    select(calls.c.provider, func.sum(calls.c.amount), func.sum(calls.c.fee))
+                    .where(calls.c.state == "settled", calls.c.gate.in_(("x402", "prepaid")))
+                    .group_by(calls.c.provider)
+                )
+            ).all()
+    finally:
+        await engine.dispose()
+    return {str(provider): (int(amount), int(fee)) for provider, amount, fee in rows}
 
 
 async def wait_for(check: Callable[[], Awaitable[bool]], within: float = 20.0, poll: float = 0.05) -> None:
@@ -157,14 +198,14 @@ async def wait_for(check: Callable[[], Awaitable[bool]], within: float = 20.0, p
         await asyncio.sleep(poll)
 
 
-async def settled(url: str, settlement: str, within: float = 20.0) -> dict[str, Any]:
-    """Polls `GET /v1/settlements/{id}` until the payment is final; returns its status."""
+async def settled(url: str, call_id: str, headers: dict[str, str], within: float = 20.0) -> dict[str, Any]:
+    """Polls `GET /v1/calls/{id}` (as its payer: `headers`) until its money is final; the call."""
     result: dict[str, Any] = {}
     async with httpx.AsyncClient(base_url=url, timeout=10) as client:
 
         async def final() -> bool:
-            result.update((await client.get(f"/v1/settlements/{settlement}")).json())
-            return result.get("status") in ("settled", "failed", "voided", "refunded")
+            result.update((await client.get(f"/v1/calls/{call_id}", headers=headers)).json())
+            return result.get("state") in ("settled", "failed", "voided", "refunded")
 
         await wait_for(final, within)
     return result
@@ -177,14 +218,15 @@ async def settled(url: str, settlement: str, within: float = 20.0) -> dict[str, 
 class Kit:
     onchain: OnChain
     store: Store
-    repo: PaymentsRepo
+    calls: CallStore
+    outbox: Outbox
     client: EscrowClient
     relayer: DirectRelayer
 
     async def captured(
         self, payer: LocalAccount, provider: str, amount: int, valid_for: int = 300
-    ) -> X402Row:
-        """An x402 payment reserved and captured as the paid-call path leaves it."""
+    ) -> X402Payment:
+        """An x402 call reserved and finished (captured) as the paid-call path leaves it."""
         auth = sign_authorization(
             payer,
             self.onchain.domain,
@@ -193,17 +235,32 @@ class Kit:
             valid_before=int(time.time()) + valid_for,
             nonce=secrets.token_bytes(32),
         )
-        payment_id = await self.repo.reserve_x402(
-            payer=payer.address,
-            nonce="0x" + auth.nonce.hex(),
-            amount=amount,
-            valid_after=0,
-            valid_before=auth.valid_before,
-            signature=auth.signature.hex,
-            listing_id="lst_test",
-            provider=provider,
-            balance=2**62,
+        listing = await self.store.create_listing(
+            id="lst_" + secrets.token_hex(6),
+            owner=provider,
+            kind="sandbox",
+            base_url=None,
+            models=["sandbox-model"],
+            api_key_sealed="-",
+            price_per_call=amount,
         )
-        row = await self.repo.capture_x402(payment_id)
-        assert row is not None
+        hold = Hold(payer.address, listing.id, provider, amount, utcnow() + timedelta(seconds=valid_for))
+        call_id = await self.calls.reserve_x402(
+            hold,
+            X402Hold(
+                payer=payer.address,
+                nonce="0x" + auth.nonce.hex(),
+                value=amount,
+                valid_after=0,
+                valid_before=auth.valid_before,
+                signature=auth.signature.hex,
+                request_hash="0" * 64,
+                balance=2**62,
+                block=int(self.onchain.chain.w3.eth.block_number),
+            ),
+        )
+        served = ServedCall("sandbox-model", False, 1, 1, 1)
+        assert await self.calls.finish(call_id, amount=amount, usage=served)
+        row = await self.outbox.get_x402(call_id)
+        assert row is not None and row.state == "captured"
         return row

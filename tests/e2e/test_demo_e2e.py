@@ -12,7 +12,7 @@ from rich.console import Console
 MAX_BPS = 10_000
 
 
-def test_marketplace_story__exact_money__chain_equals_ledger() -> None:
+def test_marketplace_story__exact_money__chain_equals_the_calls() -> None:
     output = io.StringIO()
     started = time.monotonic()
     summary = run(Console(file=output, width=140))
@@ -41,10 +41,18 @@ def test_marketplace_story__exact_money__chain_equals_ledger() -> None:
     assert summary.consumer_deposit_after == summary.deposit - sum(summary.prepaid_paid)
     assert summary.eth_balances == {"consumer": 0, "provider": 0}
 
-    # Chain == ledger: solvency and `quotra reconcile`.
+    # Chain == the relay's calls: solvency and `quotra reconcile` (each provider's settled calls
+    # add up to its `Credited` events); every paid call settled in exactly one transaction.
     assert summary.escrow_balance == summary.liabilities
     assert summary.reconcile_exit == 0
     assert summary.gas_per_call and all(gas > 0 for _, gas, _ in summary.gas_per_call)
+    settled: dict[str, int] = {}
+    for path, _gas, calls in summary.gas_per_call:
+        settled[path] = settled.get(path, 0) + calls
+    assert settled == {
+        "x402 (settle_authorizations)": len(summary.x402_paid),
+        "prepaid (settle_charges)": len(summary.prepaid_paid),
+    }
     assert "claim confirmed" in text and "quotra reconcile" in text
     assert "0x" + "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80" not in text
     assert elapsed < 90, elapsed

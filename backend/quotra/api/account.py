@@ -12,9 +12,11 @@ from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from quotra.api.deps import CurrentProvider, RuntimeDep
+from quotra.calls.records import CALL_ID_PATTERN, CallView, payer_ids
 from quotra.errors import NotFound
-from quotra.payments.prepaid import PrepaidService, usdc
-from quotra.store.prepaid_repo import ApiKeyView, UsageRow
+from quotra.money import usdc
+from quotra.payments.prepaid import PrepaidService
+from quotra.store.prepaid_repo import ApiKeyView
 
 router = APIRouter(prefix="/v1/account", tags=["account"])
 
@@ -155,9 +157,10 @@ class UpdateKey(BaseModel):
 
 
 class UsageEntry(BaseModel):
-    id: int
-    object: str = "prepaid.call"
-    api_key_id: str
+    id: str
+    object: str = "quotra.call"
+    gate: str = Field(description="prepaid | sandbox | x402 | playground")
+    api_key_id: str | None
     listing_id: str
     provider: str
     model: str
@@ -167,7 +170,9 @@ class UsageEntry(BaseModel):
     reserved_atomic: int
     price: str
     price_atomic: int
-    status: str = Field(description="reserved | captured | settling | settled | released | metered | failed")
+    status: str = Field(
+        description="reserved | captured | settling | reconciling | settled | voided | failed | refunded"
+    )
     settlement_tx: str | None
     created_at: datetime
 
@@ -176,24 +181,25 @@ class UsageList(BaseModel):
     object: str = "list"
     data: list[UsageEntry]
     has_more: bool
-    next_before: int | None = Field(description="Pass as `before` for the next (older) page")
+    next_before: str | None = Field(description="Pass as `before` for the next (older) page")
 
 
-def usage_view(row: UsageRow) -> dict[str, Any]:
+def usage_view(call: CallView) -> dict[str, Any]:
     return {
-        "id": row.id,
-        "object": "prepaid.call",
-        "api_key_id": row.api_key_id,
-        "listing_id": row.listing_id,
-        "provider": row.provider,
-        "model": row.model,
-        "prompt_tokens": row.prompt_tokens,
-        "completion_tokens": row.completion_tokens,
-        **_money("reserved", row.reserved_amount),
-        **_money("price", row.amount),
-        "status": row.status,
-        "settlement_tx": row.tx_hash,
-        "created_at": row.created_at,
+        "id": call.id,
+        "object": "quotra.call",
+        "gate": call.gate,
+        "api_key_id": call.key_id,
+        "listing_id": call.listing_id,
+        "provider": call.provider,
+        "model": call.model,
+        "prompt_tokens": call.prompt_tokens,
+        "completion_tokens": call.completion_tokens,
+        **_money("reserved", call.reserved),
+        **_money("price", call.amount if call.charged else 0),
+        "status": call.state,
+        "settlement_tx": call.tx_hash if call.state == "settled" else None,
+        "created_at": call.created_at,
     }
 
 
@@ -255,14 +261,16 @@ async def get_account(wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str,
     return account_view(await _prepaid(runtime).account(wallet))
 
 
-@router.get("/usage", response_model=UsageList, summary="Prepaid calls, newest first")
+@router.get("/usage", response_model=UsageList, summary="The wallet's calls (any gate), newest first")
 async def usage(
     wallet: CurrentProvider,
     runtime: RuntimeDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    before: Annotated[int | None, Query(ge=1, description="`next_before` of the previous page")] = None,
+    before: Annotated[
+        str | None, Query(pattern=CALL_ID_PATTERN, description="`next_before` of the previous page")
+    ] = None,
 ) -> dict[str, Any]:
-    rows = await _prepaid(runtime).repo.usage(wallet, limit=limit + 1, before=before)
+    rows = await runtime.calls.of_payer(payer_ids(wallet), limit=limit + 1, before=before)
     page = rows[:limit]
     has_more = len(rows) > limit
     return {

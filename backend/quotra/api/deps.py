@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import httpx
 from fastapi import Depends, Request
 
+from quotra.calls.store import CallStore
 from quotra.chain.client import EscrowClient
 from quotra.chain.relayer import Relayer
 from quotra.config import Settings
@@ -90,6 +91,7 @@ class Runtime:
     siwe: SiweVerifier
     escrow: EscrowClient | None  # None when no chain is configured
     relayer: Relayer | None
+    calls: CallStore
     prepaid: PrepaidService
     claims_repo: ClaimsRepo
     claims: ClaimService | None = None  # None without a chain and a relayer
@@ -170,6 +172,22 @@ async def current_caller(request: Request, runtime: RuntimeDep) -> Caller:
         "Unknown API key. Call without a key (playground), with a sign-in session token, "
         "or with a Quotra API key (sk-quotra-…)"
     )
+
+
+async def bearer_wallet(request: Request, runtime: Runtime) -> str | None:
+    """The wallet behind the request's bearer token, a sign-in session or an API key; None
+    without one (401 for an invalid one)."""
+    token = _bearer(request)
+    if token is None:
+        return None
+    if token.startswith(SESSION_PREFIX):
+        address = runtime.sessions.verify(token)
+        if address is None:
+            raise AuthenticationFailed("The session token is invalid or expired", code="invalid_session")
+        return address
+    if token.startswith(KEY_PREFIX):
+        return (await runtime.prepaid.authenticate(token)).wallet
+    return None
 
 
 CurrentProvider = Annotated[str, Depends(current_provider)]

@@ -2,12 +2,16 @@
 
 One `EscrowClient` per process, created in the app's lifespan (the ABIs are parsed once). Reads go
 through web3's async HTTP provider; writes are never sent from here: `encode_*` returns a
-`ChainCall` that a `Relayer` puts on-chain.
+`ChainCall` that a `Relayer` puts on-chain. The ABIs ship with the package (`quotra/chain/abi`):
+the escrow's as compiled, USDC's as Circle's FiatToken v2.2 has it.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 from typing import Any
 
 from eth_utils import to_checksum_address
@@ -15,7 +19,6 @@ from hexbytes import HexBytes
 from web3 import AsyncHTTPProvider, AsyncWeb3
 
 from quotra.chain import eip712
-from quotra.chain.escrow import load_artifact
 from quotra.chain.merkle import Credit
 from quotra.chain.relayer import ChainCall
 
@@ -109,14 +112,26 @@ class DelegationArgs:
         )
 
 
+@cache
+def abi(name: str) -> list[dict[str, Any]]:
+    """A contract ABI shipped with the package: `QuotraEscrow` or `FiatToken` (USDC)."""
+    text = resources.files("quotra.chain").joinpath("abi", f"{name}.json").read_text(encoding="utf-8")
+    entries: list[dict[str, Any]] = json.loads(text)
+    return entries
+
+
+class USDCDomainMismatch(Exception):
+    """The token's name and version do not give the domain separator it reports."""
+
+
 class EscrowClient:
     def __init__(self, w3: AsyncWeb3, *, escrow: str, usdc: str, chain_id: int) -> None:
         self.w3 = w3
         self.chain_id = chain_id
         self.escrow_address = to_checksum_address(escrow)
         self.usdc_address = to_checksum_address(usdc)
-        self.escrow = w3.eth.contract(address=self.escrow_address, abi=load_artifact("QuotraEscrow").abi)
-        self.usdc = w3.eth.contract(address=self.usdc_address, abi=load_artifact("MockUSDC").abi)
+        self.escrow = w3.eth.contract(address=self.escrow_address, abi=abi("QuotraEscrow"))
+        self.usdc = w3.eth.contract(address=self.usdc_address, abi=abi("FiatToken"))
         self.escrow_domain = eip712.escrow_domain(chain_id, self.escrow_address)
 
     @classmethod
@@ -135,23 +150,30 @@ class EscrowClient:
         return int(await self.w3.eth.block_number)
 
     async def usdc_domain(self) -> eip712.Domain:
-        """USDC's EIP-712 domain as the token itself reports it (name differs per network)."""
-        (
-            _fields,
-            name,
-            version,
-            chain_id,
-            contract,
-            _salt,
-            _ext,
-        ) = await self.usdc.functions.eip712Domain().call()
-        return eip712.Domain(name, version, int(chain_id), to_checksum_address(contract))
+        """USDC's EIP-712 domain as the token reports it (its name differs per network: "USDC" on
+        Base Sepolia, "USD Coin" on Base): `name()` and `version()`, checked against its
+        `DOMAIN_SEPARATOR()` (FiatToken has no EIP-5267 `eip712Domain()`)."""
+        name, version, separator = (
+            await self.usdc.functions.name().call(),
+            await self.usdc.functions.version().call(),
+            bytes(await self.usdc.functions.DOMAIN_SEPARATOR().call()),
+        )
+        domain = eip712.Domain(name, version, self.chain_id, self.usdc_address)
+        if separator != domain.separator:
+            raise USDCDomainMismatch(
+                f"USDC at {self.usdc_address} reports a domain that does not match its separator"
+            )
+        return domain
 
-    async def usdc_balance(self, account: str) -> int:
-        return int(await self.usdc.functions.balanceOf(to_checksum_address(account)).call())
+    async def usdc_balance(self, account: str, block: int | None = None) -> int:
+        """`account`'s USDC balance, at `block` (the latest if None)."""
+        fn = self.usdc.functions.balanceOf(to_checksum_address(account))
+        return int(await fn.call(block_identifier="latest" if block is None else block))
 
-    async def authorization_used(self, payer: str, nonce: bytes) -> bool:
-        return bool(await self.usdc.functions.authorizationState(to_checksum_address(payer), nonce).call())
+    async def authorization_used(self, payer: str, nonce: bytes, block: int | None = None) -> bool:
+        """Whether USDC marks (payer, nonce) used or cancelled, at `block` (the latest if None)."""
+        fn = self.usdc.functions.authorizationState(to_checksum_address(payer), nonce)
+        return bool(await fn.call(block_identifier="latest" if block is None else block))
 
     async def deposit_of(self, consumer: str) -> int:
         return int(await self.escrow.functions.deposits(to_checksum_address(consumer)).call())

@@ -2,7 +2,7 @@
 
 The relay has its own async client; this one favours plainness: local keys sign, every
 transaction waits for its receipt and a revert raises `TxFailed` with the contract's reason.
-Amounts are atomic USDC units (6 decimals); `parse_usdc` / `format_usdc` convert at the edges.
+Amounts are atomic USDC units (6 decimals); `quotra.money` converts them at the edges.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from functools import cache
 from pathlib import Path
 from typing import Any, Final
@@ -26,8 +25,6 @@ from web3.types import TxReceipt
 
 from quotra.chain import eip712
 
-USDC_DECIMALS: Final = 6
-USDC_UNIT: Final = 10**USDC_DECIMALS
 ZERO_ADDRESS: Final = "0x0000000000000000000000000000000000000000"
 BUILD_FILE: Final = Path(".build") / "__local__.json"
 # The checkout this package is installed from (editable install), for running outside it.
@@ -47,31 +44,6 @@ class ArtifactMissing(EscrowError):
 
 
 # ---- amounts ---------------------------------------------------------------------------------
-
-
-def parse_usdc(text: str | int | Decimal) -> int:
-    """Human USDC (`"1.50"`) to atomic units (1_500_000), exactly: no floats, no rounding.
-
-    Raises ValueError on anything that is not a non-negative amount with at most 6 decimals."""
-    try:
-        value = Decimal(str(text).strip().replace("_", ""))
-    except InvalidOperation:
-        raise ValueError(f"not an amount: {text!r}") from None
-    if not value.is_finite():
-        raise ValueError(f"not an amount: {text!r}")
-    if value < 0:
-        raise ValueError(f"amount must not be negative: {text!r}")
-    atomic = value * USDC_UNIT
-    if atomic != atomic.to_integral_value():
-        raise ValueError(f"USDC has {USDC_DECIMALS} decimals; {text!r} has more")
-    return int(atomic)
-
-
-def format_usdc(atomic: int) -> str:
-    """Atomic units to human USDC with all 6 decimals (`1_500_000` -> `"1.500000"`)."""
-    sign = "-" if atomic < 0 else ""
-    whole, frac = divmod(abs(atomic), USDC_UNIT)
-    return f"{sign}{whole:,}.{frac:06d}"
 
 
 # ---- compiled artifacts ----------------------------------------------------------------------

@@ -44,12 +44,11 @@ from quotra.chain.deployment import DEPLOYMENTS_DIR_ENV, Deployment
 from quotra.chain.escrow import (
     Chain,
     account_from_key,
-    format_usdc,
     new_account,
-    parse_usdc,
     sign_authorization,
 )
 from quotra.demo.onchain import DEPLOYER_ALIAS, NETWORK, DemoError, deploy_with_ape
+from quotra.money import format_usdc, parse_usdc
 
 T = TypeVar("T")
 
@@ -249,7 +248,7 @@ class Marketplace:
         self.usdc = self.chain.contract("MockUSDC", deployment.usdc)
         self.provider = new_account()  # fresh wallets: no ETH, ever
         self.consumer = new_account()
-        self.settlements: list[tuple[str, str, int]] = []  # (path, settlement id, amount)
+        self.settlements: list[tuple[str, str, int]] = []  # (path, call id, amount)
         self.x402_price = 0  # from the 402's offer
         self.consumer_headers: dict[str, str] = {}
 
@@ -382,11 +381,13 @@ class Marketplace:
                 body = _expect(reply, 200)
                 response = _decode(reply.headers["payment-response"])
                 amount = self.x402_price
-                self.settlements.append(("x402", response["settlement"], amount))
+                call_id = reply.headers["quotra-call-id"]
+                assert response["call"] == call_id
+                self.settlements.append(("x402", call_id, amount))
                 self.summary.x402_paid.append(amount)
                 self.say(
                     f"paid call {n}: 402 → signed TransferWithAuthorization → 200, "
-                    f"{body['choices'][0]['message']['content'][:40]!r}, settlement {response['settlement']}"
+                    f"{body['choices'][0]['message']['content'][:40]!r}, {call_id}"
                 )
 
     # 4. prepaid --------------------------------------------------------------------------------
@@ -484,23 +485,24 @@ class Marketplace:
     async def settlement_lands(self, client: httpx.AsyncClient) -> None:
         self.step("5. The settlement worker lands the batches on the escrow")
         txs: dict[str, tuple[str, int]] = {}  # tx -> (path, calls)
-        for path, settlement, _amount in self.settlements:
+        for path, call_id, _amount in self.settlements:
 
-            async def settled(sid: str = settlement) -> dict[str, Any] | None:
-                status = _expect(await client.get(f"/v1/settlements/{sid}"), 200)
-                if status["status"] in ("failed", "voided", "refunded"):
-                    raise DemoError(f"settlement {sid} ended {status['status']}")
-                return status if status["status"] == "settled" else None
+            async def settled(cid: str = call_id) -> dict[str, Any] | None:
+                # The payer, signed in, asks what became of its call.
+                call = _expect(await client.get(f"/v1/calls/{cid}", headers=self.consumer_headers), 200)
+                if call["state"] in ("failed", "voided", "refunded"):
+                    raise DemoError(f"call {cid} ended {call['state']}")
+                return call if call["state"] == "settled" else None
 
-            status = await _until(settled, f"settlement {settlement}")
-            tx = str(status["transaction"])
+            call = await _until(settled, f"the settlement of {call_id}")
+            tx = str(call["transaction"])
             calls = txs.get(tx, (path, 0))[1] + 1
             txs[tx] = ("x402 (settle_authorizations)", calls)
-            self.say(f"{settlement}: settled in {tx[:18]}…")
+            self.say(f"{call_id}: settled in {tx[:18]}…")
 
         async def usage_settled() -> list[dict[str, Any]] | None:
             usage = _expect(await client.get("/v1/account/usage", headers=self.consumer_headers), 200)
-            rows: list[dict[str, Any]] = usage["data"]
+            rows: list[dict[str, Any]] = [r for r in usage["data"] if r["gate"] == "prepaid"]
             if any(r["status"] in ("failed",) for r in rows):
                 raise DemoError("a prepaid settlement failed")
             done = [r for r in rows if r["status"] == "settled"]
@@ -672,7 +674,7 @@ def _check(console: Console, story: Marketplace, summary: MarketplaceSummary, en
     if done.returncode != 0:
         lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
         raise DemoError(f"`quotra reconcile` exited {done.returncode}: {lines[-1] if lines else ''}")
-    ok("`quotra reconcile`: the ledger agrees with the chain (0 discrepancies)")
+    ok("`quotra reconcile`: the settled calls agree with the escrow's credits (0 discrepancies)")
 
 
 # ---- run ------------------------------------------------------------------------------------------

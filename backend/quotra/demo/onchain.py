@@ -34,12 +34,11 @@ from quotra.chain.escrow import (
     Chain,
     account_from_key,
     delegation_tuple,
-    format_usdc,
     new_account,
-    parse_usdc,
     permission_tuple,
     sign_authorization,
 )
+from quotra.money import format_usdc, parse_usdc
 
 NETWORK: Final = "base:sepolia-twin:node"
 DEPLOYER_ALIAS: Final = "TEST::0"  # ape's test account 0 = anvil's dev account 0 (public test key)

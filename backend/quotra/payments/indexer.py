@@ -1,10 +1,11 @@
-"""The escrow's events, followed from `chain_cursors`, and the audit of the ledger against them.
+"""The escrow's events, followed from `chain_cursors`, and the audit of the calls against them.
 
 `EscrowEvents` decodes the payment events (the settlement worker uses it to read its receipts and
 to find an earlier credit of an authorization). `Indexer` follows them block range by block range:
 a credit the worker has not recorded yet (it crashed after sending, say) is recorded here, once,
-and anything the relay cannot account for is a `Discrepancy`. `audit` compares the database with
-the chain: `quotra reconcile` prints it, `/metrics` counts it.
+and anything the relay cannot account for is a `Discrepancy`. `audit` checks the database on its
+own (calls unpaid or stuck), `full_check` against the chain (each provider's credits): `quotra
+reconcile` prints them, `/metrics` counts them.
 """
 
 from __future__ import annotations
@@ -20,14 +21,18 @@ from typing import Any, Final
 from eth_utils import event_abi_to_log_topic, keccak, to_checksum_address
 from hexbytes import HexBytes
 
+from quotra.calls.outbox import Outbox
 from quotra.chain import merkle
 from quotra.chain.client import EscrowClient
 from quotra.metrics import Metrics
-from quotra.store.payments_repo import PaymentsRepo, settlement_id, split_fee
+from quotra.money import split_fee
 
 log = logging.getLogger("quotra.indexer")
+# A reservation the sweeper should have voided this long ago is reported stuck.
+STRANDED_AFTER: Final = 300.0
 
 EVENTS: Final = (
+    "Credited",
     "PaymentsSettled",
     "PaymentFailed",
     "PaymentReconciled",
@@ -265,7 +270,7 @@ class Indexer:
 
     def __init__(
         self,
-        repo: PaymentsRepo,
+        outbox: Outbox,
         client: EscrowClient,
         metrics: Metrics | None = None,
         *,
@@ -275,7 +280,7 @@ class Indexer:
         poll: float = 2.0,
         audit_every: float = 30.0,
     ) -> None:
-        self.repo = repo
+        self.outbox = outbox
         self.client = client
         self.events = EscrowEvents(client, start_block)
         self.metrics = metrics
@@ -296,7 +301,7 @@ class Indexer:
     async def step(self) -> int:
         """Reads the events of the blocks since the cursor; returns how many it applied."""
         head = await self.client.block_number() - self.confirmations
-        cursor = await self.repo.cursor(self.contract)
+        cursor = await self.outbox.cursor(self.contract)
         start = self.start_block if cursor is None else cursor + 1
         applied = 0
         while start <= head:
@@ -305,7 +310,7 @@ class Indexer:
                 for found in await self.handle(event):
                     self._report(found)
                 applied += 1
-            await self.repo.set_cursor(self.contract, end)
+            await self.outbox.set_cursor(self.contract, end)
             start = end + 1
         return applied
 
@@ -321,7 +326,7 @@ class Indexer:
         """Records what one event says; discrepancies when the database cannot account for it."""
         if event.name == "ChargesSettled":
             reference = _hex(event.args["reference"]).lower()
-            batch = await self.repo.batch_by_reference(reference)
+            batch = await self.outbox.batch_by_reference(reference)
             if batch is None:
                 return [Discrepancy("unknown_charges", f"ChargesSettled in {event.tx_hash}", reference)]
             if batch.amount != int(event.args["amount"]):
@@ -341,12 +346,12 @@ class Indexer:
         return found
 
     async def apply(self, credit: Credit) -> Discrepancy | None:
-        row = await self.repo.find_x402(credit.payer, credit.nonce)
+        row = await self.outbox.find_x402(credit.payer, credit.nonce)
         if row is None:
             return Discrepancy(
                 "unknown_payment", f"{credit.kind} {credit.payer} nonce {credit.nonce} in {credit.tx_hash}"
             )
-        ref = settlement_id(row.id)
+        ref = row.call_id
         if credit.amount != row.amount or credit.provider != to_checksum_address(row.provider):
             return Discrepancy(
                 "payment_mismatch",
@@ -355,36 +360,43 @@ class Indexer:
                 ref,
             )
         if credit.kind == "refunded":
-            if row.status != "refunded":
+            if row.state != "refunded":
                 return Discrepancy("refund_not_recorded", credit.tx_hash, ref)
             return None
-        if row.status in ("captured", "settling", "reconciling"):
+        if row.state in ("captured", "settling", "reconciling"):
             # Credited on-chain before the worker recorded it (it crashed, or is just slower).
-            await self.repo.settle_x402(
-                row.id, tx_hash=credit.tx_hash, fee=credit.fee, reconciled=credit.kind == "reconciled"
+            await self.outbox.settle_x402(
+                row.call_id,
+                tx_hash=credit.tx_hash,
+                fee=credit.fee,
+                block=credit.block,
+                reconciled=credit.kind == "reconciled",
             )
             return None
-        if row.status in ("settled", "reconciled", "refunded"):
-            if row.tx_hash and row.tx_hash.lower() != credit.tx_hash.lower():
+        if row.state in ("settled", "refunded"):
+            # The call keeps the transaction that credited it (a refund does not replace it).
+            if row.tx_hash and row.tx_hash.lower() != credit.tx_hash.lower() and credit.kind == "settled":
                 return Discrepancy("credited_twice", f"also {credit.kind} in {credit.tx_hash}", ref)
             return None
         return Discrepancy(
-            "credited_but_" + row.status, f"{credit.kind} in {credit.tx_hash} for a {row.status} payment", ref
+            "credited_but_" + row.state, f"{credit.kind} in {credit.tx_hash} for a {row.state} call", ref
         )
 
     async def audit(self, now: float | None = None) -> list[Discrepancy]:
         """What the database says went wrong: calls served but never paid, payments that can no
-        longer settle, batches stuck in flight, and the ledger against the escrow's credits."""
+        longer settle, reservations or batches stuck."""
         now = now or time.time()
         found: list[Discrepancy] = []
-        for row in await self.repo.x402_with_status(["failed"]):
-            found.append(Discrepancy("unpaid_call", row.error or "settlement failed", settlement_id(row.id)))
-        for row in await self.repo.x402_with_status(["captured", "settling", "reconciling"]):
-            if row.valid_before < now and row.status != "reconciling":
-                found.append(
-                    Discrepancy("expired_unsettled", f"{row.status} past validBefore", settlement_id(row.id))
-                )
-        for batch in await self.repo.batches(["pending", "submitted"]):
+        for call_id, _state, error in await self.outbox.calls_in(["failed"], ["x402", "prepaid"]):
+            found.append(Discrepancy("unpaid_call", error or "settlement failed", call_id))
+        for row in await self.outbox.x402_in(["captured", "settling"]):
+            if row.valid_before < now:
+                found.append(Discrepancy("expired_unsettled", f"{row.state} past validBefore", row.call_id))
+        for call_id, _state, _error in await self.outbox.stranded(now - STRANDED_AFTER):
+            found.append(
+                Discrepancy("stuck_reservation", "reserved past its deadline, never voided", call_id)
+            )
+        for batch in await self.outbox.batches(["pending", "submitted"]):
             if batch.created_at.timestamp() < now - 600:
                 found.append(
                     Discrepancy(
@@ -393,64 +405,51 @@ class Indexer:
                         f"batch_{batch.id}",
                     )
                 )
-        for batch in await self.repo.batches(["failed"]):
+        for batch in await self.outbox.batches(["failed"]):
             found.append(Discrepancy("batch_failed", batch.error or "", f"batch_{batch.id}"))
         return found
 
     async def full_check(self) -> list[Discrepancy]:
-        """Everything from the escrow's first block: each credit against the database, each settled
-        payment against its credit, the ledger's sums against the escrow's (for `quotra reconcile`)."""
+        """Everything from the escrow's first block: each x402 credit against its call, and each
+        provider's `Credited` events (less refunds) against the calls the relay settled for it
+        (for `quotra reconcile`)."""
         found: list[Discrepancy] = []
         head = await self.client.block_number()
-        credits: dict[tuple[str, str], list[Credit]] = {}
-        refunds: list[Credit] = []
+        credited: dict[tuple[str, str], list[Credit]] = {}
+        chain_totals: dict[str, list[int]] = {}
         start = self.start_block
         while start <= head:
             end = min(head, start + self.chunk - 1)
             for event in await self.events.fetch(start, end):
                 found.extend(await self.handle(event))
+                if event.name == "Credited":
+                    totals = chain_totals.setdefault(to_checksum_address(event.args["provider"]), [0, 0])
+                    totals[0] += int(event.args["amount"])
+                    totals[1] += int(event.args["fee"])
                 for credit in await self.credits(event):
                     if credit.kind == "refunded":
-                        refunds.append(credit)
+                        totals = chain_totals.setdefault(credit.provider, [0, 0])
+                        totals[0] -= credit.amount
+                        totals[1] -= credit.fee
                     else:
-                        credits.setdefault(credit.key, []).append(credit)
+                        credited.setdefault(credit.key, []).append(credit)
             start = end + 1
-        chain_totals: dict[str, list[int]] = {}
-        for key, items in credits.items():
+        for key, items in credited.items():
             if len(items) > 1:
                 found.append(Discrepancy("credited_twice", f"{key} credited {len(items)} times"))
-            if await self.repo.find_x402(*key) is None:
-                continue
-            for credit in items:
-                totals = chain_totals.setdefault(credit.provider, [0, 0])
-                totals[0] += credit.amount
-                totals[1] += credit.fee
-        for credit in refunds:
-            totals = chain_totals.setdefault(credit.provider, [0, 0])
-            totals[0] -= credit.amount
-            totals[1] -= credit.fee
-        for row in await self.repo.x402_with_status(["settled", "reconciled", "refunded"], limit=10**9):
-            if (row.payer, row.nonce.lower()) not in credits:
-                found.append(
-                    Discrepancy("settled_without_credit", "no credit on-chain", settlement_id(row.id))
-                )
-        ledger_totals: dict[str, list[int]] = {}
-        for (kind, provider), (amount, fee) in (await self.repo.ledger_sums("x402")).items():
-            sign = {"settle": 1, "reconcile": 1, "refund": -1}.get(kind)
-            if sign is None:
-                continue
-            totals = ledger_totals.setdefault(to_checksum_address(provider), [0, 0])
-            totals[0] += sign * amount
-            totals[1] += sign * fee
-        for provider in sorted(set(chain_totals) | set(ledger_totals)):
+        for row in await self.outbox.x402_in(["settled", "refunded"], limit=10**9):
+            if (row.payer, row.nonce.lower()) not in credited:
+                found.append(Discrepancy("settled_without_credit", "no credit on-chain", row.call_id))
+        books = await self.outbox.credited_by_provider()
+        for provider in sorted(set(chain_totals) | {to_checksum_address(p) for p in books}):
             chain = chain_totals.get(provider, [0, 0])
-            books = ledger_totals.get(provider, [0, 0])
-            if chain != books:
+            ours = list(books.get(provider, books.get(provider.lower(), (0, 0))))
+            if chain != ours:
                 found.append(
                     Discrepancy(
                         "ledger_mismatch",
-                        f"provider {provider}: ledger {books[0]} (fees {books[1]}), "
-                        f"escrow {chain[0]} (fees {chain[1]})",
+                        f"provider {provider}: calls settled {ours[0]} (fees {ours[1]}), "
+                        f"escrow credited {chain[0]} (fees {chain[1]})",
                     )
                 )
         found.extend(await self.audit())

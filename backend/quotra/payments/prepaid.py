@@ -1,12 +1,12 @@
 """Prepaid payments with an API key: the consumer's account, keys, permission and deposits, and
-the gate's `prepaid` authorization (reserve the maximum cost, then capture the actual cost or
-release).
+the gate that reserves a keyed call's maximum cost (the call store captures the actual cost or
+voids it).
 
 Rules:
 - Live keys (`sk-quotra-live-…`) call any listing and are charged from the wallet's escrow
   deposit under its active SpendPermission: each call reserves against
   min(deposit - pending withdrawal, allowance - permission spent) - unsettled - reserved, and
-  against the key's own spend cap, in one transaction (see `quotra.store.prepaid_repo`).
+  against the key's own spend cap, in one transaction (see `quotra.calls.store`).
 - Sandbox keys (`sk-quotra-test-…`) call sandbox listings only. Their calls are metered against
   the key's spend cap (so a client can exercise the whole flow, 402 included) but never touch
   the account and are never settled; they need no deposit and no permission.
@@ -22,14 +22,15 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final, Protocol
 
 from eth_utils import is_address, to_checksum_address
 
+from quotra.calls.records import Refused
+from quotra.calls.store import CallStore, Hold
 from quotra.chain import eip712
-from quotra.chain.client import EscrowClient
 from quotra.chain.relayer import ChainCall, Relayer, RelayerError, TxState, wait_final
 from quotra.errors import (
     AuthenticationFailed,
@@ -39,7 +40,8 @@ from quotra.errors import (
     QuotraError,
     ServiceUnavailable,
 )
-from quotra.store.models import utcnow
+from quotra.money import usdc
+from quotra.services.gate import Reservation, not_servable
 from quotra.store.prepaid_repo import (
     AccountView,
     ApiKeyView,
@@ -47,13 +49,10 @@ from quotra.store.prepaid_repo import (
     KeyRef,
     PermissionView,
     PrepaidStore,
-    Refused,
-    Reservation,
     Shortfall,
     hash_key,
 )
 from quotra.store.repositories import ListingRecord
-from quotra.upstream.base import Usage
 
 log = logging.getLogger("quotra.prepaid")
 
@@ -63,11 +62,6 @@ _MAX_CACHED_KEYS: Final = 10_000
 _MAX_AMOUNT: Final = 2**63 - 1  # BIGINT columns
 _CLOCK_SKEW: Final = 60
 Erc1271Check = Callable[[str, bytes, bytes], Awaitable[bool]]
-
-
-def usdc(atomic: int) -> str:
-    whole, frac = divmod(abs(atomic), 10**6)
-    return f"{'-' if atomic < 0 else ''}{whole}.{frac:06d}"
 
 
 class ChainReader(Protocol):
@@ -125,38 +119,11 @@ class InvalidDeposit(BadRequest):
     code = "invalid_deposit"
 
 
-@dataclass
-class PrepaidAuthorization:
-    """A reserved prepaid call; `relay` meters it, then captures or voids it exactly once."""
-
-    repo: PrepaidStore
-    reservation: Reservation
-    gate: str = "prepaid"
-    model: str = ""
-    usage: Usage = field(default_factory=lambda: Usage(0, 0))
-
-    def meter(self, model: str, usage: Usage) -> None:
-        self.model, self.usage = model, usage
-
-    async def capture(self, cost_atomic: int) -> None:
-        await self.repo.capture(
-            self.reservation,
-            cost_atomic,
-            model=self.model,
-            prompt_tokens=self.usage.prompt_tokens,
-            completion_tokens=self.usage.completion_tokens,
-        )
-
-    async def void(self) -> None:
-        await self.repo.release(self.reservation)
-
-
 @dataclass(frozen=True)
 class PrepaidSettings:
     key_cache_seconds: float = 5.0
     max_keys_per_wallet: int = 50
     refresh_seconds: float = 30.0
-    reservation_ttl_seconds: int = 1800
     permission_margin_seconds: int = 600
     deposit_wait_seconds: float = 30.0
 
@@ -192,6 +159,7 @@ class PrepaidService:
     def __init__(
         self,
         repo: PrepaidStore,
+        calls: CallStore,
         *,
         settings: PrepaidSettings,
         chain: ChainReader | None = None,
@@ -200,6 +168,7 @@ class PrepaidService:
         erc1271: Erc1271Check | None = None,
     ) -> None:
         self.repo = repo
+        self.calls = calls
         self.settings = settings
         self.chain = chain
         self.relayer = relayer
@@ -258,7 +227,9 @@ class PrepaidService:
 
     # ---- the gate ----------------------------------------------------------------------------------
 
-    async def authorize(self, key: KeyRef, listing: ListingRecord, max_cost: int) -> PrepaidAuthorization:
+    async def reserve(
+        self, key: KeyRef, listing: ListingRecord, max_cost: int, deadline: datetime
+    ) -> Reservation:
         if not key.live and listing.kind != "sandbox":
             raise PaymentRequired(
                 f"Sandbox API keys (sk-quotra-test-…) can only call sandbox listings; listing "
@@ -266,21 +237,26 @@ class PrepaidService:
                 code="sandbox_key_live_listing",
             )
         now = int(time.time())
+        amount = max(max_cost, 1)
+        hold = Hold(key.wallet, listing.id, listing.owner, amount, deadline)
         try:
-            reservation = await self.repo.reserve(
-                key,
-                listing_id=listing.id,
-                provider=listing.owner,
-                amount=max(max_cost, 1),
-                now_ts=now,
-                margin=self.settings.permission_margin_seconds,
+            call_id = await self.calls.reserve_key(
+                hold, key_id=key.id, live=key.live, now_ts=now, margin=self.settings.permission_margin_seconds
             )
         except Refused as refused:
-            if refused.shortfall == "key_revoked":
+            if refused.reason == "listing_unavailable":
+                raise not_servable(listing) from None
+            shortfall = await self.repo.diagnose(
+                key,
+                now,
+                self.settings.permission_margin_seconds,
+                "key_cap" if refused.reason == "key_cap" else "deposit",
+            )
+            if shortfall == "key_revoked":
                 self._keys = {h: v for h, v in self._keys.items() if v[0] is None or v[0].id != key.id}
                 raise AuthenticationFailed("This API key has been revoked") from None
-            raise await self._insufficient(key, max_cost, refused.shortfall) from None
-        return PrepaidAuthorization(self.repo, reservation, gate="prepaid" if key.live else "sandbox")
+            raise await self._insufficient(key, max_cost, shortfall) from None
+        return Reservation(call_id, "prepaid" if key.live else "sandbox", amount)
 
     async def _insufficient(self, key: KeyRef, needed: int, shortfall: Shortfall) -> QuotraError:
         account = await self.repo.get_account(key.wallet) or AccountView.empty(key.wallet)
@@ -386,25 +362,15 @@ class PrepaidService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def sweep(self) -> int:
-        """Releases reservations older than the TTL (their call crashed or never finished)."""
-        cutoff = utcnow() - timedelta(seconds=self.settings.reservation_ttl_seconds)
-        released = 0
-        for reservation in await self.repo.stale_reservations(cutoff):
-            released += await self.repo.release(reservation)
-        if released:
-            log.warning("prepaid.swept_reservations", extra={"count": released})
-        return released
-
     async def run_background(self) -> None:
-        """Every `refresh_seconds`: sweep stale reservations and refresh accounts from the chain."""
+        """Every `refresh_seconds`: refresh accounts from the chain."""
         while True:
             await asyncio.sleep(self.settings.refresh_seconds)
+            if self.chain is None:
+                continue
             try:
-                await self.sweep()
-                if self.chain is not None:
-                    for wallet in await self.repo.wallets_to_refresh(200):
-                        await self.refresh(wallet)
+                for wallet in await self.repo.wallets_to_refresh(200):
+                    await self.refresh(wallet)
             except Exception:
                 log.exception("prepaid.background_round_failed")
 
@@ -572,12 +538,7 @@ class PrepaidService:
     async def _usdc(self, chain: ChainReader) -> eip712.Domain:
         """USDC's EIP-712 domain, read from the token once (never assumed per network)."""
         if self._usdc_domain is None:
-            if isinstance(chain, EscrowClient):  # real USDC has no eip712Domain(): see there
-                from quotra.payments.service import read_usdc_domain
-
-                self._usdc_domain = await read_usdc_domain(chain)
-            else:
-                self._usdc_domain = await chain.usdc_domain()
+            self._usdc_domain = await chain.usdc_domain()
         return self._usdc_domain
 
     async def deposit(self, wallet: str, authorization: dict[str, Any], signature_hex: str) -> dict[str, Any]:
@@ -660,9 +621,9 @@ class PrepaidService:
             self.relayer, submission.id, within=self.settings.deposit_wait_seconds, poll=0.1
         )
         if not final.state.final:
-            self._spawn(self._finish_deposit(wallet, value, nonce_hex, submission.id))
+            self._spawn(self._finish_deposit(wallet, submission.id))
             return {"status": "submitted", "tx_hash": final.tx_hash, "amount": value, "account": None}
-        await self._record_deposit(wallet, value, nonce_hex, final.state, final.tx_hash, final.error)
+        self._check_deposit(final.state, final.error)
         return {
             "status": "confirmed",
             "tx_hash": final.tx_hash,
@@ -670,19 +631,16 @@ class PrepaidService:
             "account": await self.account(wallet),
         }
 
-    async def _finish_deposit(self, wallet: str, value: int, nonce_hex: str, submission_id: str) -> None:
+    async def _finish_deposit(self, wallet: str, submission_id: str) -> None:
         assert self.relayer is not None
         final = await wait_final(self.relayer, submission_id, within=600.0, poll=1.0)
         if final.state.final:
-            with contextlib.suppress(QuotraError):
-                await self._record_deposit(wallet, value, nonce_hex, final.state, final.tx_hash, final.error)
             await self.refresh(wallet)
 
-    async def _record_deposit(
-        self, wallet: str, value: int, nonce_hex: str, state: TxState, tx_hash: str | None, error: str | None
-    ) -> None:
+    @staticmethod
+    def _check_deposit(state: TxState, error: str | None) -> None:
+        """A confirmed deposit is on-chain: the account mirror reads it from there."""
         if state is not TxState.CONFIRMED:
             raise InvalidDeposit(
                 f"The deposit transaction failed: {error or state.name.lower()}", code="deposit_failed"
             )
-        await self.repo.record_deposit(wallet, value, nonce=nonce_hex, tx_hash=tx_hash or "")

@@ -17,8 +17,9 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
-from quotra.chain import eip712
-from quotra.chain.client import EscrowClient
+from quotra.calls.outbox import Outbox
+from quotra.calls.store import CallStore
+from quotra.chain.client import EscrowClient, USDCDomainMismatch
 from quotra.chain.deployment import BASE_SEPOLIA_USDC, KNOWN_USDC, Deployment, DeploymentError
 from quotra.chain.relayer import DirectRelayer, Relayer
 from quotra.config import ConfigError, Settings
@@ -28,7 +29,6 @@ from quotra.payments.indexer import Indexer
 from quotra.payments.receipts import ReceiptSigner
 from quotra.payments.settlement import LeaderLock, SettlementConfig, SettlementWorker
 from quotra.payments.x402_gate import X402Gate
-from quotra.store.payments_repo import PaymentsRepo
 from quotra.store.repositories import Store
 
 log = logging.getLogger("quotra.payments")
@@ -84,21 +84,6 @@ def load_operator(settings: Settings) -> LocalAccount | None:
     return None
 
 
-async def read_usdc_domain(client: EscrowClient) -> eip712.Domain:
-    """USDC's EIP-712 domain from the token: EIP-5267 `eip712Domain()` where it exists, else
-    `name()`/`version()`; either way checked against its `DOMAIN_SEPARATOR()`."""
-    try:
-        domain = await client.usdc_domain()
-    except Exception:
-        name = await client.usdc.functions.name().call()
-        version = await client.usdc.functions.version().call()
-        domain = eip712.Domain(name, version, client.chain_id, client.usdc_address)
-    separator = bytes(await client.usdc.functions.DOMAIN_SEPARATOR().call())
-    if separator != domain.separator:
-        raise ConfigError(f"USDC at {client.usdc_address} reports a domain that does not match its separator")
-    return domain
-
-
 class Payments:
     """The x402 gate, the settlement worker and the indexer of one relay process."""
 
@@ -108,6 +93,8 @@ class Payments:
         store: Store,
         metrics: Metrics,
         *,
+        calls: CallStore,
+        outbox: Outbox,
         client: EscrowClient | None = None,
         relayer: Relayer | None = None,
     ) -> None:
@@ -115,14 +102,12 @@ class Payments:
         that one process never hands out the operator's transaction nonces twice."""
         self.settings = settings
         self.metrics = metrics
+        self.store = store
         self._app_client = client
         self._app_relayer = relayer
-        self.repo = PaymentsRepo(store)
+        self.outbox = outbox
         self.gate = X402Gate(
-            self.repo,
-            metrics,
-            public_url=settings.public_url,
-            balance_ttl=settings.x402_balance_cache_seconds,
+            calls, metrics, public_url=settings.public_url, head_ttl=settings.x402_head_cache_seconds
         )
         self.location = escrow_location(settings) if settings.chain_rpc_url else None
         if client is not None and self.location is None:
@@ -193,7 +178,10 @@ class Payments:
             raise ConfigError(
                 f"the chain RPC serves chain {chain_id}, QUOTRA_CHAIN_ID is {settings.chain_id}"
             )
-        domain = await read_usdc_domain(client)
+        try:
+            domain = await client.usdc_domain()
+        except USDCDomainMismatch as exc:
+            raise ConfigError(str(exc)) from exc
         terms = x402.PaymentTerms(
             chain_id=chain_id,
             asset=location.usdc,
@@ -215,20 +203,18 @@ class Payments:
             else:
                 self.relayer = DirectRelayer(client.w3, self.operator, chain_id=chain_id)
             self.worker = SettlementWorker(
-                self.repo,
+                self.outbox,
                 client,
                 self.relayer,
                 self.settlement_config(),
                 metrics=self.metrics,
                 start_block=location.start_block,
-                lock=LeaderLock(self.repo.store.engine),
-                on_settled=self.gate.forget_balance,
+                lock=LeaderLock(self.store.engine),
             )
-            self.gate.refund = self.worker.refund
         elif self.operator is None:
             log.warning("x402 is on but nothing settles: set QUOTRA_OPERATOR_KEY (or a keystore)")
         self.indexer = Indexer(
-            self.repo,
+            self.outbox,
             client,
             self.metrics,
             start_block=location.start_block,

@@ -1,9 +1,9 @@
-"""The settlement worker: the outbox of captured payments, settled into the escrow in batches.
+"""The settlement worker: captured calls, settled into the escrow in batches.
 
-Captured x402 authorizations become `settle_authorizations` batches; captured prepaid charges,
-per consumer permission, `settle_charges` batches (one per permission in flight, since each names
-the amount spent before it). A batch is sent when it is full, when its oldest item is
-`max_age` old, or at once when an authorization nears its `validBefore`.
+Captured x402 calls become `settle_authorizations` batches (their payments listed provider by
+provider); captured prepaid calls, per consumer permission, `settle_charges` batches (each under its
+own reference, which the escrow settles once). A batch is sent when it is full, when its oldest
+call is `max_age` old, or at once when an authorization nears its `validBefore`.
 
 Crash safety: an attempt is counted in the database before anything is sent, so a `pending`
 batch with attempts may already be on-chain; before sending it again the worker asks the chain
@@ -26,7 +26,6 @@ import contextlib
 import fcntl
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -38,13 +37,14 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from web3.exceptions import TransactionNotFound
 
+from quotra.calls.outbox import BatchRow, Outbox, X402Payment
+from quotra.chain import eip712
 from quotra.chain.charges import aggregate
-from quotra.chain.client import EscrowClient, PermissionArgs
+from quotra.chain.client import EscrowClient, PaymentArgs, PermissionArgs
 from quotra.chain.relayer import DirectRelayer, RelayerError, Submission, TxState, wait_final
 from quotra.metrics import Metrics
 from quotra.payments.indexer import EscrowEvent, EscrowEvents
 from quotra.store.models import utcnow
-from quotra.store.payments_repo import BatchRow, PaymentsRepo, X402Row, settlement_id
 
 log = logging.getLogger("quotra.settlement")
 
@@ -153,7 +153,7 @@ def _try_lock_file(path: Path) -> IO[str] | None:
 class SettlementWorker:
     def __init__(
         self,
-        repo: PaymentsRepo,
+        outbox: Outbox,
         client: EscrowClient,
         relayer: DirectRelayer,
         config: SettlementConfig | None = None,
@@ -161,17 +161,15 @@ class SettlementWorker:
         metrics: Metrics | None = None,
         start_block: int = 0,
         lock: LeaderLock | None = None,
-        on_settled: Callable[[str], None] | None = None,
     ) -> None:
-        self.repo = repo
+        self.outbox = outbox
         self.client = client
         self.relayer = relayer
         self.config = config or SettlementConfig()
         self.metrics = metrics
         self.events = EscrowEvents(client, start_block)
         self.lock = lock
-        self.on_settled = on_settled
-        self._reconcile_after: dict[int, tuple[float, int]] = {}
+        self._reconcile_after: dict[str, tuple[float, int]] = {}
         self._failures: dict[int, int] = {}  # batch id -> RPC failures in a row (for the backoff)
         self._wake = asyncio.Event()
 
@@ -215,13 +213,13 @@ class SettlementWorker:
     async def _later(self, batch: BatchRow, error: str, attempts: int | None = None) -> None:
         delay = self._backoff(attempts if attempts is not None else batch.attempts)
         log.info("settlement retry", extra={"batch": batch.id, "error": error[:200], "in": delay})
-        await self.repo.retry_later(batch.id, error, utcnow() + timedelta(seconds=delay))
+        await self.outbox.retry_later(batch.id, error, utcnow() + timedelta(seconds=delay))
 
     # ---- forming ----------------------------------------------------------------------------------
 
     async def _form_batches(self) -> None:
         cfg = self.config
-        count, oldest, expiry = await self.repo.x402_backlog()
+        count, oldest, expiry = await self.outbox.x402_backlog()
         now_ts = int(time.time())
         while count:
             due = (
@@ -231,19 +229,19 @@ class SettlementWorker:
             )
             if not due:
                 break
-            batch = await self.repo.claim_x402_batch(cfg.batch_size, now_ts, cfg.min_validity)
+            batch = await self.outbox.claim_x402_batch(cfg.batch_size, now_ts, cfg.min_validity)
             if batch is None:
                 break
-            count, oldest, expiry = await self.repo.x402_backlog()
-        for digest, oldest_charge in await self.repo.charge_backlog():
+            count, oldest, expiry = await self.outbox.x402_backlog()
+        for digest, oldest_charge in await self.outbox.charge_backlog():
             if (utcnow() - oldest_charge).total_seconds() >= cfg.max_age:
-                await self.repo.claim_charge_batch(digest, MAX_CHARGE_ROWS)
+                await self.outbox.claim_charge_batch(digest, MAX_CHARGE_ROWS)
 
     # ---- sending ----------------------------------------------------------------------------------
 
     async def _send_due(self) -> None:
         now = utcnow()
-        for batch in await self.repo.batches(["pending"]):
+        for batch in await self.outbox.batches(["pending"]):
             if batch.next_attempt_at is not None and batch.next_attempt_at > now:
                 continue
             try:
@@ -259,17 +257,17 @@ class SettlementWorker:
         if batch.kind == "x402":
             rows = await self._sendable_x402(batch)
             if not rows:
-                await self.repo.close_batch(batch.id, "confirmed")
+                await self.outbox.close_batch(batch.id, "confirmed")
                 return
-            call = self.client.encode_settle_authorizations([r.payment_args() for r in rows])
-            await self.repo.start_attempt(batch.id)
+            call = self.client.encode_settle_authorizations([payment_args(r) for r in rows])
+            await self.outbox.start_attempt(batch.id)
         else:
             assert batch.permission_digest is not None
-            permission = await self.repo.permission(batch.permission_digest)
+            permission = await self.outbox.permission(batch.permission_digest)
             if permission is None:
-                await self.repo.fail_batch(batch.id, "the spend permission is not registered")
+                await self.outbox.fail_batch(batch.id, "the spend permission is not registered")
                 return
-            charges = await self.repo.batch_charges(batch.id)
+            charges = await self.outbox.batch_charges(batch.id)
             args = PermissionArgs(
                 consumer=permission.consumer,
                 spender=permission.spender,
@@ -278,29 +276,31 @@ class SettlementWorker:
                 valid_until=permission.valid_until,
                 salt=int(permission.salt, 0),
             )
-            packed = aggregate((c.provider, c.amount) for c in charges if c.status == "settling")
+            packed = aggregate((c.provider, c.amount) for c in charges if c.state == "settling")
             signature = bytes.fromhex(permission.signature.removeprefix("0x"))
             call = self.client.encode_settle_charges(
                 args, signature, bytes.fromhex(batch.reference.removeprefix("0x")), packed
             )
-            await self.repo.start_attempt(batch.id)
+            await self.outbox.start_attempt(batch.id)
         submission = await self.relayer.send(call, memo=batch.reference)
         if submission.state is TxState.REJECTED:
             # Refused before sending (it would revert): retried later, checked against the chain first.
             await self._later(batch, f"rejected: {submission.error}", batch.attempts + 1)
             return
         assert submission.tx_hash is not None
-        await self.repo.mark_submitted(batch.id, submission.id, submission.tx_hash)
+        await self.outbox.mark_submitted(batch.id, submission.id, submission.tx_hash)
         log.info(
             "settlement submitted", extra={"batch": batch.id, "tx": submission.tx_hash, "items": batch.items}
         )
 
-    async def _sendable_x402(self, batch: BatchRow) -> list[X402Row]:
+    async def _sendable_x402(self, batch: BatchRow) -> list[X402Payment]:
+        """The batch's payments still in time to settle, listed provider by provider (the escrow
+        books each provider's run of payments once)."""
         now_ts = int(time.time())
         rows = []
-        for row in await self.repo.batch_x402(batch.id):
+        for row in await self.outbox.batch_x402(batch.id):
             if row.valid_before <= now_ts + self.config.min_validity:
-                await self.repo.fail_x402(row.id, "expired before settlement")
+                await self.outbox.fail_x402(row.call_id, "expired before settlement")
                 self._count("x402", "failed")
             else:
                 rows.append(row)
@@ -312,11 +312,12 @@ class SettlementWorker:
         """Records whatever of a previously attempted batch the chain already credited; True when
         nothing of it is left to send."""
         if batch.kind == "x402":
-            for row in await self.repo.batch_x402(batch.id):
-                if await self.client.authorization_used(row.payer, row.nonce_bytes):
-                    await self._resolve_used(row)
-            if not await self.repo.batch_x402(batch.id):
-                await self.repo.close_batch(batch.id, "confirmed")
+            block = await self.client.block_number()
+            for row in await self.outbox.batch_x402(batch.id):
+                if await self.client.authorization_used(row.payer, row.nonce_bytes, block):
+                    await self._resolve_used(row, block)
+            if not await self.outbox.batch_x402(batch.id):
+                await self.outbox.close_batch(batch.id, "confirmed")
                 return True
             return False
         assert batch.permission_digest is not None
@@ -328,25 +329,29 @@ class SettlementWorker:
         await self._charges_landed(batch, event, gas_used=None)
         return True
 
-    async def _resolve_used(self, row: X402Row) -> None:
-        """USDC marks the authorization used: credited by the escrow earlier, or front-run."""
+    async def _resolve_used(self, row: X402Payment, block: int) -> None:
+        """USDC marks the authorization used (as of `block`): credited by the escrow earlier, or
+        front-run (or cancelled by its payer)."""
         credit = await self.events.credit_of(row.payer, row.nonce)
         if credit is not None:
-            if await self.repo.settle_x402(
-                row.id, tx_hash=credit.tx_hash, fee=credit.fee, reconciled=credit.kind == "reconciled"
+            if await self.outbox.settle_x402(
+                row.call_id,
+                tx_hash=credit.tx_hash,
+                fee=credit.fee,
+                block=credit.block,
+                reconciled=credit.kind == "reconciled",
             ):
                 self._count("x402", "settled")
-                self._settled(row.payer)
             return
-        if await self.repo.mark_reconciling(
-            row.id, "front-run: the authorization was used outside the escrow"
+        if await self.outbox.mark_reconciling(
+            row.call_id, "front-run: the authorization was used outside the escrow", block=block
         ):
-            log.warning("x402 authorization front-run; reconciling", extra={"payment": settlement_id(row.id)})
+            log.warning("x402 authorization front-run; reconciling", extra={"call": row.call_id})
 
     # ---- following transactions -------------------------------------------------------------------
 
     async def _follow_submitted(self) -> None:
-        for batch in await self.repo.batches(["submitted"]):
+        for batch in await self.outbox.batches(["submitted"]):
             try:
                 await self._follow(batch)
             except Exception:
@@ -389,25 +394,25 @@ class SettlementWorker:
     ) -> None:
         settled = {c.key: c for c in await self.events.credits_in(tx_hash, receipt) if c.kind == "settled"}
         failed = {e.key for e in events if e.name == "PaymentFailed"}
-        for row in await self.repo.batch_x402(batch.id):
+        block = int(receipt["blockNumber"])
+        for row in await self.outbox.batch_x402(batch.id):
             key = (row.payer, row.nonce.lower())
             if key in settled:
                 fee = settled[key].fee
-                if await self.repo.settle_x402(row.id, tx_hash=tx_hash, fee=fee, batch_id=batch.id):
+                if await self.outbox.settle_x402(row.call_id, tx_hash=tx_hash, fee=fee, block=block):
                     self._count("x402", "settled")
-                    self._settled(row.payer)
-            elif key in failed and await self.client.authorization_used(row.payer, row.nonce_bytes):
-                await self._resolve_used(row)
+            elif key in failed and await self.client.authorization_used(row.payer, row.nonce_bytes, block):
+                await self._resolve_used(row, block)
             elif key in failed:
-                await self.repo.fail_x402(row.id, f"USDC refused the authorization in {tx_hash}")
+                await self.outbox.fail_x402(row.call_id, f"USDC refused the authorization in {tx_hash}")
                 self._count("x402", "failed")
             else:
-                await self.repo.release_x402(row.id, f"not in {tx_hash}")
-        await self.repo.close_batch(batch.id, "confirmed", tx_hash=tx_hash, gas_used=gas_used)
+                await self.outbox.release_x402(row.call_id, f"not in {tx_hash}")
+        await self.outbox.close_batch(batch.id, "confirmed", tx_hash=tx_hash, gas_used=gas_used)
         log.info("settlement confirmed", extra={"batch": batch.id, "tx": tx_hash, "gas": gas_used})
 
     async def _charges_landed(self, batch: BatchRow, event: EscrowEvent, *, gas_used: int | None) -> None:
-        if await self.repo.settle_charges(
+        if await self.outbox.settle_charges(
             batch,
             tx_hash=event.tx_hash,
             gas_used=gas_used,
@@ -421,25 +426,23 @@ class SettlementWorker:
 
     async def _reconcile_front_runs(self) -> None:
         now = time.monotonic()
-        for row in await self.repo.x402_with_status(["reconciling"], limit=64):
-            after, tries = self._reconcile_after.get(row.id, (0.0, 0))
+        for row in await self.outbox.x402_in(["reconciling"], limit=64):
+            after, tries = self._reconcile_after.get(row.call_id, (0.0, 0))
             if after > now:
                 continue
             try:
                 await self._reconcile(row)
-                self._reconcile_after.pop(row.id, None)
+                self._reconcile_after.pop(row.call_id, None)
             except Exception as exc:
-                log.info(
-                    "reconcile failed; retrying", extra={"payment": settlement_id(row.id), "error": str(exc)}
-                )
-                self._reconcile_after[row.id] = (now + self._backoff(tries + 1), tries + 1)
+                log.info("reconcile failed; retrying", extra={"call": row.call_id, "error": str(exc)})
+                self._reconcile_after[row.call_id] = (now + self._backoff(tries + 1), tries + 1)
 
-    async def _reconcile(self, row: X402Row) -> None:
+    async def _reconcile(self, row: X402Payment) -> None:
         credit = await self.events.credit_of(row.payer, row.nonce)
         if credit is None:
             await self._allow_reconcile(row.amount)
-            call = self.client.encode_reconcile_authorization(row.payment_args())
-            submission = await self.relayer.send(call, memo=settlement_id(row.id))
+            call = self.client.encode_reconcile_authorization(payment_args(row))
+            submission = await self.relayer.send(call, memo=row.call_id)
             if submission.state is TxState.REJECTED:
                 raise RelayerError(f"reconcile rejected: {submission.error}")
             final = await wait_final(self.relayer, submission.id, within=self.config.confirm_within)
@@ -449,14 +452,15 @@ class SettlementWorker:
             if not found:
                 raise RelayerError(f"no PaymentReconciled in {final.tx_hash}")
             credit = found[0]
-        if await self.repo.settle_x402(
-            row.id, tx_hash=credit.tx_hash, fee=credit.fee, reconciled=credit.kind == "reconciled"
+        if await self.outbox.settle_x402(
+            row.call_id,
+            tx_hash=credit.tx_hash,
+            fee=credit.fee,
+            block=credit.block,
+            reconciled=credit.kind == "reconciled",
         ):
             self._count("x402", "reconciled")
-            self._settled(row.payer)
-            log.info(
-                "x402 front-run reconciled", extra={"payment": settlement_id(row.id), "tx": credit.tx_hash}
-            )
+            log.info("x402 front-run reconciled", extra={"call": row.call_id, "tx": credit.tx_hash})
 
     async def _allow_reconcile(self, amount: int) -> None:
         """A reconcile is paid with the operator's own USDC (the escrow never credits funds it did
@@ -473,27 +477,26 @@ class SettlementWorker:
 
     # ---- refunds ----------------------------------------------------------------------------------
 
-    async def refund(self, payment_id: int) -> str:
-        """Refunds a settled x402 payment to its payer through the escrow's `refund_payment`
-        (out of the provider's unclaimed share and the fee); ledger `refund`. The tx hash."""
-        row = await self.repo.get_x402(payment_id)
-        if row is None or row.status not in ("settled", "reconciled"):
-            raise RelayerError(f"{settlement_id(payment_id)} is not settled: nothing to refund")
+    async def refund(self, call_id: str) -> str:
+        """Refunds a settled x402 call's payment to its payer through the escrow's `refund_payment`
+        (out of the provider's unclaimed share and the fee, proven by its credit's leaf and root).
+        Returns the transaction hash."""
+        row = await self.outbox.get_x402(call_id)
+        if row is None or row.state != "settled":
+            raise RelayerError(f"{call_id} is not a settled x402 call: nothing to refund")
         credit = await self.events.credit_of(row.payer, row.nonce)
         if credit is None or credit.root is None:
-            raise RelayerError(f"{settlement_id(payment_id)}: its credit is not found on-chain")
+            raise RelayerError(f"{call_id}: its credit is not found on-chain")
         submission = await self.relayer.send(
             self.client.encode_refund_payment(credit.leaf(), credit.root, list(credit.proof)),
-            memo=f"refund {settlement_id(row.id)}",
+            memo=f"refund {call_id}",
         )
         if submission.state is TxState.REJECTED:
             raise RelayerError(f"refund rejected: {submission.error}")
         final = await wait_final(self.relayer, submission.id, within=self.config.confirm_within)
         if final.state is not TxState.CONFIRMED or final.tx_hash is None:
             raise RelayerError(f"refund not confirmed: {final.state.name}")
-        refunded = [c for c in await self.events.credits_in(final.tx_hash) if c.kind == "refunded"]
-        fee = refunded[0].fee if refunded else credit.fee
-        await self.repo.refund_x402(row.id, tx_hash=final.tx_hash, fee=fee)
+        await self.outbox.refund_x402(row.call_id)
         self._count("x402", "refunded")
         return final.tx_hash
 
@@ -503,6 +506,15 @@ class SettlementWorker:
         if self.metrics is not None:
             self.metrics.settlements.labels(kind, outcome).inc(n)
 
-    def _settled(self, payer: str) -> None:
-        if self.on_settled is not None:
-            self.on_settled(payer)
+
+def payment_args(row: X402Payment) -> PaymentArgs:
+    """The escrow's `Payment` struct for an x402 call."""
+    return PaymentArgs(
+        payer=row.payer,
+        provider=row.provider,
+        amount=row.amount,
+        valid_after=row.valid_after,
+        valid_before=row.valid_before,
+        nonce=row.nonce_bytes,
+        signature=eip712.Signature.from_bytes(row.signature),
+    )

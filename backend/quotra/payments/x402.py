@@ -188,6 +188,16 @@ class Authorization:
 
 
 @dataclass(frozen=True)
+class _Unsigned:
+    payer: str
+    to: str
+    value: int
+    valid_after: int
+    valid_before: int
+    nonce: bytes
+
+
+@dataclass(frozen=True)
 class PaidRequest:
     """A decoded paid retry."""
 
@@ -277,9 +287,30 @@ def verify(paid: PaidRequest, terms: PaymentTerms, amount: int, now: int) -> Aut
             raise X402Error(ASSET_MISMATCH, "the payment is not in this relay's USDC")
         if not _same_requirements(paid.accepted, terms.requirements(amount)):
             raise X402Error(REQUIREMENTS_MISMATCH, "accepted requirements differ from the offer")
+    unsigned = _unsigned(paid, terms)
+    if unsigned.value != amount:
+        raise X402Error(
+            VALUE_MISMATCH, f"the authorization pays {unsigned.value}, the price is exactly {amount}"
+        )
+    if unsigned.valid_after >= now:
+        raise X402Error(VALID_AFTER_FUTURE, "the authorization is not valid yet")
+    if unsigned.valid_before < now + terms.settle_margin_seconds:
+        raise X402Error(VALID_BEFORE_EXPIRED, "the authorization expires too soon to settle")
+    if unsigned.valid_before > now + terms.max_timeout_seconds + terms.settle_margin_seconds:
+        raise X402Error(VALID_BEFORE_EXPIRED, "the authorization is valid for longer than maxTimeoutSeconds")
+    return _signed(unsigned, paid, terms)
 
-    payload = paid.payload
-    auth = payload.get("authorization")
+
+def signed_authorization(paid: PaidRequest, terms: PaymentTerms) -> Authorization:
+    """The payment's authorization, if it pays the escrow and its payer signed it under USDC's
+    domain, whatever its amount and time window (to prove who is asking about a call it paid
+    for). Raises `X402Error`."""
+    return _signed(_unsigned(paid, terms), paid, terms)
+
+
+def _unsigned(paid: PaidRequest, terms: PaymentTerms) -> _Unsigned:
+    """The authorization's fields, checked for form and payee; its signature not yet checked."""
+    auth = paid.payload.get("authorization")
     if not isinstance(auth, Mapping):
         raise X402Error(INVALID_PAYLOAD, "payload.authorization is missing")
     payer = _address(auth.get("from"), "from")
@@ -296,19 +327,13 @@ def verify(paid: PaidRequest, terms: PaymentTerms, amount: int, now: int) -> Aut
         raise X402Error(INVALID_PAYLOAD, "authorization.nonce must be 32 bytes of hex") from exc
     if len(nonce) != 32:
         raise X402Error(INVALID_PAYLOAD, "authorization.nonce must be 32 bytes of hex")
-
     if to.lower() != terms._pay_to_key:
         raise X402Error(RECIPIENT_MISMATCH, "the authorization does not pay the escrow")
-    if value != amount:
-        raise X402Error(VALUE_MISMATCH, f"the authorization pays {value}, the price is exactly {amount}")
-    if valid_after >= now:
-        raise X402Error(VALID_AFTER_FUTURE, "the authorization is not valid yet")
-    if valid_before < now + terms.settle_margin_seconds:
-        raise X402Error(VALID_BEFORE_EXPIRED, "the authorization expires too soon to settle")
-    if valid_before > now + terms.max_timeout_seconds + terms.settle_margin_seconds:
-        raise X402Error(VALID_BEFORE_EXPIRED, "the authorization is valid for longer than maxTimeoutSeconds")
+    return _Unsigned(payer, to, value, valid_after, valid_before, nonce)
 
-    sig_raw = payload.get("signature")
+
+def _signed(unsigned: _Unsigned, paid: PaidRequest, terms: PaymentTerms) -> Authorization:
+    sig_raw = paid.payload.get("signature")
     if not isinstance(sig_raw, str):
         raise X402Error(INVALID_SIGNATURE, "payload.signature is missing")
     try:
@@ -316,17 +341,25 @@ def verify(paid: PaidRequest, terms: PaymentTerms, amount: int, now: int) -> Aut
     except (eip712.InvalidSignature, ValueError) as exc:
         raise X402Error(INVALID_SIGNATURE, f"invalid signature: {exc}") from exc
     message = {
-        "from": payer,
-        "to": to,
-        "value": value,
-        "validAfter": valid_after,
-        "validBefore": valid_before,
-        "nonce": nonce,
+        "from": unsigned.payer,
+        "to": unsigned.to,
+        "value": unsigned.value,
+        "validAfter": unsigned.valid_after,
+        "validBefore": unsigned.valid_before,
+        "nonce": unsigned.nonce,
     }
     try:
         signer = eip712.recover(eip712.digest(terms.domain, "TransferWithAuthorization", message), signature)
     except eip712.InvalidSignature as exc:
         raise X402Error(INVALID_SIGNATURE, "the signature does not recover") from exc
-    if signer.lower() != payer.lower():
+    if signer.lower() != unsigned.payer.lower():
         raise X402Error(INVALID_SIGNATURE, "the authorization was not signed by its payer")
-    return Authorization(signer, to, value, valid_after, valid_before, nonce, signature)
+    return Authorization(
+        signer,
+        unsigned.to,
+        unsigned.value,
+        unsigned.valid_after,
+        unsigned.valid_before,
+        unsigned.nonce,
+        signature,
+    )

@@ -1,11 +1,12 @@
-"""x402 on the paid-call path: the `402` offer, then verify → reserve → (serve) → capture | void.
+"""x402 on the paid-call path: the `402` offer, then verify → reserve → (serve) → finish | void.
 
 The relay is its own facilitator: nothing here calls a remote one. Verification is
-`quotra.payments.x402.verify` (no I/O), then two chain reads run together (the payer's USDC
-balance, cached for a moment, and whether USDC already marks the nonce used), then the
-(payer, nonce) is reserved by one atomic INSERT that also checks the balance against the payer's
-other unsettled authorizations. A refusal anywhere is a `402` with a fresh offer naming the
-reason; nothing is reserved and the upstream is never called.
+`quotra.payments.x402.verify` (no I/O); then, as of one known block, the payer's USDC balance and
+whether USDC already marks the nonce used (cached per block: a block's state never changes); then
+the call store reserves the (payer, nonce) and the amount against that balance minus every
+authorization of the payer not settled by that block, atomically, whichever replica serves. A
+refusal is a `402` with a fresh offer naming the reason; nothing is reserved, the upstream is never
+called. A payment presented again after its call answers with that call's outcome (`409`).
 """
 
 from __future__ import annotations
@@ -15,23 +16,22 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from eth_utils import to_checksum_address
 from x402.http.constants import PAYMENT_REQUIRED_HEADER
 
-from quotra.errors import PaymentRequired, ServiceUnavailable
+from quotra.calls.records import CallView, Refused, X402Hold, summary
+from quotra.calls.store import CallStore, Hold
+from quotra.errors import PaymentRequired, QuotraError, ServiceUnavailable
 from quotra.metrics import Metrics
+from quotra.money import usdc
 from quotra.payments import x402
 from quotra.payments.receipts import HEADER as RECEIPT_HEADER
 from quotra.payments.receipts import ReceiptSigner
-from quotra.store.payments_repo import (
-    InsufficientFunds,
-    NonceAlreadyReserved,
-    PaymentsRepo,
-    settlement_id,
-)
+from quotra.services.gate import Reservation, not_servable
 from quotra.store.repositories import ListingRecord
 from quotra.upstream.base import Usage
 
@@ -41,11 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("quotra.x402")
 T = TypeVar("T")
 _OFFER_CACHE_MAX: Final = 4096
-
-
-def usdc(atomic: int) -> str:
-    whole, frac = divmod(atomic, 10**6)
-    return f"{whole}.{frac:06d}"
+_BALANCE_CACHE_MAX: Final = 16_384
 
 
 @dataclass(frozen=True)
@@ -84,36 +80,39 @@ class X402Required(PaymentRequired):
         return body
 
 
+class PaymentAlreadyUsed(QuotraError):
+    """`409`: this authorization already paid for a call; the body says what became of it."""
+
+    status_code = 409
+    type = "invalid_request_error"
+    code = "payment_already_used"
+
+
 class X402Gate:
     """Built at start; `configure` plugs in the chain once the USDC domain was read from it."""
 
     name = "x402"
 
-    def __init__(
-        self,
-        repo: PaymentsRepo,
-        metrics: Metrics,
-        *,
-        public_url: str,
-        balance_ttl: float = 2.0,
-    ) -> None:
-        self.repo = repo
+    def __init__(self, calls: CallStore, metrics: Metrics, *, public_url: str, head_ttl: float = 1.0) -> None:
+        self.calls = calls
         self.metrics = metrics
         self.resource = f"{public_url}/v1/chat/completions"
-        self.balance_ttl = balance_ttl
+        self.head_ttl = head_ttl
         self.terms: x402.PaymentTerms | None = None
         self.chain: EscrowClient | None = None
         self.receipts: ReceiptSigner | None = None
-        self.refund: Callable[[int], Awaitable[Any]] | None = None
         self._offers: dict[tuple[str, int, str | None], tuple[str, dict[str, Any]]] = {}
-        self._balances: dict[str, tuple[float, int]] = {}
-        self._inflight: dict[tuple[str, ...], asyncio.Future[Any]] = {}
+        self._head: tuple[float, int] | None = None
+        self._balances: dict[tuple[str, int], int] = {}
+        self._inflight: dict[tuple[Any, ...], asyncio.Future[Any]] = {}
 
     def configure(
         self, chain: EscrowClient, terms: x402.PaymentTerms, receipts: ReceiptSigner | None = None
     ) -> None:
         self.chain, self.terms, self.receipts = chain, terms, receipts
         self._offers.clear()
+        self._head = None
+        self._balances.clear()
 
     @property
     def ready(self) -> bool:
@@ -162,9 +161,9 @@ class X402Gate:
             reason=error.reason,
         )
 
-    # ---- chain reads, shared by concurrent requests ---------------------------------------------
+    # ---- chain reads as of one block, shared by concurrent requests -----------------------------
 
-    async def _shared(self, key: tuple[str, ...], read: Callable[[], Awaitable[T]]) -> T:
+    async def _shared(self, key: tuple[Any, ...], read: Callable[[], Awaitable[T]]) -> T:
         future = self._inflight.get(key)
         if future is None:
             future = asyncio.ensure_future(read())
@@ -172,24 +171,36 @@ class X402Gate:
             future.add_done_callback(lambda _: self._inflight.pop(key, None))
         return await asyncio.shield(future)
 
-    async def balance(self, payer: str) -> int:
-        cached = self._balances.get(payer)
+    async def head(self) -> int:
+        """The chain's latest block, read at most every `head_ttl` seconds."""
         now = time.monotonic()
-        if cached is not None and now - cached[0] < self.balance_ttl:
-            return cached[1]
+        if self._head is not None and now - self._head[0] < self.head_ttl:
+            return self._head[1]
         assert self.chain is not None
         chain = self.chain
-        value = await self._shared(("balance", payer), lambda: chain.usdc_balance(payer))
-        self._balances[payer] = (now, value)
+        block = await self._shared(("head",), chain.block_number)
+        if self._head is None or block >= self._head[1]:
+            self._head = (now, block)
+        return self._head[1]
+
+    async def balance_at(self, payer: str, block: int) -> int:
+        """The payer's USDC balance at `block`: fixed once the block exists, so cached."""
+        cached = self._balances.get((payer, block))
+        if cached is not None:
+            return cached
+        assert self.chain is not None
+        chain = self.chain
+        value = await self._shared(("balance", payer, block), lambda: chain.usdc_balance(payer, block))
+        if len(self._balances) >= _BALANCE_CACHE_MAX:
+            self._balances.clear()
+        self._balances[(payer, block)] = value
         return value
 
-    def forget_balance(self, payer: str) -> None:
-        """Called when a payment of `payer` settled: its balance changed."""
-        self._balances.pop(payer, None)
+    # ---- reserving ----------------------------------------------------------------------------------
 
-    # ---- authorize --------------------------------------------------------------------------------
-
-    async def authorize(self, attempt: X402Attempt, listing: ListingRecord, amount: int) -> X402Authorization:
+    async def reserve(
+        self, attempt: X402Attempt, listing: ListingRecord, amount: int, deadline: datetime
+    ) -> Reservation:
         if not self.ready:
             raise PaymentRequired(
                 "This relay does not take x402 payments right now (its chain is not configured or "
@@ -205,56 +216,72 @@ class X402Gate:
         except x402.X402Error as exc:
             raise self.refused(listing, amount, exc) from None
         chain = self.chain
+        nonce = auth.nonce_hex.lower()
         try:
+            block = await self.head()
             used, balance = await asyncio.gather(
                 self._shared(
-                    ("nonce", auth.payer, auth.nonce_hex),
-                    lambda: chain.authorization_used(auth.payer, auth.nonce),
+                    ("nonce", auth.payer, nonce, block),
+                    lambda: chain.authorization_used(auth.payer, auth.nonce, block),
                 ),
-                self.balance(auth.payer),
+                self.balance_at(auth.payer, block),
             )
         except Exception as exc:
             log.warning("x402 chain check failed", extra={"error": type(exc).__name__})
             raise ServiceUnavailable(
                 "The payment could not be checked on-chain right now; nothing was charged. Retry shortly.",
                 code="payment_verification_unavailable",
+                headers={"Retry-After": "2"},
             ) from exc
         if used:
+            earlier = await self.calls.by_authorization(auth.payer, nonce)
+            if earlier is not None:
+                raise self.replayed(earlier)
             raise self.refused(
                 listing, amount, x402.X402Error(x402.NONCE_ALREADY_USED, "USDC already marks this nonce used")
             )
+        # Voided by the sweeper in time to be settled if it did finish, at the latest.
+        settle_by = datetime.fromtimestamp(auth.valid_before - self.terms.settle_margin_seconds, UTC)
+        hold = Hold(
+            auth.payer, listing.id, to_checksum_address(listing.owner), auth.value, min(deadline, settle_by)
+        )
+        x402_hold = X402Hold(
+            payer=auth.payer,
+            nonce=nonce,
+            value=auth.value,
+            valid_after=auth.valid_after,
+            valid_before=auth.valid_before,
+            signature=auth.signature.hex,
+            request_hash=attempt.request_hash,
+            balance=balance,
+            block=block,
+        )
         try:
-            payment_id = await self.repo.reserve_x402(
-                payer=auth.payer,
-                nonce=auth.nonce_hex.lower(),
-                amount=auth.value,
-                valid_after=auth.valid_after,
-                valid_before=auth.valid_before,
-                signature=auth.signature.hex,
-                listing_id=listing.id,
-                provider=to_checksum_address(listing.owner),
-                balance=balance,
-            )
-        except NonceAlreadyReserved:
-            raise self.refused(
-                listing,
-                amount,
-                x402.X402Error(x402.NONCE_ALREADY_USED, "this authorization was already used"),
-            ) from None
-        except InsufficientFunds:
-            raise self.refused(
-                listing,
-                amount,
-                x402.X402Error(
-                    x402.INSUFFICIENT_BALANCE,
-                    f"the payer's USDC balance does not cover {usdc(amount)} USDC on top of its "
-                    "payments not settled yet",
-                ),
-            ) from None
+            call_id = await self.calls.reserve_x402(hold, x402_hold)
+        except Refused as refused:
+            if refused.reason == "nonce_used":
+                if refused.call is not None:
+                    raise self.replayed(refused.call) from None
+                raise self.refused(
+                    listing,
+                    amount,
+                    x402.X402Error(x402.NONCE_ALREADY_USED, "this authorization was already used"),
+                ) from None
+            if refused.reason == "insufficient_balance":
+                raise self.refused(
+                    listing,
+                    amount,
+                    x402.X402Error(
+                        x402.INSUFFICIENT_BALANCE,
+                        f"the payer's USDC balance does not cover {usdc(amount)} USDC on top of its "
+                        "payments not settled yet",
+                    ),
+                ) from None
+            raise not_servable(listing) from None
         self.metrics.x402_payments.labels("reserved").inc()
-        return X402Authorization(
+        answer = X402Answer(
             self,
-            payment_id,
+            call_id,
             attempt.paid.version,
             auth.payer,
             auth.value,
@@ -262,57 +289,53 @@ class X402Gate:
             listing.owner,
             attempt.request_hash,
         )
+        return Reservation(call_id, "x402", auth.value, fixed_price=auth.value, answer=answer)
+
+    def replayed(self, call: CallView) -> PaymentAlreadyUsed:
+        self.metrics.x402_payments.labels("replayed").inc()
+        charged = "it was charged once" if call.charged else "nothing was charged"
+        return PaymentAlreadyUsed(
+            f"This payment already paid for call {call.id} ({call.state}; {charged}). It is not served "
+            f"again: GET /v1/calls/{call.id} tells what happened; sign a new payment for a new call.",
+            headers={"Quotra-Call-Id": call.id},
+            extra={"call": summary(call)},
+        )
+
+    def payer_of(self, headers: Mapping[str, str]) -> x402.Authorization | None:
+        """The authorization a request's payment header carries, if its payer signed it (for a
+        payer asking about a call it paid for); None without a valid one."""
+        if self.terms is None:
+            return None
+        try:
+            paid = x402.decode(headers)
+            return None if paid is None else x402.signed_authorization(paid, self.terms)
+        except x402.X402Error:
+            return None
 
 
-@dataclass
-class X402Authorization:
-    """One reserved x402 payment, as the relay's call path sees it."""
+@dataclass(frozen=True)
+class X402Answer:
+    """What a call paid with x402 answers about its payment."""
 
     x: X402Gate
-    payment_id: int
+    call_id: str
     version: int
     payer: str
     amount: int
     listing_id: str
     provider: str
     request_hash: str
-    gate: str = "x402"
-    status: str = field(default="reserved")
 
-    @property
-    def settlement(self) -> str:
-        return settlement_id(self.payment_id)
-
-    async def capture(self, cost_atomic: int) -> None:
-        # `exact` pays the offered amount (a per-token listing's maximum cost), whatever was used.
-        row = await self.x.repo.capture_x402(self.payment_id)
-        if row is not None:
-            self.status = "captured"
-            self.x.metrics.x402_payments.labels("captured").inc()
-
-    async def void(self) -> None:
-        row = await self.x.repo.void_x402(self.payment_id)
-        if row is not None:
-            self.status = "voided"
-            self.x.metrics.x402_payments.labels("voided").inc()
-            return
-        current = await self.x.repo.get_x402(self.payment_id)
-        if current is not None and current.status in ("settled", "reconciled") and self.x.refund is not None:
-            # Settled before the call failed: the consumer gets the money back from the escrow.
-            await self.x.refund(self.payment_id)
-            self.status = "refunded"
-
-    def _settle_response(self) -> str:
+    def _settle_response(self, charged: bool) -> str:
         assert self.x.terms is not None
-        status = "pending" if self.status in ("reserved", "captured") else self.status
         return x402.settle_response(
-            success=self.status in ("reserved", "captured"),
+            success=charged,
             payer=self.payer,
             network=self.x.terms.network if self.version == 2 else (self.x.terms.v1_network or ""),
             transaction="",
             amount=self.amount,
-            settlement=self.settlement,
-            extra={"settlement": self.settlement, "status": status},
+            call=self.call_id,
+            extra={"call": self.call_id, "status": "pending" if charged else "voided"},
         )
 
     def receipt(self, usage: Usage | None, model: str) -> str | None:
@@ -320,7 +343,7 @@ class X402Authorization:
             return None
         return self.x.receipts.sign(
             {
-                "call": self.settlement,
+                "call": self.call_id,
                 "listing": self.listing_id,
                 "model": model,
                 "request": "sha256:" + self.request_hash,
@@ -335,30 +358,30 @@ class X402Authorization:
             }
         )
 
-    def response_headers(self, usage: Usage | None, model: str) -> dict[str, str]:
+    def headers(self, usage: Usage | None, model: str, charged: bool) -> dict[str, str]:
         """`PAYMENT-RESPONSE` (v2) or `X-PAYMENT-RESPONSE` (v1), and the signed receipt once the
-        usage is known. Settlement is asynchronous: `transaction` is "" and `settlement` names
-        the payment at `GET /v1/settlements/{id}`."""
-        headers = {x402.RESPONSE_HEADERS[self.version]: self._settle_response()}
-        receipt = self.receipt(usage, model) if self.status == "captured" else None
+        usage is known. Settlement is asynchronous: `transaction` is "" and `call` names the call
+        at `GET /v1/calls/{id}`, which shows its settlement transaction once there is one."""
+        headers = {x402.RESPONSE_HEADERS[self.version]: self._settle_response(charged)}
+        receipt = self.receipt(usage, model) if charged else None
         if receipt is not None:
             headers[RECEIPT_HEADER] = receipt
         return headers
 
-    def settlement_event(self, usage: Usage | None, model: str) -> dict[str, Any]:
+    def stream_event(self, usage: Usage | None, model: str, charged: bool) -> dict[str, Any]:
         """What the last event of a paid stream says about the payment (see `quotra.services.relay`)."""
         assert self.x.terms is not None
         event: dict[str, Any] = {
-            "object": "quotra.settlement",
-            "settlement": self.settlement,
-            "status": "pending" if self.status == "captured" else self.status,
-            "charged": self.status == "captured",
+            "object": "quotra.payment",
+            "call": self.call_id,
+            "status": "pending" if charged else "voided",
+            "charged": charged,
             "amount": str(self.amount),
             "payer": self.payer,
             "network": self.x.terms.network,
             "transaction": "",
         }
-        receipt = self.receipt(usage, model) if self.status == "captured" else None
+        receipt = self.receipt(usage, model) if charged else None
         if receipt is not None:
             event["receipt"] = receipt
         return event

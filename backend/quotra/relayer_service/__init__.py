@@ -12,7 +12,7 @@ from typing import Final, Literal
 from eth_account import Account
 
 from quotra.chain.deployment import BASE_SEPOLIA_USDC, Deployment
-from quotra.chain.escrow import parse_usdc
+from quotra.money import parse_usdc
 from quotra.relayer_service.app import create_relayer_app
 from quotra.relayer_service.service import DEFAULT_SPONSORED, RelayerConfig, RelayerCore, RpcError
 from quotra.webhooks import Ed25519Signer

@@ -1,19 +1,25 @@
-"""The payment gate: `authorize` before a call is served, then `capture` or `void` it.
+"""The payment gate: which budget pays for a call, reserved in the call store before it is served.
 
-Today it knows two ways to be allowed a call: the free playground (a few calls per listing per
-consumer, counted atomically in the database) and sandbox API keys (sandbox listings only).
-x402 and prepaid balances plug in here as further `Authorization` kinds.
+A request pays with a prepaid API key (live or sandbox), an x402 payment, a static sandbox key
+(sandbox listings only), or nothing: the playground's free calls. `PaymentGate.reserve` asks that
+gate to reserve the call — one transaction of `quotra.calls.store` taking the listing's quota,
+the budget and writing the call's row — and returns a `Reservation`. The relay then finishes or
+voids the call in the store; the reservation tells it what to charge and what to answer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from quotra.errors import PaymentRequired
+from quotra.calls.records import Refused
+from quotra.calls.store import CallStore, Hold
+from quotra.errors import PaymentRequired, QuotaExhausted
+from quotra.money import usdc
+from quotra.store.models import utcnow
 from quotra.store.prepaid_repo import KeyRef
-from quotra.store.repositories import ListingRecord, Store
+from quotra.store.repositories import ListingRecord
 from quotra.upstream.base import Usage
 
 if TYPE_CHECKING:
@@ -33,94 +39,88 @@ class Caller:
     payment: X402Attempt | None = None  # an x402 payment header (quotra.payments.x402_gate)
 
 
-def usdc(atomic: int) -> str:
-    return f"{Decimal(atomic) / Decimal(10**6):.6f}"
+class PaymentAnswer(Protocol):
+    """What a paid call's answer says about its payment (x402: `PAYMENT-RESPONSE`, a signed
+    receipt, and the last event of a stream)."""
+
+    def headers(self, usage: Usage | None, model: str, charged: bool) -> dict[str, str]: ...
+
+    def stream_event(self, usage: Usage | None, model: str, charged: bool) -> dict[str, Any]: ...
 
 
-class Authorization(Protocol):
+@dataclass(frozen=True)
+class Reservation:
+    """A reserved call: its id, the gate that pays, and what it charges for a given cost."""
+
+    call_id: str
     gate: str
+    reserved: int
+    fixed_price: int | None = None  # x402 `exact`: the signed amount, whatever the usage
+    answer: PaymentAnswer | None = None
 
-    async def capture(self, cost_atomic: int) -> None: ...
-
-    async def void(self) -> None: ...
-
-
-@runtime_checkable
-class Metered(Protocol):
-    """An authorization that records what was served (model, tokens) with its capture."""
-
-    def meter(self, model: str, usage: Usage) -> None: ...
-
-
-@runtime_checkable
-class PaymentResponder(Protocol):
-    """An authorization that answers with payment headers (x402's `PAYMENT-RESPONSE`, a signed
-    receipt) and, at the end of a stream, an event about the payment."""
-
-    def response_headers(self, usage: Usage | None, model: str) -> dict[str, str]: ...
-
-    def settlement_event(self, usage: Usage | None, model: str) -> dict[str, Any]: ...
+    def charge(self, cost: int) -> int:
+        """What the payer is charged for a call that cost `cost` to serve."""
+        if self.gate == "playground":
+            return 0
+        if self.fixed_price is not None:
+            return self.fixed_price
+        return max(0, min(cost, self.reserved))
 
 
-@dataclass
-class PlaygroundAuthorization:
-    store: Store
-    listing_id: str
-    consumer: str
-    gate: str = "playground"
-
-    async def capture(self, cost_atomic: int) -> None:
-        return None  # free: the call was already counted by authorize
-
-    async def void(self) -> None:
-        await self.store.return_playground_call(self.listing_id, self.consumer)
-
-
-@dataclass
-class SandboxAuthorization:
-    gate: str = "sandbox"
-
-    async def capture(self, cost_atomic: int) -> None:
-        return None
-
-    async def void(self) -> None:
-        return None
+def not_servable(listing: ListingRecord) -> QuotaExhausted:
+    return QuotaExhausted(
+        f"Listing '{listing.id}' cannot take a call now (no calls left, paused or expired)", param="model"
+    )
 
 
 class PaymentGate:
     def __init__(
         self,
-        store: Store,
+        calls: CallStore,
         *,
         free_calls: int,
+        call_timeout: float,
         prepaid: PrepaidService | None = None,
         x402: X402Gate | None = None,
     ) -> None:
-        self.store = store
+        self.calls = calls
         self.free_calls = free_calls
+        self.call_timeout = timedelta(seconds=call_timeout)
         self.prepaid = prepaid
         self.x402 = x402
 
-    async def authorize(self, caller: Caller, listing: ListingRecord, max_cost_atomic: int) -> Authorization:
+    def deadline(self) -> datetime:
+        """When a reservation made now is voided if its call has not finished."""
+        return utcnow() + self.call_timeout
+
+    async def reserve(self, caller: Caller, listing: ListingRecord, max_cost: int) -> Reservation:
         if caller.api_key is not None and self.prepaid is not None:
-            return await self.prepaid.authorize(caller.api_key, listing, max_cost_atomic)
+            return await self.prepaid.reserve(caller.api_key, listing, max_cost, self.deadline())
         if caller.kind == "sandbox_key":
-            if listing.kind == "sandbox":
-                return SandboxAuthorization()
-            raise self._payment_required(
-                listing, max_cost_atomic, "Sandbox API keys can only call sandbox listings."
-            )
+            if listing.kind != "sandbox":
+                raise self._payment_required(
+                    listing, max_cost, "Sandbox API keys can only call sandbox listings."
+                )
+            hold = Hold(caller.id, listing.id, listing.owner, 0, self.deadline())
+            try:
+                return Reservation(await self.calls.reserve_open(hold, gate="sandbox"), "sandbox", 0)
+            except Refused:
+                raise not_servable(listing) from None
         if caller.payment is not None:
             if self.x402 is None:
-                raise self._payment_required(listing, max_cost_atomic, "This relay takes no x402 payments.")
-            return await self.x402.authorize(caller.payment, listing, max_cost_atomic)
-        if self.free_calls > 0 and await self.store.take_playground_call(
-            listing.id, caller.id, self.free_calls
-        ):
-            return PlaygroundAuthorization(self.store, listing.id, caller.id)
+                raise self._payment_required(listing, max_cost, "This relay takes no x402 payments.")
+            return await self.x402.reserve(caller.payment, listing, max_cost, self.deadline())
+        if self.free_calls > 0:
+            hold = Hold(caller.id, listing.id, listing.owner, 0, self.deadline())
+            try:
+                call_id = await self.calls.reserve_playground(hold, free_calls=self.free_calls)
+                return Reservation(call_id, "playground", 0)
+            except Refused as refused:
+                if refused.reason == "listing_unavailable":
+                    raise not_servable(listing) from None
         raise self._payment_required(
             listing,
-            max_cost_atomic,
+            max_cost,
             f"The {self.free_calls} free playground calls for listing {listing.id} are used up.",
         )
 

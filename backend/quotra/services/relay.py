@@ -1,23 +1,29 @@
 """The call path of `POST /v1/chat/completions`.
 
-resolve listings → rate limits → per listing: input limits, gate.authorize, reserve quota →
-upstream call → capture (success) or void + release (failure). When the model names a model
-rather than a listing, a refused or failing listing falls through to the next best one.
+resolve listings → rate limits → per listing: input limits, reserve the call (the gate: one
+transaction for the listing's quota, the budget and the call's row) → upstream call → finish (one
+transaction: capture with usage) or void (nothing charged). When the model names a model rather
+than a listing, a refused or failing listing falls through to the next best one. Every answer
+names its call (`Quotra-Call-Id`); a call whose finish could not be recorded is answered with an
+error and charged nothing (its reservation is voided, by the sweeper if need be).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import anyio
 
+from quotra.calls.store import CallStore, Served
 from quotra.errors import (
     BadRequest,
     InputTooLarge,
@@ -26,12 +32,13 @@ from quotra.errors import (
     QuotaExhausted,
     QuotraError,
     RateLimited,
+    ServiceUnavailable,
     UpstreamFailed,
 )
 from quotra.logging import scrub
 from quotra.metrics import Metrics
 from quotra.ratelimit import Decision, TokenBucketLimiter
-from quotra.services.gate import Authorization, Caller, Metered, PaymentGate, PaymentResponder
+from quotra.services.gate import Caller, PaymentGate, Reservation
 from quotra.services.listings import ListingCache, ListingService, is_usable
 from quotra.services.upstreams import AdapterRegistry
 from quotra.store.models import utcnow
@@ -48,6 +55,7 @@ from quotra.upstream.base import (
 log = logging.getLogger("quotra.relay")
 LISTING_PREFIX = "listing/"
 MAX_ATTEMPTS = 3
+CALL_HEADER = "Quotra-Call-Id"
 
 
 def input_chars(messages: list[dict[str, Any]]) -> int:
@@ -106,14 +114,16 @@ class Prepared:
     api_key: str
     model: str
     body: dict[str, Any]
-    auth: Authorization
+    reservation: Reservation
     max_cost: int
+    started: float
     rate: Decision | None = None
 
 
-@dataclass
-class Outcome:
-    headers: dict[str, str] = field(default_factory=dict)
+class CallNotRecorded(ServiceUnavailable):
+    """The upstream answered, but the call could not be recorded: it is not charged."""
+
+    code = "call_not_recorded"
 
 
 class Relay:
@@ -121,6 +131,7 @@ class Relay:
         self,
         *,
         store: Store,
+        calls: CallStore,
         cache: ListingCache,
         listings: ListingService,
         adapters: AdapterRegistry,
@@ -132,6 +143,7 @@ class Relay:
         cooldown_seconds: float,
     ) -> None:
         self.store = store
+        self.calls = calls
         self.cache = cache
         self.listings = listings
         self.adapters = adapters
@@ -245,30 +257,30 @@ class Relay:
         model = target.model or listing.models[0]
         body, max_out = self._build_body(request, listing, model)
         max_cost = call_cost(listing, tokens, max_out)
-        auth = await self.gate.authorize(caller, listing, max_cost)
-        if not await self.store.reserve_call(listing.id):
-            await auth.void()
+        try:
+            reservation = await self.gate.reserve(caller, listing, max_cost)
+        except QuotaExhausted:
             self.cache.invalidate()
-            raise QuotaExhausted(f"Listing '{listing.id}' has no calls left", param="model")
+            raise
         try:
             api_key = self.listings.api_key(listing)
-        except Exception:
-            await self._undo(listing, auth)
+            adapter = self.adapters.get(listing.kind, listing.base_url)
+        except BaseException:
+            await self._void(reservation, "error", "the listing's key could not be opened")
             raise
-        return Prepared(
-            listing,
-            self.adapters.get(listing.kind, listing.base_url),
-            api_key,
-            model,
-            body,
-            auth,
-            max_cost,
-            rate,
-        )
+        return Prepared(listing, adapter, api_key, model, body, reservation, max_cost, time.monotonic(), rate)
 
-    async def _undo(self, listing: ListingRecord, auth: Authorization) -> None:
-        await self.store.release_call(listing.id)
-        await auth.void()
+    async def _void(self, reservation: Reservation, outcome: str, error: str | None = None) -> None:
+        """Nothing is charged for this call. If the store cannot be reached the reservation stays
+        until the sweeper voids it (still charging nothing)."""
+        with anyio.CancelScope(shield=True):
+            try:
+                voided = await self.calls.void(reservation.call_id, outcome=outcome, error=error)
+            except Exception:
+                log.warning("void failed; the sweeper ends the call", extra={"call": reservation.call_id})
+                return
+        if voided and reservation.gate == "x402":
+            self.metrics.x402_payments.labels("voided").inc()
 
     # ---- upstream errors -------------------------------------------------------------------------
 
@@ -276,7 +288,7 @@ class Relay:
         listing = prepared.listing
         self.metrics.upstream_errors.labels(listing.kind, type(exc).__name__).inc()
         self.metrics.listing_calls.labels(listing.id, "upstream_error").inc()
-        await self._undo(listing, prepared.auth)
+        await self._void(prepared.reservation, "upstream_error", type(exc).__name__)
         if isinstance(exc, UpstreamAuthError | UpstreamRateLimited):
             self._failing.add(listing.id)
             cooled = await self.store.note_upstream_failure(
@@ -295,42 +307,54 @@ class Relay:
                 "status": getattr(exc, "status_code", 0),
             },
         )
-        return map_upstream_error(listing, exc)
+        error = map_upstream_error(listing, exc)
+        error.headers[CALL_HEADER] = prepared.reservation.call_id
+        return error
 
-    async def _succeeded(
-        self, prepared: Prepared, usage: Usage, *, stream: bool, caller: Caller, outcome: str = "ok"
-    ) -> int:
+    async def _succeeded(self, prepared: Prepared, usage: Usage, *, stream: bool, outcome: str = "ok") -> int:
+        """Finishes a served call (one transaction); the amount charged. Raises `CallNotRecorded`
+        (nothing charged) when the finish could not be written."""
         listing = prepared.listing
-        cost = call_cost(listing, usage.prompt_tokens, usage.completion_tokens)
-        if isinstance(prepared.auth, Metered):
-            prepared.auth.meter(prepared.model, usage)
-        await prepared.auth.capture(cost)
+        reservation = prepared.reservation
+        amount = reservation.charge(call_cost(listing, usage.prompt_tokens, usage.completion_tokens))
+        served = Served(
+            prepared.model,
+            stream,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            int((time.monotonic() - prepared.started) * 1000),
+            outcome,
+        )
+        try:
+            finished = await self.calls.finish(reservation.call_id, amount=amount, usage=served)
+        except Exception as exc:
+            log.error("finish failed: nothing charged", extra={"call": reservation.call_id})
+            await self._void(reservation, "error", "the call could not be recorded")
+            raise CallNotRecorded(
+                f"Call {reservation.call_id} was served but could not be recorded; nothing was charged. "
+                "Retry shortly.",
+                headers={CALL_HEADER: reservation.call_id, "Retry-After": "1"},
+            ) from exc
+        if not finished:  # voided meanwhile (its reservation expired): served, not charged
+            log.warning("call finished after its reservation expired", extra={"call": reservation.call_id})
+            amount = 0
+        elif reservation.gate == "x402":
+            self.metrics.x402_payments.labels("captured").inc()
         if listing.id in self._failing or listing.failure_streak:
             self._failing.discard(listing.id)
             await self.store.note_upstream_success(listing.id)
-        await self.store.record_call(
-            listing_id=listing.id,
-            consumer=caller.id,
-            gate=prepared.auth.gate,
-            model=prepared.model[:200],
-            outcome=outcome,
-            stream=stream,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cost_atomic=cost,
-            created_at=utcnow(),
-        )
         self.metrics.listing_calls.labels(listing.id, outcome).inc()
         self.metrics.listing_tokens.labels(listing.id, "input").inc(usage.prompt_tokens)
         self.metrics.listing_tokens.labels(listing.id, "output").inc(usage.completion_tokens)
-        return cost
+        return amount
 
     # ---- the call --------------------------------------------------------------------------------
 
     def _headers(self, prepared: Prepared, consumer_rate: Decision) -> dict[str, str]:
         headers = consumer_rate.headers()
+        headers[CALL_HEADER] = prepared.reservation.call_id
         headers["X-Quotra-Listing"] = prepared.listing.id
-        headers["X-Quotra-Payment"] = prepared.auth.gate
+        headers["X-Quotra-Payment"] = prepared.reservation.gate
         return headers
 
     async def _attempts(
@@ -380,13 +404,14 @@ class Relay:
                         continue
                     raise last from exc
                 except BaseException:
-                    await self._undo(prepared.listing, prepared.auth)
+                    await self._void(prepared.reservation, "cancelled")
                     raise
-                cost = await self._succeeded(prepared, completion.usage, stream=False, caller=caller)
+                charged = await self._succeeded(prepared, completion.usage, stream=False)
                 headers = self._headers(prepared, consumer_rate)
-                headers["X-Quotra-Cost"] = str(cost)
-                if isinstance(prepared.auth, PaymentResponder):
-                    headers.update(prepared.auth.response_headers(completion.usage, prepared.model))
+                headers["X-Quotra-Cost"] = str(charged)
+                answer = prepared.reservation.answer
+                if answer is not None:
+                    headers.update(answer.headers(completion.usage, prepared.model, charged > 0))
                 return completion.body, headers
         except (QuotaExhausted, RateLimited, PaymentRequired, InputTooLarge):
             if last is not None:
@@ -421,13 +446,14 @@ class Relay:
                     raise last from exc
                 except BaseException:
                     await _aclose(iterator)
-                    await self._undo(prepared.listing, prepared.auth)
+                    await self._void(prepared.reservation, "cancelled")
                     raise
                 headers = self._headers(prepared, consumer_rate)
-                if isinstance(prepared.auth, PaymentResponder):
+                answer = prepared.reservation.answer
+                if answer is not None:
                     # Headers go first: the payment is pending; the stream's last event tells more.
-                    headers.update(prepared.auth.response_headers(None, prepared.model))
-                return self._sse(prepared, caller, iterator, first), headers
+                    headers.update(answer.headers(None, prepared.model, True))
+                return self._sse(prepared, iterator, first), headers
         except (QuotaExhausted, RateLimited, PaymentRequired, InputTooLarge):
             if last is not None:
                 raise last from None
@@ -439,14 +465,12 @@ class Relay:
     async def _sse(
         self,
         prepared: Prepared,
-        caller: Caller,
         iterator: AsyncIterator[dict[str, Any]],
         first: dict[str, Any] | None,
     ) -> AsyncIterator[bytes]:
         usage: Usage | None = None
-        outcome = "cancelled"
         failure: UpstreamError | None = None
-        captured = False
+        finished = False
         last: dict[str, Any] = {}
         try:
             chunk = first
@@ -459,32 +483,36 @@ class Relay:
                     chunk = await anext(iterator)
                 except StopAsyncIteration:
                     chunk = None
-            outcome = "ok"
-            # Captured before [DONE], so that a paid stream can end with what happened to the payment.
+            # Finished before [DONE], so that a paid stream can end with what happened to the payment.
             with anyio.CancelScope(shield=True):
-                captured = True
+                finished = True
                 await _aclose(iterator)
-                await self._succeeded(prepared, usage or Usage(0, 0), stream=True, caller=caller)
-            if isinstance(prepared.auth, PaymentResponder):
-                yield _payment_chunk(last, prepared.auth.settlement_event(usage, prepared.model))
+                charged = await self._finish_stream(prepared, usage)
+            answer = prepared.reservation.answer
+            if answer is not None:
+                yield _payment_chunk(last, answer.stream_event(usage, prepared.model, charged > 0))
             yield b"data: [DONE]\n\n"
         except UpstreamError as exc:
-            outcome = "upstream_error"
             failure = exc
             error = map_upstream_error(prepared.listing, exc)
             yield b"data: " + json.dumps(error.body()).encode() + b"\n\n"
+        except CallNotRecorded as exc:
+            yield b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
         finally:
-            # Runs on normal end, upstream failure and client disconnect (cancellation):
-            # close the upstream request, then settle, shielded from the cancellation.
-            if not captured:
+            # Runs on normal end, upstream failure and client disconnect (cancellation): close the
+            # upstream request, then end the call, shielded from the cancellation. A failure before
+            # any usage is not charged; a client that hung up is charged for what was streamed.
+            if not finished:
                 with anyio.CancelScope(shield=True):
                     await _aclose(iterator)
                     if failure is not None and usage is None:
                         await self._upstream_failed(prepared, failure)
                     else:
-                        await self._succeeded(
-                            prepared, usage or Usage(0, 0), stream=True, caller=caller, outcome=outcome
-                        )
+                        with contextlib.suppress(CallNotRecorded):
+                            await self._finish_stream(prepared, usage, "cancelled")
+
+    async def _finish_stream(self, prepared: Prepared, usage: Usage | None, outcome: str = "ok") -> int:
+        return await self._succeeded(prepared, usage or Usage(0, 0), stream=True, outcome=outcome)
 
 
 def _payment_chunk(last: dict[str, Any], event: dict[str, Any]) -> bytes:

@@ -16,23 +16,22 @@ from datetime import datetime
 from typing import Any, Final, TypeVar
 
 from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from quotra.chain.relayer import Submission, TxState
-from quotra.store import ledger
 from quotra.store.models import (
+    Call,
     ClaimRecord,
     ConsumerAccount,
     DelegationRecord,
-    LedgerEntry,
     RevocationRecord,
     SpendPermissionRecord,
     WebhookEventRecord,
+    table,
     utcnow,
 )
 from quotra.store.repositories import Store
+from quotra.store.sql import insert_ignore
 from quotra.webhooks import RelayerEvent
 
 CLAIM_PREFIX: Final = "clm_"
@@ -147,6 +146,7 @@ class ClaimsRepo:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.sessions = store.sessions
+        self.dialect = store.dialect
         # Memo prefix -> handler, for relayer tasks other services send (gasless deposits, ...).
         self.handlers: dict[str, EventHandler] = {}
 
@@ -154,11 +154,6 @@ class ClaimsRepo:
         """Have `handler(session, event)` applied, inside the dedupe transaction, to verified
         webhooks whose memo starts with `memo_prefix`."""
         self.handlers[memo_prefix] = handler
-
-    def _insert_ignore(self, table: Any, values: dict[str, Any]) -> Any:
-        if self.store.dialect == "postgresql":
-            return pg_insert(table).values(**values).on_conflict_do_nothing()
-        return sqlite_insert(table).values(**values).on_conflict_do_nothing()
 
     # ---- delegations ---------------------------------------------------------------------------
 
@@ -188,7 +183,7 @@ class ClaimsRepo:
             "created_at": utcnow(),
         }
         async with self.sessions.begin() as session:
-            await session.execute(self._insert_ignore(DelegationRecord.__table__, values))
+            await session.execute(insert_ignore(self.dialect, table(DelegationRecord), values))
             row = await session.get(DelegationRecord, digest)
             assert row is not None
             return DelegationView.of(row)
@@ -355,18 +350,6 @@ class ClaimsRepo:
             if model is ClaimRecord and sub.block_number is not None:
                 row.block_number = sub.block_number
             changed = True
-            if status == "confirmed" and model is ClaimRecord:
-                await ledger.append(
-                    session,
-                    kind="claim",
-                    method="chain",
-                    account=row.provider,
-                    provider=row.provider,
-                    amount=row.amount,
-                    fee=row.relayer_fee,
-                    reference=row.id,
-                    tx_hash=row.tx_hash,
-                )
         if changed:
             row.updated_at = utcnow()
         return changed
@@ -433,7 +416,7 @@ class ClaimsRepo:
             "received_at": utcnow(),
         }
         async with self.sessions.begin() as session:
-            result = await session.execute(self._insert_ignore(WebhookEventRecord.__table__, values))
+            result = await session.execute(insert_ignore(self.dialect, table(WebhookEventRecord), values))
             if result.rowcount != 1:  # type: ignore[attr-defined]
                 return False
             memo = event.memo or ""
@@ -453,22 +436,15 @@ class ClaimsRepo:
     # ---- earnings ------------------------------------------------------------------------------
 
     async def listing_earnings(self, provider: str) -> dict[str, int]:
-        """A provider's share per listing from the ledger (settled and reconciled payments, less
-        refunds): amount minus the platform fee."""
-        share = func.coalesce(func.sum(LedgerEntry.amount - func.coalesce(LedgerEntry.fee, 0)), 0)
+        """A provider's share per listing of its settled calls (refunded ones are not counted):
+        amount minus the platform fee."""
+        share = func.coalesce(func.sum(Call.amount - func.coalesce(Call.fee, 0)), 0)
         query = (
-            select(LedgerEntry.listing_id, LedgerEntry.kind, share)
-            .where(
-                LedgerEntry.provider == provider,
-                LedgerEntry.listing_id.is_not(None),
-                LedgerEntry.kind.in_(("settle", "reconcile", "refund")),
-            )
-            .group_by(LedgerEntry.listing_id, LedgerEntry.kind)
+            select(Call.listing_id, share)
+            .where(Call.provider == provider, Call.state == "settled", Call.gate.in_(("x402", "prepaid")))
+            .group_by(Call.listing_id)
         )
-        totals: dict[str, int] = {}
         async with self.sessions() as session:
-            for listing_id, kind, amount in (await session.execute(query)).all():
-                sign = -1 if kind == "refund" else 1
-                key = str(listing_id)
-                totals[key] = totals.get(key, 0) + sign * int(amount)
-        return totals
+            return {
+                str(listing_id): int(amount) for listing_id, amount in (await session.execute(query)).all()
+            }

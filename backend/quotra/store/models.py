@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -14,6 +14,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -47,6 +48,11 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     pass
+
+
+def table(model: type[Base]) -> Table:
+    """A model's table, typed for Core statements (`insert(table(Call))`)."""
+    return cast(Table, model.__table__)
 
 
 BigId = BigInteger().with_variant(Integer, "sqlite")
@@ -96,60 +102,87 @@ class PlaygroundUsage(Base):
     calls: Mapped[int] = mapped_column(Integer, default=0)
 
 
-class CallRecord(Base):
-    """One relayed call: the future ledger's input (payments attach to these rows)."""
-
-    __tablename__ = "calls"
-    __table_args__ = (Index("ix_calls_listing_created", "listing_id", "created_at"),)
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    listing_id: Mapped[str] = mapped_column(String(40))
-    consumer: Mapped[str] = mapped_column(String(128))
-    gate: Mapped[str] = mapped_column(String(16))
-    model: Mapped[str] = mapped_column(String(200))
-    outcome: Mapped[str] = mapped_column(String(16))
-    stream: Mapped[bool] = mapped_column(default=False)
-    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    cost_atomic: Mapped[int] = mapped_column(BigInteger, default=0)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-
-
-# ---- payments (x402 and prepaid), settlement and the ledger --------------------------------------
+# ---- the call core: one record per call, whatever paid for it ------------------------------------
 # Amounts are atomic USDC. Addresses are checksummed. uint256 values that can exceed 64 bits
 # (salts, nonces) are stored as 0x-hex strings.
 
 
-class X402Payment(Base):
-    """One x402 `exact` authorization: reserved before serving, then the settlement outbox row.
+class Call(Base):
+    """One relayed call and its money, for every gate (playground, x402, prepaid, sandbox).
 
-    status: reserved → captured → settling → settled | failed;  reserved → voided (not charged);
-    settled → refunded; a front-run one ends `reconciled` (settling → reconciling → reconciled).
+    state: reserved → captured → settling → settled, or reserved → voided (nothing charged);
+    settling → reconciling → settled (a front-run x402 authorization); captured | settling →
+    failed (served, but the payment could not settle); settled → refunded. Free calls (playground,
+    sandbox keys) go reserved → settled at once: nothing is owed. Reserving and finishing are one
+    transaction each (`quotra.calls.store`); a reservation not finished by `expires_at` is voided.
     """
 
-    __tablename__ = "x402_payments"
+    __tablename__ = "calls"
     __table_args__ = (
-        UniqueConstraint("payer", "nonce", name="uq_x402_payer_nonce"),
-        Index("ix_x402_status_created", "status", "created_at"),
-        Index("ix_x402_payer_status", "payer", "status"),
+        Index("ix_calls_state_expires", "state", "expires_at"),
+        Index("ix_calls_payer_created", "payer", "created_at"),
+        Index("ix_calls_listing_created", "listing_id", "created_at"),
     )
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    gate: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    listing_id: Mapped[str] = mapped_column(String(40))
+    provider: Mapped[str] = mapped_column(String(42))
+    payer: Mapped[str] = mapped_column(String(128))
+    key_id: Mapped[str | None] = mapped_column(String(40))
+    permission_digest: Mapped[str | None] = mapped_column(String(66))
+    model: Mapped[str] = mapped_column(String(200), default="")
+    stream: Mapped[bool] = mapped_column(default=False)
+    reserved: Mapped[int] = mapped_column(BigInteger)
+    amount: Mapped[int] = mapped_column(BigInteger, default=0)
+    fee: Mapped[int | None] = mapped_column(BigInteger)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(String(300))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    batch_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    tx_hash: Mapped[str | None] = mapped_column(String(66))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class X402Authorization(Base):
+    """The x402 specifics of a call: the payer's EIP-3009 authorization, once per (payer, nonce).
+
+    `pending` counts its value against the payer's balance snapshot until that snapshot covers
+    the block it settled in (`settled_block`); a voided or failed one never moved money.
+    """
+
+    __tablename__ = "x402_authorizations"
+    __table_args__ = (
+        UniqueConstraint("payer", "nonce", name="uq_x402_payer_nonce"),
+        Index("ix_x402_payer_pending", "payer", "pending"),
+    )
+
+    call_id: Mapped[str] = mapped_column(String(32), ForeignKey("calls.id"), primary_key=True)
     payer: Mapped[str] = mapped_column(String(42))
     nonce: Mapped[str] = mapped_column(String(66))
-    amount: Mapped[int] = mapped_column(BigInteger)
+    value: Mapped[int] = mapped_column(BigInteger)
     valid_after: Mapped[int] = mapped_column(BigInteger)
     valid_before: Mapped[int] = mapped_column(BigInteger)
     signature: Mapped[str] = mapped_column(String(132))
-    listing_id: Mapped[str] = mapped_column(String(40))
-    provider: Mapped[str] = mapped_column(String(42))
-    call_id: Mapped[int | None] = mapped_column(BigInteger)
-    status: Mapped[str] = mapped_column(String(16), default="reserved")
-    batch_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
-    tx_hash: Mapped[str | None] = mapped_column(String(66))
-    error: Mapped[str | None] = mapped_column(String(300))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    pending: Mapped[bool] = mapped_column(default=True)
+    settled_block: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class X402Payer(Base):
+    """A payer's USDC balance as of a known block: what x402 calls are reserved against."""
+
+    __tablename__ = "x402_payers"
+
+    payer: Mapped[str] = mapped_column(String(42), primary_key=True)
+    balance: Mapped[int] = mapped_column(BigInteger)
+    block: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class ConsumerAccount(Base):
@@ -215,39 +248,11 @@ class ApiKeyRecord(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-class PrepaidCharge(Base):
-    """One prepaid call: reserved (max cost) before serving, captured (actual cost) after.
-
-    status: reserved → captured → settling → settled;  reserved → released (not charged).
-    Captured rows are the outbox of `settle_charges` batches.
-    """
-
-    __tablename__ = "prepaid_charges"
-    __table_args__ = (Index("ix_prepaid_status_consumer", "status", "consumer"),)
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    consumer: Mapped[str] = mapped_column(String(42))
-    api_key_id: Mapped[str] = mapped_column(String(40))
-    permission_digest: Mapped[str] = mapped_column(String(66))
-    listing_id: Mapped[str] = mapped_column(String(40))
-    provider: Mapped[str] = mapped_column(String(42))
-    call_id: Mapped[int | None] = mapped_column(BigInteger)
-    reserved_amount: Mapped[int] = mapped_column(BigInteger)
-    amount: Mapped[int] = mapped_column(BigInteger, default=0)
-    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
-    model: Mapped[str] = mapped_column(String(200), default="")
-    status: Mapped[str] = mapped_column(String(16), default="reserved")
-    batch_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
-
-
 class SettlementBatch(Base):
     """One settlement transaction: `settle_authorizations` (kind x402) or `settle_charges` (charges).
 
-    status: pending → submitted → confirmed | failed. For charges, (permission_digest,
-    expected_spent) makes the batch idempotent on-chain; `reference` is echoed in the event.
+    status: pending → submitted → confirmed | failed. A charges batch's `reference` settles once
+    on-chain (the escrow refuses it again) and is echoed in its events.
     """
 
     __tablename__ = "settlement_batches"
@@ -256,7 +261,6 @@ class SettlementBatch(Base):
     kind: Mapped[str] = mapped_column(String(8))
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     permission_digest: Mapped[str | None] = mapped_column(String(66))
-    expected_spent: Mapped[int | None] = mapped_column(BigInteger)
     reference: Mapped[str] = mapped_column(String(66), unique=True)
     amount: Mapped[int] = mapped_column(BigInteger, default=0)
     items: Mapped[int] = mapped_column(Integer, default=0)
@@ -270,34 +274,6 @@ class SettlementBatch(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
-class LedgerEntry(Base):
-    """The append-only ledger: every reservation, capture, release, settlement, refund and claim.
-
-    Rows are only ever inserted (never updated or deleted). kind: reserve | capture | release |
-    void | settle | refund | reconcile | deposit | withdraw | claim. method: x402 | prepaid | chain.
-    """
-
-    __tablename__ = "ledger"
-    __table_args__ = (
-        Index("ix_ledger_account_created", "account", "created_at"),
-        Index("ix_ledger_reference", "reference"),
-    )
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    kind: Mapped[str] = mapped_column(String(16))
-    method: Mapped[str] = mapped_column(String(8))
-    account: Mapped[str] = mapped_column(String(42))
-    provider: Mapped[str | None] = mapped_column(String(42))
-    listing_id: Mapped[str | None] = mapped_column(String(40))
-    call_id: Mapped[int | None] = mapped_column(BigInteger)
-    amount: Mapped[int] = mapped_column(BigInteger)
-    fee: Mapped[int | None] = mapped_column(BigInteger)
-    reference: Mapped[str | None] = mapped_column(String(80))
-    batch_id: Mapped[int | None] = mapped_column(BigInteger)
-    tx_hash: Mapped[str | None] = mapped_column(String(66))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-
-
 class ChainCursor(Base):
     """How far the escrow event indexer has read (one row per contract)."""
 
@@ -308,7 +284,7 @@ class ChainCursor(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
-# ---- ETH-free claims, revocations and relayer webhooks (migration 0005) ----------------------------
+# ---- ETH-free claims, revocations and relayer webhooks (migration 0004) ----------------------------
 # uint256 caps of signed grants are stored as decimal strings (they may exceed 64 bits).
 
 

@@ -1,33 +1,16 @@
-"""Prepaid accounts, API keys and charges: every statement of the API-key payment path.
+"""Prepaid accounts, API keys and spend permissions: the wallet side of the API-key payment path.
 
-Each money movement is one short transaction of conditional UPDATEs (atomic on SQLite and
-PostgreSQL alike) plus its `prepaid_charges` row and its ledger entry, so a budget can never be
-overspent however many calls race for it.
+A keyed call is reserved, finished and voided by the call store (`quotra.calls.store`), which moves
+`consumer_accounts.reserved` / `unsettled` and `api_keys.reserved` / `spent` in the same
+transaction as the call's row; the settlement outbox (`quotra.calls.outbox`) moves a settled
+batch's sum from `unsettled` to the mirrored `deposit` and `permission_spent`. This module keeps the
+accounts' chain mirror, the keys and the permissions.
 
-Contract with the settlement worker (`quotra.payments.settlement`) and the indexer
--------------------------------------------------------------------------------------
-- This module writes `prepaid_charges`. A row is `reserved` while its call runs (its
-  `reserved_amount` is counted in `consumer_accounts.reserved` and `api_keys.reserved`), then ends
-  `captured` (live keys, `0 < amount <= reserved_amount`), `released` (failed call, or a call
-  that cost nothing) or `metered` (sandbox keys: counted against the key only, never settled;
-  `permission_digest` is empty). This module never touches a row after that.
-- `captured` rows are the settlement outbox and are already counted in
-  `consumer_accounts.unsettled`. The worker groups them by (consumer, permission_digest), moves
-  them to `settling` (setting `batch_id`), and when the `settle_charges` transaction is confirmed
-  moves them to `settled` and, in the same transaction: `unsettled -= sum(amount)`, `deposit -=
-  sum(amount)`, and `permission_spent += sum(amount)` only `WHERE permission_digest = <batch's>`
-  (the account may have switched to a newer permission meanwhile). A batch that fails for good
-  ends its rows `failed` and also takes their sum off `unsettled`. The usage listing shows a
-  settled row's transaction through `settlement_batches.tx_hash`.
-- The mirror columns `deposit`, `pending_withdrawal` and `permission_spent` are written from the
-  chain by `sync_account` as a compare-and-set against the values read before the chain call:
-  if the worker (or the indexer) changed them meanwhile, the fresher database values win and the
-  next refresh catches up. Between a settlement landing and the worker applying it the settled
-  amount is counted twice (in `unsettled` and on-chain), which only ever errs on the safe side.
-- Ledger: `reserve`, `capture` and `release` (method `prepaid`, reference `prepaid_<id>` like the
-  worker's `settle` entries) for live keys; `deposit` (method `chain`, reference
-  `deposit:<nonce>`, with `tx_hash`) for gasless deposits this relay submitted; an indexer
-  recording `Deposited` events should skip tx hashes already in the ledger.
+The mirror columns `deposit`, `pending_withdrawal` and `permission_spent` are written from the
+chain by `sync_account` as a compare-and-set against the values read before the chain call: if
+settlement changed them meanwhile, the fresher database values win and the next refresh catches
+up. Between a settlement landing and the worker applying it the settled amount is counted twice
+(in `unsettled` and on-chain), which only ever errs on the safe side.
 """
 
 from __future__ import annotations
@@ -37,21 +20,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import exists, func, insert, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import func, select, update
 
-from quotra.store import ledger
 from quotra.store.models import (
     ApiKeyRecord,
+    Call,
     ConsumerAccount,
-    PrepaidCharge,
-    SettlementBatch,
     SpendPermissionRecord,
+    table,
     utcnow,
 )
 from quotra.store.repositories import Store
+from quotra.store.sql import insert_ignore
 
 KeyMode = Literal["live", "sandbox"]
 Shortfall = Literal["key_revoked", "key_cap", "no_permission", "permission", "deposit"]
@@ -181,39 +161,6 @@ class AccountView:
         return max(0, min(self.deposit_available, self.permission_remaining))
 
 
-@dataclass(frozen=True)
-class Reservation:
-    charge_id: int
-    key: KeyRef
-    amount: int
-    listing_id: str
-    provider: str
-
-
-@dataclass(frozen=True)
-class UsageRow:
-    id: int
-    api_key_id: str
-    listing_id: str
-    provider: str
-    model: str
-    prompt_tokens: int
-    completion_tokens: int
-    reserved_amount: int
-    amount: int
-    status: str
-    tx_hash: str | None
-    created_at: datetime
-
-
-class Refused(Exception):
-    """A reservation was refused; `shortfall` names the first limit that is too low."""
-
-    def __init__(self, shortfall: Shortfall) -> None:
-        super().__init__(shortfall)
-        self.shortfall = shortfall
-
-
 def _rowcount(result: Any) -> int:
     return int(result.rowcount)
 
@@ -222,13 +169,6 @@ class PrepaidStore:
     def __init__(self, store: Store) -> None:
         self.sessions = store.sessions
         self.dialect = store.dialect
-
-    def _insert_ignore(self, model: Any, values: dict[str, Any]) -> Any:
-        if self.dialect == "postgresql":
-            return pg_insert(model).values(**values).on_conflict_do_nothing()
-        if self.dialect == "sqlite":
-            return sqlite_insert(model).values(**values).on_conflict_do_nothing()
-        return insert(model).values(**values).prefix_with("IGNORE")
 
     # ---- API keys ------------------------------------------------------------------------------
 
@@ -307,110 +247,9 @@ class PrepaidStore:
             await session.flush()
             return ApiKeyView.of(row)
 
-    # ---- the hot path: reserve, capture, release -----------------------------------------------
+    # ---- why a reservation was refused -----------------------------------------------------------
 
-    async def reserve(
-        self,
-        key: KeyRef,
-        *,
-        listing_id: str,
-        provider: str,
-        amount: int,
-        now_ts: int,
-        margin: int,
-    ) -> Reservation:
-        """Reserves `amount` against the key's cap and (live keys) the account's deposit and active
-        permission, all or nothing. Raises `Refused` naming the limit that is short."""
-        if amount <= 0:
-            raise ValueError("a reservation must be positive")
-        now = utcnow()
-        try:
-            async with self.sessions.begin() as session:
-                digest = ""
-                if key.live:
-                    digest = await self._reserve_account(session, key.wallet, amount, now_ts, margin)
-                taken = await session.execute(
-                    update(ApiKeyRecord)
-                    .where(
-                        ApiKeyRecord.id == key.id,
-                        ApiKeyRecord.revoked_at.is_(None),
-                        or_(
-                            ApiKeyRecord.spend_cap.is_(None),
-                            ApiKeyRecord.spend_cap - ApiKeyRecord.spent - ApiKeyRecord.reserved >= amount,
-                        ),
-                    )
-                    .values(reserved=ApiKeyRecord.reserved + amount, last_used_at=now)
-                    .execution_options(synchronize_session=False)
-                )
-                if _rowcount(taken) != 1:
-                    raise Refused("key_cap")
-                charge_id = (
-                    await session.execute(
-                        insert(PrepaidCharge)
-                        .values(
-                            consumer=key.wallet,
-                            api_key_id=key.id,
-                            permission_digest=digest,
-                            listing_id=listing_id,
-                            provider=provider,
-                            reserved_amount=amount,
-                            amount=0,
-                            prompt_tokens=0,
-                            completion_tokens=0,
-                            model="",
-                            status="reserved",
-                            created_at=now,
-                            updated_at=now,
-                        )
-                        .returning(PrepaidCharge.id)
-                    )
-                ).scalar_one()
-                if key.live:
-                    await ledger.append(
-                        session,
-                        kind="reserve",
-                        method="prepaid",
-                        account=key.wallet,
-                        amount=amount,
-                        provider=provider,
-                        listing_id=listing_id,
-                        reference=f"prepaid_{charge_id}",
-                    )
-        except Refused as refused:
-            raise Refused(await self._diagnose(key, now_ts, margin, refused.shortfall)) from None
-        return Reservation(int(charge_id), key, amount, listing_id, provider)
-
-    async def _reserve_account(
-        self, session: AsyncSession, wallet: str, amount: int, now_ts: int, margin: int
-    ) -> str:
-        account = ConsumerAccount
-        permission = SpendPermissionRecord
-        usable = exists().where(
-            permission.digest == account.permission_digest,
-            permission.revoked_at.is_(None),
-            permission.valid_after <= now_ts,
-            permission.valid_until > now_ts + margin,
-        )
-        result = await session.execute(
-            update(account)
-            .where(
-                account.wallet == wallet,
-                account.permission_digest.is_not(None),
-                usable,
-                account.deposit - account.pending_withdrawal - account.unsettled - account.reserved >= amount,
-                account.permission_allowance - account.permission_spent - account.unsettled - account.reserved
-                >= amount,
-            )
-            .values(reserved=account.reserved + amount)
-            .returning(account.permission_digest)
-            .execution_options(synchronize_session=False)
-        )
-        digest = result.scalar_one_or_none()
-        if digest is None:
-            raise Refused("deposit")  # refined by _diagnose
-        return str(digest)
-
-    async def _diagnose(self, key: KeyRef, now_ts: int, margin: int, where: Shortfall) -> Shortfall:
+    async def diagnose(self, key: KeyRef, now_ts: int, margin: int, where: Shortfall) -> Shortfall:
         """Which limit refused a reservation (read after the fact; only for the error message)."""
         async with self.sessions() as session:
             row = await session.get(ApiKeyRecord, key.id)
@@ -431,131 +270,6 @@ class PrepaidStore:
         view = AccountView.of(account_row)  # the tighter of the two is the one to raise
         return "permission" if view.permission_remaining <= view.deposit_available else "deposit"
 
-    async def capture(
-        self,
-        reservation: Reservation,
-        cost: int,
-        *,
-        model: str = "",
-        prompt_tokens: int = 0,
-        completion_tokens: int = 0,
-    ) -> int:
-        """Finalises a served call at `min(cost, reserved)`; returns the amount charged (0 if the
-        reservation was already finalised, e.g. swept)."""
-        amount = max(0, min(cost, reservation.amount))
-        key = reservation.key
-        status = ("captured" if amount > 0 else "released") if key.live else "metered"
-        async with self.sessions.begin() as session:
-            if not await self._finish(
-                session, reservation, status, amount, model, prompt_tokens, completion_tokens
-            ):
-                return 0
-            if key.live:
-                await session.execute(
-                    update(ConsumerAccount)
-                    .where(ConsumerAccount.wallet == key.wallet)
-                    .values(
-                        reserved=ConsumerAccount.reserved - reservation.amount,
-                        unsettled=ConsumerAccount.unsettled + (amount if status == "captured" else 0),
-                    )
-                    .execution_options(synchronize_session=False)
-                )
-            await session.execute(
-                update(ApiKeyRecord)
-                .where(ApiKeyRecord.id == key.id)
-                .values(
-                    reserved=ApiKeyRecord.reserved - reservation.amount, spent=ApiKeyRecord.spent + amount
-                )
-                .execution_options(synchronize_session=False)
-            )
-            if key.live:
-                await ledger.append(
-                    session,
-                    kind="capture" if status == "captured" else "release",
-                    method="prepaid",
-                    account=key.wallet,
-                    amount=amount if status == "captured" else reservation.amount,
-                    provider=reservation.provider,
-                    listing_id=reservation.listing_id,
-                    reference=f"prepaid_{reservation.charge_id}",
-                )
-        return amount
-
-    async def release(self, reservation: Reservation) -> bool:
-        """Gives a reservation back in full (the call failed); False if already finalised."""
-        key = reservation.key
-        async with self.sessions.begin() as session:
-            if not await self._finish(session, reservation, "released", 0, None, 0, 0):
-                return False
-            if key.live:
-                await session.execute(
-                    update(ConsumerAccount)
-                    .where(ConsumerAccount.wallet == key.wallet)
-                    .values(reserved=ConsumerAccount.reserved - reservation.amount)
-                    .execution_options(synchronize_session=False)
-                )
-            await session.execute(
-                update(ApiKeyRecord)
-                .where(ApiKeyRecord.id == key.id)
-                .values(reserved=ApiKeyRecord.reserved - reservation.amount)
-                .execution_options(synchronize_session=False)
-            )
-            if key.live:
-                await ledger.append(
-                    session,
-                    kind="release",
-                    method="prepaid",
-                    account=key.wallet,
-                    amount=reservation.amount,
-                    provider=reservation.provider,
-                    listing_id=reservation.listing_id,
-                    reference=f"prepaid_{reservation.charge_id}",
-                )
-        return True
-
-    async def _finish(
-        self,
-        session: AsyncSession,
-        reservation: Reservation,
-        status: str,
-        amount: int,
-        model: str | None,
-        prompt_tokens: int,
-        completion_tokens: int,
-    ) -> bool:
-        values: dict[str, Any] = {"status": status, "amount": amount, "updated_at": utcnow()}
-        if model is not None:
-            values.update(model=model[:200], prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
-        result = await session.execute(
-            update(PrepaidCharge)
-            .where(PrepaidCharge.id == reservation.charge_id, PrepaidCharge.status == "reserved")
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
-        return _rowcount(result) == 1
-
-    async def stale_reservations(self, older_than: datetime, limit: int = 500) -> list[Reservation]:
-        """Reservations left open by a crashed or stuck call (the sweeper releases them)."""
-        query = (
-            select(PrepaidCharge, ApiKeyRecord.mode)
-            .join(ApiKeyRecord, ApiKeyRecord.id == PrepaidCharge.api_key_id)
-            .where(PrepaidCharge.status == "reserved", PrepaidCharge.created_at < older_than)
-            .order_by(PrepaidCharge.id)
-            .limit(limit)
-        )
-        async with self.sessions() as session:
-            rows = (await session.execute(query)).all()
-        return [
-            Reservation(
-                charge.id,
-                KeyRef(charge.api_key_id, charge.consumer, "sandbox" if mode == "sandbox" else "live"),
-                charge.reserved_amount,
-                charge.listing_id,
-                charge.provider,
-            )
-            for charge, mode in rows
-        ]
-
     # ---- accounts and permissions ----------------------------------------------------------------
 
     async def get_account(self, wallet: str) -> AccountView | None:
@@ -566,8 +280,9 @@ class PrepaidStore:
     async def ensure_account(self, wallet: str) -> None:
         async with self.sessions.begin() as session:
             await session.execute(
-                self._insert_ignore(
-                    ConsumerAccount,
+                insert_ignore(
+                    self.dialect,
+                    table(ConsumerAccount),
                     {
                         "wallet": wallet,
                         "deposit": 0,
@@ -633,8 +348,9 @@ class PrepaidStore:
         """Stores a verified permission and makes it the account's active one."""
         async with self.sessions.begin() as session:
             await session.execute(
-                self._insert_ignore(
-                    SpendPermissionRecord,
+                insert_ignore(
+                    self.dialect,
+                    table(SpendPermissionRecord),
                     {
                         "digest": permission.digest,
                         "consumer": permission.consumer,
@@ -649,8 +365,9 @@ class PrepaidStore:
                 )
             )
             await session.execute(
-                self._insert_ignore(
-                    ConsumerAccount,
+                insert_ignore(
+                    self.dialect,
+                    table(ConsumerAccount),
                     {
                         "wallet": permission.consumer,
                         "deposit": 0,
@@ -691,51 +408,9 @@ class PrepaidStore:
     # ---- history ---------------------------------------------------------------------------------
 
     async def settled_total(self, wallet: str) -> int:
-        query = select(func.coalesce(func.sum(PrepaidCharge.amount), 0)).where(
-            PrepaidCharge.consumer == wallet, PrepaidCharge.status == "settled"
+        """What the wallet's prepaid calls settled on-chain add up to."""
+        query = select(func.coalesce(func.sum(Call.amount), 0)).where(
+            Call.payer == wallet, Call.gate == "prepaid", Call.state == "settled"
         )
         async with self.sessions() as session:
             return int((await session.execute(query)).scalar_one())
-
-    async def usage(self, wallet: str, *, limit: int, before: int | None = None) -> list[UsageRow]:
-        """The wallet's calls, newest first; `before` is the id the previous page ended with."""
-        query = (
-            select(PrepaidCharge, SettlementBatch.tx_hash, SettlementBatch.status)
-            .outerjoin(SettlementBatch, SettlementBatch.id == PrepaidCharge.batch_id)
-            .where(PrepaidCharge.consumer == wallet)
-            .order_by(PrepaidCharge.id.desc())
-            .limit(limit)
-        )
-        if before is not None:
-            query = query.where(PrepaidCharge.id < before)
-        async with self.sessions() as session:
-            rows = (await session.execute(query)).all()
-        return [
-            UsageRow(
-                charge.id,
-                charge.api_key_id,
-                charge.listing_id,
-                charge.provider,
-                charge.model,
-                charge.prompt_tokens,
-                charge.completion_tokens,
-                charge.reserved_amount,
-                charge.amount,
-                charge.status,
-                tx_hash if charge.status == "settled" or batch_status == "confirmed" else None,
-                charge.created_at,
-            )
-            for charge, tx_hash, batch_status in rows
-        ]
-
-    async def record_deposit(self, wallet: str, amount: int, *, nonce: str, tx_hash: str) -> None:
-        async with self.sessions.begin() as session:
-            await ledger.append(
-                session,
-                kind="deposit",
-                method="chain",
-                account=wallet,
-                amount=amount,
-                reference=f"deposit:{nonce}",
-                tx_hash=tx_hash,
-            )

@@ -11,12 +11,10 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Select, and_, delete, func, insert, or_, select, text, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Select, and_, delete, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
-from quotra.store.models import CallRecord, Listing, PlaygroundUsage, SiweNonce, utcnow
+from quotra.store.models import Call, Listing, PlaygroundUsage, SiweNonce, utcnow
 
 ListingSort = Literal["price", "-price", "remaining", "-remaining", "newest", "oldest"]
 
@@ -184,34 +182,6 @@ class Store:
     async def live_listings(self, now: datetime | None = None) -> list[ListingRecord]:
         return await self.search_listings(limit=2**31, now=now)
 
-    async def reserve_call(self, listing_id: str, now: datetime | None = None) -> bool:
-        """Take one call from the listing's quota, atomically; False when none is left."""
-        now = now or utcnow()
-        statement = (
-            update(Listing)
-            .where(
-                Listing.id == listing_id,
-                Listing.status == "active",
-                or_(Listing.expires_at.is_(None), Listing.expires_at > now),
-                or_(Listing.max_calls.is_(None), Listing.calls_used < Listing.max_calls),
-            )
-            .values(calls_used=Listing.calls_used + 1)
-            .execution_options(synchronize_session=False)
-        )
-        async with self.sessions.begin() as session:
-            result = await session.execute(statement)
-        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
-
-    async def release_call(self, listing_id: str) -> None:
-        statement = (
-            update(Listing)
-            .where(Listing.id == listing_id, Listing.calls_used > 0)
-            .values(calls_used=Listing.calls_used - 1)
-            .execution_options(synchronize_session=False)
-        )
-        async with self.sessions.begin() as session:
-            await session.execute(statement)
-
     async def note_upstream_failure(
         self, listing_id: str, *, threshold: int, cooldown: timedelta, now: datetime | None = None
     ) -> bool:
@@ -238,63 +208,21 @@ class Store:
         async with self.sessions.begin() as session:
             await session.execute(statement)
 
-    # ---- playground ----------------------------------------------------------------------------
-
-    def _insert_ignore(self, table: Any, values: dict[str, Any]) -> Any:
-        if self.dialect == "postgresql":
-            return pg_insert(table).values(**values).on_conflict_do_nothing()
-        if self.dialect == "sqlite":
-            return sqlite_insert(table).values(**values).on_conflict_do_nothing()
-        return insert(table).values(**values).prefix_with("IGNORE")
-
-    async def take_playground_call(self, listing_id: str, consumer: str, limit: int) -> bool:
-        """One free call for (listing, consumer) if fewer than `limit` were taken; atomic."""
-        async with self.sessions.begin() as session:
-            await session.execute(
-                self._insert_ignore(
-                    PlaygroundUsage.__table__, {"listing_id": listing_id, "consumer": consumer, "calls": 0}
-                )
-            )
-            result = await session.execute(
-                update(PlaygroundUsage)
-                .where(
-                    PlaygroundUsage.listing_id == listing_id,
-                    PlaygroundUsage.consumer == consumer,
-                    PlaygroundUsage.calls < limit,
-                )
-                .values(calls=PlaygroundUsage.calls + 1)
-                .execution_options(synchronize_session=False)
-            )
-        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
-
-    async def return_playground_call(self, listing_id: str, consumer: str) -> None:
-        async with self.sessions.begin() as session:
-            await session.execute(
-                update(PlaygroundUsage)
-                .where(
-                    PlaygroundUsage.listing_id == listing_id,
-                    PlaygroundUsage.consumer == consumer,
-                    PlaygroundUsage.calls > 0,
-                )
-                .values(calls=PlaygroundUsage.calls - 1)
-                .execution_options(synchronize_session=False)
-            )
-
     async def playground_calls(self, listing_id: str, consumer: str) -> int:
+        """Free calls `consumer` took of the listing (its playground budget used)."""
         async with self.sessions() as session:
             row = await session.get(PlaygroundUsage, (listing_id, consumer))
             return 0 if row is None else row.calls
 
-    # ---- calls ---------------------------------------------------------------------------------
-
-    async def record_call(self, **values: Any) -> None:
-        async with self.sessions.begin() as session:
-            await session.execute(insert(CallRecord).values(**values))
-
     async def count_calls(self, listing_id: str, outcome: str | None = None) -> int:
-        query = select(func.count()).select_from(CallRecord).where(CallRecord.listing_id == listing_id)
+        """Calls the listing served (finished, voided ones excepted), optionally of one outcome."""
+        query = (
+            select(func.count())
+            .select_from(Call)
+            .where(Call.listing_id == listing_id, Call.state.not_in(("reserved", "voided")))
+        )
         if outcome is not None:
-            query = query.where(CallRecord.outcome == outcome)
+            query = query.where(Call.outcome == outcome)
         async with self.sessions() as session:
             return int((await session.execute(query)).scalar_one())
 

@@ -17,7 +17,8 @@ from fastapi import FastAPI
 from quotra.app import create_app
 from quotra.chain import eip712
 from quotra.chain.relayer import ChainCall
-from quotra.payments.prepaid import PrepaidService, usdc
+from quotra.money import usdc
+from quotra.payments.prepaid import PrepaidService
 from quotra.store.prepaid_repo import AccountView, ApiKeyView
 from relay_helpers import listing_body, sign_in
 
@@ -65,10 +66,10 @@ class FakeChain:
     async def usdc_domain(self) -> eip712.Domain:
         return eip712.Domain("USDC", "2", self.chain_id, "0x036CbD53842c5426634e7929541eC2318f3dCF7e")
 
-    async def usdc_balance(self, account: str) -> int:
+    async def usdc_balance(self, account: str, block: int | None = None) -> int:
         return 0
 
-    async def authorization_used(self, payer: str, nonce: bytes) -> bool:
+    async def authorization_used(self, payer: str, nonce: bytes, block: int | None = None) -> bool:
         return False
 
     def encode_deposit_with_authorization(self, *args: Any) -> ChainCall:

@@ -1,6 +1,7 @@
 """Prepaid API keys end to end through the relay, driven by the official `openai` SDK: exact
-reservations and captures, releases on failure, 402 with top-up advice, key caps, revocation,
-sandbox keys, permission registration and the account and usage endpoints."""
+reservations and captures (one call row each), voids on failure, 402 with top-up advice, key caps,
+revocation, sandbox keys, permission registration, the sweeper, and the account, usage and
+`GET /v1/calls/{id}` endpoints."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import openai
@@ -15,11 +17,14 @@ import pytest
 from eth_account import Account
 from eth_utils import to_checksum_address
 from prepaid_helpers import MAX_TOKENS, OPERATOR, Consumer, PrepaidRelay, prepaid_relay_factory
+from quotra.calls.records import CallView
+from quotra.calls.store import Served
 from quotra.chain import eip712
+from quotra.money import allocate_fees
 from quotra.services.relay import estimate_tokens
-from quotra.store.models import ApiKeyRecord, ConsumerAccount, LedgerEntry, PrepaidCharge, SettlementBatch
+from quotra.store.models import ApiKeyRecord, Call, table
 from relay_helpers import FakeUpstream
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 USDC = 10**6
 PROMPT = "Hello there, sandbox"
@@ -56,20 +61,35 @@ def max_cost(listing: dict[str, Any]) -> int:
     return priced(listing, estimate_tokens(len(PROMPT), 1), MAX_TOKENS)
 
 
-async def charges(relay: PrepaidRelay, wallet: str) -> list[PrepaidCharge]:
-    async with relay.prepaid.repo.sessions() as session:
-        query = select(PrepaidCharge).where(PrepaidCharge.consumer == wallet).order_by(PrepaidCharge.id)
-        return list((await session.scalars(query)).all())
+CALLS = table(Call)
 
 
-async def ledger(relay: PrepaidRelay, wallet: str) -> list[tuple[str, int]]:
-    async with relay.prepaid.repo.sessions() as session:
-        query = select(LedgerEntry).where(LedgerEntry.account == wallet).order_by(LedgerEntry.id)
-        return [(e.kind, e.amount) for e in (await session.scalars(query)).all()]
+async def charges(relay: PrepaidRelay, wallet: str) -> list[CallView]:
+    """The calls `wallet` paid for with its keys, oldest first."""
+    query = select(CALLS).where(CALLS.c.payer == wallet).order_by(CALLS.c.created_at, CALLS.c.id)
+    async with relay.runtime.store.engine.connect() as connection:
+        return [CallView.of(row) for row in await connection.execute(query)]
+
+
+async def calls_used(relay: PrepaidRelay, listing: dict[str, Any]) -> int:
+    record = await relay.runtime.store.get_listing(listing["id"])
+    assert record is not None
+    return record.calls_used
+
+
+async def call_status(relay: PrepaidRelay, call_id: str, token: str) -> dict[str, Any]:
+    reply = await relay.client.get(f"/v1/calls/{call_id}", headers={"Authorization": f"Bearer {token}"})
+    assert reply.status_code == 200, reply.text
+    status: dict[str, Any] = reply.json()
+    return status
 
 
 async def chat(client: openai.AsyncOpenAI, model: str = "sandbox-model") -> Any:
     return await client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=MAX_TOKENS)  # type: ignore[arg-type]
+
+
+def _usage(completion: Any) -> tuple[int, int]:
+    return completion.usage.prompt_tokens, completion.usage.completion_tokens
 
 
 def error_of(exc: openai.APIStatusError) -> dict[str, Any]:
@@ -94,14 +114,17 @@ async def test_call__reserves_max_cost__captures_actual_cost(
     )
     completion = raw.parse()
     assert raw.headers["x-quotra-payment"] == "prepaid"
+    assert raw.headers["x-quotra-cost"] == str(priced(listing, *_usage(completion)))
     usage = completion.usage
     assert usage is not None and usage.completion_tokens > 0
     cost = priced(listing, usage.prompt_tokens, usage.completion_tokens)
 
     (charge,) = await charges(relay, consumer.wallet)
-    assert charge.reserved_amount == max_cost(listing)
-    assert (charge.status, charge.amount) == ("captured", cost)
-    assert cost < charge.reserved_amount
+    assert raw.headers["quotra-call-id"] == charge.id
+    assert (charge.gate, charge.key_id) == ("prepaid", key["id"])
+    assert charge.reserved == max_cost(listing)
+    assert (charge.state, charge.amount, charge.fee, charge.outcome) == ("captured", cost, None, "ok")
+    assert cost < charge.reserved
     assert (charge.model, charge.prompt_tokens, charge.completion_tokens) == (
         "sandbox-model",
         usage.prompt_tokens,
@@ -109,10 +132,24 @@ async def test_call__reserves_max_cost__captures_actual_cost(
     )
     assert charge.provider == listing["owner"] and charge.listing_id == listing["id"]
     account = await consumer.account_state()
+    assert charge.permission_digest == account.permission_digest is not None
     assert (account.reserved, account.unsettled) == (0, cost)
     state = await consumer.key_state(key["id"])
     assert (state.reserved, state.spent) == (0, cost)
-    assert await ledger(relay, consumer.wallet) == [("reserve", max_cost(listing)), ("capture", cost)]
+    assert await calls_used(relay, listing) == 1
+    # What the payer is told of the call, with its key or its session; nobody else is.
+    by_key = await call_status(relay, charge.id, key["key"])
+    assert by_key == await call_status(relay, charge.id, consumer.headers["Authorization"].split()[1])
+    assert (by_key["state"], by_key["charged"], by_key["amount_atomic"], by_key["reserved_atomic"]) == (
+        "captured",
+        True,
+        cost,
+        max_cost(listing),
+    )
+    other = await relay.consumer()
+    refused = await relay.client.get(f"/v1/calls/{charge.id}", headers=other.headers)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (404, "call_not_found")
+    assert (await relay.client.get(f"/v1/calls/{charge.id}")).status_code == 404
 
 
 async def test_stream__captures_the_streamed_usage(relay: PrepaidRelay, listing: dict[str, Any]) -> None:
@@ -134,7 +171,12 @@ async def test_stream__captures_the_streamed_usage(relay: PrepaidRelay, listing:
     assert usage is not None
     cost = priced(listing, usage.prompt_tokens, usage.completion_tokens)
     (charge,) = await charges(relay, consumer.wallet)
-    assert (charge.status, charge.reserved_amount, charge.amount) == ("captured", max_cost(listing), cost)
+    assert (charge.state, charge.reserved, charge.amount) == ("captured", max_cost(listing), cost)
+    assert (charge.stream, charge.prompt_tokens, charge.completion_tokens) == (
+        True,
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )
     assert (await consumer.account_state()).unsettled == cost
 
 
@@ -147,28 +189,42 @@ async def test_upstream_failure__released__never_charged(
         await chat(relay.openai(key["key"]), f"listing/{listing['id']}/sandbox-error-503")
     assert "nothing was charged" in error_of(failed.value)["message"]
     (charge,) = await charges(relay, consumer.wallet)
-    assert (charge.status, charge.amount) == ("released", 0)
+    assert failed.value.response.headers["quotra-call-id"] == charge.id
+    assert (charge.state, charge.amount, charge.outcome) == ("voided", 0, "upstream_error")
+    assert charge.reserved == max_cost(listing)
     account = await consumer.account_state()
     assert (account.reserved, account.unsettled) == (0, 0)
     state = await consumer.key_state(key["id"])
     assert (state.reserved, state.spent) == (0, 0)
-    reserved = charge.reserved_amount
-    assert await ledger(relay, consumer.wallet) == [("reserve", reserved), ("release", reserved)]
+    assert await calls_used(relay, listing) == 0
+    status = await call_status(relay, charge.id, key["key"])
+    assert (status["state"], status["charged"], status["amount_atomic"]) == ("voided", False, 0)
 
 
 async def test_capture__never_above_the_reservation(relay: PrepaidRelay, listing: dict[str, Any]) -> None:
     consumer = await relay.consumer(deposit=5 * USDC, allowance=2 * USDC)
     key = await consumer.key()
-    auth = await relay.prepaid.authorize(
+    reservation = await relay.prepaid.reserve(
         await relay.prepaid.authenticate(key["key"]),
         await relay.runtime.store.get_listing(listing["id"]),
         1_500,
+        relay.runtime.gate.deadline(),
     )
-    await auth.capture(9_999)
+    assert (reservation.gate, reservation.reserved) == ("prepaid", 1_500)
+    assert (reservation.charge(9_999), reservation.charge(1_200), reservation.charge(-5)) == (1_500, 1_200, 0)
+    calls = relay.runtime.calls
+    served = Served("sandbox-model", False, 10, 20, 5)
+    assert await calls.finish(reservation.call_id, amount=reservation.charge(9_999), usage=served)
     (charge,) = await charges(relay, consumer.wallet)
-    assert (charge.reserved_amount, charge.amount) == (1_500, 1_500)
-    await auth.void()  # already captured: nothing changes
-    await auth.capture(1)
+    assert (charge.id, charge.state, charge.reserved, charge.amount) == (
+        reservation.call_id,
+        "captured",
+        1_500,
+        1_500,
+    )
+    assert not await calls.void(reservation.call_id, outcome="error")  # already finished: nothing changes
+    assert not await calls.finish(reservation.call_id, amount=1, usage=served)
+    assert [(c.state, c.amount) for c in await charges(relay, consumer.wallet)] == [("captured", 1_500)]
     assert (await consumer.account_state()).unsettled == 1_500
     assert (await consumer.key_state(key["id"])).spent == 1_500
 
@@ -186,7 +242,9 @@ async def test_no_deposit__402_says_how_to_deposit(relay: PrepaidRelay, listing:
     assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_balance")
     assert "Deposit more USDC" in error["message"] and "/v1/account/deposits" in error["message"]
     assert error["prepaid"]["available"] == "0.000000"
-    assert await charges(relay, consumer.wallet) == []
+    assert "quotra-call-id" not in refused.value.response.headers
+    assert await charges(relay, consumer.wallet) == [] and await calls_used(relay, listing) == 0
+    assert (await consumer.account_state()).reserved == 0
 
 
 async def test_deposit_just_short__402__one_unit_more__served(
@@ -345,11 +403,21 @@ async def test_sandbox_key__metered_on_sandbox_listings__account_untouched(
     assert raw.headers["x-quotra-payment"] == "sandbox" and usage is not None
     cost = priced(listing, usage.prompt_tokens, usage.completion_tokens)
     (charge,) = await charges(relay, consumer.wallet)
-    assert (charge.status, charge.amount, charge.permission_digest) == ("metered", cost, "")
+    assert raw.headers["quotra-call-id"] == charge.id
+    assert (charge.gate, charge.state, charge.amount, charge.permission_digest, charge.key_id) == (
+        "sandbox",
+        "settled",
+        cost,
+        None,
+        key["id"],
+    )
     assert (await consumer.key_state(key["id"])).spent == cost
     account = await consumer.account_state()
     assert (account.reserved, account.unsettled) == (0, 0)
-    assert await ledger(relay, consumer.wallet) == []  # not money
+    # Not money: never handed to the settlement worker, never counted as settled.
+    assert await relay.runtime.payments.outbox.charge_backlog() == []
+    assert await relay.prepaid.repo.settled_total(consumer.wallet) == 0
+    assert (await call_status(relay, charge.id, key["key"]))["gate"] == "sandbox"
     with pytest.raises(openai.APIStatusError) as capped:  # the cap is metered like a live one
         await chat(client)
     assert error_of(capped.value)["code"] == "key_spend_cap_reached"
@@ -497,27 +565,23 @@ async def test_account__mirror_and_relay_counters(relay: PrepaidRelay, listing: 
         await chat(client)
     calls = await charges(relay, consumer.wallet)
     captured = sum(c.amount for c in calls)
-    # The settlement worker settles the first call (simulated: its side of the contract).
-    async with relay.prepaid.repo.sessions.begin() as session:
-        batch = SettlementBatch(
-            kind="charges", status="confirmed", reference="0x" + "aa" * 32, tx_hash="0x" + "bb" * 32
-        )
-        session.add(batch)
-        await session.flush()
-        await session.execute(
-            update(PrepaidCharge)
-            .where(PrepaidCharge.id == calls[0].id)
-            .values(status="settled", batch_id=batch.id)
-        )
+    digest = (await consumer.account_state()).permission_digest
+    assert digest is not None
+    # The settlement worker's side: the oldest call goes into a batch that lands on the escrow.
+    outbox = relay.runtime.payments.outbox
+    assert [d for d, _ in await outbox.charge_backlog()] == [digest]
+    batch = await outbox.claim_charge_batch(digest, 1)
+    assert batch is not None and (batch.kind, batch.items, batch.amount) == ("charges", 1, calls[0].amount)
     settled = calls[0].amount
+    tx_hash = "0x" + "bb" * 32
+    fee = settled // 10
+    assert await outbox.settle_charges(batch, tx_hash=tx_hash, gas_used=90_000, fee_bps=1_000, total_fee=fee)
+    assert not await outbox.settle_charges(
+        batch, tx_hash=tx_hash, gas_used=90_000, fee_bps=1_000, total_fee=fee
+    )
+    # ...and the chain says the same.
     relay.chain.deposits[consumer.wallet] = 5 * USDC - settled
-    relay.chain.spent[bytes.fromhex((await consumer.account_state()).permission_digest[2:])] = settled  # type: ignore[index]
-    async with relay.prepaid.repo.sessions.begin() as session:
-        await session.execute(
-            update(ConsumerAccount)
-            .where(ConsumerAccount.wallet == consumer.wallet)
-            .values(unsettled=ConsumerAccount.unsettled - settled)
-        )
+    relay.chain.spent[bytes.fromhex(digest[2:])] = settled
 
     account = await consumer.get("/v1/account")
     unsettled = captured - settled
@@ -532,13 +596,55 @@ async def test_account__mirror_and_relay_counters(relay: PrepaidRelay, listing: 
 
     first = await consumer.get("/v1/account/usage", limit=2)
     assert [r["id"] for r in first["data"]] == [calls[2].id, calls[1].id] and first["has_more"]
-    assert first["data"][0]["model"] == "sandbox-model" and first["data"][0]["status"] == "captured"
-    assert first["data"][0]["price_atomic"] == calls[2].amount
-    assert first["data"][0]["prompt_tokens"] == calls[2].prompt_tokens > 0
+    row = first["data"][0]
+    assert (row["object"], row["gate"], row["model"], row["status"]) == (
+        "quotra.call",
+        "prepaid",
+        "sandbox-model",
+        "captured",
+    )
+    assert row["price_atomic"] == calls[2].amount and row["reserved_atomic"] == calls[2].reserved
+    assert row["prompt_tokens"] == calls[2].prompt_tokens > 0 and row["settlement_tx"] is None
+    assert first["next_before"] == calls[1].id
     second = await consumer.get("/v1/account/usage", limit=2, before=first["next_before"])
     (row,) = second["data"]
-    assert (row["id"], row["status"], row["settlement_tx"]) == (calls[0].id, "settled", "0x" + "bb" * 32)
+    assert (row["id"], row["status"], row["settlement_tx"]) == (calls[0].id, "settled", tx_hash)
     assert second["has_more"] is False and second["next_before"] is None
+    status = await call_status(relay, calls[0].id, consumer.headers["Authorization"].split()[1])
+    assert (status["state"], status["transaction"], status["fee_atomic"], status["amount_atomic"]) == (
+        "settled",
+        tx_hash,
+        allocate_fees([settled], fee, 1_000)[0],
+        settled,
+    )
+
+
+async def test_usage__the_wallets_calls_of_every_gate__newest_first(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
+    consumer = await relay.consumer(deposit=5 * USDC, allowance=2 * USDC)
+    live, sandbox = await consumer.key(), await consumer.key(mode="sandbox")
+    await chat(relay.openai(live["key"]))
+    await chat(relay.openai(sandbox["key"]))
+    free = await relay.client.post(  # signed in, no key: one of the playground's free calls
+        "/v1/chat/completions",
+        json={"model": "sandbox-model", "messages": MESSAGES, "max_tokens": MAX_TOKENS},
+        headers=consumer.headers,
+    )
+    assert free.status_code == 200 and free.headers["x-quotra-payment"] == "playground"
+    await chat(relay.openai((await (await relay.consumer(deposit=USDC, allowance=USDC)).key())["key"]))
+
+    usage = await consumer.get("/v1/account/usage")
+    rows = [(r["gate"], r["api_key_id"], r["status"]) for r in usage["data"]]
+    assert rows == [
+        ("playground", None, "settled"),
+        ("sandbox", sandbox["id"], "settled"),
+        ("prepaid", live["id"], "captured"),
+    ]  # and nobody else's
+    assert usage["data"][0]["id"] == free.headers["quotra-call-id"]
+    assert usage["data"][0]["price_atomic"] == 0 and usage["has_more"] is False
+    bad = await relay.client.get("/v1/account/usage", params={"before": 12}, headers=consumer.headers)
+    assert bad.status_code == 400
 
 
 async def test_account__node_down__stale_values_still_served(relay: PrepaidRelay) -> None:
@@ -549,18 +655,41 @@ async def test_account__node_down__stale_values_still_served(relay: PrepaidRelay
     assert (await consumer.get("/v1/account"))["deposit_atomic"] == 2 * USDC
 
 
-async def test_stale_reservations__swept(relay: PrepaidRelay, listing: dict[str, Any]) -> None:
-    from dataclasses import replace
-
+async def test_a_call_that_never_finishes__swept_at_its_deadline__nothing_charged(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
     consumer = await relay.consumer(deposit=5 * USDC, allowance=2 * USDC)
-    key = await relay.prepaid.authenticate((await consumer.key())["key"])
+    key = await consumer.key()
+    ref = await relay.prepaid.authenticate(key["key"])
     record = await relay.runtime.store.get_listing(listing["id"])
-    await relay.prepaid.authorize(key, record, 2_000)  # a call that never finishes
-    assert await relay.prepaid.sweep() == 0  # not stale yet
-    relay.prepaid.settings = replace(relay.prepaid.settings, reservation_ttl_seconds=-1)
-    assert await relay.prepaid.sweep() == 1
+    deadline = relay.runtime.gate.deadline()
+    assert timedelta(seconds=890) < deadline - datetime.now(UTC) <= timedelta(seconds=900)  # call_timeout
+    reservation = await relay.prepaid.reserve(ref, record, 2_000, deadline)  # its relay then stops
+    calls, outbox = relay.runtime.calls, relay.runtime.payments.outbox
+    assert await calls.sweep() == 0  # not past its deadline yet
+    assert (await consumer.account_state()).reserved == 2_000
+    assert (await consumer.key_state(key["id"])).reserved == 2_000
+    assert await calls_used(relay, listing) == 1
+    later = deadline + timedelta(seconds=1)
+    assert [c for c, _, _ in await outbox.stranded(later.timestamp())] == [reservation.call_id]
+    assert await calls.sweep(later) == 1
+    assert await calls.sweep(later) == 0  # once
+    (charge,) = await charges(relay, consumer.wallet)
+    assert (charge.id, charge.state, charge.amount, charge.outcome) == (
+        reservation.call_id,
+        "voided",
+        0,
+        "error",
+    )
+    assert charge.error is not None and "never finished" in charge.error
     assert (await consumer.account_state()).reserved == 0
-    assert [c.status for c in await charges(relay, consumer.wallet)] == ["released"]
+    assert (await consumer.key_state(key["id"])).reserved == 0
+    assert await calls_used(relay, listing) == 0
+    assert await outbox.stranded(later.timestamp()) == []
+    # Served after all (a slow upstream past the deadline): not charged.
+    assert not await calls.finish(charge.id, amount=1_000, usage=Served("sandbox-model", False, 1, 1, 1))
+    assert (await consumer.account_state()).unsettled == 0
+    assert (await consumer.key_state(key["id"])).spent == 0
 
 
 # ---- concurrency ---------------------------------------------------------------------------------
@@ -603,9 +732,10 @@ async def test_200_parallel_calls_near_the_key_cap__never_overspend(start: Calla
         assert samples and all(spent + reserved <= cap for spent, reserved, _, _ in samples)
         assert all(reserved + unsettled <= 10 * USDC for _, _, reserved, unsettled in samples)
         rows = await charges(relay, consumer.wallet)
-        captured = sum(c.amount for c in rows if c.status == "captured")
-        assert len([c for c in rows if c.status == "captured"]) == results.count("ok")
-        assert {c.status for c in rows} == {"captured"}
+        captured = sum(c.amount for c in rows if c.state == "captured")
+        assert len([c for c in rows if c.state == "captured"]) == results.count("ok")
+        assert {c.state for c in rows} == {"captured"}  # a refused call leaves no row
+        assert await calls_used(relay, {"id": rows[0].listing_id}) == results.count("ok")
         state, account = await consumer.key_state(key["id"]), await consumer.account_state()
         assert captured == state.spent == account.unsettled <= cap
         assert state.reserved == account.reserved == 0

@@ -1,10 +1,11 @@
 """Prepaid on the local Base Sepolia twin, with the relay's real chain wiring (EscrowClient,
-DirectRelayer): a wallet holding USDC and no ETH deposits gaslessly, signs a permission, calls
-with an API key; its records settle on the real escrow; an on-chain revocation stops its calls."""
+DirectRelayer, the settlement worker): a wallet holding USDC and no ETH deposits gaslessly, signs a
+permission, calls with an API key; the relay's own worker settles the call on the real escrow;
+an on-chain revocation stops its calls."""
 
 from __future__ import annotations
 
-import secrets
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -16,7 +17,6 @@ import pytest
 from eth_account import Account
 from quotra.app import create_app
 from quotra.chain import eip712, twin
-from quotra.chain.charges import aggregate
 from quotra.chain.deployment import Deployment
 from quotra.chain.escrow import (
     Chain,
@@ -25,9 +25,7 @@ from quotra.chain.escrow import (
     read_usdc_domain,
     sign_authorization,
 )
-from quotra.store.models import LedgerEntry, PrepaidCharge
 from relay_helpers import listing_body, sign_in
-from sqlalchemy import select
 
 USDC = 10**6
 
@@ -108,7 +106,7 @@ def deposit_body(
 async def test_gasless_deposit__permission__paid_call__settles_on_the_escrow(
     relay: Any, onchain: OnChain
 ) -> None:
-    app, client = relay
+    _, client = relay
     w3 = onchain.chain.w3
     consumer = Account.create()
     onchain.twin.mint_usdc(consumer.address, 10 * USDC)
@@ -167,59 +165,59 @@ async def test_gasless_deposit__permission__paid_call__settles_on_the_escrow(
     sdk = openai.AsyncOpenAI(
         base_url="http://testserver/v1", api_key=key["key"], max_retries=0, http_client=client
     )
-    completion = await sdk.chat.completions.create(
+    raw = await sdk.chat.completions.with_raw_response.create(
         model="sandbox-model",
         messages=[{"role": "user", "content": "hi"}],  # type: ignore[list-item]
     )
-    assert completion.choices[0].message.content
+    assert raw.parse().choices[0].message.content
+    assert raw.headers["x-quotra-payment"] == "prepaid"
+    completion_call_id = raw.headers["quotra-call-id"]
 
-    # The settlement worker's side, done by hand: what the relay recorded settles on the escrow.
-    repo = app.state.runtime.prepaid.repo
-    async with repo.sessions() as session:
-        (charge,) = (
-            await session.scalars(select(PrepaidCharge).where(PrepaidCharge.consumer == consumer.address))
-        ).all()
-        deposits = (
-            await session.scalars(
-                select(LedgerEntry).where(
-                    LedgerEntry.account == consumer.address, LedgerEntry.kind == "deposit"
-                )
-            )
-        ).all()
-    assert [(d.amount, d.tx_hash) for d in deposits] == [(4 * USDC, result["tx_hash"])]
-    assert (charge.status, charge.amount) == ("captured", USDC // 100)
-    permission = await repo.get_permission(charge.permission_digest)
-    stored = {
-        "consumer": permission.consumer,
-        "spender": permission.spender,
-        "allowance": permission.allowance,
-        "valid_after": permission.valid_after,
-        "valid_until": permission.valid_until,
-        "salt": int(permission.salt, 16),
-    }
-    onchain.chain.transact(
-        onchain.escrow.functions.settle_charges(
-            permission_tuple(stored),
-            bytes.fromhex(permission.signature[2:]),
-            secrets.token_bytes(32),
-            aggregate([(charge.provider, charge.amount)]),
-        ),
-        onchain.operator,
+    # The relay's settlement worker settles the call on the escrow (a charges batch).
+    call_id = completion_call_id
+    status: dict[str, Any] = {}
+    for _ in range(300):
+        reply = await client.get(f"/v1/calls/{call_id}", headers={"Authorization": f"Bearer {key['key']}"})
+        assert reply.status_code == 200, reply.text
+        status = reply.json()
+        if status["state"] == "settled":
+            break
+        await asyncio.sleep(0.1)
+    price = USDC // 100
+    assert (status["state"], status["gate"], status["amount_atomic"], status["charged"]) == (
+        "settled",
+        "prepaid",
+        price,
+        True,
     )
+    receipt = w3.eth.get_transaction_receipt(status["transaction"])
+    assert receipt["status"] == 1 and receipt["from"] == onchain.operator.address
+    charges = onchain.escrow.events.ChargesSettled().process_receipt(receipt)
+    (event,) = charges
+    assert (event.args["amount"], event.args["fee"]) == (price, status["fee_atomic"])
+    assert status["fee_atomic"] == price * onchain.escrow.functions.fee_bps().call() // 10_000
+    assert onchain.escrow.functions.deposits(consumer.address).call() == 4 * USDC - price
+    assert onchain.escrow.functions.earnings(provider.address).call() == price - status["fee_atomic"]
     account = (await client.get("/v1/account", headers=headers)).json()  # refreshed from the chain
-    assert account["deposit_atomic"] == 4 * USDC - USDC // 100
-    assert account["permission"]["spent_atomic"] == USDC // 100
+    assert account["deposit_atomic"] == 4 * USDC - price
+    assert account["permission"]["spent_atomic"] == price
+    assert (account["unsettled_atomic"], account["reserved_atomic"], account["settled_total_atomic"]) == (
+        0,
+        0,
+        price,
+    )
+    digest = account["permission"]["digest"]
 
     # The consumer revokes the permission gaslessly (signed, submitted by anyone): calls stop.
     revocation = eip712.sign(
         consumer.key,
         eip712.escrow_domain(onchain.chain.chain_id, onchain.escrow.address),
         "Revocation",
-        {"account": consumer.address, "item": bytes.fromhex(charge.permission_digest[2:])},
+        {"account": consumer.address, "item": bytes.fromhex(digest[2:])},
     )
     onchain.chain.transact(
         onchain.escrow.functions.revoke_with_signature(
-            consumer.address, bytes.fromhex(charge.permission_digest[2:]), revocation.raw
+            consumer.address, bytes.fromhex(digest[2:]), revocation.raw
         ),
         onchain.outsider,
     )

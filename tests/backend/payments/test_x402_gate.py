@@ -1,11 +1,15 @@
-"""x402 on the paid-call path (in-process relay, the chain's two reads faked): the 402 offer,
-every refusal with its x402 reason and nothing reserved or served, capture, void, replay, races."""
+"""x402 on the paid-call path (in-process relay, the chain's reads faked as of a block): the 402
+offer, every refusal with its x402 reason and nothing reserved or served, capture, void, replay
+(answered with the call it paid for), the payer's balance snapshot per block, races, and
+`GET /v1/calls/{id}` for the payer only."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -13,11 +17,13 @@ from typing import Any
 
 import pytest
 from eth_account import Account
+from quotra.calls.records import CALL_ID_PATTERN, CallView
 from quotra.chain import eip712
 from quotra.chain.deployment import BASE_SEPOLIA_USDC
 from quotra.payments.receipts import InvalidReceipt, ReceiptSigner, verify_receipt
+from quotra.store.models import Call, Listing, X402Authorization, X402Payer, table
 from quotra.upstream.base import UpstreamUnavailable
-from relay_helpers import chat_body
+from relay_helpers import chat_body, sign_in
 from sqlalchemy import func, select
 from x402_helpers import (
     ESCROW,
@@ -33,6 +39,8 @@ from x402_helpers import (
 )
 
 PRICE = 1_000  # 0.001 USDC
+CALLS = table(Call)
+AUTHS = table(X402Authorization)
 
 
 @pytest.fixture
@@ -49,7 +57,7 @@ async def paid(start_relay: Any) -> AsyncIterator[Any]:
 
 def payer(chain: FakeChain, balance: int = 10**6) -> Any:
     account = Account.create()
-    chain.balances[account.address] = balance
+    chain.fund(account.address, balance)
     return account
 
 
@@ -63,19 +71,40 @@ async def pay(relay: Any, header: str, name: str = "PAYMENT-SIGNATURE", **body: 
     return await relay.client.post("/v1/chat/completions", json=chat_body(**body), headers={name: header})
 
 
-async def rows(relay: Any) -> list[Any]:
-    from quotra.store.models import X402Payment
-
-    async with relay.runtime.store.sessions() as session:
-        return list((await session.scalars(select(X402Payment).order_by(X402Payment.id))).all())
+async def _rows(relay: Any, query: Any) -> list[Any]:
+    async with relay.runtime.store.engine.connect() as connection:
+        return list((await connection.execute(query)).all())
 
 
-async def ledger(relay: Any) -> list[tuple[str, int]]:
-    from quotra.store.models import LedgerEntry
+async def calls(relay: Any) -> list[CallView]:
+    """The relay's calls, oldest first."""
+    return [
+        CallView.of(r) for r in await _rows(relay, select(CALLS).order_by(CALLS.c.created_at, CALLS.c.id))
+    ]
 
-    async with relay.runtime.store.sessions() as session:
-        result = await session.execute(select(LedgerEntry.kind, LedgerEntry.amount).order_by(LedgerEntry.id))
-        return [(k, a) for k, a in result.all()]
+
+async def auths(relay: Any) -> list[Any]:
+    return await _rows(relay, select(AUTHS))
+
+
+async def auth_of(relay: Any, call_id: str) -> Any:
+    (row,) = await _rows(relay, select(AUTHS).where(AUTHS.c.call_id == call_id))
+    return row
+
+
+async def calls_used(relay: Any) -> int:
+    (row,) = await _rows(relay, select(Listing.calls_used).where(Listing.id == relay.listing_record["id"]))
+    return int(row[0])
+
+
+async def call_status(relay: Any, call_id: str, **headers: str) -> Any:
+    return await relay.client.get(f"/v1/calls/{call_id}", headers=headers)
+
+
+def call_id_of(reply: Any) -> str:
+    call_id = reply.headers["quotra-call-id"]
+    assert re.fullmatch(CALL_ID_PATTERN, call_id), call_id
+    return str(call_id)
 
 
 # ---- the offer ----------------------------------------------------------------------------------
@@ -104,6 +133,8 @@ async def test_unpaid_call_gets_a_402_with_the_v2_offer_v1_body_and_an_openai_er
     assert v1["payTo"] == ESCROW and v1["asset"] == BASE_SEPOLIA_USDC and v1["extra"]["name"] == "USDC"
     assert body["error"]["type"] == "payment_required" and "0.001000 USDC" in body["error"]["message"]
     assert paid.upstream.calls == []
+    assert "quotra-call-id" not in reply.headers and await calls(paid) == []  # nothing was reserved
+    assert paid.chain.reads == 0  # an offer costs no chain read
 
 
 async def test_per_token_listing_offers_its_maximum_cost(paid: Any) -> None:
@@ -124,6 +155,10 @@ async def test_playground_calls_come_before_the_offer(start_relay: Any) -> None:
             (await relay.client.post("/v1/chat/completions", json=chat_body())).status_code for _ in range(4)
         ]
         assert statuses == [200, 200, 200, 402]
+        free = await calls(relay)
+        assert [(c.gate, c.state, c.amount, c.reserved) for c in free] == [
+            ("playground", "settled", 0, 0)
+        ] * 3
 
 
 # ---- paying ---------------------------------------------------------------------------------------
@@ -133,47 +168,123 @@ async def test_paid_call_is_served_captured_and_answered_with_payment_response_a
     account = payer(paid.chain)
     accepted = await requirements(paid)
     body = chat_body()
+    payload = authorization(account, accepted)
     reply = await paid.client.post(
-        "/v1/chat/completions",
-        json=body,
-        headers={"PAYMENT-SIGNATURE": v2_header(accepted, authorization(account, accepted))},
+        "/v1/chat/completions", json=body, headers={"PAYMENT-SIGNATURE": v2_header(accepted, payload)}
     )
     assert reply.status_code == 200, reply.text
     assert reply.headers["x-quotra-payment"] == "x402"
+    call_id = call_id_of(reply)
     settled = unb64(reply.headers["payment-response"])
     assert settled["success"] is True and settled["payer"] == account.address
     assert settled["network"] == "eip155:84532" and settled["transaction"] == ""
-    assert settled["settlement"] == "x402_1" and settled["extra"] == {
-        "settlement": "x402_1",
-        "status": "pending",
-    }
-    (row,) = await rows(paid)
-    assert (row.status, row.amount, row.payer, row.provider) == (
+    assert settled["amount"] == str(PRICE) and "settlement" not in settled
+    assert settled["extra"] == {"call": call_id, "status": "pending"}
+
+    usage = reply.json()["usage"]
+    (call,) = await calls(paid)
+    assert (call.id, call.gate, call.state, call.reserved, call.amount, call.fee) == (
+        call_id,
+        "x402",
         "captured",
         PRICE,
+        PRICE,
+        None,
+    )
+    assert (call.payer, call.provider, call.listing_id) == (
         account.address,
         paid.listing_record["owner"],
+        paid.listing_record["id"],
     )
-    assert await ledger(paid) == [("capture", PRICE)]
+    assert (call.model, call.stream, call.outcome, call.prompt_tokens, call.completion_tokens) == (
+        "sandbox-model",
+        False,
+        "ok",
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+    )
+    assert call.duration_ms is not None and call.duration_ms >= 0 and call.tx_hash is None
+    request_hash = hashlib.sha256(reply.request.content).hexdigest()
+    auth = await auth_of(paid, call_id)
+    assert (auth.payer, auth.nonce, auth.value, auth.pending, auth.settled_block) == (
+        account.address,
+        payload["authorization"]["nonce"].lower(),
+        PRICE,
+        True,
+        None,
+    )
+    assert auth.request_hash == request_hash and auth.signature == payload["signature"]
+    # The payer's balance as of the block it was checked at.
+    assert [tuple(r) for r in await _rows(paid, select(X402Payer.balance, X402Payer.block))] == [(10**6, 100)]
+    assert await calls_used(paid) == 1
+
     claims, signer = verify_receipt(reply.headers["quotra-receipt"])
     assert signer == OPERATOR.address
-    usage = reply.json()["usage"]
-    assert claims["call"] == "x402_1" and claims["payer"] == account.address and claims["price"] == str(PRICE)
+    assert claims["call"] == call_id and claims["payer"] == account.address and claims["price"] == str(PRICE)
     assert claims["usage"] == {
         "prompt_tokens": usage["prompt_tokens"],
         "completion_tokens": usage["completion_tokens"],
     }
-    import hashlib
+    assert claims["request"] == "sha256:" + request_hash
+    status = await call_status(paid, call_id, **{"PAYMENT-SIGNATURE": v2_header(accepted, payload)})
+    assert status.status_code == 200, status.text
+    assert status.json() | {"created_at": None, "updated_at": None} == {
+        "id": call_id,
+        "object": "quotra.call",
+        "gate": "x402",
+        "state": "captured",
+        "charged": True,
+        "amount": "0.001000",
+        "amount_atomic": PRICE,
+        "reserved_atomic": PRICE,
+        "fee_atomic": None,
+        "listing": paid.listing_record["id"],
+        "provider": paid.listing_record["owner"],
+        "model": "sandbox-model",
+        "stream": False,
+        "usage": {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"]},
+        "outcome": "ok",
+        "error": None,
+        "transaction": None,
+        "created_at": None,
+        "updated_at": None,
+    }
 
-    assert claims["request"] == "sha256:" + hashlib.sha256(reply.request.content).hexdigest()
-    status = await paid.client.get("/v1/settlements/x402_1")
-    assert status.json()["status"] == "pending" and status.json()["amount"] == str(PRICE)
+
+async def test_a_call_is_told_to_its_payer_only(paid: Any) -> None:
+    """`GET /v1/calls/{id}`: the payment header that paid for it, or the payer's session; anyone
+    else (another payment of the same payer included) is told it does not exist."""
+    account = payer(paid.chain)
+    accepted = await requirements(paid)
+    first = v2_header(accepted, authorization(account, accepted))
+    second = v1_header(authorization(account, accepted))
+    one = call_id_of(await pay(paid, first))
+    two = call_id_of(await pay(paid, second, "X-PAYMENT"))
+    assert one != two
+    assert (await call_status(paid, one, **{"PAYMENT-SIGNATURE": first})).json()["id"] == one
+    assert (await call_status(paid, two, **{"X-PAYMENT": second})).json()["id"] == two
+    session = {"Authorization": f"Bearer {await sign_in(paid.client, account)}"}
+    assert [(await call_status(paid, c, **session)).json()["state"] for c in (one, two)] == ["captured"] * 2
+
+    _, stranger = await paid.provider()
+    someone = payer(paid.chain)
+    theirs = v2_header(accepted, authorization(someone, accepted))
+    for headers in ({}, stranger, {"X-PAYMENT": second}, {"PAYMENT-SIGNATURE": theirs}):
+        refused = await call_status(paid, one, **headers)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (404, "call_not_found"), headers
+    forged = authorization(someone, accepted)
+    forged["authorization"]["from"] = account.address  # claims the payer, signed by someone else
+    refused = await call_status(paid, one, **{"PAYMENT-SIGNATURE": v2_header(accepted, forged)})
+    assert refused.status_code == 404
+    missing = await call_status(paid, "call_" + "0" * 26, **session)
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "call_not_found")
+    assert (await call_status(paid, "x402_1", **session)).status_code == 400  # not a call id
 
 
 async def test_a_tampered_receipt_does_not_verify_as_the_operator(paid: Any) -> None:
-    header = ReceiptSigner(bytes(OPERATOR.key)).sign({"call": "x402_9", "price": "1000"})
+    header = ReceiptSigner(bytes(OPERATOR.key)).sign({"call": "call_" + "1" * 26, "price": "1000"})
     payload, _, signature = header.partition(".")
-    forged = base64.urlsafe_b64encode(json.dumps({"v": 1, "call": "x402_9", "price": "1"}).encode())
+    forged = base64.urlsafe_b64encode(json.dumps({"v": 1, "call": "call_" + "1" * 26, "price": "1"}).encode())
     _claims, signer = verify_receipt(forged.decode().rstrip("=") + "." + signature)
     assert signer != OPERATOR.address
     with pytest.raises(InvalidReceipt):
@@ -187,6 +298,7 @@ async def test_v1_payment_is_answered_with_x_payment_response(paid: Any) -> None
     assert reply.status_code == 200, reply.text
     settled = unb64(reply.headers["x-payment-response"])
     assert settled["success"] is True and settled["network"] == "base-sepolia"
+    assert settled["extra"] == {"call": call_id_of(reply), "status": "pending"}
     assert "payment-response" not in reply.headers
 
 
@@ -214,32 +326,63 @@ async def test_an_unknown_bearer_key_without_payment_is_refused(paid: Any) -> No
     assert reply.json()["error"]["type"] == "authentication_error"
 
 
-async def test_paid_stream_says_pending_first_and_ends_with_the_settlement_event(paid: Any) -> None:
+async def test_paid_stream_says_pending_first_and_ends_with_the_payment_event(paid: Any) -> None:
     account = payer(paid.chain)
     accepted = await requirements(paid, stream=True)
     reply = await pay(paid, v2_header(accepted, authorization(account, accepted)), stream=True)
     assert reply.status_code == 200
-    assert unb64(reply.headers["payment-response"])["settlement"] == "x402_1"
+    call_id = call_id_of(reply)
+    assert unb64(reply.headers["payment-response"])["extra"] == {"call": call_id, "status": "pending"}
     events = [line.removeprefix("data: ") for line in reply.text.split("\n\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     last = json.loads(events[-2])
     assert last["object"] == "chat.completion.chunk" and last["choices"] == []
     event = last["quotra"]
-    assert event["object"] == "quotra.settlement" and event["settlement"] == "x402_1"
-    assert event["status"] == "pending" and event["charged"] is True
-    assert verify_receipt(event["receipt"])[1] == OPERATOR.address
-    assert [r.status for r in await rows(paid)] == ["captured"]
+    assert (event["object"], event["call"], event["status"], event["charged"]) == (
+        "quotra.payment",
+        call_id,
+        "pending",
+        True,
+    )
+    assert (event["amount"], event["payer"], event["transaction"]) == (str(PRICE), account.address, "")
+    claims, signer = verify_receipt(event["receipt"])
+    assert signer == OPERATOR.address and claims["call"] == call_id
+    usage = next(json.loads(e)["usage"] for e in events[:-1] if json.loads(e).get("usage"))
+    (call,) = await calls(paid)
+    assert (call.id, call.state, call.amount, call.stream, call.outcome) == (
+        call_id,
+        "captured",
+        PRICE,
+        True,
+        "ok",
+    )
+    assert (call.prompt_tokens, call.completion_tokens) == (
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+    )
 
 
 async def test_upstream_failure_voids_the_payment(paid: Any) -> None:
     account = payer(paid.chain)
     model = f"listing/{paid.listing_record['id']}/sandbox-error-503"
     accepted = await requirements(paid, model=model)
+    header = v2_header(accepted, authorization(account, accepted))
     paid.upstream.failures.append(UpstreamUnavailable("boom", status_code=503))
-    reply = await pay(paid, v2_header(accepted, authorization(account, accepted)), model=model)
+    reply = await pay(paid, header, model=model)
     assert reply.status_code == 502 and "nothing was charged" in reply.json()["error"]["message"]
-    assert [r.status for r in await rows(paid)] == ["voided"]
-    assert await ledger(paid) == [("void", PRICE)]
+    call_id = call_id_of(reply)  # an error after the reservation still names the call
+    (call,) = await calls(paid)
+    assert (call.id, call.state, call.amount, call.outcome, call.error) == (
+        call_id,
+        "voided",
+        0,
+        "upstream_error",
+        "UpstreamUnavailable",
+    )
+    assert (await auth_of(paid, call_id)).pending is False  # no longer held against the balance
+    assert await calls_used(paid) == 0  # the listing's call is given back
+    status = (await call_status(paid, call_id, **{"PAYMENT-SIGNATURE": header})).json()
+    assert (status["state"], status["charged"], status["amount_atomic"]) == ("voided", False, 0)
 
 
 async def test_stream_failing_mid_way_voids_the_payment(paid: Any) -> None:
@@ -262,14 +405,12 @@ async def test_stream_failing_mid_way_voids_the_payment(paid: Any) -> None:
     paid.runtime.relay.adapters._adapters.clear()
     reply = await pay(paid, v2_header(accepted, authorization(account, accepted)), stream=True)
     assert reply.status_code == 200 and "upstream_unavailable" in reply.text
-    assert [r.status for r in await rows(paid)] == ["voided"]
+    assert "quotra.payment" not in reply.text  # no payment event: nothing was charged
+    (call,) = await calls(paid)
+    assert (call.id, call.state, call.amount) == (call_id_of(reply), "voided", 0)
 
 
 # ---- refusals: a 402 naming the reason, no upstream call, nothing reserved --------------------------
-
-
-def _bad(name: str) -> Any:
-    return pytest.param(name, id=name)
 
 
 BAD_INPUTS = [
@@ -340,12 +481,12 @@ def bad_header(case: str, chain: FakeChain, accepted: dict[str, Any]) -> tuple[s
         return header, v2_header(accepted, authorization(account, accepted, domain=mainnet_name))
     if case == "high_s":
         return header, v2_header(accepted, authorization(account, accepted, high_s=True))
-    if case == "nonce_used_on_chain":
+    if case == "nonce_used_on_chain":  # used outside this relay: no call of ours paid with it
         nonce = secrets.token_bytes(32)
         chain.used.add((account.address, nonce))
         return header, v2_header(accepted, authorization(account, accepted, nonce=nonce))
     if case == "payer_without_funds":
-        chain.balances[account.address] = PRICE - 1
+        chain.fund(account.address, PRICE - 1)
         return header, v2_header(accepted, good)
     if case == "v1_wrong_network":
         return "X-PAYMENT", v1_header(good, network="base")
@@ -366,26 +507,63 @@ async def test_bad_payment_is_refused_with_its_reason_and_nothing_happens(
     assert body["error"]["code"] == reason and body["x402Version"] == 1
     assert "Nothing was charged" in body["error"]["message"] or "nothing" in body["error"]["message"].lower()
     assert paid.upstream.calls == []
-    assert await rows(paid) == [] and await ledger(paid) == []
+    assert "quotra-call-id" not in reply.headers
+    assert await calls(paid) == [] and await auths(paid) == []
+    assert await calls_used(paid) == 0
 
 
-async def test_replayed_authorization_is_refused_after_serving_once(paid: Any) -> None:
+async def test_a_replayed_payment_is_answered_with_the_call_it_paid_for(paid: Any) -> None:
     account = payer(paid.chain)
     accepted = await requirements(paid)
-    header = v2_header(accepted, authorization(account, accepted))
-    assert (await pay(paid, header)).status_code == 200
+    payload = authorization(account, accepted)
+    header = v2_header(accepted, payload)
+    first = await pay(paid, header)
+    assert first.status_code == 200
+    call_id = call_id_of(first)
     again = await pay(paid, header)
-    assert offer(again)["error"] == "invalid_exact_evm_nonce_already_used"
-    assert len(paid.upstream.calls) == 1 and len(await rows(paid)) == 1
+    assert again.status_code == 409, again.text
+    error = again.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "payment_already_used")
+    assert f"GET /v1/calls/{call_id}" in error["message"] and "charged once" in error["message"]
+    assert (error["call"]["id"], error["call"]["state"], error["call"]["charged"]) == (
+        call_id,
+        "captured",
+        True,
+    )
+    assert error["call"]["amount_atomic"] == PRICE
+    assert call_id_of(again) == call_id
+    # Once settled on-chain (USDC marks the nonce used) the replay is still told its call.
+    nonce = bytes.fromhex(payload["authorization"]["nonce"][2:])
+    paid.chain.used.add((account.address, nonce))
+    paid.chain.mine()
+    paid.runtime.payments.gate.head_ttl = 0
+    later = await pay(paid, header)
+    assert (later.status_code, later.json()["error"]["call"]["id"]) == (409, call_id)
+    assert len(paid.upstream.calls) == 1 and [c.id for c in await calls(paid)] == [call_id]
+    assert await calls_used(paid) == 1
 
 
-async def test_voided_authorization_cannot_be_replayed_either(paid: Any) -> None:
+async def test_a_voided_payment_may_pay_for_one_new_call(paid: Any) -> None:
+    """Nothing was charged for a voided call, so its authorization is still good: presented
+    again it pays for a new call (once); the voided call stays voided."""
     account = payer(paid.chain)
     accepted = await requirements(paid)
     header = v2_header(accepted, authorization(account, accepted))
     paid.upstream.failures.append(UpstreamUnavailable("boom", status_code=503))
-    assert (await pay(paid, header)).status_code == 502
-    assert offer(await pay(paid, header))["error"] == "invalid_exact_evm_nonce_already_used"
+    failed = await pay(paid, header)
+    assert failed.status_code == 502
+    voided = call_id_of(failed)
+    served = await pay(paid, header)
+    assert served.status_code == 200, served.text
+    call_id = call_id_of(served)
+    assert call_id != voided
+    states = {c.id: (c.state, c.amount) for c in await calls(paid)}
+    assert states == {voided: ("voided", 0), call_id: ("captured", PRICE)}
+    (auth,) = await auths(paid)
+    assert (auth.call_id, auth.pending) == (call_id, True)
+    again = await pay(paid, header)
+    assert (again.status_code, again.json()["error"]["call"]["id"]) == (409, call_id)
+    assert len(paid.upstream.calls) == 2  # the failed attempt and the one served
 
 
 async def test_unsettled_payments_count_against_the_balance(paid: Any) -> None:
@@ -395,20 +573,78 @@ async def test_unsettled_payments_count_against_the_balance(paid: Any) -> None:
     assert first.status_code == 200
     second = await pay(paid, v2_header(accepted, authorization(account, accepted)))
     assert offer(second)["error"] == "invalid_exact_evm_insufficient_balance"
-    assert len(paid.upstream.calls) == 1
+    assert len(paid.upstream.calls) == 1 and len(await calls(paid)) == 1
 
 
-async def test_chain_unreachable_is_a_503_and_nothing_is_reserved(paid: Any) -> None:
-    class DownChain(FakeChain):
-        async def usdc_balance(self, account: str) -> int:
-            raise ConnectionError("rpc down")
+async def test_the_balance_is_read_as_of_a_block_and_settlements_after_it_still_count(paid: Any) -> None:
+    """Each call is checked against the payer's balance at one block minus every payment not
+    settled in or before that block: a settlement the balance already shows is not counted twice,
+    one it does not show yet is still counted, however stale the block the relay reads."""
+    gate, chain, outbox = paid.runtime.payments.gate, paid.chain, paid.runtime.payments.outbox
+    gate.head_ttl = 3600  # this relay keeps reading block 100
+    account = payer(chain, balance=2 * PRICE)
+    accepted = await requirements(paid)
 
-    paid.runtime.payments.gate.configure(DownChain(), TERMS)
-    account = Account.create()
+    async def attempt() -> Any:
+        return await pay(paid, v2_header(accepted, authorization(account, accepted)))
+
+    first = call_id_of(await attempt())
+    # The first payment settles at block 105: from there the payer holds one price less.
+    chain.mine(5)
+    chain.fund(account.address, PRICE)
+    assert await outbox.settle_x402(first, tx_hash="0x" + "ab" * 32, fee=100, block=105)
+    # Still at block 100 (2 prices): the settled payment is not in that balance, so it counts.
+    second = await attempt()
+    assert second.status_code == 200
+    assert offer(await attempt())["error"] == "invalid_exact_evm_insufficient_balance"
+    # At block 105 (1 price): the first payment is in the balance, the second is not.
+    gate.head_ttl = 0
+    assert offer(await attempt())["error"] == "invalid_exact_evm_insufficient_balance"
+    # A top-up at block 106 pays for one more call.
+    chain.mine()
+    chain.fund(account.address, 2 * PRICE)
+    third = await attempt()
+    assert third.status_code == 200
+    assert offer(await attempt())["error"] == "invalid_exact_evm_insufficient_balance"
+    # What the block 106 balance shows is no longer held against it; the rest is.
+    pending = {c: (await auth_of(paid, c)).pending for c in (first, call_id_of(second), call_id_of(third))}
+    assert pending == {first: False, call_id_of(second): True, call_id_of(third): True}
+    assert len(paid.upstream.calls) == 3  # 2 prices before, 1 more after the top-up: never more
+    snapshots = await _rows(paid, select(X402Payer.payer, X402Payer.balance, X402Payer.block))
+    assert [tuple(r) for r in snapshots] == [(account.address, 2 * PRICE, 106)]
+    assert sorted(set(chain.blocks_read)) == [100, 105, 106]
+
+
+async def test_the_head_block_is_read_at_most_every_head_ttl(paid: Any) -> None:
+    gate, chain = paid.runtime.payments.gate, paid.chain
+    account = payer(chain)
+    accepted = await requirements(paid)
+    gate.head_ttl = 30
+    for _ in range(3):
+        assert (await pay(paid, v2_header(accepted, authorization(account, accepted)))).status_code == 200
+    assert chain.head_reads == 1
+    read_at, block = gate._head
+    gate._head = (read_at - 31, block)  # 31 s later: stale, read again (no block was mined meanwhile)
+    for _ in range(3):
+        assert (await pay(paid, v2_header(accepted, authorization(account, accepted)))).status_code == 200
+    assert chain.head_reads == 2
+    assert chain.balance_reads == 1  # one read per (payer, block): a block's state never changes
+
+
+@pytest.mark.parametrize("failing", ["block_number", "usdc_balance", "authorization_used"])
+async def test_chain_unreachable_is_a_503_and_nothing_is_reserved(paid: Any, failing: str) -> None:
+    async def down(*args: Any) -> Any:
+        raise ConnectionError("rpc down")
+
+    chain = FakeChain()
+    setattr(chain, failing, down)
+    paid.runtime.payments.gate.configure(chain, TERMS)
+    account = payer(chain)
     accepted = await requirements(paid)
     reply = await pay(paid, v2_header(accepted, authorization(account, accepted)))
     assert reply.status_code == 503 and reply.json()["error"]["code"] == "payment_verification_unavailable"
-    assert paid.upstream.calls == [] and await rows(paid) == []
+    assert reply.headers["retry-after"] == "2" and "nothing was charged" in reply.json()["error"]["message"]
+    assert paid.upstream.calls == [] and await calls(paid) == [] and await calls_used(paid) == 0
 
 
 async def test_one_authorization_sent_100_times_at_once_is_served_once(paid: Any) -> None:
@@ -418,32 +654,36 @@ async def test_one_authorization_sent_100_times_at_once_is_served_once(paid: Any
     paid.upstream.delay = 0.05  # keep the winner in flight while the others arrive
     replies = await asyncio.gather(*(pay(paid, header) for _ in range(100)))
     statuses = sorted(r.status_code for r in replies)
-    assert statuses.count(200) == 1 and statuses.count(402) == 99, statuses
-    reasons = {offer(r)["error"] for r in replies if r.status_code == 402}
-    assert reasons == {"invalid_exact_evm_nonce_already_used"}
+    assert statuses.count(200) == 1 and statuses.count(409) == 99, statuses
+    (winner,) = [call_id_of(r) for r in replies if r.status_code == 200]
+    replays = [r for r in replies if r.status_code == 409]
+    assert {r.json()["error"]["code"] for r in replays} == {"payment_already_used"}
+    assert {r.json()["error"]["call"]["id"] for r in replays} == {winner}
+    assert {call_id_of(r) for r in replays} == {winner}
     assert len(paid.upstream.calls) == 1
-    assert [r.status for r in await rows(paid)] == ["captured"]
-    assert paid.chain.balance_reads <= 3  # the balance is cached (and concurrent reads shared)
-
-
-async def test_settlement_status_of_unknown_id_is_404(paid: Any) -> None:
-    reply = await paid.client.get("/v1/settlements/x402_999")
-    assert reply.status_code == 404 and reply.json()["error"]["code"] == "settlement_not_found"
-    assert (await paid.client.get("/v1/settlements/nope")).status_code == 400
+    assert [(c.id, c.state) for c in await calls(paid)] == [(winner, "captured")]
+    assert await calls_used(paid) == 1  # the losers' quota was given back
+    assert paid.chain.balance_reads == 1  # one block: its balance read once, shared by all
 
 
 async def test_metrics_count_x402_outcomes(paid: Any) -> None:
     account = payer(paid.chain)
     accepted = await requirements(paid)
-    await pay(paid, v2_header(accepted, authorization(account, accepted)))
+    header = v2_header(accepted, authorization(account, accepted))
+    await pay(paid, header)
+    await pay(paid, header)
     await pay(paid, "%%%")
+    paid.upstream.failures.append(UpstreamUnavailable("boom", status_code=503))
+    await pay(paid, v2_header(accepted, authorization(account, accepted)))
     text = (await paid.client.get("/metrics")).text
+    assert 'quotra_x402_payments_total{outcome="reserved"} 2.0' in text
     assert 'quotra_x402_payments_total{outcome="captured"} 1.0' in text
+    assert 'quotra_x402_payments_total{outcome="voided"} 1.0' in text
+    assert 'quotra_x402_payments_total{outcome="replayed"} 1.0' in text
     assert 'quotra_x402_payments_total{outcome="invalid_payload"} 1.0' in text
 
 
-async def test_row_count_helper_sees_nothing_for_a_fresh_relay(paid: Any) -> None:
-    from quotra.store.models import X402Payment
-
-    async with paid.runtime.store.sessions() as session:
-        assert (await session.execute(select(func.count()).select_from(X402Payment))).scalar_one() == 0
+async def test_a_fresh_relay_has_no_calls(paid: Any) -> None:
+    for model in (Call, X402Authorization, X402Payer):
+        (row,) = await _rows(paid, select(func.count()).select_from(model))
+        assert row[0] == 0

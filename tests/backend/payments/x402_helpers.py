@@ -1,5 +1,5 @@
-"""x402 test support: terms of a fake escrow, a fake chain for the gate's reads, and payment
-headers signed exactly as the stock client signs them (or deliberately wrong)."""
+"""x402 test support: terms of a fake escrow, a fake chain for the gate's reads (as of a block), and
+payment headers signed exactly as the stock client signs them (or deliberately wrong)."""
 
 from __future__ import annotations
 
@@ -22,21 +22,49 @@ OPERATOR = Account.from_key("0x" + "4f" * 32)
 
 
 class FakeChain:
-    """The two chain reads of the paid-call path, answered from dictionaries."""
+    """The chain reads of the paid-call path (the head block, a payer's USDC balance and whether
+    USDC marks a nonce used, both as of a block), answered from dictionaries. Balances are kept
+    per block: `fund` sets an account's balance from the current head on, `mine` moves the head."""
 
-    def __init__(self) -> None:
-        self.balances: dict[str, int] = {}
+    def __init__(self, head: int = 100) -> None:
+        self.head = head
+        self.history: dict[str, list[tuple[int, int]]] = {}
         self.used: set[tuple[str, bytes]] = set()
         self.reads = 0
         self.balance_reads = 0
+        self.head_reads = 0
+        self.blocks_read: list[int] = []
 
-    async def usdc_balance(self, account: str) -> int:
+    def fund(self, account: str, balance: int) -> None:
+        """`account` holds `balance` from the current head block on."""
+        self.history.setdefault(to_checksum_address(account), []).append((self.head, balance))
+
+    def mine(self, blocks: int = 1) -> int:
+        self.head += blocks
+        return self.head
+
+    def balance_of(self, account: str, block: int) -> int:
+        balance = 0
+        for since, value in self.history.get(to_checksum_address(account), []):
+            if since <= block:
+                balance = value
+        return balance
+
+    async def block_number(self) -> int:
+        self.reads += 1
+        self.head_reads += 1
+        await asyncio.sleep(0.002)  # an RPC round trip: concurrent requests overlap
+        return self.head
+
+    async def usdc_balance(self, account: str, block: int | None = None) -> int:
         self.reads += 1
         self.balance_reads += 1
-        await asyncio.sleep(0.002)  # an RPC round trip: concurrent requests overlap
-        return self.balances.get(to_checksum_address(account), 0)
+        at = self.head if block is None else block
+        self.blocks_read.append(at)
+        await asyncio.sleep(0.002)
+        return self.balance_of(account, at)
 
-    async def authorization_used(self, payer: str, nonce: bytes) -> bool:
+    async def authorization_used(self, payer: str, nonce: bytes, block: int | None = None) -> bool:
         self.reads += 1
         await asyncio.sleep(0.002)
         return (to_checksum_address(payer), nonce) in self.used

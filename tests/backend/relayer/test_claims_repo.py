@@ -1,19 +1,26 @@
-"""The claims store on SQLite and PostgreSQL: monotonic progress, one ledger entry per confirmed
-claim, durable webhook dedupe, and revocations taking effect in the database at once."""
+"""The claims store on SQLite and PostgreSQL: monotonic progress, a confirmed claim counted once,
+durable webhook dedupe, revocations taking effect in the database at once, and a provider's
+earnings per listing from its settled calls."""
 
 from __future__ import annotations
 
+import secrets
+import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from quotra.calls.outbox import Outbox
+from quotra.calls.records import X402Hold
+from quotra.calls.store import CallStore, Hold, Served
 from quotra.chain.relayer import Submission, TxState
 from quotra.store.claims_repo import ClaimInFlight, ClaimsRepo, new_claim_id, new_revocation_id
 from quotra.store.db import create_engine, upgrade
-from quotra.store.models import ConsumerAccount, LedgerEntry, SpendPermissionRecord
+from quotra.store.models import ConsumerAccount, SpendPermissionRecord, utcnow
+from quotra.store.prepaid_repo import PermissionView, PrepaidStore
 from quotra.store.repositories import Store
+from quotra.store.transactions import Transactions
 from quotra.webhooks import RelayerEvent
-from sqlalchemy import func, select
 
 PROVIDER = "0x1111111111111111111111111111111111111111"
 CONSUMER = "0x2222222222222222222222222222222222222222"
@@ -67,12 +74,6 @@ async def revoke(repo: ClaimsRepo, account: str):
     )
 
 
-async def ledger_claims(repo: ClaimsRepo) -> int:
-    async with repo.sessions() as session:
-        query = select(func.count()).select_from(LedgerEntry).where(LedgerEntry.kind == "claim")
-        return int(await session.scalar(query) or 0)
-
-
 async def test_progress_is_monotonic_and_confirmation_is_booked_once(repo: ClaimsRepo):
     await delegation(repo)
     claim_id = await claim(repo)
@@ -83,8 +84,7 @@ async def test_progress_is_monotonic_and_confirmation_is_booked_once(repo: Claim
     assert not await repo.advance(claim_id, Submission("0xt1", TxState.REVERTED, error="late"))
     view = await repo.get_claim(claim_id)
     assert view is not None and (view.status, view.tx_hash, view.block_number) == ("confirmed", TX, 7)
-    assert await ledger_claims(repo) == 1
-    assert await repo.confirmed_total(PROVIDER) == 900_000
+    assert await repo.confirmed_total(PROVIDER) == 900_000  # confirmed twice, counted once
     delegation_view = await repo.get_delegation(DIGEST)
     assert delegation_view is not None and delegation_view.max_amount == 2**256 - 1
 
@@ -117,7 +117,9 @@ async def test_webhook_events__deduplicated_on_id_and_type(repo: ClaimsRepo):
     confirmed = RelayerEvent("0xt1", 0, {**data, "status": 200}, 0, "oneshot")
     assert await repo.record_event(confirmed, Submission("0xt1", TxState.CONFIRMED, tx_hash=TX)) is True
     assert await repo.events_count() == 2
-    assert await ledger_claims(repo) == 1
+    view = await repo.get_claim(claim_id)
+    assert view is not None and (view.status, view.tx_hash) == ("confirmed", TX)
+    assert await repo.confirmed_total(PROVIDER) == 900_000
 
 
 async def test_handlers_for_other_memos_run_inside_the_dedupe_transaction(repo: ClaimsRepo):
@@ -197,3 +199,87 @@ async def test_someone_elses_item__unknown_and_untouched(repo: ClaimsRepo):
     assert revocation.kind == "unknown"
     tracked = await repo.get_delegation(DIGEST)
     assert tracked is not None and tracked.revoked_at is None
+
+
+async def test_listing_earnings__the_providers_share_of_its_settled_calls(repo: ClaimsRepo):
+    """Per listing: amount minus the escrow's fee of every settled x402 and prepaid call; calls not
+    settled (yet), refunded, free or metered (sandbox keys), and other providers' are not counted."""
+    store = repo.store
+    transactions = Transactions(store.engine)
+    calls, outbox = CallStore(store.engine, transactions), Outbox(store.engine, transactions)
+    other = "0x3333333333333333333333333333333333333333"
+    for listing_id, owner in (("lst_a", PROVIDER), ("lst_b", PROVIDER), ("lst_c", other)):
+        await store.create_listing(
+            id=listing_id, owner=owner, kind="sandbox", base_url=None, models=["m"], api_key_sealed="s",
+            price_per_call=1, price_input_per_mtok=None, price_output_per_mtok=None, max_calls=None,
+            calls_used=0, max_input_chars=None, max_input_tokens=None, max_output_tokens=None,
+            rate_per_minute=None, expires_at=None, status="active", failure_streak=0, cooldown_until=None,
+        )  # fmt: skip
+    served = Served("m", False, 1, 1, 1)
+    deadline = utcnow() + timedelta(minutes=15)
+
+    async def x402(listing_id: str, amount: int, provider: str = PROVIDER) -> str:
+        hold = Hold(CONSUMER, listing_id, provider, amount, deadline)
+        auth = X402Hold(
+            CONSUMER, "0x" + secrets.token_hex(32), amount, 0, int(time.time()) + 300, "0x", "", 10**9, 1
+        )
+        call_id = await calls.reserve_x402(hold, auth)
+        assert await calls.finish(call_id, amount=amount, usage=served)
+        return call_id
+
+    try:
+        settled_a = await x402("lst_a", 1_000)
+        reconciled_a = await x402("lst_a", 2_000)
+        refunded_a = await x402("lst_a", 4_000)
+        await x402("lst_a", 8_000)  # captured, not settled yet
+        settled_b = await x402("lst_b", 3_000)
+        elsewhere = await x402("lst_c", 5_000, other)
+        assert await outbox.settle_x402(settled_a, tx_hash=TX, fee=100, block=1)
+        assert await outbox.mark_reconciling(reconciled_a, "front-run", block=1)
+        assert await outbox.settle_x402(reconciled_a, tx_hash=TX, fee=200, block=2, reconciled=True)
+        assert await outbox.settle_x402(refunded_a, tx_hash=TX, fee=400, block=1)
+        assert await outbox.refund_x402(refunded_a)
+        assert await outbox.settle_x402(settled_b, tx_hash=TX, fee=300, block=1)
+        assert await outbox.settle_x402(elsewhere, tx_hash=TX, fee=500, block=1)
+        # A prepaid call, settled in a charges batch with the escrow's fee.
+        prepaid = PrepaidStore(store)
+        now = int(time.time())
+        await prepaid.activate_permission(
+            PermissionView(DIGEST, CONSUMER, PROVIDER, 10**6, now - 60, now + 86_400, "0x01", "0x", None), 0
+        )
+        seen = await prepaid.get_account(CONSUMER)
+        assert seen is not None
+        await prepaid.sync_account(
+            CONSUMER, seen=seen, deposit=10**6, pending_withdrawal=0, permission_spent=0
+        )
+        await prepaid.create_key(
+            key_id="key_1", secret_hash="h1", wallet=CONSUMER, name="", mode="live", spend_cap=None
+        )
+        await prepaid.create_key(
+            key_id="key_2", secret_hash="h2", wallet=CONSUMER, name="", mode="sandbox", spend_cap=None
+        )
+        for key_id, live, amount in (("key_1", True, 600), ("key_2", False, 700)):
+            call_id = await calls.reserve_key(
+                Hold(CONSUMER, "lst_b", PROVIDER, 1_000, deadline),
+                key_id=key_id,
+                live=live,
+                now_ts=now,
+                margin=600,
+            )
+            assert await calls.finish(call_id, amount=amount, usage=served)
+        batch = await outbox.claim_charge_batch(DIGEST, 10)
+        assert batch is not None and batch.amount == 600
+        assert await outbox.settle_charges(batch, tx_hash=TX, gas_used=1, fee_bps=1_000, total_fee=60)
+        free = await calls.reserve_playground(
+            Hold("ip:1.2.3.4", "lst_a", PROVIDER, 0, deadline), free_calls=3
+        )
+        assert await calls.finish(free, amount=999, usage=served)
+
+        assert await repo.listing_earnings(PROVIDER) == {
+            "lst_a": (1_000 - 100) + (2_000 - 200),
+            "lst_b": (3_000 - 300) + (600 - 60),
+        }
+        assert await repo.listing_earnings(other) == {"lst_c": 5_000 - 500}
+        assert await repo.listing_earnings("0x" + "44" * 20) == {}
+    finally:
+        await transactions.close()

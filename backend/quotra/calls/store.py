@@ -1,0 +1,513 @@
+"""The call store: reserve a call, finish or void it, sweep what never finished.
+
+Reserving is one transaction that takes, all or nothing, one call of the listing's quota, the
+gate's budget (a free call; the prepaid account and key; the x402 payer's balance and nonce) and
+writes the call's row. Finishing (capture with usage and outcome) and voiding are one
+transaction each, and each is a conditional UPDATE of the row (`WHERE state = 'reserved'`), so a
+call ends exactly once whoever races for it (the relay, the sweeper, another replica).
+
+Every operation is a synchronous function of a connection, run by
+`quotra.store.transactions.Transactions`: on SQLite by the one writer thread (with group commit),
+on PostgreSQL as its own transaction. Lock order, to rule out deadlocks between replicas:
+listing, then the budget rows (account, key or payer), then the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from sqlalchemy import and_, case, exists, func, insert, or_, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from quotra.calls.records import PAID_GATES, CallView, Refused, X402Hold, new_call_id
+from quotra.store.models import (
+    ApiKeyRecord,
+    Call,
+    ConsumerAccount,
+    Listing,
+    PlaygroundUsage,
+    SpendPermissionRecord,
+    X402Authorization,
+    X402Payer,
+    table,
+    utcnow,
+)
+from quotra.store.sql import insert_ignore
+from quotra.store.transactions import Transactions
+
+CALLS: Final = table(Call)
+AUTHS: Final = table(X402Authorization)
+PAYERS: Final = table(X402Payer)
+LISTINGS: Final = table(Listing)
+ACCOUNTS: Final = table(ConsumerAccount)
+KEYS: Final = table(ApiKeyRecord)
+PLAYGROUND: Final = table(PlaygroundUsage)
+SWEEP_BATCH: Final = 200
+
+
+@dataclass(frozen=True)
+class Hold:
+    """What a gate asks to reserve for one call."""
+
+    payer: str  # the wallet paying (x402 payer, prepaid wallet) or the free caller's id
+    listing_id: str
+    provider: str
+    amount: int  # the call's maximum cost, reserved
+    expires_at: datetime  # voided by the sweeper if not finished by then
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a finished call served."""
+
+    model: str
+    stream: bool
+    prompt_tokens: int
+    completion_tokens: int
+    duration_ms: int
+    outcome: str = "ok"  # or "cancelled": the client hung up mid-stream
+
+
+def _rowcount(result: Any) -> int:
+    return int(result.rowcount)
+
+
+def _take_listing_call(connection: Connection, listing_id: str, now: datetime) -> None:
+    taken = connection.execute(
+        update(LISTINGS)
+        .where(
+            LISTINGS.c.id == listing_id,
+            LISTINGS.c.status == "active",
+            or_(LISTINGS.c.expires_at.is_(None), LISTINGS.c.expires_at > now),
+            or_(LISTINGS.c.max_calls.is_(None), LISTINGS.c.calls_used < LISTINGS.c.max_calls),
+        )
+        .values(calls_used=LISTINGS.c.calls_used + 1)
+    )
+    if _rowcount(taken) != 1:
+        raise Refused("listing_unavailable")
+
+
+def _insert_call(
+    connection: Connection,
+    call_id: str,
+    gate: str,
+    hold: Hold,
+    now: datetime,
+    *,
+    key_id: str | None = None,
+    permission_digest: str | None = None,
+) -> None:
+    connection.execute(
+        insert(CALLS).values(
+            id=call_id,
+            gate=gate,
+            state="reserved",
+            listing_id=hold.listing_id,
+            provider=hold.provider,
+            payer=hold.payer,
+            key_id=key_id,
+            permission_digest=permission_digest,
+            model="",
+            stream=False,
+            reserved=hold.amount,
+            amount=0,
+            prompt_tokens=0,
+            completion_tokens=0,
+            expires_at=hold.expires_at,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+
+
+# ---- reserving ----------------------------------------------------------------------------------
+
+
+def _reserve_open(connection: Connection, call_id: str, hold: Hold, gate: str, now: datetime) -> None:
+    """A call no budget pays for (a static sandbox key): only the listing's quota."""
+    _take_listing_call(connection, hold.listing_id, now)
+    _insert_call(connection, call_id, gate, hold, now)
+
+
+def _reserve_playground(connection: Connection, call_id: str, hold: Hold, limit: int, now: datetime) -> None:
+    _take_listing_call(connection, hold.listing_id, now)
+    connection.execute(
+        insert_ignore(
+            connection.dialect.name,
+            PLAYGROUND,
+            {"listing_id": hold.listing_id, "consumer": hold.payer, "calls": 0},
+        )
+    )
+    taken = connection.execute(
+        update(PLAYGROUND)
+        .where(
+            PLAYGROUND.c.listing_id == hold.listing_id,
+            PLAYGROUND.c.consumer == hold.payer,
+            PLAYGROUND.c.calls < limit,
+        )
+        .values(calls=PLAYGROUND.c.calls + 1)
+    )
+    if _rowcount(taken) != 1:
+        raise Refused("free_calls_used")
+    _insert_call(connection, call_id, "playground", hold, now)
+
+
+def _reserve_key(
+    connection: Connection,
+    call_id: str,
+    hold: Hold,
+    key_id: str,
+    live: bool,
+    now_ts: int,
+    margin: int,
+    now: datetime,
+) -> None:
+    """A prepaid call (live key: the account's deposit and permission, and the key's cap) or a
+    sandbox one (the key's cap only, never settled)."""
+    _take_listing_call(connection, hold.listing_id, now)
+    digest = None
+    if live:
+        permission = table(SpendPermissionRecord)
+        usable = exists().where(
+            permission.c.digest == ACCOUNTS.c.permission_digest,
+            permission.c.revoked_at.is_(None),
+            permission.c.valid_after <= now_ts,
+            permission.c.valid_until > now_ts + margin,
+        )
+        digest = connection.execute(
+            update(ACCOUNTS)
+            .where(
+                ACCOUNTS.c.wallet == hold.payer,
+                ACCOUNTS.c.permission_digest.is_not(None),
+                usable,
+                ACCOUNTS.c.deposit
+                - ACCOUNTS.c.pending_withdrawal
+                - ACCOUNTS.c.unsettled
+                - ACCOUNTS.c.reserved
+                >= hold.amount,
+                ACCOUNTS.c.permission_allowance
+                - ACCOUNTS.c.permission_spent
+                - ACCOUNTS.c.unsettled
+                - ACCOUNTS.c.reserved
+                >= hold.amount,
+            )
+            .values(reserved=ACCOUNTS.c.reserved + hold.amount)
+            .returning(ACCOUNTS.c.permission_digest)
+        ).scalar_one_or_none()
+        if digest is None:
+            raise Refused("deposit")  # which limit exactly is told by `PrepaidService`
+    taken = connection.execute(
+        update(KEYS)
+        .where(
+            KEYS.c.id == key_id,
+            KEYS.c.revoked_at.is_(None),
+            or_(KEYS.c.spend_cap.is_(None), KEYS.c.spend_cap - KEYS.c.spent - KEYS.c.reserved >= hold.amount),
+        )
+        .values(reserved=KEYS.c.reserved + hold.amount, last_used_at=now)
+    )
+    if _rowcount(taken) != 1:
+        raise Refused("key_cap")
+    gate = "prepaid" if live else "sandbox"
+    _insert_call(connection, call_id, gate, hold, now, key_id=key_id, permission_digest=digest)
+
+
+def _payer_snapshot(connection: Connection, auth: X402Hold, now: datetime) -> tuple[int, int]:
+    """The payer's newest balance snapshot (this one if it is newer), its row locked."""
+    connection.execute(
+        insert_ignore(
+            connection.dialect.name,
+            PAYERS,
+            {"payer": auth.payer, "balance": auth.balance, "block": auth.block, "updated_at": now},
+        )
+    )
+    newer = auth.block > PAYERS.c.block
+    balance, block = connection.execute(
+        update(PAYERS)
+        .where(PAYERS.c.payer == auth.payer)
+        .values(
+            balance=case((newer, auth.balance), else_=PAYERS.c.balance),
+            block=case((newer, auth.block), else_=PAYERS.c.block),
+            updated_at=now,
+        )
+        .returning(PAYERS.c.balance, PAYERS.c.block)
+    ).one()
+    return int(balance), int(block)
+
+
+def _reserve_x402(connection: Connection, call_id: str, hold: Hold, auth: X402Hold, now: datetime) -> None:
+    """An x402 call: the authorization's (payer, nonce) once, and its value within what the payer
+    can still pay: its balance as of the snapshot's block minus every authorization not settled
+    in or before that block."""
+    _take_listing_call(connection, hold.listing_id, now)
+    balance, block = _payer_snapshot(connection, auth, now)
+    covered = and_(AUTHS.c.settled_block.is_not(None), AUTHS.c.settled_block <= block)
+    unsettled, stale = connection.execute(
+        select(
+            func.coalesce(func.sum(case((covered, 0), else_=AUTHS.c.value)), 0),
+            func.count(case((covered, 1))),
+        ).where(AUTHS.c.payer == auth.payer, AUTHS.c.pending)
+    ).one()
+    if stale:  # settlements the snapshot now covers: no longer pending
+        connection.execute(
+            update(AUTHS).where(AUTHS.c.payer == auth.payer, AUTHS.c.pending, covered).values(pending=False)
+        )
+    if balance - int(unsettled) < auth.value:
+        raise Refused("insufficient_balance")
+    _insert_call(connection, call_id, "x402", hold, now)
+    connection.execute(
+        insert(AUTHS).values(
+            call_id=call_id,
+            payer=auth.payer,
+            nonce=auth.nonce,
+            value=auth.value,
+            valid_after=auth.valid_after,
+            valid_before=auth.valid_before,
+            signature=auth.signature,
+            request_hash=auth.request_hash,
+            pending=True,
+            settled_block=None,
+        )
+    )
+
+
+def _rereserve_x402(
+    connection: Connection, call_id: str, hold: Hold, auth: X402Hold, voided: str, now: datetime
+) -> None:
+    """An authorization whose earlier call was voided (nothing charged) pays for a new call."""
+    released = connection.execute(
+        update(AUTHS)
+        .where(
+            AUTHS.c.payer == auth.payer,
+            AUTHS.c.nonce == auth.nonce,
+            AUTHS.c.call_id == voided,
+            exists().where(CALLS.c.id == voided, CALLS.c.state == "voided"),
+        )
+        .values(pending=False)
+    )
+    if _rowcount(released) != 1:
+        raise Refused("nonce_used")
+    _take_listing_call(connection, hold.listing_id, now)
+    balance, block = _payer_snapshot(connection, auth, now)
+    covered = and_(AUTHS.c.settled_block.is_not(None), AUTHS.c.settled_block <= block)
+    unsettled = connection.execute(
+        select(func.coalesce(func.sum(case((covered, 0), else_=AUTHS.c.value)), 0)).where(
+            AUTHS.c.payer == auth.payer, AUTHS.c.pending
+        )
+    ).scalar_one()
+    if balance - int(unsettled) < auth.value:
+        raise Refused("insufficient_balance")
+    _insert_call(connection, call_id, "x402", hold, now)
+    connection.execute(
+        update(AUTHS)
+        .where(AUTHS.c.payer == auth.payer, AUTHS.c.nonce == auth.nonce)
+        .values(call_id=call_id, request_hash=auth.request_hash, pending=True, settled_block=None)
+    )
+
+
+# ---- finishing ----------------------------------------------------------------------------------
+
+_RETURNED: Final = (CALLS.c.gate, CALLS.c.payer, CALLS.c.key_id, CALLS.c.reserved, CALLS.c.listing_id)
+
+
+def _finish(connection: Connection, call_id: str, amount: int, usage: Served, now: datetime) -> bool:
+    """reserved → captured (a paid call that costs something) or settled (free: nothing owed),
+    with the usage; the charge is at most what was reserved, and the budgets move from reserved to
+    charged. False if the call was no longer reserved."""
+    state = case((CALLS.c.gate.in_(PAID_GATES), "captured"), else_="settled") if amount > 0 else "settled"
+    charged = case(
+        (CALLS.c.gate == "playground", 0), (CALLS.c.reserved < amount, CALLS.c.reserved), else_=amount
+    )
+    row = connection.execute(
+        update(CALLS)
+        .where(CALLS.c.id == call_id, CALLS.c.state == "reserved")
+        .values(
+            state=state,
+            amount=charged,
+            model=usage.model[:200],
+            stream=usage.stream,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            outcome=usage.outcome,
+            duration_ms=usage.duration_ms,
+            updated_at=now,
+        )
+        .returning(*_RETURNED, CALLS.c.amount)
+    ).first()
+    if row is None:
+        return False
+    gate, payer, key_id, reserved, _listing, amount = row
+    if gate == "prepaid":
+        connection.execute(
+            update(ACCOUNTS)
+            .where(ACCOUNTS.c.wallet == payer)
+            .values(reserved=ACCOUNTS.c.reserved - reserved, unsettled=ACCOUNTS.c.unsettled + amount)
+        )
+    if gate in ("prepaid", "sandbox"):
+        connection.execute(
+            update(KEYS)
+            .where(KEYS.c.id == key_id)
+            .values(reserved=KEYS.c.reserved - reserved, spent=KEYS.c.spent + amount)
+        )
+    return True
+
+
+def _void(connection: Connection, call_id: str, outcome: str, error: str | None, now: datetime) -> bool:
+    """reserved → voided: nothing is charged, the quota and the budget are given back. False if
+    the call was no longer reserved."""
+    row = connection.execute(
+        update(CALLS)
+        .where(CALLS.c.id == call_id, CALLS.c.state == "reserved")
+        .values(state="voided", outcome=outcome, error=None if error is None else error[:300], updated_at=now)
+        .returning(*_RETURNED)
+    ).first()
+    if row is None:
+        return False
+    gate, payer, key_id, reserved, listing_id = row
+    connection.execute(
+        update(LISTINGS)
+        .where(LISTINGS.c.id == listing_id, LISTINGS.c.calls_used > 0)
+        .values(calls_used=LISTINGS.c.calls_used - 1)
+    )
+    if gate == "playground":
+        connection.execute(
+            update(PLAYGROUND)
+            .where(
+                PLAYGROUND.c.listing_id == listing_id, PLAYGROUND.c.consumer == payer, PLAYGROUND.c.calls > 0
+            )
+            .values(calls=PLAYGROUND.c.calls - 1)
+        )
+    elif gate == "prepaid":
+        connection.execute(
+            update(ACCOUNTS).where(ACCOUNTS.c.wallet == payer).values(reserved=ACCOUNTS.c.reserved - reserved)
+        )
+    elif gate == "x402":
+        connection.execute(update(AUTHS).where(AUTHS.c.call_id == call_id).values(pending=False))
+    if gate in ("prepaid", "sandbox"):
+        connection.execute(
+            update(KEYS).where(KEYS.c.id == key_id).values(reserved=KEYS.c.reserved - reserved)
+        )
+    return True
+
+
+def _sweep(connection: Connection, now: datetime, limit: int) -> int:
+    expired = connection.execute(
+        select(CALLS.c.id)
+        .where(CALLS.c.state == "reserved", CALLS.c.expires_at < now)
+        .order_by(CALLS.c.expires_at)
+        .limit(limit)
+    ).scalars()
+    voided = 0
+    for call_id in list(expired):
+        voided += _void(
+            connection, call_id, "error", "the call never finished (its relay stopped): nothing charged", now
+        )
+    return voided
+
+
+def _get(connection: Connection, call_id: str) -> CallView | None:
+    row = connection.execute(select(CALLS).where(CALLS.c.id == call_id)).first()
+    return None if row is None else CallView.of(row)
+
+
+def _by_authorization(connection: Connection, payer: str, nonce: str) -> CallView | None:
+    row = connection.execute(
+        select(CALLS)
+        .join(AUTHS, AUTHS.c.call_id == CALLS.c.id)
+        .where(AUTHS.c.payer == payer, AUTHS.c.nonce == nonce)
+    ).first()
+    return None if row is None else CallView.of(row)
+
+
+class CallStore:
+    def __init__(self, engine: AsyncEngine, transactions: Transactions) -> None:
+        self.engine = engine
+        self.transactions = transactions
+
+    async def _read(self, work: Callable[..., Any], *args: Any) -> Any:
+        async with self.engine.connect() as connection:
+            return await connection.run_sync(work, *args)
+
+    # ---- reserving: one transaction each; `Refused` when a limit says no (nothing written) --------
+
+    async def reserve_open(self, hold: Hold, *, gate: str) -> str:
+        call_id = new_call_id()
+        await self.transactions.run(_reserve_open, call_id, hold, gate, utcnow())
+        return call_id
+
+    async def reserve_playground(self, hold: Hold, *, free_calls: int) -> str:
+        call_id = new_call_id()
+        await self.transactions.run(_reserve_playground, call_id, hold, free_calls, utcnow())
+        return call_id
+
+    async def reserve_key(self, hold: Hold, *, key_id: str, live: bool, now_ts: int, margin: int) -> str:
+        call_id = new_call_id()
+        await self.transactions.run(_reserve_key, call_id, hold, key_id, live, now_ts, margin, utcnow())
+        return call_id
+
+    async def reserve_x402(self, hold: Hold, auth: X402Hold) -> str:
+        """Raises `Refused("nonce_used", call)` when the authorization already paid for a call
+        (a replay: the caller answers with that call's outcome)."""
+        call_id = new_call_id()
+        try:
+            await self.transactions.run(_reserve_x402, call_id, hold, auth, utcnow())
+            return call_id
+        except IntegrityError:
+            earlier = await self.by_authorization(auth.payer, auth.nonce)
+            if earlier is None or earlier.state != "voided":
+                raise Refused("nonce_used", earlier) from None
+        try:
+            await self.transactions.run(_rereserve_x402, call_id, hold, auth, earlier.id, utcnow())
+        except Refused as refused:
+            if refused.reason == "nonce_used":
+                raise Refused("nonce_used", await self.by_authorization(auth.payer, auth.nonce)) from None
+            raise
+        return call_id
+
+    # ---- ending: exactly once, whoever races ---------------------------------------------------------
+
+    async def finish(self, call_id: str, *, amount: int, usage: Served) -> bool:
+        """The call was served: capture `amount` (paid gates) with its usage. False when the call
+        was no longer reserved (swept): then nothing is charged."""
+        return bool(await self.transactions.run(_finish, call_id, amount, usage, utcnow()))
+
+    async def void(self, call_id: str, *, outcome: str, error: str | None = None) -> bool:
+        return bool(await self.transactions.run(_void, call_id, outcome, error, utcnow()))
+
+    async def sweep(self, now: datetime | None = None) -> int:
+        """Voids reservations past their deadline (their call never finished); how many."""
+        total = 0
+        while True:
+            voided = int(await self.transactions.run(_sweep, now or utcnow(), SWEEP_BATCH))
+            total += voided
+            if voided < SWEEP_BATCH:
+                return total
+
+    # ---- reads --------------------------------------------------------------------------------------
+
+    async def get(self, call_id: str) -> CallView | None:
+        result: CallView | None = await self._read(_get, call_id)
+        return result
+
+    async def by_authorization(self, payer: str, nonce: str) -> CallView | None:
+        result: CallView | None = await self._read(_by_authorization, payer, nonce)
+        return result
+
+    async def of_payer(
+        self, payers: tuple[str, ...], *, limit: int, before: str | None = None
+    ) -> list[CallView]:
+        """The calls these payer ids paid for (or made for free), newest first; `before` is the
+        call id the previous page ended with (ids sort by time)."""
+
+        def work(connection: Connection) -> list[CallView]:
+            query = select(CALLS).where(CALLS.c.payer.in_(payers)).order_by(CALLS.c.id.desc()).limit(limit)
+            if before is not None:
+                query = query.where(CALLS.c.id < before)
+            return [CallView.of(row) for row in connection.execute(query)]
+
+        result: list[CallView] = await self._read(work)
+        return result
