@@ -28,9 +28,10 @@ from typing import Any
 
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
-from quotra.chain import eip712, merkle, twin
+from quotra.chain import eip712, merkle
 from quotra.chain.charges import aggregate, pack_charge
-from quotra.chain.escrow import (
+from quotra_dev import twin
+from quotra_dev.chain import (
     ZERO_ADDRESS,
     Chain,
     account_from_key,

@@ -1,6 +1,6 @@
 """Relay overhead over a direct call to the same mock upstream (DESIGN.md section 5).
 
-Starts the local OpenAI-compatible model server (`quotra.upstream.localmodel`) and `quotra serve`
+Starts the local OpenAI-compatible model server (`quotra_dev.localmodel`) and `quotra serve`
 as real processes (SQLite in a temporary folder), lists the model server as an
 `openai-compatible` listing, then sends the same chat request N times at C concurrent clients,
 first straight to the model server, then through the relay, and reports latency percentiles,
@@ -26,8 +26,8 @@ from pathlib import Path
 import httpx
 from eth_account import Account
 from eth_account.messages import encode_defunct
-from quotra.chain.twin import free_port
-from quotra.demo.marketplace import Process, quotra_argv
+from quotra_dev.demo.marketplace import Process, quotra_argv
+from quotra_dev.twin import free_port
 
 MODEL = "bench-model"
 API_KEY = "sk-bench-upstream"
@@ -87,7 +87,7 @@ async def main(requests: int, concurrency: int) -> str:
             [
                 sys.executable,
                 "-m",
-                "quotra.upstream.localmodel",
+                "quotra_dev.localmodel",
                 "--port",
                 str(upstream_port),
                 "--api-key",

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 from ape.cli import ConnectedProviderCommand, account_option
-from quotra.chain.escrow import permission_tuple
+from quotra_dev.chain import permission_tuple
 
 from scripts._common import (
     ADDRESS,

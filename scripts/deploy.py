@@ -50,7 +50,7 @@ def default_usdc(chain_id: int, is_local: bool) -> str | None:
 
 
 class _ApeChainTarget:
-    """What `quotra.chain.twin.Twin._install_usdc` needs, over ape's connected provider."""
+    """What `quotra_dev.twin.Twin._install_usdc` needs, over ape's connected provider."""
 
     def __init__(self, usdc: str, owner: str) -> None:
         self.usdc = usdc
@@ -67,7 +67,7 @@ class _ApeChainTarget:
 
 def install_mock_usdc(usdc: str, owner: str) -> None:
     """Install MockUSDC (owner and minter `owner`) at `usdc` with twin.py's installer."""
-    from quotra.chain import twin
+    from quotra_dev import twin
 
     creation_code, _abi = twin.load_mock_usdc()
     # twin.py's installer is a method of the running twin; it only uses these four members.

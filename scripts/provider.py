@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 from ape.cli import ConnectedProviderCommand, account_option
-from quotra.chain.escrow import ZERO_ADDRESS, delegation_tuple
+from quotra_dev.chain import ZERO_ADDRESS, delegation_tuple
 
 from scripts._common import (
     ADDRESS,

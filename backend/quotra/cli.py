@@ -7,7 +7,7 @@ import contextlib
 import secrets
 import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
+from importlib.metadata import entry_points
 from typing import Any
 
 import click
@@ -143,89 +143,6 @@ def keys_rotate(new_key: str | None) -> None:
         click.echo("Now set QUOTRA_MASTER_KEY to the new key on every replica.")
 
 
-@main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=9545, show_default=True, type=int)
-@click.option(
-    "--rpc-url",
-    envvar=["QUOTRA_RELAYER_RPC_URL", "QUOTRA_CHAIN_RPC_URL"],
-    required=True,
-    help="The chain's JSON-RPC URL (env QUOTRA_RELAYER_RPC_URL or QUOTRA_CHAIN_RPC_URL)",
-)
-@click.option("--chain-id", envvar="QUOTRA_CHAIN_ID", default=84532, show_default=True, type=int)
-@click.option(
-    "--deployment",
-    "deployment_file",
-    envvar="QUOTRA_DEPLOYMENT_FILE",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="deployments/<network>.json: the escrow (and USDC) to relay for",
-)
-@click.option("--escrow", default=None, help="The escrow address, instead of (or besides) --deployment")
-@click.option(
-    "--fee", envvar="QUOTRA_RELAYER_FEE", default="0.01", show_default=True, help="Minimum fee in USDC"
-)
-@click.option(
-    "--webhook-format",
-    envvar="QUOTRA_RELAYER_WEBHOOK_FORMAT",
-    type=click.Choice(["oneshot", "standard"]),
-    default="oneshot",
-    show_default=True,
-)
-def relayer(
-    host: str,
-    port: int,
-    rpc_url: str,
-    chain_id: int,
-    deployment_file: Path | None,
-    escrow: str | None,
-    fee: str,
-    webhook_format: str,
-) -> None:
-    """Run the local gas relayer for the twin (1Shot-style JSON-RPC, Ed25519-signed webhooks).
-
-    The gas key comes from $QUOTRA_RELAYER_KEY only (a dev account key on the twin; never a file
-    or an argument); the webhook key from $QUOTRA_RELAYER_ED25519_KEY (32-byte seed, hex or
-    base64), generated at start when unset."""
-    import uvicorn
-
-    from quotra.relayer_service import config_from_env, create_relayer_app
-
-    configure_logging("INFO", json_logs=False)
-    try:
-        config = config_from_env(
-            rpc_url=rpc_url,
-            chain_id=chain_id,
-            deployment=deployment_file,
-            escrow=escrow,
-            fee=fee,
-            webhook_format="standard" if webhook_format == "standard" else "oneshot",
-        )
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(
-        f"relayer {config.gas_account.address} on chain {chain_id}, webhook kid {config.signer.kid}, "
-        f"JSON-RPC at http://{host}:{port}/",
-        err=True,
-    )
-    app = create_relayer_app(config)
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, server_header=False)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
-@main.command()
-@click.option("--keep", is_flag=True, help="Leave everything running and print the URLs and keys to try")
-@click.option("--chain-only", is_flag=True, help="Only the escrow's part, straight against the contracts")
-def demo(keep: bool, chain_only: bool) -> None:
-    """The whole marketplace on a local Base Sepolia twin (what `make demo` runs)."""
-    from quotra.demo import main as run_demo
-
-    raise SystemExit(run_demo(keep=keep, chain_only=chain_only))
-
-
 @contextlib.asynccontextmanager
 async def _payments_runtime(settings: Settings) -> AsyncIterator[Any]:
     """The payments service of a one-off command (no background tasks), on a migrated database."""
@@ -335,3 +252,17 @@ def refund(call_id: str, yes: bool) -> None:
             return tx_hash
 
     click.echo(f"refunded in {asyncio.run(run())}")
+
+
+def _add_plugin_commands() -> None:
+    """Commands other installed parts of the project add (`quotra_dev`: demo, relayer), declared
+    as `quotra.commands` entry points; the relay itself never imports them."""
+    for entry in entry_points(group="quotra.commands"):
+        main.add_command(entry.load(), entry.name)
+
+
+_add_plugin_commands()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

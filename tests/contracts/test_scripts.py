@@ -21,10 +21,11 @@ from typing import Any
 import pytest
 from eth_typing import HexStr
 from eth_utils import to_checksum_address
-from quotra.chain import eip712, twin
+from quotra.chain import eip712
 from quotra.chain.charges import pack_charge
 from quotra.chain.deployment import Deployment, DeploymentError, deployment_path, load_for_chain
-from quotra.chain.escrow import Chain, account_from_key, delegation_tuple, permission_tuple
+from quotra_dev import twin
+from quotra_dev.chain import Chain, account_from_key, delegation_tuple, permission_tuple
 
 ROOT = Path(__file__).resolve().parents[2]
 APE = str(Path(sys.executable).with_name("ape"))

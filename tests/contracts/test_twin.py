@@ -9,7 +9,7 @@ import socket
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
-from quotra.chain import twin as twin_module
+from quotra_dev import twin as twin_module
 from web3.exceptions import ContractLogicError
 
 USDC = 10**6

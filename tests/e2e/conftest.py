@@ -24,13 +24,13 @@ for extra in (BACKEND_TESTS, BACKEND_TESTS / "payments"):
 from e2e_helpers import Kit, OnChain, Served, relay_settings, serve_app  # noqa: E402
 from quotra.calls.outbox import Outbox  # noqa: E402
 from quotra.calls.store import CallStore  # noqa: E402
-from quotra.chain import twin  # noqa: E402
 from quotra.chain.client import EscrowClient  # noqa: E402
-from quotra.chain.escrow import Chain, account_from_key  # noqa: E402
 from quotra.chain.relayer import DirectRelayer  # noqa: E402
 from quotra.store.db import create_engine, upgrade  # noqa: E402
 from quotra.store.repositories import Store  # noqa: E402
 from quotra.store.transactions import Transactions  # noqa: E402
+from quotra_dev import twin  # noqa: E402
+from quotra_dev.chain import Chain, account_from_key  # noqa: E402
 from relay_helpers import create_pg_database  # noqa: E402
 
 PG_URL = os.environ.get("QUOTRA_TEST_POSTGRES_URL")

@@ -22,14 +22,15 @@ from quotra.calls.outbox import Outbox, X402Payment
 from quotra.calls.records import X402Hold
 from quotra.calls.store import CallStore, Hold
 from quotra.calls.store import Served as ServedCall
-from quotra.chain import eip712, twin
+from quotra.chain import eip712
 from quotra.chain.client import EscrowClient
-from quotra.chain.escrow import Chain, sign_authorization
 from quotra.chain.relayer import DirectRelayer
 from quotra.config import Settings
 from quotra.store.db import create_engine
 from quotra.store.models import Call, table, utcnow
 from quotra.store.repositories import Store
+from quotra_dev import twin
+from quotra_dev.chain import Chain, sign_authorization
 from relay_helpers import MASTER_KEY, listing_body, sign
 from sqlalchemy import func, select
 from web3.contract import Contract

@@ -24,9 +24,9 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 from quotra.chain import eip712
-from quotra.chain.escrow import sign_authorization
-from quotra.demo.marketplace import Process, quotra_argv
 from quotra.store.models import Call
+from quotra_dev.chain import sign_authorization
+from quotra_dev.demo.marketplace import Process, quotra_argv
 from relay_helpers import MASTER_KEY, listing_body
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine

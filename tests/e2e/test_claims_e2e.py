@@ -20,13 +20,14 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 from quotra.app import create_app
-from quotra.chain import eip712, twin
+from quotra.chain import eip712
 from quotra.chain.deployment import Deployment
-from quotra.chain.escrow import Chain, account_from_key, new_account, sign_authorization
 from quotra.config import Settings
-from quotra.relayer_service import RelayerConfig, RelayerCore, create_relayer_app
-from quotra.relayer_service.local import ThreadedServer, deploy_escrow
 from quotra.webhooks import Ed25519Signer
+from quotra_dev import twin
+from quotra_dev.chain import Chain, account_from_key, new_account, sign_authorization
+from quotra_dev.relayer import RelayerConfig, RelayerCore, create_relayer_app
+from quotra_dev.relayer.local import ThreadedServer, deploy_escrow
 
 USDC = 10**6
 FEE = 10_000  # the local relayer's fee: 0.01 USDC

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import time
 
-from quotra.demo.marketplace import MarketplaceSummary, run
+from quotra_dev.demo.marketplace import MarketplaceSummary, run
 from rich.console import Console
 
 MAX_BPS = 10_000

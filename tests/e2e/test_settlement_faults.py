@@ -18,14 +18,15 @@ from eth_account import Account
 from prometheus_client import generate_latest
 from quotra.calls.outbox import Outbox
 from quotra.calls.store import Hold, Served
-from quotra.chain import eip712, twin
+from quotra.chain import eip712
 from quotra.chain.client import EscrowClient
-from quotra.chain.escrow import sign_authorization
 from quotra.chain.relayer import ChainCall, DirectRelayer, RelayerError, Submission
 from quotra.metrics import Metrics
 from quotra.payments.indexer import EscrowEvents, Indexer
 from quotra.payments.settlement import LeaderLock, SettlementConfig, SettlementWorker, payment_args
 from quotra.store.models import ApiKeyRecord, ConsumerAccount, SpendPermissionRecord, utcnow
+from quotra_dev import twin
+from quotra_dev.chain import sign_authorization
 from web3 import AsyncHTTPProvider, AsyncWeb3
 
 USDC = 10**6

@@ -24,8 +24,8 @@ from e2e_helpers import (
 )
 from eth_account import Account
 from fakes import scenarios, start_fake_upstreams
-from quotra.upstream.localmodel import create_app as localmodel_app
-from quotra.upstream.localmodel import run_in_thread
+from quotra_dev.localmodel import create_app as localmodel_app
+from quotra_dev.localmodel import run_in_thread
 from x402 import x402Client
 from x402.http.clients.httpx import x402HttpxClient
 from x402.http.x402_http_client import x402HTTPClient

@@ -153,10 +153,6 @@ def _new_batch(connection: Connection, kind: str, digest: str | None, now: datet
     )
 
 
-def _batch(connection: Connection, batch_id: int) -> BatchRow:
-    return _record(BatchRow, connection.execute(select(BATCHES).where(BATCHES.c.id == batch_id)).one())
-
-
 def _move(connection: Connection, call_id: str, from_states: Iterable[str], **values: Any) -> bool:
     """One call on from one of `from_states`; False if it was elsewhere (someone else moved it)."""
     result = connection.execute(

@@ -25,10 +25,6 @@ def pack_charge(provider: str, amount: int) -> int:
     return (address << AMOUNT_BITS) | amount
 
 
-def unpack_charge(packed: int) -> tuple[str, int]:
-    return to_checksum_address((packed >> AMOUNT_BITS).to_bytes(20, "big")), packed & MAX_AMOUNT
-
-
 def aggregate(charges: Iterable[tuple[str, int]]) -> list[int]:
     """Sum amounts per provider (first-seen order) and pack them: one entry per provider."""
     totals: dict[str, int] = {}

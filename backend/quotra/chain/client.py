@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, Final
 
 from eth_utils import to_checksum_address
 from hexbytes import HexBytes
@@ -110,6 +110,9 @@ class DelegationArgs:
                 strict=True,
             )
         )
+
+
+ZERO_ADDRESS: Final = "0x0000000000000000000000000000000000000000"
 
 
 @cache

@@ -3,7 +3,7 @@
 The relayer pays the gas of an escrow call whose calldata carries its own grant (a provider's
 signed `Delegation` paying `relayer_fee` to `msg.sender`, a consumer's EIP-3009 authorization,
 a signed `Revocation`), so a provider or consumer never needs ETH. The local relayer for the twin
-(`quotra relayer`, `quotra.relayer_service`) speaks exactly these shapes; they follow the 1Shot
+(`quotra relayer`, `quotra_dev.relayer`) speaks exactly these shapes; they follow the 1Shot
 public relayer's, reduced to what a Quotra escrow call needs (`permissionContext` is `[]`: no
 ERC-7710 delegation manager sits between the relayer and the escrow).
 

@@ -27,9 +27,8 @@ from hexbytes import HexBytes
 from web3.exceptions import TransactionNotFound
 
 from quotra.chain import eip712
-from quotra.chain.client import DelegationArgs, EscrowClient
+from quotra.chain.client import ZERO_ADDRESS, DelegationArgs, EscrowClient
 from quotra.chain.deployment import Deployment, DeploymentError
-from quotra.chain.escrow import ZERO_ADDRESS
 from quotra.chain.oneshot import OneShotRelayer, UnknownTask, new_task_id
 from quotra.chain.relayer import ChainCall, DirectRelayer, Relayer, RelayerError, Submission, TxState
 from quotra.config import Settings

@@ -362,13 +362,6 @@ class ClaimsRepo:
         """Mark an open row failed (a refusal before anything reached the chain)."""
         return await self.advance(row_id, Submission("", TxState.REJECTED, error=error))
 
-    async def set_task(self, row_id: str, task_id: str) -> None:
-        model = self._model(row_id)
-        async with self.sessions.begin() as session:
-            await session.execute(
-                update(model).where(model.id == row_id, model.task_id.is_(None)).values(task_id=task_id)
-            )
-
     async def reschedule(self, row_id: str, *, attempts: int, next_check_at: datetime) -> None:
         model = self._model(row_id)
         async with self.sessions.begin() as session:

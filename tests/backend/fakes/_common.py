@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 from quotra.upstream._http import JSON_ERRORS, json_loads
-from quotra.upstream.localmodel import SSEResponse
+from quotra_dev.localmodel import SSEResponse
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 from quotra.upstream._http import json_dumps
-from quotra.upstream.localmodel import json_response
+from quotra_dev.localmodel import json_response
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response

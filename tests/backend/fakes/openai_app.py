@@ -1,4 +1,4 @@
-"""Fake OpenAI: `quotra.upstream.localmodel` (the real-format local model server) plus the
+"""Fake OpenAI: `quotra_dev.localmodel` (the real-format local model server) plus the
 failure scenarios of `scenarios`, with OpenAI's error bodies and SSE framing."""
 
 from __future__ import annotations
@@ -7,14 +7,14 @@ from typing import Any
 
 import anyio
 from quotra.upstream._http import json_dumps
-from quotra.upstream.localmodel import (
+from quotra.upstream.sandbox import openai_reply, openai_reply_chunks
+from quotra_dev.localmodel import (
     chat_completions,
     check_bearer,
     json_response,
     list_models,
     openai_error,
 )
-from quotra.upstream.sandbox import openai_reply, openai_reply_chunks
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response

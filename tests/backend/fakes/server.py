@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from quotra.upstream.localmodel import run_in_thread
+from quotra_dev.localmodel import run_in_thread
 
 from . import anthropic_app, gemini_app, openai_app
 from .recorder import Recorder

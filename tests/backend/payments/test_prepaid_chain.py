@@ -16,9 +16,10 @@ import openai
 import pytest
 from eth_account import Account
 from quotra.app import create_app
-from quotra.chain import eip712, twin
+from quotra.chain import eip712
 from quotra.chain.deployment import Deployment
-from quotra.chain.escrow import (
+from quotra_dev import twin
+from quotra_dev.chain import (
     Chain,
     account_from_key,
     permission_tuple,

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from quotra.chain import twin as twin_module
-from quotra.chain.escrow import Chain, account_from_key
-from quotra.relayer_service import create_relayer_app
-from quotra.relayer_service.local import ThreadedServer, deploy_escrow
+from quotra_dev import twin as twin_module
+from quotra_dev.chain import Chain, account_from_key
+from quotra_dev.relayer import create_relayer_app
+from quotra_dev.relayer.local import ThreadedServer, deploy_escrow
 from relayer_fixtures import ChainEnv, LocalRelayer, Sink, relayer_config
 
 

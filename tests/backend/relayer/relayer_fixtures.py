@@ -12,13 +12,13 @@ from eth_account.signers.local import LocalAccount
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from quotra.chain import eip712
-from quotra.chain import twin as twin_module
 from quotra.chain.client import DelegationArgs
 from quotra.chain.deployment import Deployment
-from quotra.chain.escrow import ZERO_ADDRESS, Chain, new_account, sign_authorization
-from quotra.relayer_service import RelayerConfig
-from quotra.relayer_service.local import ThreadedServer
 from quotra.webhooks import Ed25519Signer
+from quotra_dev import twin as twin_module
+from quotra_dev.chain import ZERO_ADDRESS, Chain, new_account, sign_authorization
+from quotra_dev.relayer import RelayerConfig
+from quotra_dev.relayer.local import ThreadedServer
 
 MIN_FEE = 10_000  # 0.01 USDC
 

@@ -11,8 +11,8 @@ import pytest
 from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from quotra.chain.client import EscrowClient
-from quotra.chain.escrow import account_from_key
 from quotra.chain.relayer import ChainCall, DirectRelayer, RelayerError, TxState, wait_final
+from quotra_dev.chain import account_from_key
 from relayer_fixtures import ChainEnv
 from web3.exceptions import TransactionNotFound
 

@@ -18,14 +18,14 @@ import pytest
 from click.testing import CliRunner
 from eth_account import Account
 from quotra.chain import eip712
-from quotra.chain import twin as twin_module
 from quotra.chain.client import EscrowClient
-from quotra.chain.escrow import new_account
 from quotra.chain.oneshot import OneShotError, OneShotRelayer, UnknownTask, new_task_id
 from quotra.chain.relayer import ChainCall, TxState, wait_final
 from quotra.cli import main as cli_main
-from quotra.relayer_service import RelayerCore
 from quotra.webhooks import Ed25519Signer, JwksCache, WebhookVerifier, canonical_json
+from quotra_dev import twin as twin_module
+from quotra_dev.chain import new_account
+from quotra_dev.relayer import RelayerCore
 from relayer_fixtures import MIN_FEE, ChainEnv, LocalRelayer, Sink, relayer_config
 from web3 import AsyncHTTPProvider, AsyncWeb3
 

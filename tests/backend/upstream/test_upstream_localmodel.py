@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-from quotra.upstream.localmodel import create_app, run_in_thread
+from quotra_dev.localmodel import create_app, run_in_thread
 from upstream_helpers import TLS
 
 KEY = "sk-local-test-key-0123456789"

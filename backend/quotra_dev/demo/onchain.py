@@ -21,15 +21,17 @@ from typing import Any, Final
 
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
+from quotra.chain import eip712
+from quotra.chain.charges import aggregate
+from quotra.chain.deployment import DEPLOYMENTS_DIR_ENV, Deployment, deployment_path
+from quotra.money import format_usdc, parse_usdc
 from rich.console import Console
 from rich.table import Table
 from web3.contract import Contract
 from web3.types import TxReceipt
 
-from quotra.chain import eip712, twin
-from quotra.chain.charges import aggregate
-from quotra.chain.deployment import DEPLOYMENTS_DIR_ENV, Deployment, deployment_path
-from quotra.chain.escrow import (
+from quotra_dev import twin
+from quotra_dev.chain import (
     ZERO_ADDRESS,
     Chain,
     account_from_key,
@@ -38,7 +40,6 @@ from quotra.chain.escrow import (
     permission_tuple,
     sign_authorization,
 )
-from quotra.money import format_usdc, parse_usdc
 
 NETWORK: Final = "base:sepolia-twin:node"
 DEPLOYER_ALIAS: Final = "TEST::0"  # ape's test account 0 = anvil's dev account 0 (public test key)

@@ -17,18 +17,17 @@ from typing import Any, Final
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
+from quotra.chain import eip712
 from web3 import Web3
 from web3.contract import Contract
 from web3.contract.contract import ContractFunction
 from web3.exceptions import ContractLogicError
 from web3.types import TxReceipt
 
-from quotra.chain import eip712
-
 ZERO_ADDRESS: Final = "0x0000000000000000000000000000000000000000"
 BUILD_FILE: Final = Path(".build") / "__local__.json"
 # The checkout this package is installed from (editable install), for running outside it.
-REPO_ROOT: Final = Path(__file__).resolve().parents[3]
+REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 
 
 class EscrowError(RuntimeError):

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from web3 import AsyncHTTPProvider, AsyncWeb3
 
-from quotra.relayer_service.service import RelayerConfig, RelayerCore, RpcError
+from quotra_dev.relayer.service import RelayerConfig, RelayerCore, RpcError
 
 log = logging.getLogger("quotra.relayer.app")
 

@@ -1,4 +1,4 @@
-"""`make demo` / `quotra demo` / `python -m quotra.demo`: the whole marketplace on one machine.
+"""`make demo` / `quotra demo` / `python -m quotra_dev.demo`: the whole marketplace on one machine.
 
 `marketplace` runs the story with real processes (twin, relay, local relayer, a local model);
 `onchain` tells only the escrow's part, straight against the contracts.
@@ -13,7 +13,7 @@ from rich.console import Console
 
 def main(*, keep: bool = False, chain_only: bool = False) -> int:
     """Run the demo; 0 on success, 1 with a one-line reason on failure, 130 on Ctrl-C."""
-    from quotra.demo import marketplace, onchain
+    from quotra_dev.demo import marketplace, onchain
 
     console = Console()
     try:

@@ -4,7 +4,7 @@
 It is the "real-format upstream on this machine" for the demo and for tests: an
 `openai-compatible` listing can point at it and go through real HTTP end to end.
 
-    python -m quotra.upstream.localmodel --port 9100 --api-key sk-local-demo
+    python -m quotra_dev.localmodel --port 9100 --api-key sk-local-demo
 
 From Python, `run_in_thread(create_app(api_key=...))` serves it on a free port and yields the
 base URL; the test fakes build on the pieces below rather than copying them.
@@ -22,15 +22,14 @@ from typing import Any
 
 import anyio
 import uvicorn
+from quotra.upstream._http import JSON_ERRORS, json_dumps, json_loads, now
+from quotra.upstream.base import UpstreamBadRequest
+from quotra.upstream.sandbox import openai_reply, openai_reply_chunks
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
-
-from ._http import JSON_ERRORS, json_dumps, json_loads, now
-from .base import UpstreamBadRequest
-from .sandbox import openai_reply, openai_reply_chunks
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -302,7 +301,7 @@ def run_in_thread(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m quotra.upstream.localmodel", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m quotra_dev.localmodel", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100)
     parser.add_argument("--api-key", default=None, help="Bearer key to require (default: none)")

@@ -22,12 +22,8 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 from nacl.exceptions import BadSignatureError
-from web3 import AsyncWeb3
-from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
-
 from quotra.chain import oneshot
-from quotra.chain.client import DelegationArgs
-from quotra.chain.escrow import ZERO_ADDRESS, load_artifact
+from quotra.chain.client import ZERO_ADDRESS, DelegationArgs, abi
 from quotra.chain.relayer import ChainCall, DirectRelayer, RelayerError, Submission, TxState, revert_reason
 from quotra.webhooks import (
     TYPE_CONFIRMED,
@@ -38,6 +34,8 @@ from quotra.webhooks import (
     b64url_encode,
     canonical_json,
 )
+from web3 import AsyncWeb3
+from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
 
 log = logging.getLogger("quotra.relayer.service")
 
@@ -164,7 +162,7 @@ class RelayerCore:
             chain_id=self.config.chain_id,
             replace_after=self.config.replace_after,
         )
-        self.escrow_abi = self.w3.eth.contract(abi=load_artifact("QuotraEscrow").abi)
+        self.escrow_abi = self.w3.eth.contract(abi=abi("QuotraEscrow"))
         self.targets = {to_checksum_address(t) for t in self.config.targets}
 
     # ---- lifecycle -----------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def _derive_dev_accounts(count: int) -> tuple[DevAccount, ...]:
 
 DEV_ACCOUNTS: Final[tuple[DevAccount, ...]] = _derive_dev_accounts(DEV_ACCOUNT_COUNT)
 
-REPO_ROOT: Final = Path(__file__).resolve().parents[3]
+REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 MOCK_USDC_SOURCE: Final = "contracts/test/MockUSDC.vy"
 
 _EIP712_DOMAIN_TYPEHASH: Final = keccak(
@@ -422,7 +422,7 @@ def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m quotra.chain.twin [--port N] [--state FILE]`: runs a twin until interrupted."""
+    """`python -m quotra_dev.twin [--port N] [--state FILE]`: runs a twin until interrupted."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)

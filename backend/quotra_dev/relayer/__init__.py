@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Final, Literal
 
 from eth_account import Account
-
 from quotra.chain.deployment import BASE_SEPOLIA_USDC, Deployment
 from quotra.money import parse_usdc
-from quotra.relayer_service.app import create_relayer_app
-from quotra.relayer_service.service import DEFAULT_SPONSORED, RelayerConfig, RelayerCore, RpcError
 from quotra.webhooks import Ed25519Signer
+
+from quotra_dev.relayer.app import create_relayer_app
+from quotra_dev.relayer.service import DEFAULT_SPONSORED, RelayerConfig, RelayerCore, RpcError
 
 KEY_ENV: Final = "QUOTRA_RELAYER_KEY"
 ED25519_ENV: Final = "QUOTRA_RELAYER_ED25519_KEY"

@@ -36,19 +36,19 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
+from quotra.chain.deployment import DEPLOYMENTS_DIR_ENV, Deployment
+from quotra.money import format_usdc, parse_usdc
 from rich.console import Console
 from rich.table import Table
 
-from quotra.chain import twin
-from quotra.chain.deployment import DEPLOYMENTS_DIR_ENV, Deployment
-from quotra.chain.escrow import (
+from quotra_dev import twin
+from quotra_dev.chain import (
     Chain,
     account_from_key,
     new_account,
     sign_authorization,
 )
-from quotra.demo.onchain import DEPLOYER_ALIAS, NETWORK, DemoError, deploy_with_ape
-from quotra.money import format_usdc, parse_usdc
+from quotra_dev.demo.onchain import DEPLOYER_ALIAS, NETWORK, DemoError, deploy_with_ape
 
 T = TypeVar("T")
 
@@ -722,8 +722,8 @@ def run(console: Console, keep: bool = False) -> MarketplaceSummary:
     """Tell the marketplace story with real processes; raises `DemoError` (one line) on a failed
     step. Returns the summary; everything started is stopped on return, error or Ctrl-C, unless
     `keep` (then it prints the URLs and keys and waits for Ctrl-C first)."""
-    from quotra.upstream.localmodel import create_app as localmodel_app
-    from quotra.upstream.localmodel import run_in_thread
+    from quotra_dev.localmodel import create_app as localmodel_app
+    from quotra_dev.localmodel import run_in_thread
 
     started = time.monotonic()
     summary = MarketplaceSummary()

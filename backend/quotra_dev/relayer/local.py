@@ -12,9 +12,9 @@ from typing import Any, TypeVar
 
 import uvicorn
 from eth_account.signers.local import LocalAccount
-
 from quotra.chain.deployment import BASE_SEPOLIA_USDC, Deployment
-from quotra.chain.escrow import Chain
+
+from quotra_dev.chain import Chain
 
 T = TypeVar("T")
 
