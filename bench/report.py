@@ -8,6 +8,7 @@ paid paths also with the settlement drain after the window. Ratios are to LiteLL
 bare proxy's number from the same table.
 
     .venv/bin/python bench/report.py bench/results/bench.json > bench/RESULTS.md
+    .venv/bin/python bench/report.py --summary bench/results/bench.json   # the README's table
 """
 
 from __future__ import annotations
@@ -410,6 +411,32 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def summary(data: dict[str, Any]) -> str:
+    """The short table the project README quotes (`bench/report.py --summary bench.json`)."""
+    res = Results(data)
+    llm_cpu = res.cpu("litellm")
+    llm_rps = med(res.values("litellm", "c64", lambda r: r["rps"]))
+    lines = [
+        "| path | CPU ms/request | ÷ LiteLLM | req/s, 64 clients | ÷ LiteLLM | added p50 / p99 ms, 1 client "
+        "| streaming: added time to first content ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for path in res.paths:
+        if path == "direct":
+            continue
+        cpu = res.cpu(path)
+        rps = med(res.values(path, "c64", lambda r: r["rps"]))
+        add50, add99 = med(res.added(path, "c1", 50)), med(res.added(path, "c1", 99))
+        ttfc = med(res.added(path, "stream", 50, "first_content"))
+        lines.append(
+            f"| {path} | {cpu:.1f} | {ratio(cpu, llm_cpu)} | {rps:,.0f} | {ratio(rps, llm_rps)} "
+            f"| {add50:.1f} / {add99:.1f} | {ttfc:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    with open(sys.argv[1]) as handle:
-        sys.stdout.write(render(json.load(handle)))
+    summary_only = sys.argv[1] == "--summary"
+    with open(sys.argv[-1]) as handle:
+        loaded = json.load(handle)
+    sys.stdout.write(summary(loaded) if summary_only else render(loaded))
