@@ -2,20 +2,24 @@
 
 `cpu_seconds(pid)` is utime + stime of a process and all its descendants, every thread included
 (`/proc/<pid>/stat` sums a process's live and exited threads), at the kernel's tick resolution;
-the benchmark reads it before and after each measured window. `precise_cpu_seconds(pid)` sums
-the scheduler's nanosecond run time of every live thread (`/proc/<pid>/task/*/schedstat`): the
-idle measurement uses it, since a quiet process accrues too few ticks to count. `LockSleeps`
-reads the strace log of the relay (nanosleep/clock_nanosleep calls only, traced through
-seccomp-bpf so that nothing else stops): in the relay these are SQLite's busy-handler sleeps.
+the benchmark reads it before and after each measured window. `precise_cpu_seconds(pid)` sums the
+scheduler's nanosecond run time of every live thread (`/proc/<pid>/task/*/schedstat`): the idle
+measurement uses it, since a quiet process accrues too few ticks to count. Over a window,
+`machine_busy_seconds()` minus `own_seconds()` is the CPU that processes outside the benchmark took
+meanwhile (another user of this shared machine): the noise to report. `LockSleeps` reads the
+strace log of the relay (nanosleep/clock_nanosleep calls only, traced through seccomp-bpf so that
+nothing else stops): in the relay these are SQLite's busy-handler sleeps.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK")
+_DURATION = re.compile(r"tv_sec=(\d+), tv_nsec=(\d+)")
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -70,6 +74,21 @@ def precise_cpu_seconds(pid: int, tree: bool = True) -> float:
     return total / 1e9
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy since boot (all cores, /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / TICK
+
+
+def own_seconds() -> float:
+    """CPU of this process, its reaped children (cutime/cstime) and its live descendants."""
+    fields = _stat_fields(os.getpid())
+    assert fields is not None
+    own = sum(int(x) for x in fields[11:15]) / TICK  # utime, stime, cutime, cstime
+    return own + sum(cpu_seconds(p, tree=False) for p in descendants(os.getpid())[1:])
+
+
 def threads(pid: int) -> int:
     fields = _stat_fields(pid)
     return int(fields[17]) if fields else 0
@@ -90,20 +109,23 @@ class LockSleeps:
 
     log: Path
 
-    def timestamps(self) -> list[float]:
+    def sleeps(self) -> list[tuple[float, float]]:
+        """(wall-clock time, seconds asked for) of each relative sleep."""
         if not self.log.exists():
             return []
-        stamps = []
+        found = []
         for line in self.log.read_text(errors="replace").splitlines():
             parts = line.split(None, 2)
-            # SQLite's busy handler sleeps for a relative time (usleep); Python's time.sleep
-            # sleeps until an absolute CLOCK_MONOTONIC time (TIMER_ABSTIME): not counted.
+            # SQLite's busy handler sleeps for a relative time (usleep: 1, 2, 5, … 100 ms); Python's
+            # time.sleep sleeps until an absolute CLOCK_MONOTONIC time (TIMER_ABSTIME): not counted.
             if len(parts) == 3 and "sleep(" in parts[2] and "TIMER_ABSTIME" not in parts[2]:
+                match = _DURATION.search(parts[2])
                 try:
-                    stamps.append(float(parts[1]))
+                    at = float(parts[1])
                 except ValueError:
                     continue
-        return stamps
+                found.append((at, int(match.group(1)) + int(match.group(2)) / 1e9 if match else 0.0))
+        return found
 
     @staticmethod
     def strace_argv(log: Path) -> list[str]:

@@ -15,7 +15,7 @@
   checked by the relay's own `x402.verify` before use.
 - `Books`: calls served (the relay's call records) == charges recorded (x402 payments and prepaid
   charges in its database) == settled (their state) == what moved on chain (payers' USDC, the
-  consumer's deposit, the provider's earnings and the platform fee).
+  consumer's deposit, the provider's earnings; run.py checks the platform fee across relays).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from web3.contract import Contract
 
 USDC = 10**6
+MAX_BPS = 10_000
 PRICE_ATOMIC = 100  # 0.0001 USDC per call, the smallest price a listing may ask
 PREPAID_DEPOSIT = 1_000 * USDC
 X402_PAYER_USDC = 10_000 * USDC
@@ -192,7 +193,6 @@ class QuotraCallers:
     terms: qx402.PaymentTerms
     deposit: int
     earnings_before: int = 0
-    fees_before: int = 0
     _templates: dict[str, dict[str, Any]] = field(default_factory=dict)
     _next_payer: int = 0
 
@@ -282,7 +282,6 @@ class QuotraCallers:
         )
         f = setup.escrow.functions
         callers.earnings_before = int(f.earnings(provider.address).call())
-        callers.fees_before = int(f.platform_fees().call())
         return callers
 
     # ---- x402 payment headers ---------------------------------------------------------------
@@ -361,8 +360,14 @@ class Books:
     prepaid: dict[str, tuple[int, int]]
     onchain_x402: int  # USDC the x402 payers lost
     onchain_prepaid: int  # what left the prepaid consumer's deposit
-    onchain_credited: int  # provider earnings + platform fees credited since the start
+    onchain_earned: int  # the listing's provider: earnings credited since the start
+    fee_bps: int
     solvent: bool
+
+    def fees(self) -> int:
+        """The platform's part of what settled (the escrow's fee rule)."""
+        total = self.settled("x402")[1] + self.settled("prepaid")[1]
+        return total * self.fee_bps // MAX_BPS
 
     def unsettled(self) -> int:
         return sum(c for s, (c, _) in self.x402.items() if s not in FINAL_X402) + sum(
@@ -419,14 +424,9 @@ async def read_books(callers: QuotraCallers) -> Books:
     f = s.escrow.functions
     lost = sum(X402_PAYER_USDC - s.balance(p.address) for p in callers.payers)
     spent = callers.deposit - int(f.deposits(callers.consumer.address).call())
-    credited = (
-        int(f.earnings(callers.provider.address).call())
-        - callers.earnings_before
-        + int(f.platform_fees().call())
-        - callers.fees_before
-    )
+    earned = int(f.earnings(callers.provider.address).call()) - callers.earnings_before
     solvent = s.balance(s.escrow.address) == int(f.liabilities().call())
-    return Books(calls, x402, prepaid, lost, spent, credited, solvent)
+    return Books(calls, x402, prepaid, lost, spent, earned, int(f.fee_bps().call()), solvent)
 
 
 async def wait_settled(callers: QuotraCallers, within: float = 180.0) -> Books:
@@ -479,10 +479,14 @@ def check_books(books: Books, client: dict[str, dict[str, int]]) -> BooksCheck:
             failures.append(f"{kind}: settled {settled_amount} atomic for {settled} calls at {PRICE_ATOMIC}")
         if onchain != settled_amount:
             failures.append(f"{kind}: {settled_amount} settled in the ledger but {onchain} moved on chain")
-    if books.onchain_credited != total_settled:
+    # Every price is a multiple of 100 atomic units, so the split is exact per call and per batch.
+    share = total_settled - total_settled * books.fee_bps // MAX_BPS
+    earned = books.onchain_earned / USDC
+    lines.append(f"| provider's earnings | | | | | | {share / USDC:.4f} (expected) | {earned:.4f} |")
+    if books.onchain_earned != share:
         failures.append(
-            f"the escrow credited {books.onchain_credited} to the provider and fees, "
-            f"the ledger settled {total_settled}"
+            f"the escrow credited the provider {books.onchain_earned}, its {MAX_BPS - books.fee_bps} bps "
+            f"of the {total_settled} settled is {share}"
         )
     if not books.solvent:
         failures.append("the escrow's USDC balance is not its liabilities()")

@@ -107,8 +107,8 @@ def closed_table(res: Results, mode: str) -> list[str]:
     lines = [
         f"| path ({conns} connection{'s' if conns > 1 else ''}) | requests/s | p50 ms | p90 ms | p99 ms "
         "| p99.9 ms | added p50 ms | added p99 ms | CPU ms/request | with settlement | errors "
-        "| lock sleeps | mock busy |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| lock sleeps (time slept, all rounds) | mock busy | other load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for path in res.paths:
         runs = res.select(path, mode)
@@ -116,6 +116,7 @@ def closed_table(res: Results, mode: str) -> list[str]:
             continue
         settled = [r.get("cpu_settled_ms_per_request") for r in runs]
         sleeps = [r.get("lock_sleeps") for r in runs if r.get("lock_sleeps") is not None]
+        slept = sum(r.get("lock_sleep_ms", 0.0) for r in runs) / 1000
         lines.append(
             f"| {path} | {spread([r['rps'] for r in runs], '{:,.0f}')} "
             f"| {spread([res.pct(r, 50) for r in runs])} | {spread([res.pct(r, 90) for r in runs])} "
@@ -123,8 +124,9 @@ def closed_table(res: Results, mode: str) -> list[str]:
             f"| {spread(res.added(path, mode, 50))} | {spread(res.added(path, mode, 99))} "
             f"| {spread([r['cpu_ms_per_request'] for r in runs])} "
             f"| {spread(settled) if any(v is not None for v in settled) else ''} "
-            f"| {sum(r['errors'] for r in runs)} | {sum(sleeps) if sleeps else ''} "
-            f"| {max(r['mock_busy'] for r in runs):.0%} |"
+            f"| {sum(r['errors'] for r in runs)} | {f'{sum(sleeps):,} ({slept:,.1f} s)' if sleeps else ''} "
+            f"| {max(r['mock_busy'] for r in runs):.0%} "
+            f"| {spread([r.get('foreign_cores') for r in runs], '{:.2f}')} |"
         )
     return lines
 
@@ -341,6 +343,10 @@ def render(data: dict[str, Any]) -> str:
         f"{mock.get('p50_ms', float('nan')):.2f} ms, {mock.get('errors', 0)} errors. The `mock busy` columns "
         "give its CPU share during each window (the worst round).",
         "",
+        "`other load`: cores' worth of CPU that processes outside the benchmark used during the window "
+        "(this machine is shared; /proc/stat minus the bench's own process tree). Rounds with other load "
+        "are noisier; the medians and ratios are what to quote.",
+        "",
         "## Headline: cost and speed of each path",
         "",
         *headline(res),
@@ -380,8 +386,9 @@ def render(data: dict[str, Any]) -> str:
         "but not answered when a wrk window ended (the relay may still have served and charged them), calls "
         "the relay recorded as served, charges recorded, settled, and USDC moved on chain (x402: what the "
         "payers' wallets lost; prepaid: what left the consumer's deposit). The run fails unless served is "
-        "within [answered, answered + unanswered], served == charged == settled, and settled == on chain "
-        "== the provider's earnings + platform fees credited, with the escrow solvent.",
+        "within [answered, answered + unanswered], served == charged == settled == on chain, the "
+        "provider's escrow earnings == its 90% of what settled, the escrow's platform fees == the relays' "
+        "fees together, and the escrow solvent (USDC balance == liabilities()).",
         "",
     ]
     for relay, books in meta.get("books", {}).items():

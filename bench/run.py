@@ -96,6 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", default="", help="paths to profile with py-spy after the rounds")
     parser.add_argument("--profile-seconds", type=float, default=10.0)
     parser.add_argument("--skip-gas", action="store_true", help="do not run bench/gas.py")
+    parser.add_argument("--workdir", type=Path, help="keep the processes' logs and databases here")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--output", type=Path, default=BENCH / "RESULTS.md")
     args = parser.parse_args(argv)
@@ -208,6 +209,7 @@ class Bench:
         stores = self.stores()
         log("starting the Base Sepolia twin and deploying the escrow")
         self.chain = qs.start_chain(self.stack, operators=len(stores))
+        self.fees_before = int(self.chain.escrow.functions.platform_fees().call())
         for (suffix, database_url), operator in zip(stores, self.chain.operators, strict=False):
             name = "relay" + suffix
             log(f"starting quotra serve ({name}, {database_url.split(':')[0]})")
@@ -242,7 +244,7 @@ class Bench:
         return self.callers[relay.name].x402_headers(n, self.workdir / "x402-values.txt")
 
     def expected_rps(self, target: str, mode: str, default: float) -> float:
-        seen = [r["rps"] for r in self.runs if r["path"] == target and r["mode"] == mode and r["ok"]]
+        seen = [r["rps"] for r in self.runs if r["path"] == target and r["mode"] == mode and r.get("ok")]
         return max(seen) if seen else default
 
     def window(self, target: Target, mode: str, rnd: int, rate: float = 0.0) -> dict[str, Any] | None:
@@ -259,6 +261,7 @@ class Bench:
             values = self.x402_values(target, expected)
         cpu0 = procstat.cpu_seconds(target.pid)
         mock0 = procstat.cpu_seconds(self.mock_pid)
+        busy0, own0 = procstat.machine_busy_seconds(), procstat.own_seconds()
         if mode in ("c1", "c64"):
             connections = 1 if mode == "c1" else 64
             duration = a.c1_seconds if mode == "c1" else a.c64_seconds
@@ -282,6 +285,7 @@ class Bench:
             )  # fmt: skip
         cpu1 = procstat.cpu_seconds(target.pid)
         mock_cpu = procstat.cpu_seconds(self.mock_pid) - mock0
+        foreign = (procstat.machine_busy_seconds() - busy0) - (procstat.own_seconds() - own0)
         drained_at = w.ended
         cpu2 = cpu1
         if target.paid:
@@ -314,6 +318,7 @@ class Bench:
             "cpu_settled_ms_per_request": (cpu2 - cpu0) * 1000 / w.ok if w.ok and target.paid else None,
             "drain_s": drained_at - w.ended if target.paid else 0.0,
             "mock_busy": mock_cpu / w.seconds if w.seconds else 0.0,
+            "foreign_cores": max(0.0, foreign) / w.seconds if w.seconds else 0.0,
             "percentiles": {str(float(p)): w.pct(p) for p in PERCENTILES},
             "first_content": {str(float(p)): percentile(w.first_content, p) for p in PERCENTILES}
             if w.first_content
@@ -408,14 +413,16 @@ class Bench:
             tracer = relay.lock_sleeps()
             if tracer is None:
                 continue
-            stamps = tracer.timestamps()
-            self.meta.setdefault("lock_sleeps_total", {})[name] = len(stamps)
+            sleeps = tracer.sleeps()
+            self.meta.setdefault("lock_sleeps_total", {})[name] = len(sleeps)
             for run in self.runs:
                 target = self.targets.get(run["path"])
                 if run.get("skipped") or target is None or target.relay is not relay:
                     continue
                 end = run["ended"] + run.get("drain_s", 0.0)
-                run["lock_sleeps"] = sum(1 for s in stamps if run["started"] <= s <= end)
+                inside = [seconds for at, seconds in sleeps if run["started"] <= at <= end]
+                run["lock_sleeps"] = len(inside)
+                run["lock_sleep_ms"] = sum(inside) * 1000
 
     def profile(self) -> list[str]:
         """py-spy on a path's process during an extra (unmeasured) 64-connection window per format."""
@@ -450,8 +457,10 @@ class Bench:
 
     def books(self) -> dict[str, Any]:
         result: dict[str, Any] = {}
+        fees = 0
         for name, callers in self.callers.items():
             books = asyncio.run(qs.wait_settled(callers))
+            fees += books.fees()
             client = self.client_books[name]
             check = qs.check_books(books, client)
             result[name] = {
@@ -463,6 +472,17 @@ class Bench:
                 "solvent": books.solvent,
                 "client": client,
             }
+        if self.callers:
+            # One escrow serves every relay measured: its platform fees are their fees together.
+            onchain = int(self.chain.escrow.functions.platform_fees().call()) - self.fees_before
+            first = next(iter(result.values()))
+            first["lines"].append(
+                f"| platform fees (all relays) | | | | | | {fees / 1e6:.4f} | {onchain / 1e6:.4f} |"
+            )
+            if onchain != fees:
+                first["failures"].append(
+                    f"the escrow's platform fees grew by {onchain}, the ledgers' fees are {fees}"
+                )
         return result
 
 
@@ -535,7 +555,13 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: v for k, v in vars(args).items() if k != "output"},
     }
     meta["settings"]["results_dir"] = str(args.results_dir)
-    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(prefix="quotra-bench-") as tmp:
+    meta["settings"]["workdir"] = str(args.workdir) if args.workdir else None
+    with contextlib.ExitStack() as stack:
+        if args.workdir:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+            tmp = str(args.workdir.resolve())
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="quotra-bench-"))
         bench = Bench(args, stack, Path(tmp))
         bench.start()
         bench.warm_up()
