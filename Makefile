@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/node_modules/.bin:$(CURDIR)/$(BIN):$(PATH)
 export APE_DATA_FOLDER ?= $(CURDIR)/.cache/ape
 FUZZ_EXAMPLES ?= 150
 
-.PHONY: all setup compile test lint format demo bench clean
+.PHONY: all setup compile test lint format demo bench bench-setup clean
 
 all: setup
 
@@ -52,9 +52,32 @@ format: setup
 demo: compile
 	$(BIN)/quotra demo
 
-bench: compile
-	$(BIN)/python bench/gas.py
-	$(BIN)/python bench/relay_overhead.py
+# The relay benchmark (bench/README.md). LiteLLM and the bench's own tools (matplotlib, py-spy,
+# uvloop) get their own virtual environments under .cache/bench, never the project's; wrk and
+# strace come from Debian. BENCH_QUICK=1: one short round (a few minutes); BENCH_POSTGRES=1: also
+# Quotra on a throw-away PostgreSQL; BENCH_PROFILE=x402,prepaid: py-spy profiles of those paths;
+# BENCH_ARGS: any other bench/run.py option.
+BENCH_VENVS := .cache/bench
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+BENCH_ARGS ?=
+BENCH_RUN_ARGS := $(BENCH_ARGS) $(if $(BENCH_QUICK),--quick) $(if $(BENCH_PROFILE),--profile $(BENCH_PROFILE))
+
+$(BENCH_VENVS)/%/.installed: bench/requirements-%.txt
+	$(PYTHON) -m venv $(BENCH_VENVS)/$*
+	$(BENCH_VENVS)/$*/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENVS)/$*/bin/pip install --quiet -r $<
+	touch $@
+
+bench-setup: compile $(BENCH_VENVS)/litellm/.installed $(BENCH_VENVS)/tools/.installed
+	@command -v wrk >/dev/null && command -v strace >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk strace; }
+
+bench: bench-setup
+ifdef BENCH_POSTGRES
+	tools/with-postgres.sh $(BIN)/python bench/run.py --store both $(BENCH_RUN_ARGS)
+else
+	$(BIN)/python bench/run.py $(BENCH_RUN_ARGS)
+endif
 
 clean:
 	rm -rf .build .cache data $(VENV) node_modules
