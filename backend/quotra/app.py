@@ -363,6 +363,8 @@ def create_app(
             await asyncio.gather(*background, return_exceptions=True)
             await payments.stop()
             await prepaid.close()
+            if escrow is not None:
+                await escrow.close()
             await http.aclose()
             await transactions.close()
             await engine.dispose()

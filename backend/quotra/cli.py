@@ -54,6 +54,8 @@ def serve(host: str, port: int, proxy_headers: bool) -> None:
         host=host,
         port=port,
         log_config=None,
+        loop="uvloop",
+        http="httptools",
         proxy_headers=proxy_headers,
         access_log=False,
         server_header=False,

@@ -154,6 +154,8 @@ class Settings(BaseSettings):
     settlement_batch_size: int = Field(default=32, ge=1, le=64)
     settlement_max_age_seconds: float = Field(default=2.0, ge=0, le=3600)
     settlement_poll_seconds: float = Field(default=0.25, gt=0, le=60)
+    # With nothing to settle the worker waits this long, or until this replica captures a call.
+    settlement_idle_seconds: float = Field(default=5.0, gt=0, le=600)
     settlement_retry_base_seconds: float = Field(default=1.0, gt=0, le=600)
     settlement_retry_max_seconds: float = Field(default=60.0, gt=0, le=3600)
     settlement_stuck_seconds: float = Field(default=120.0, gt=0)

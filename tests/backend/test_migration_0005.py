@@ -20,11 +20,13 @@ from quotra.calls.outbox import Outbox
 from quotra.calls.records import CALL_ID_PATTERN, CallView, Refused, X402Hold, summary
 from quotra.calls.store import CallStore, Hold
 from quotra.store.claims_repo import ClaimsRepo
-from quotra.store.db import MIGRATIONS, create_engine, upgrade
+from quotra.store.db import MIGRATIONS, create_engine, head_revision, upgrade
 from quotra.store.models import Call, X402Authorization, table, utcnow
 from quotra.store.repositories import Store
 from quotra.store.transactions import Transactions
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+HEAD = head_revision()
 
 OWNER = Account.create().address
 PAYER = Account.create().address
@@ -214,7 +216,7 @@ async def test_finished_calls_are_carried_over(engine: AsyncEngine) -> None:
     await old_relay(engine)
     await upgrade(engine)
     tables, batch_columns, version = await names(engine)
-    assert version == "0005"
+    assert version == HEAD
     assert {"calls", "x402_authorizations", "x402_payers"} <= tables
     assert not {"x402_payments", "prepaid_charges", "ledger", "calls_legacy"} & tables
     assert "expected_spent" not in batch_columns
@@ -338,7 +340,7 @@ async def test_finished_calls_are_carried_over(engine: AsyncEngine) -> None:
 async def test_an_empty_database_upgrades_too(engine: AsyncEngine) -> None:
     await upgrade(engine)
     tables, _, version = await names(engine)
-    assert version == "0005" and "x402_authorizations" in tables
+    assert version == HEAD and "x402_authorizations" in tables
     async with engine.connect() as connection:
         assert (await connection.execute(sa.text("SELECT COUNT(*) FROM calls"))).scalar_one() == 0
 
@@ -381,4 +383,4 @@ async def test_a_relay_not_drained_is_refused(engine: AsyncEngine, table: str, s
         final = "confirmed" if table == "settlement_batches" else "settled"
         await connection.execute(sa.text(f"UPDATE {table} SET status = :s WHERE id = 9"), {"s": final})
     await upgrade(engine)
-    assert (await names(engine))[2] == "0005"
+    assert (await names(engine))[2] == HEAD

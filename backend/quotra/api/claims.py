@@ -58,7 +58,7 @@ class ClaimsUnavailable(NotFound):
     code = "claims_unavailable"
 
 
-def claims_service(runtime: RuntimeDep) -> ClaimService:
+async def claims_service(runtime: RuntimeDep) -> ClaimService:
     if runtime.claims is None:
         raise ClaimsUnavailable(
             "Claims need the chain and a relayer: set QUOTRA_CHAIN_RPC_URL, QUOTRA_DEPLOYMENT_FILE and "

@@ -99,7 +99,7 @@ class Runtime:
     payments: Payments | None = None  # x402, settlement, indexer (quotra.payments.service)
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
@@ -107,7 +107,7 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_relayer(runtime: RuntimeDep) -> Relayer:
+async def get_relayer(runtime: RuntimeDep) -> Relayer:
     """The configured relayer (`QUOTRA_RELAYER=direct|oneshot`) for gasless transactions."""
     if runtime.relayer is None:
         raise NotFound(
@@ -139,7 +139,7 @@ def client_ip(request: Request, settings: Settings) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def current_provider(request: Request, runtime: RuntimeDep) -> str:
+async def current_provider(request: Request, runtime: RuntimeDep) -> str:
     token = _bearer(request)
     if token is None:
         raise AuthenticationFailed("Sign in with Ethereum first (POST /v1/auth/nonce, then /v1/auth/verify)")

@@ -8,13 +8,14 @@ racing over one call apply it once. On PostgreSQL the rows are taken with `FOR U
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from sqlalchemy import case, func, insert, select, update
+from sqlalchemy import case, exists, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -26,6 +27,7 @@ from quotra.store.models import (
     SettlementBatch,
     SpendPermissionRecord,
     X402Authorization,
+    X402Payer,
     table,
     utcnow,
 )
@@ -34,6 +36,7 @@ from quotra.store.transactions import Transactions
 
 CALLS: Final = table(Call)
 AUTHS: Final = table(X402Authorization)
+PAYERS: Final = table(X402Payer)
 BATCHES: Final = table(SettlementBatch)
 ACCOUNTS: Final = table(ConsumerAccount)
 OPEN_BATCH: Final = ("pending", "submitted")
@@ -180,7 +183,7 @@ def _claim_x402(
     live = []
     for call_id, valid_before, value in rows:
         if valid_before <= now_ts + min_validity:  # could not be mined in time any more
-            _fail_x402(connection, call_id, "expired before settlement", now)
+            _fail_x402(connection, call_id, "expired before settlement", now, payer_fault=False)
         else:
             live.append((call_id, value))
     if not live:
@@ -251,18 +254,28 @@ def _settle_x402(
     return True
 
 
+def _count_unpaid(connection: Connection, call_id: str) -> None:
+    """The call's payer did not pay for it through the escrow: it is refused x402 from now on."""
+    payer = select(AUTHS.c.payer).where(AUTHS.c.call_id == call_id).scalar_subquery()
+    connection.execute(update(PAYERS).where(PAYERS.c.payer == payer).values(unpaid=PAYERS.c.unpaid + 1))
+
+
 def _mark_reconciling(connection: Connection, call_id: str, error: str, block: int, now: datetime) -> bool:
+    """USDC marks the authorization used but the escrow never credited it: used outside the escrow
+    (front-run) or cancelled by its payer. The operator makes the provider whole."""
     if not _move(
         connection, call_id, ["captured", "settling"], state="reconciling", error=error[:300], updated_at=now
     ):
         return False
     # The front-run moved the payer's USDC at `block` at the latest.
     connection.execute(update(AUTHS).where(AUTHS.c.call_id == call_id).values(settled_block=block))
+    _count_unpaid(connection, call_id)
     return True
 
 
-def _fail_x402(connection: Connection, call_id: str, error: str, now: datetime) -> bool:
-    """Served, but its authorization can never pay (refused by USDC, expired): no money moved."""
+def _fail_x402(connection: Connection, call_id: str, error: str, now: datetime, *, payer_fault: bool) -> bool:
+    """Served, but its authorization can never pay: no money moved. `payer_fault` when USDC
+    refused it (its payer moved the money away); not when it expired before the relay settled it."""
     if not _move(
         connection,
         call_id,
@@ -273,6 +286,8 @@ def _fail_x402(connection: Connection, call_id: str, error: str, now: datetime) 
     ):
         return False
     connection.execute(update(AUTHS).where(AUTHS.c.call_id == call_id).values(pending=False))
+    if payer_fault:
+        _count_unpaid(connection, call_id)
     return True
 
 
@@ -286,7 +301,7 @@ def _fail_batch(connection: Connection, batch_id: int, error: str, now: datetime
         select(CALLS.c.id).where(CALLS.c.batch_id == batch_id, CALLS.c.state == "settling")
     ).scalars()
     for call_id in list(failed):
-        if not _fail_x402(connection, call_id, error, now):
+        if not _fail_x402(connection, call_id, error, now, payer_fault=False):
             _move(connection, call_id, ["settling"], state="failed", error=error[:300], updated_at=now)
 
 
@@ -392,6 +407,14 @@ class Outbox:
 
     # ---- batches in flight ----------------------------------------------------------------------
 
+    async def has_work(self) -> bool:
+        """Whether anything waits for the settlement worker: calls captured, settling or being
+        reconciled, or batches not closed (one indexed lookup: what an idle worker asks)."""
+        waiting = exists().where(CALLS.c.state.in_(("captured", "settling", "reconciling")))
+        open_batch = exists().where(BATCHES.c.status.in_(OPEN_BATCH))
+        (row,) = await self._read(select(or_(waiting, open_batch)))
+        return bool(row[0])
+
     async def batches(self, statuses: Iterable[str]) -> list[BatchRow]:
         rows = await self._read(
             select(BATCHES).where(BATCHES.c.status.in_(tuple(statuses))).order_by(BATCHES.c.id)
@@ -485,11 +508,27 @@ class Outbox:
         """The escrow credited this call's payment (in a batch, or reconciled after a front-run)."""
         return bool(await self._write(_settle_x402, call_id, tx_hash, fee, block, reconciled, utcnow()))
 
+    async def settle_x402_batch(self, fees: dict[str, int], *, tx_hash: str, block: int) -> int:
+        """The escrow credited these calls' payments in one transaction (`fees`: call id → fee):
+        recorded in one database transaction; how many were not recorded already."""
+
+        def work(connection: Connection, now: datetime) -> int:
+            return sum(
+                _settle_x402(connection, call_id, tx_hash, fee, block, False, now)
+                for call_id, fee in fees.items()
+            )
+
+        return int(await self._write(work, utcnow()))
+
     async def mark_reconciling(self, call_id: str, error: str, *, block: int) -> bool:
         return bool(await self._write(_mark_reconciling, call_id, error, block, utcnow()))
 
-    async def fail_x402(self, call_id: str, error: str) -> bool:
-        return bool(await self._write(_fail_x402, call_id, error, utcnow()))
+    async def fail_x402(self, call_id: str, error: str, *, payer_fault: bool) -> bool:
+        return bool(
+            await self._write(
+                functools.partial(_fail_x402, payer_fault=payer_fault), call_id, error, utcnow()
+            )
+        )
 
     async def release_x402(self, call_id: str, error: str) -> bool:
         """settling → captured, out of its batch: taken again by a later batch."""

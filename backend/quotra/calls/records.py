@@ -111,8 +111,9 @@ class Refused(Exception):
     """A reservation that cannot be made; nothing was written.
 
     reasons: listing_unavailable (paused, expired or no calls left), free_calls_used, key_revoked,
-    key_cap, no_permission, permission, deposit, insufficient_balance (x402), nonce_used (x402:
-    `call` is the call this authorization already paid for)."""
+    key_cap, no_permission, permission, deposit, insufficient_balance (x402), payer_unpaid (x402:
+    an earlier authorization of the payer did not pay), nonce_used (x402: `call` is the call this
+    authorization already paid for)."""
 
     def __init__(self, reason: str, call: CallView | None = None) -> None:
         super().__init__(reason)

@@ -20,6 +20,7 @@ from web3 import AsyncHTTPProvider, AsyncWeb3
 
 from quotra.chain import eip712
 from quotra.chain.merkle import Credit
+from quotra.chain.reads import ChainReads
 from quotra.chain.relayer import ChainCall
 
 
@@ -128,8 +129,12 @@ class USDCDomainMismatch(Exception):
 
 
 class EscrowClient:
-    def __init__(self, w3: AsyncWeb3, *, escrow: str, usdc: str, chain_id: int) -> None:
+    def __init__(
+        self, w3: AsyncWeb3, *, escrow: str, usdc: str, chain_id: int, read_timeout: float = 10.0
+    ) -> None:
         self.w3 = w3
+        # The head and USDC balances, read on the paid call's path without web3 (see reads.py).
+        self.reads = ChainReads(str(getattr(w3.provider, "endpoint_uri", "")), timeout=read_timeout)
         self.chain_id = chain_id
         self.escrow_address = to_checksum_address(escrow)
         self.usdc_address = to_checksum_address(usdc)
@@ -142,7 +147,11 @@ class EscrowClient:
         cls, rpc_url: str, *, escrow: str, usdc: str, chain_id: int, timeout: float = 10.0
     ) -> EscrowClient:
         w3 = AsyncWeb3(AsyncHTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
-        return cls(w3, escrow=escrow, usdc=usdc, chain_id=chain_id)
+        return cls(w3, escrow=escrow, usdc=usdc, chain_id=chain_id, read_timeout=timeout)
+
+    async def close(self) -> None:
+        await self.reads.close()
+        await self.w3.provider.disconnect()
 
     # ---- reads ---------------------------------------------------------------------------------
 
@@ -150,7 +159,7 @@ class EscrowClient:
         return int(await self.w3.eth.chain_id)
 
     async def block_number(self) -> int:
-        return int(await self.w3.eth.block_number)
+        return await self.reads.block_number()
 
     async def usdc_domain(self) -> eip712.Domain:
         """USDC's EIP-712 domain as the token reports it (its name differs per network: "USDC" on
@@ -170,8 +179,7 @@ class EscrowClient:
 
     async def usdc_balance(self, account: str, block: int | None = None) -> int:
         """`account`'s USDC balance, at `block` (the latest if None)."""
-        fn = self.usdc.functions.balanceOf(to_checksum_address(account))
-        return int(await fn.call(block_identifier="latest" if block is None else block))
+        return await self.reads.balance_of(self.usdc_address, account, block)
 
     async def authorization_used(self, payer: str, nonce: bytes, block: int | None = None) -> bool:
         """Whether USDC marks (payer, nonce) used or cancelled, at `block` (the latest if None)."""

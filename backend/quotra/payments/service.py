@@ -106,6 +106,7 @@ class Payments:
         self._app_client = client
         self._app_relayer = relayer
         self.outbox = outbox
+        self.calls = calls
         self.gate = X402Gate(
             calls, metrics, public_url=settings.public_url, head_ttl=settings.x402_head_cache_seconds
         )
@@ -131,6 +132,7 @@ class Payments:
             batch_size=s.settlement_batch_size,
             max_age=s.settlement_max_age_seconds,
             poll=s.settlement_poll_seconds,
+            idle=s.settlement_idle_seconds,
             retry_base=s.settlement_retry_base_seconds,
             retry_max=s.settlement_retry_max_seconds,
             stuck_after=s.settlement_stuck_seconds,
@@ -224,6 +226,7 @@ class Payments:
         self.gate.configure(client, terms, receipts)
         if background:
             if self.worker is not None:
+                self.calls.on_capture.append(self.worker.wake)
                 self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
             if settings.indexer_enabled:
                 self._tasks.append(asyncio.create_task(self.indexer.run(self._stop)))
@@ -248,4 +251,4 @@ class Payments:
         self._tasks.clear()
         if self.client is not None and self.client is not self._app_client:
             with contextlib.suppress(Exception):
-                await self.client.w3.provider.disconnect()
+                await self.client.close()

@@ -57,7 +57,8 @@ MAX_CHARGE_ROWS: Final = 256
 class SettlementConfig:
     batch_size: int = 32
     max_age: float = 2.0
-    poll: float = 0.25
+    poll: float = 0.25  # while something waits to settle
+    idle: float = 5.0  # with nothing to settle: how soon captures by other replicas are noticed
     retry_base: float = 1.0
     retry_max: float = 60.0
     stuck_after: float = 120.0
@@ -179,22 +180,31 @@ class SettlementWorker:
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Settles while there is something to settle, polling every `poll`; with nothing, waits
+        `idle` or until `wake()` (this replica captured a call), whichever comes first."""
         try:
             while not stop.is_set():
                 if self.lock is None or (await self.lock.acquire() and await self.lock.check()):
+                    busy = True
                     try:
-                        await self.tick()
+                        busy = await self.outbox.has_work()
+                        if busy:
+                            await self.tick()
                     except Exception:
                         log.warning("settlement pass failed; retrying", exc_info=True)
-                    delay = self.config.poll
+                    # Busy, the next pass is `poll` away whatever is captured meanwhile; idle, a
+                    # capture here starts it at once.
+                    delay, wakeable = (self.config.poll, False) if busy else (self.config.idle, True)
                 else:
-                    delay = max(1.0, self.config.poll * 4)  # a follower: try for leadership now and then
+                    # A follower: tries for leadership now and then.
+                    delay, wakeable = max(1.0, self.config.poll * 4), False
                 self._wake.clear()
-                waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+                waits = [asyncio.ensure_future(stop.wait())]
+                if wakeable:
+                    waits.append(asyncio.ensure_future(self._wake.wait()))
                 _, pending = await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
                 for task in pending:
                     task.cancel()
-                # The hot path may wake us, but batches still fill for up to max_age.
         finally:
             if self.lock is not None:
                 await self.lock.release()
@@ -300,7 +310,7 @@ class SettlementWorker:
         rows = []
         for row in await self.outbox.batch_x402(batch.id):
             if row.valid_before <= now_ts + self.config.min_validity:
-                await self.outbox.fail_x402(row.call_id, "expired before settlement")
+                await self.outbox.fail_x402(row.call_id, "expired before settlement", payer_fault=False)
                 self._count("x402", "failed")
             else:
                 rows.append(row)
@@ -395,16 +405,25 @@ class SettlementWorker:
         settled = {c.key: c for c in await self.events.credits_in(tx_hash, receipt) if c.kind == "settled"}
         failed = {e.key for e in events if e.name == "PaymentFailed"}
         block = int(receipt["blockNumber"])
-        for row in await self.outbox.batch_x402(batch.id):
+        rows = await self.outbox.batch_x402(batch.id)
+        fees = {
+            r.call_id: settled[(r.payer, r.nonce.lower())].fee
+            for r in rows
+            if (r.payer, r.nonce.lower()) in settled
+        }
+        self._count(
+            "x402", "settled", await self.outbox.settle_x402_batch(fees, tx_hash=tx_hash, block=block)
+        )
+        for row in rows:
             key = (row.payer, row.nonce.lower())
             if key in settled:
-                fee = settled[key].fee
-                if await self.outbox.settle_x402(row.call_id, tx_hash=tx_hash, fee=fee, block=block):
-                    self._count("x402", "settled")
-            elif key in failed and await self.client.authorization_used(row.payer, row.nonce_bytes, block):
+                continue
+            if key in failed and await self.client.authorization_used(row.payer, row.nonce_bytes, block):
                 await self._resolve_used(row, block)
             elif key in failed:
-                await self.outbox.fail_x402(row.call_id, f"USDC refused the authorization in {tx_hash}")
+                await self.outbox.fail_x402(
+                    row.call_id, f"USDC refused the authorization in {tx_hash}", payer_fault=True
+                )
                 self._count("x402", "failed")
             else:
                 await self.outbox.release_x402(row.call_id, f"not in {tx_hash}")

@@ -47,6 +47,8 @@ VALID_AFTER_FUTURE: Final = evm_errors.ERR_VALID_AFTER_FUTURE
 INVALID_SIGNATURE: Final = evm_errors.ERR_INVALID_SIGNATURE
 NONCE_ALREADY_USED: Final = evm_errors.ERR_NONCE_ALREADY_USED
 INSUFFICIENT_BALANCE: Final = evm_errors.ERR_INSUFFICIENT_BALANCE
+# Ours, in the stock codes' style: the payer let an earlier authorization go unpaid.
+PAYER_UNPAID: Final = "invalid_exact_evm_payer_unpaid"
 
 _V1_NAMES: Final = {chain_id: name for name, chain_id in V1_NETWORK_CHAIN_IDS.items()}
 _MAX_HEADER_BYTES: Final = 8_192

@@ -1,12 +1,21 @@
 """x402 on the paid-call path: the `402` offer, then verify → reserve → (serve) → finish | void.
 
 The relay is its own facilitator: nothing here calls a remote one. Verification is
-`quotra.payments.x402.verify` (no I/O); then, as of one known block, the payer's USDC balance and
-whether USDC already marks the nonce used (cached per block: a block's state never changes); then
-the call store reserves the (payer, nonce) and the amount against that balance minus every
-authorization of the payer not settled by that block, atomically, whichever replica serves. A
-refusal is a `402` with a fresh offer naming the reason; nothing is reserved, the upstream is never
-called. A payment presented again after its call answers with that call's outcome (`409`).
+`quotra.payments.x402.verify` (no I/O); then the payer's USDC balance as of one known block (read
+once per payer and block: a block's state never changes); then the call store reserves the
+(payer, nonce) and the amount against that balance minus every authorization of the payer not
+settled by that block, atomically, whichever replica serves. A refusal is a `402` with a fresh
+offer naming the reason; nothing is reserved, the upstream is never called. A payment presented
+again after its call answers with that call's outcome (`409`).
+
+Whether USDC already marks the nonce used is not asked per call. Only the escrow can use the
+authorization to receive it, and the store holds every (payer, nonce) the escrow was given, so
+the one way the chain knows a nonce the store does not is its payer cancelling it (or moving the
+money away) — which the payer can as well do a second after any check, before the batch lands.
+What bounds that loss is the payer's record instead: an authorization USDC refuses at settlement
+or that was used outside the escrow counts against its payer (`x402_payers.unpaid`), and such a
+payer is refused from then on. A per-call `authorizationState` read would cost an RPC round trip
+on every paid call and close no window.
 """
 
 from __future__ import annotations
@@ -215,17 +224,10 @@ class X402Gate:
             auth = x402.verify(attempt.paid, self.terms, amount, int(time.time()))
         except x402.X402Error as exc:
             raise self.refused(listing, amount, exc) from None
-        chain = self.chain
         nonce = auth.nonce_hex.lower()
         try:
             block = await self.head()
-            used, balance = await asyncio.gather(
-                self._shared(
-                    ("nonce", auth.payer, nonce, block),
-                    lambda: chain.authorization_used(auth.payer, auth.nonce, block),
-                ),
-                self.balance_at(auth.payer, block),
-            )
+            balance = await self.balance_at(auth.payer, block)
         except Exception as exc:
             log.warning("x402 chain check failed", extra={"error": type(exc).__name__})
             raise ServiceUnavailable(
@@ -233,13 +235,6 @@ class X402Gate:
                 code="payment_verification_unavailable",
                 headers={"Retry-After": "2"},
             ) from exc
-        if used:
-            earlier = await self.calls.by_authorization(auth.payer, nonce)
-            if earlier is not None:
-                raise self.replayed(earlier)
-            raise self.refused(
-                listing, amount, x402.X402Error(x402.NONCE_ALREADY_USED, "USDC already marks this nonce used")
-            )
         # Voided by the sweeper in time to be settled if it did finish, at the latest.
         settle_by = datetime.fromtimestamp(auth.valid_before - self.terms.settle_margin_seconds, UTC)
         hold = Hold(
@@ -266,6 +261,17 @@ class X402Gate:
                     listing,
                     amount,
                     x402.X402Error(x402.NONCE_ALREADY_USED, "this authorization was already used"),
+                ) from None
+            if refused.reason == "payer_unpaid":
+                raise self.refused(
+                    listing,
+                    amount,
+                    x402.X402Error(
+                        x402.PAYER_UNPAID,
+                        "an earlier authorization of this payer did not pay (USDC refused it at "
+                        "settlement, or it was used outside the escrow): this relay takes no more "
+                        "x402 payments from it; pay with a prepaid key instead",
+                    ),
                 ) from None
             if refused.reason == "insufficient_balance":
                 raise self.refused(

@@ -60,6 +60,9 @@ class ListingCache:
         return record
 
 
+_OPENED_MAX = 10_000
+
+
 def new_listing_id() -> str:
     return "lst_" + secrets.token_hex(8)
 
@@ -81,6 +84,9 @@ class ListingService:
         self.adapters = adapters
         self.netguard = netguard
         self.check_keys = check_keys
+        # Opened keys by (listing, sealed key): a rotated or revoked key is a new sealed value,
+        # so an entry is never stale. Decrypting once per call cost more than the call's SQL.
+        self._opened: dict[tuple[str, str], str] = {}
 
     async def _check_key(self, kind: str, base_url: str | None, api_key: str) -> None:
         if kind == "sandbox" or not self.check_keys:
@@ -175,7 +181,13 @@ class ListingService:
         return updated
 
     def api_key(self, record: ListingRecord) -> str:
-        return self.vault.open(record.id, record.api_key_sealed)
+        entry = (record.id, record.api_key_sealed)
+        key = self._opened.get(entry)
+        if key is None:
+            if len(self._opened) >= _OPENED_MAX:
+                self._opened.clear()
+            key = self._opened[entry] = self.vault.open(record.id, record.api_key_sealed)
+        return key
 
 
 def is_usable(record: ListingRecord, now: datetime | None = None) -> bool:

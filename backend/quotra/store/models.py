@@ -175,13 +175,16 @@ class X402Authorization(Base):
 
 
 class X402Payer(Base):
-    """A payer's USDC balance as of a known block: what x402 calls are reserved against."""
+    """A payer's USDC balance as of a known block: what x402 calls are reserved against; and how
+    many of its authorizations did not pay (refused by USDC at settlement, or used outside the
+    escrow): a payer with any is refused x402."""
 
     __tablename__ = "x402_payers"
 
     payer: Mapped[str] = mapped_column(String(42), primary_key=True)
     balance: Mapped[int] = mapped_column(BigInteger)
     block: Mapped[int] = mapped_column(BigInteger)
+    unpaid: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 

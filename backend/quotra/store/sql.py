@@ -9,7 +9,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 
-def insert_ignore(dialect: str, table: Table, values: dict[str, Any]) -> Any:
-    """INSERT that does nothing when the row (its primary or a unique key) already exists."""
+def insert_ignore(dialect: str, table: Table, values: dict[str, Any] | None = None) -> Any:
+    """INSERT that does nothing when the row (its primary or a unique key) already exists; without
+    `values`, the row comes as the parameters of each execution."""
     make = pg_insert if dialect == "postgresql" else sqlite_insert
-    return make(table).values(**values).on_conflict_do_nothing()
+    statement = make(table) if values is None else make(table).values(**values)
+    return statement.on_conflict_do_nothing()

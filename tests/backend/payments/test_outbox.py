@@ -243,7 +243,8 @@ async def test_settle_is_recorded_once_when_raced(books: Books) -> None:
 
 
 async def test_a_front_run_is_reconciled_once(books: Books) -> None:
-    payment = await captured(books)
+    payer = Account.create().address
+    payment = await captured(books, payer)
     assert await books.outbox.mark_reconciling(payment, "front-run", block=7)
     assert not await books.outbox.mark_reconciling(payment, "front-run", block=8)
     row = await books.outbox.get_x402(payment)
@@ -253,13 +254,17 @@ async def test_a_front_run_is_reconciled_once(books: Books) -> None:
     assert await books.outbox.settle_x402(payment, tx_hash=TX, fee=10, block=20, reconciled=True)
     assert (await authorization(books, payment)).settled_block == 7  # not the operator's block
     assert await state(books, payment) == "settled"
+    # Used outside the escrow (or cancelled by its payer): the payer takes no more x402 calls.
+    with pytest.raises(Refused) as refused:
+        await reserve(books, payer)
+    assert refused.value.reason == "payer_unpaid"
 
 
 async def test_a_payment_that_cannot_settle_is_failed_once(books: Books) -> None:
     payer = Account.create().address
     payment = await captured(books, payer)
-    assert await books.outbox.fail_x402(payment, "USDC refused the authorization")
-    assert not await books.outbox.fail_x402(payment, "again")
+    assert await books.outbox.fail_x402(payment, "USDC refused the authorization", payer_fault=True)
+    assert not await books.outbox.fail_x402(payment, "again", payer_fault=True)
     assert not await books.outbox.settle_x402(payment, tx_hash=TX, fee=10, block=3)
     call = await books.calls.get(payment)
     assert call is not None and (call.state, call.charged, call.error) == (
@@ -271,6 +276,18 @@ async def test_a_payment_that_cannot_settle_is_failed_once(books: Books) -> None
     assert await books.outbox.calls_in(["failed"], ["x402", "prepaid"]) == [
         (payment, "failed", "USDC refused the authorization")
     ]
+    # Its payer let it go unpaid: refused from now on, whatever its balance.
+    with pytest.raises(Refused) as refused:
+        await reserve(books, payer)
+    assert refused.value.reason == "payer_unpaid"
+
+
+async def test_a_payment_the_relay_let_expire_does_not_count_against_its_payer(books: Books) -> None:
+    payer = Account.create().address
+    payment = await captured(books, payer)
+    assert await books.outbox.fail_x402(payment, "expired before settlement", payer_fault=False)
+    assert await state(books, payment) == "failed"
+    assert await state(books, await reserve(books, payer)) == "reserved"
 
 
 # ---- x402 batches -----------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import base64
 import hashlib
 import json
 import re
-import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -432,7 +431,6 @@ BAD_INPUTS = [
     ("signed_by_someone_else", "invalid_exact_evm_payload_signature"),
     ("signed_for_another_domain", "invalid_exact_evm_payload_signature"),
     ("high_s", "invalid_exact_evm_payload_signature"),
-    ("nonce_used_on_chain", "invalid_exact_evm_nonce_already_used"),
     ("payer_without_funds", "invalid_exact_evm_insufficient_balance"),
     ("v1_wrong_network", "network_mismatch"),
 ]
@@ -481,10 +479,6 @@ def bad_header(case: str, chain: FakeChain, accepted: dict[str, Any]) -> tuple[s
         return header, v2_header(accepted, authorization(account, accepted, domain=mainnet_name))
     if case == "high_s":
         return header, v2_header(accepted, authorization(account, accepted, high_s=True))
-    if case == "nonce_used_on_chain":  # used outside this relay: no call of ours paid with it
-        nonce = secrets.token_bytes(32)
-        chain.used.add((account.address, nonce))
-        return header, v2_header(accepted, authorization(account, accepted, nonce=nonce))
     if case == "payer_without_funds":
         chain.fund(account.address, PRICE - 1)
         return header, v2_header(accepted, good)
@@ -631,7 +625,7 @@ async def test_the_head_block_is_read_at_most_every_head_ttl(paid: Any) -> None:
     assert chain.balance_reads == 1  # one read per (payer, block): a block's state never changes
 
 
-@pytest.mark.parametrize("failing", ["block_number", "usdc_balance", "authorization_used"])
+@pytest.mark.parametrize("failing", ["block_number", "usdc_balance"])
 async def test_chain_unreachable_is_a_503_and_nothing_is_reserved(paid: Any, failing: str) -> None:
     async def down(*args: Any) -> Any:
         raise ConnectionError("rpc down")
@@ -645,6 +639,24 @@ async def test_chain_unreachable_is_a_503_and_nothing_is_reserved(paid: Any, fai
     assert reply.status_code == 503 and reply.json()["error"]["code"] == "payment_verification_unavailable"
     assert reply.headers["retry-after"] == "2" and "nothing was charged" in reply.json()["error"]["message"]
     assert paid.upstream.calls == [] and await calls(paid) == [] and await calls_used(paid) == 0
+
+
+async def test_a_payer_whose_authorization_went_unpaid_is_refused(paid: Any) -> None:
+    account = payer(paid.chain)
+    accepted = await requirements(paid)
+    served = await pay(paid, v2_header(accepted, authorization(account, accepted)))
+    assert served.status_code == 200
+    # Settlement: USDC refused it (the payer moved its money away, or cancelled the nonce).
+    outbox = paid.runtime.payments.outbox
+    assert await outbox.fail_x402(call_id_of(served), "USDC refused the authorization", payer_fault=True)
+    reply = await pay(paid, v2_header(accepted, authorization(account, accepted)))
+    assert reply.status_code == 402
+    assert reply.json()["error"]["code"] == "invalid_exact_evm_payer_unpaid"
+    assert "prepaid" in reply.json()["error"]["message"]
+    assert len(paid.upstream.calls) == 1 and len(await calls(paid)) == 1  # nothing reserved
+    # Another wallet with money is served as before.
+    other = payer(paid.chain)
+    assert (await pay(paid, v2_header(accepted, authorization(other, accepted)))).status_code == 200
 
 
 async def test_one_authorization_sent_100_times_at_once_is_served_once(paid: Any) -> None:
