@@ -1,9 +1,11 @@
-"""SSRF guard for openai-compatible base URLs."""
+"""SSRF guard for openai-compatible base URLs: when a listing is saved, and at connect time."""
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
-from quotra.netguard import NetGuard, UnsafeUpstream
+from quotra.netguard import GuardedResolver, NetGuard, UnsafeUpstream
 from relay_helpers import listing_body
 
 STRICT = NetGuard.from_lists(allow_private=False, allowlist=[], denylist=[])
@@ -77,14 +79,31 @@ async def test_denylist_wins_even_for_public_addresses() -> None:
 
 
 async def test_every_resolved_address_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ipaddress
-
     async def resolve(self: NetGuard, host: str, port: int) -> list:
         return [ipaddress.ip_address("93.184.216.34"), ipaddress.ip_address("10.0.0.1")]
 
     monkeypatch.setattr(NetGuard, "resolve", resolve)
     with pytest.raises(UnsafeUpstream, match=r"10\.0\.0\.1"):
         await STRICT.check_url("http://mixed.example/v1")
+
+
+async def test_resolver__name_resolving_to_loopback__refused_unless_allowed() -> None:
+    with pytest.raises(UnsafeUpstream, match=r"localhost resolves to .*\(127\.0\.0\.1\)"):
+        await GuardedResolver(STRICT).resolve("localhost", 80)
+
+    for guard in (
+        NetGuard.from_lists(allow_private=True, allowlist=[], denylist=[]),
+        NetGuard.from_lists(allow_private=False, allowlist=["localhost"], denylist=[]),
+    ):
+        results = await GuardedResolver(guard).resolve("localhost", 80)
+        assert results and all(ipaddress.ip_address(r["host"]).is_loopback for r in results)
+
+
+async def test_resolver__denied_name__refused_before_resolving() -> None:
+    guard = NetGuard.from_lists(allow_private=True, allowlist=[], denylist=["blocked.example"])
+
+    with pytest.raises(UnsafeUpstream, match=r"blocked\.example is denied"):
+        await GuardedResolver(guard).resolve("Blocked.Example.", 443)
 
 
 async def test_listing_with_loopback_base_url_is_refused_over_http(relay) -> None:
