@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
+from collections.abc import Callable
 
 import pytest
+from quotra.app import create_app
+from quotra.config import Settings
 from quotra.netguard import GuardedResolver, NetGuard, UnsafeUpstream
+from quotra.upstream import UpstreamUnavailable
 from relay_helpers import listing_body
 
 STRICT = NetGuard.from_lists(allow_private=False, allowlist=[], denylist=[])
@@ -104,6 +109,27 @@ async def test_resolver__denied_name__refused_before_resolving() -> None:
 
     with pytest.raises(UnsafeUpstream, match=r"blocked\.example is denied"):
         await GuardedResolver(guard).resolve("Blocked.Example.", 443)
+
+
+@pytest.mark.parametrize(
+    ("allow_private", "refusal"),
+    [(False, "address refused: base_url host localhost"), (True, "could not connect")],
+)
+async def test_relay_upstream_calls__connect_through_the_guard(
+    make_settings: Callable[..., Settings], allow_private: bool, refusal: str
+) -> None:
+    # An openai-compatible listing saved while its name resolved to a public address, later
+    # resolving to loopback: refused when private networks are not allowed, tried when they are.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    app = create_app(make_settings(upstream_allow_private=allow_private, prepaid_refresh_seconds=0))
+    async with app.router.lifespan_context(app):
+        adapters = app.state.runtime.listings.adapters
+        adapter = adapters.get("openai-compatible", f"http://localhost:{closed_port}/v1")
+
+        with pytest.raises(UpstreamUnavailable, match=refusal):
+            await adapter.check_key("")
 
 
 async def test_listing_with_loopback_base_url_is_refused_over_http(relay) -> None:
