@@ -12,12 +12,12 @@ from quotra.upstream import Adapter, Completion, UpstreamError, create_session, 
 
 KINDS = ("openai", "openai-compatible", "anthropic", "gemini")
 USER = "Hello there, how are you today?"
-# The fakes listen on loopback.
 LOOPBACK_ALLOWED = NetGuard(allow_private=True)
 
 
 def upstream_session(*, timeout: float = 5.0, guard: NetGuard = LOOPBACK_ALLOWED) -> aiohttp.ClientSession:
-    """The relay's upstream session, allowed to reach the fakes."""
+    """The relay's upstream session (`create_session`); by default it may reach the fakes on
+    loopback."""
     return create_session(timeout=timeout, guard=guard)
 
 
