@@ -1,9 +1,10 @@
 """The bare pass-through proxy: the floor the relay is measured against (`bench/run.py`).
 
 The relay's own server and HTTP client stack with no payments and no database: uvicorn (same
-version and defaults as `quotra serve`: one worker, no access log), FastAPI, and one shared httpx
-`AsyncClient` forwarding `POST /v1/chat/completions` to the upstream, streaming when the body asks
-for it. Whatever the relay costs above this is the price of its own work.
+version and settings as `quotra serve`: uvloop, httptools, one worker, no access log), FastAPI, and one shared aiohttp
+`ClientSession` made like the relay's upstream session (`quotra.upstream.create_session`)
+forwarding `POST /v1/chat/completions` to the upstream, streaming when the body asks for it.
+Whatever the relay costs above this is the price of its own work.
 
     .venv/bin/python bench/bareproxy.py --port 9001 --upstream http://127.0.0.1:9000/v1 --api-key sk-...
 """
@@ -15,23 +16,26 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
+import aiohttp
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
+from quotra.netguard import NetGuard
+from quotra.upstream import create_session
 
 
 def create_app(upstream: str, api_key: str) -> FastAPI:
-    state: dict[str, httpx.AsyncClient] = {}
+    state: dict[str, aiohttp.ClientSession] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-        async with httpx.AsyncClient(base_url=upstream, limits=limits, timeout=60) as client:
-            state["client"] = client
+        # The relay's default upstream timeout; the mock listens on loopback.
+        async with create_session(timeout=60, guard=NetGuard(allow_private=True)) as session:
+            state["session"] = session
             yield
 
     app = FastAPI(lifespan=lifespan)
+    url = upstream + "/chat/completions"
     headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
 
     @app.get("/healthz")
@@ -41,24 +45,21 @@ def create_app(upstream: str, api_key: str) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         body = await request.body()
-        client = state["client"]
+        session = state["session"]
         if json.loads(body).get("stream"):
-            upstream = await client.send(
-                client.build_request("POST", "/chat/completions", content=body, headers=headers), stream=True
-            )
+            upstream = await session.post(url, data=body, headers=headers, allow_redirects=False)
 
             async def relay() -> AsyncIterator[bytes]:
                 try:
-                    async for chunk in upstream.aiter_raw():
+                    async for chunk in upstream.content.iter_any():
                         yield chunk
                 finally:
-                    await upstream.aclose()
+                    upstream.release()
 
-            return StreamingResponse(
-                relay(), status_code=upstream.status_code, media_type="text/event-stream"
-            )
-        reply = await client.post("/chat/completions", content=body, headers=headers)
-        return Response(reply.content, status_code=reply.status_code, media_type="application/json")
+            return StreamingResponse(relay(), status_code=upstream.status, media_type="text/event-stream")
+        async with session.post(url, data=body, headers=headers, allow_redirects=False) as reply:
+            content = await reply.read()
+        return Response(content, status_code=reply.status, media_type="application/json")
 
     return app
 
@@ -75,6 +76,8 @@ def main() -> None:
         host=args.host,
         port=args.port,
         log_config=None,
+        loop="uvloop",
+        http="httptools",
         access_log=False,
         server_header=False,
     )

@@ -2,7 +2,7 @@
 
 - the mock upstream (bench/mockupstream.py, in the bench tools' virtual environment, uvloop);
 - the bare pass-through proxy (bench/bareproxy.py, in the project's environment: the relay's
-  own uvicorn, FastAPI and httpx versions);
+  own uvicorn, FastAPI and aiohttp versions);
 - LiteLLM's proxy (`litellm --config`, pinned in .cache/bench/litellm by bench/requirements-litellm.txt)
   pointed at the mock as an `openai/` model: no database, no callbacks, no telemetry, the local
   model cost map (there is no internet), errors-only logging, one worker, a master key.

@@ -25,7 +25,7 @@ QUICK_NOTE = " — **quick mode**: one short round, for development, not for quo
 PATH_ORDER = ["direct", "bare", "litellm", "playground", "prepaid", "x402"]
 DESCRIPTIONS = {
     "direct": "wrk → mock upstream (no proxy: the floor of latency)",
-    "bare": "→ bare proxy (uvicorn + FastAPI + httpx, no payments, no database) → mock",
+    "bare": "→ bare proxy (uvicorn + FastAPI + aiohttp, no payments, no database) → mock",
     "litellm": "→ LiteLLM proxy (no database, no callbacks, master key) → mock",
     "playground": "→ quotra serve, free playground call → mock",
     "prepaid": "→ quotra serve, prepaid API key (reserve → capture → settle_charges) → mock",

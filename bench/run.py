@@ -6,7 +6,7 @@ with --store postgres|both), each its own process. Then, in R interleaved rounds
 runs every path once per load mode, in a rotated order), it measures six paths:
 
     direct      wrk -> mock upstream (the floor of latency)
-    bare        -> bare proxy (uvicorn + FastAPI + httpx, no payments, no database) -> mock
+    bare        -> bare proxy (uvicorn + FastAPI + aiohttp, no payments, no database) -> mock
     litellm     -> LiteLLM proxy -> mock
     playground  -> quotra serve, free calls -> mock
     prepaid     -> quotra serve, `Authorization: Bearer sk-quotra-…` -> mock
@@ -506,6 +506,7 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
         "fastapi",
         "starlette",
         "uvicorn",
+        "aiohttp",
         "httpx",
         "sqlalchemy",
         "aiosqlite",

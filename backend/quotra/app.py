@@ -43,6 +43,7 @@ from quotra.store.db import create_engine, upgrade
 from quotra.store.prepaid_repo import PrepaidStore
 from quotra.store.repositories import Store
 from quotra.store.transactions import Transactions
+from quotra.upstream import create_session
 from quotra.vault import Vault
 
 log = logging.getLogger("quotra.app")
@@ -241,8 +242,8 @@ def create_app(
     http_transport: httpx.AsyncBaseTransport | None = None,
     relayer: Relayer | None = None,
 ) -> FastAPI:
-    """The relay. Tests inject fakes for the upstream adapters, ERC-1271, outgoing HTTP and the
-    relayer."""
+    """The relay. Tests inject fakes for the upstream adapters, ERC-1271, the relay's other
+    outgoing HTTP (`http_transport`) and the relayer."""
     settings = settings or Settings()
     metrics = Metrics()
 
@@ -257,18 +258,20 @@ def create_app(
         transactions = Transactions(engine)
         calls = CallStore(engine, transactions)
         outbox = Outbox(engine, transactions)
+        # Everything but the upstream calls: the chain RPC health check, the relayer, its JWKS.
         http = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.upstream_timeout_seconds, connect=10.0),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
             transport=http_transport,
             follow_redirects=False,
         )
-        adapters = AdapterRegistry(http, timeout=settings.upstream_timeout_seconds, factory=adapter_factory)
         netguard = NetGuard.from_lists(
             allow_private=settings.upstream_allow_private,
             allowlist=settings.upstream_allowlist,
             denylist=settings.upstream_denylist,
         )
+        upstreams = create_session(timeout=settings.upstream_timeout_seconds, guard=netguard)
+        adapters = AdapterRegistry(upstreams, factory=adapter_factory)
         cache = ListingCache(store, settings.listing_cache_ttl_seconds)
         limiter = TokenBucketLimiter()
         listing_service = ListingService(
@@ -365,6 +368,7 @@ def create_app(
             await prepaid.close()
             if escrow is not None:
                 await escrow.close()
+            await upstreams.close()
             await http.aclose()
             await transactions.close()
             await engine.dispose()

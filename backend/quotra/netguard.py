@@ -1,7 +1,9 @@
 """SSRF guard for provider-supplied base URLs (`openai-compatible` listings).
 
 Every address a host name resolves to must be public, unless the operator allows private
-networks or lists the host/network explicitly. Name resolution runs in the loop's executor.
+networks or lists the host/network explicitly. A listing's base URL is checked when it is saved,
+and again on every connection by `GuardedResolver`, so a name that later resolves elsewhere (DNS
+rebinding) cannot reach an internal address. Name resolution runs in the loop's executor.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
 
 from quotra.errors import BadRequest
 
@@ -66,6 +71,10 @@ class NetGuard:
         deny_hosts, deny_networks = _parse_rules(denylist)
         return cls(allow_private, allow_hosts, allow_networks, deny_hosts, deny_networks, require_https)
 
+    def check_host(self, host: str) -> None:
+        if host in self.deny_hosts:
+            raise UnsafeUpstream(f"base_url host {host} is denied", param="base_url")
+
     def check_address(self, host: str, address: IPAddress) -> None:
         if any(address in net for net in self.deny_networks):
             raise UnsafeUpstream(f"base_url host {host} resolves to a denied address", param="base_url")
@@ -106,8 +115,7 @@ class NetGuard:
             raise UnsafeUpstream("base_url has a bad port", param="base_url") from exc
         if not host:
             raise UnsafeUpstream("base_url needs a host", param="base_url")
-        if host in self.deny_hosts:
-            raise UnsafeUpstream(f"base_url host {host} is denied", param="base_url")
+        self.check_host(host)
         try:
             addresses: list[IPAddress] = [ipaddress.ip_address(host)]
         except ValueError:
@@ -119,3 +127,26 @@ class NetGuard:
         for address in addresses:
             self.check_address(host, address)
         return url.rstrip("/")
+
+
+class GuardedResolver(AbstractResolver):
+    """aiohttp's default resolver, refusing (with `UnsafeUpstream`) a name the guard denies or
+    that resolves to any address it refuses. aiohttp caches what passed, and never asks a
+    resolver about an IP literal: `check_url` vetted those when the listing was saved."""
+
+    def __init__(self, guard: NetGuard) -> None:
+        self._guard = guard
+        self._resolver = ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        name = host.lower().rstrip(".")
+        self._guard.check_host(name)
+        results = await self._resolver.resolve(host, port, family)
+        for result in results:
+            self._guard.check_address(name, ipaddress.ip_address(result["host"].split("%")[0]))
+        return results
+
+    async def close(self) -> None:
+        await self._resolver.close()

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import httpx
 from eth_account import Account
 from eth_account.messages import encode_defunct
@@ -34,9 +35,7 @@ class FakeUpstream:
     in_flight: int = 0
     max_in_flight: int = 0
 
-    def factory(
-        self, kind: str, *, client: httpx.AsyncClient, base_url: str | None = None, timeout: float = 60.0
-    ):
+    def factory(self, kind: str, *, session: aiohttp.ClientSession, base_url: str | None = None):
         return FakeAdapter(self, kind, base_url)
 
 

@@ -1,9 +1,16 @@
-"""SSRF guard for openai-compatible base URLs."""
+"""SSRF guard for openai-compatible base URLs: when a listing is saved, and at connect time."""
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+from collections.abc import Callable
+
 import pytest
-from quotra.netguard import NetGuard, UnsafeUpstream
+from quotra.app import create_app
+from quotra.config import Settings
+from quotra.netguard import GuardedResolver, NetGuard, UnsafeUpstream
+from quotra.upstream import UpstreamUnavailable
 from relay_helpers import listing_body
 
 STRICT = NetGuard.from_lists(allow_private=False, allowlist=[], denylist=[])
@@ -77,14 +84,52 @@ async def test_denylist_wins_even_for_public_addresses() -> None:
 
 
 async def test_every_resolved_address_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ipaddress
-
     async def resolve(self: NetGuard, host: str, port: int) -> list:
         return [ipaddress.ip_address("93.184.216.34"), ipaddress.ip_address("10.0.0.1")]
 
     monkeypatch.setattr(NetGuard, "resolve", resolve)
     with pytest.raises(UnsafeUpstream, match=r"10\.0\.0\.1"):
         await STRICT.check_url("http://mixed.example/v1")
+
+
+async def test_resolver__name_resolving_to_loopback__refused_unless_allowed() -> None:
+    with pytest.raises(UnsafeUpstream, match=r"localhost resolves to .*\(127\.0\.0\.1\)"):
+        await GuardedResolver(STRICT).resolve("localhost", 80)
+
+    for guard in (
+        NetGuard.from_lists(allow_private=True, allowlist=[], denylist=[]),
+        NetGuard.from_lists(allow_private=False, allowlist=["localhost"], denylist=[]),
+    ):
+        results = await GuardedResolver(guard).resolve("localhost", 80)
+        assert results and all(ipaddress.ip_address(r["host"]).is_loopback for r in results)
+
+
+async def test_resolver__denied_name__refused_before_resolving() -> None:
+    guard = NetGuard.from_lists(allow_private=True, allowlist=[], denylist=["blocked.example"])
+
+    with pytest.raises(UnsafeUpstream, match=r"blocked\.example is denied"):
+        await GuardedResolver(guard).resolve("Blocked.Example.", 443)
+
+
+@pytest.mark.parametrize(
+    ("allow_private", "refusal"),
+    [(False, "address refused: base_url host localhost"), (True, "could not connect")],
+)
+async def test_relay_upstream_calls__connect_through_the_guard(
+    make_settings: Callable[..., Settings], allow_private: bool, refusal: str
+) -> None:
+    # An openai-compatible listing saved while its name resolved to a public address, later
+    # resolving to loopback: refused when private networks are not allowed, tried when they are.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    app = create_app(make_settings(upstream_allow_private=allow_private, prepaid_refresh_seconds=0))
+    async with app.router.lifespan_context(app):
+        adapters = app.state.runtime.listings.adapters
+        adapter = adapters.get("openai-compatible", f"http://localhost:{closed_port}/v1")
+
+        with pytest.raises(UpstreamUnavailable, match=refusal):
+            await adapter.check_key("")
 
 
 async def test_listing_with_loopback_base_url_is_refused_over_http(relay) -> None:

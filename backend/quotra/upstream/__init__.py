@@ -1,13 +1,15 @@
 """Upstream adapters: one per provider kind, all speaking OpenAI chat-completions to the relay.
 
-`get_adapter(kind, client=...)` returns an `Adapter` (see `base`); adapters are cheap to build
-and hold no per-request state, so one per listing (or per call) is fine.
+`get_adapter(kind, session=...)` returns an `Adapter` (see `base`); adapters are cheap to build
+and hold no per-request state, so one per listing (or per call) is fine. They all send through
+one `aiohttp.ClientSession` from `create_session`.
 """
 
 from __future__ import annotations
 
-import httpx
+import aiohttp
 
+from ._http import create_session
 from .anthropic import AnthropicAdapter
 from .base import (
     Adapter,
@@ -37,31 +39,29 @@ __all__ = [
     "UpstreamRateLimited",
     "UpstreamUnavailable",
     "Usage",
+    "create_session",
     "get_adapter",
 ]
 
 UPSTREAM_KINDS = ("openai", "anthropic", "gemini", "openai-compatible", "sandbox")
 
 
-def get_adapter(
-    kind: str, *, client: httpx.AsyncClient, base_url: str | None = None, timeout: float = 60.0
-) -> Adapter:
-    """The adapter for an upstream `kind`, sending through the shared `client`.
+def get_adapter(kind: str, *, session: aiohttp.ClientSession, base_url: str | None = None) -> Adapter:
+    """The adapter for an upstream `kind`, sending through the shared `session`.
 
-    `base_url` overrides the provider's default; `openai-compatible` requires one. `timeout` (in
-    seconds) bounds connecting and each read, so a stream may run longer as long as it flows.
-    The sandbox ignores all three: it never touches the network.
+    `base_url` overrides the provider's default; `openai-compatible` requires one. The sandbox
+    ignores both: it never touches the network.
     """
     if kind == "openai":
-        return OpenAIAdapter(client=client, base_url=base_url, timeout=timeout)
+        return OpenAIAdapter(session=session, base_url=base_url)
     if kind == "openai-compatible":
         if not base_url:
             raise ValueError("an openai-compatible upstream needs a base_url")
-        return OpenAIAdapter(client=client, base_url=base_url, timeout=timeout, kind=kind)
+        return OpenAIAdapter(session=session, base_url=base_url, kind=kind)
     if kind == "anthropic":
-        return AnthropicAdapter(client=client, base_url=base_url, timeout=timeout)
+        return AnthropicAdapter(session=session, base_url=base_url)
     if kind == "gemini":
-        return GeminiAdapter(client=client, base_url=base_url, timeout=timeout)
+        return GeminiAdapter(session=session, base_url=base_url)
     if kind == "sandbox":
         return SandboxAdapter()
     raise ValueError(f"unknown upstream kind {kind!r}; expected one of {', '.join(UPSTREAM_KINDS)}")

@@ -1,17 +1,21 @@
-"""What the HTTP adapters share: the JSON codec, an SSE decoder, status → exception mapping,
-API-key redaction, and a base class that sends requests and streams server-sent events."""
+"""What the HTTP adapters share: the aiohttp session they send through, the JSON codec, an SSE
+decoder, status → exception mapping, API-key redaction, and a base class that sends requests
+and streams server-sent events."""
 
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import anyio
-import httpx
+
+from quotra.netguard import GuardedResolver, NetGuard, UnsafeUpstream
 
 from .base import (
     UpstreamAuthError,
@@ -44,11 +48,73 @@ json_dumps, json_loads, JSON_ERRORS = _load_codec()
 MAX_UPSTREAM_MESSAGE = 500
 # How long to wait for the end of a body after its terminator event before closing instead.
 DRAIN_SECONDS = 0.5
+CONNECT_SECONDS = 10.0
+MAX_CONNECTIONS = 1000
+
+
+# --------------------------------------------------------------------------------------------
+# Session
+# --------------------------------------------------------------------------------------------
+
+
+def create_session(*, timeout: float, guard: NetGuard) -> aiohttp.ClientSession:
+    """The one client session every upstream adapter sends through; call it inside the running
+    loop and close it when done.
+
+    `timeout` (seconds) bounds getting a connection and each read, not a whole answer, so a
+    stream may run longer as long as it flows; a new connection must also be up within 10 s.
+    Every name is resolved through `guard` (see `GuardedResolver`). No redirects (the adapters
+    ask for none), no cookies, no proxies or credentials from the environment.
+    """
+    connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, resolver=GuardedResolver(guard), ttl_dns_cache=10)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=timeout, sock_connect=CONNECT_SECONDS, sock_read=timeout
+        ),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        raise_for_status=False,
+        trust_env=False,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Server-sent events
 # --------------------------------------------------------------------------------------------
+
+_LINE_END = re.compile(rb"\r\n?|\n")
+
+
+class LineSplitter:
+    """Splits a `text/event-stream` body, as it arrives in chunks, into UTF-8 lines ended by CRLF,
+    LF or CR, however long a line is.
+
+    A line is decoded only once it is complete: UTF-8 never uses the bytes of CR or LF inside a
+    character, so a character split across chunks is whole by then.
+    """
+
+    __slots__ = ("_after_cr", "_partial")
+
+    def __init__(self) -> None:
+        self._partial: list[bytes] = []  # the pieces of a line not yet ended
+        self._after_cr = False  # the last chunk ended with CR: a LF opening the next one ends nothing
+
+    def feed(self, chunk: bytes) -> list[str]:
+        if self._after_cr and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        self._after_cr = chunk[-1:] == b"\r"
+        pieces = _LINE_END.split(chunk)
+        if len(pieces) == 1:
+            self._partial.append(chunk)
+            return []
+        if self._partial:
+            self._partial.append(pieces[0])
+            pieces[0] = b"".join(self._partial)
+            self._partial = []
+        rest = pieces.pop()
+        if rest:
+            self._partial.append(rest)
+        return [piece.decode("utf-8", "replace") for piece in pieces]
 
 
 @dataclass(slots=True)
@@ -119,7 +185,7 @@ def clip(text: str, limit: int = MAX_UPSTREAM_MESSAGE) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def parse_retry_after(headers: httpx.Headers) -> float | None:
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait, from `retry-after-ms` (OpenAI) or `retry-after` (seconds or HTTP date)."""
     value = headers.get("retry-after-ms")
     if value:
@@ -190,15 +256,24 @@ def error_fields(payload: Any, fallback: str) -> tuple[str, str | None]:
     return fallback, None
 
 
+# What a request can fail with before or while its answer arrives: aiohttp's errors (its
+# timeouts are `TimeoutError`s too) and the guard refusing the address.
+TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, UnsafeUpstream)
+
+
 def transport_error(exc: Exception, provider: str, api_key: str) -> UpstreamUnavailable:
-    detail = clip(redact(str(exc), api_key), 200) or type(exc).__name__
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, UnsafeUpstream):
+        return UpstreamUnavailable(
+            f"{provider} upstream address refused: {exc.message}", provider=provider, retryable=False
+        )
+    if isinstance(exc, TimeoutError):
         return UpstreamUnavailable(
             f"{provider} upstream timed out ({type(exc).__name__})", status_code=504, provider=provider
         )
-    if isinstance(exc, httpx.ConnectError):
+    detail = clip(redact(str(exc), api_key), 200) or type(exc).__name__
+    if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamUnavailable(f"could not connect to {provider} upstream: {detail}", provider=provider)
-    if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
+    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
         return UpstreamUnavailable(
             f"{provider} upstream URL is invalid: {detail}", provider=provider, retryable=False
         )
@@ -213,41 +288,41 @@ def transport_error(exc: Exception, provider: str, api_key: str) -> UpstreamUnav
 class HTTPAdapter(ABC):
     """Sends JSON to one provider and maps every failure to an `UpstreamError`.
 
-    Exceptions are raised outside `except` blocks on purpose: a chained httpx exception would
-    carry the request, and with it the API key in its headers.
+    Exceptions are raised outside `except` blocks on purpose: a chained aiohttp exception can
+    carry the request (`request_info`), and with it the API key in its headers.
     """
 
     kind: str
 
-    def __init__(self, *, client: httpx.AsyncClient, timeout: float) -> None:
-        self._client = client
-        self._timeout = httpx.Timeout(timeout)
+    def __init__(self, *, session: aiohttp.ClientSession) -> None:
+        self._session = session
 
     @abstractmethod
     def _headers(self, api_key: str) -> dict[str, str]:
-        """The upstream's auth headers for `api_key`."""
+        """The upstream's headers for `api_key`, `content-type: application/json` among them."""
 
     def _classify(self, status: int, payload: Any) -> int:
         """The status to map by; Gemini overrides it (a bad key there is a 400)."""
         return status
 
-    def _retry_after(self, response: httpx.Response, payload: Any) -> float | None:
-        return parse_retry_after(response.headers)
+    def _retry_after(self, headers: Mapping[str, str], payload: Any) -> float | None:
+        return parse_retry_after(headers)
 
-    def _error(self, response: httpx.Response, api_key: str) -> UpstreamError:
-        status = response.status_code
+    def _error(self, response: aiohttp.ClientResponse, content: bytes, api_key: str) -> UpstreamError:
+        status = response.status
         try:
-            payload: Any = json_loads(response.content)
+            payload: Any = json_loads(content)
         except JSON_ERRORS:
             payload = None
-        upstream_message, error_type = error_fields(payload, response.text or response.reason_phrase)
+        fallback = content.decode("utf-8", "replace") or response.reason or ""
+        upstream_message, error_type = error_fields(payload, fallback)
         message = f"{self.kind} upstream answered {status}: {clip(redact(upstream_message, api_key))}"
         error = error_for_status(
             self._classify(status, payload),
             message,
             provider=self.kind,
             error_type=error_type,
-            retry_after=self._retry_after(response, payload),
+            retry_after=self._retry_after(response.headers, payload),
         )
         error.status_code = status  # classified by meaning, but report what the upstream said
         return error
@@ -258,16 +333,17 @@ class HTTPAdapter(ABC):
     async def _post_json(self, url: str, body: dict[str, Any], api_key: str) -> dict[str, Any]:
         failure: UpstreamError
         try:
-            response = await self._client.post(
-                url, content=json_dumps(body), headers=self._headers(api_key), timeout=self._timeout
-            )
-        except (httpx.RequestError, httpx.InvalidURL) as exc:
+            async with self._session.post(
+                url, data=json_dumps(body), headers=self._headers(api_key), allow_redirects=False
+            ) as response:
+                content = await response.read()
+        except TRANSPORT_ERRORS as exc:
             failure = transport_error(exc, self.kind, api_key)
         else:
-            if response.status_code >= 300:
-                raise self._error(response, api_key)
+            if response.status >= 300:
+                raise self._error(response, content, api_key)
             try:
-                data = json_loads(response.content)
+                data = json_loads(content)
             except JSON_ERRORS:
                 data = None
             if isinstance(data, dict):
@@ -278,13 +354,16 @@ class HTTPAdapter(ABC):
     async def _get(self, url: str, api_key: str) -> None:
         failure: UpstreamError
         try:
-            response = await self._client.get(url, headers=self._headers(api_key), timeout=self._timeout)
-        except (httpx.RequestError, httpx.InvalidURL) as exc:
+            async with self._session.get(
+                url, headers=self._headers(api_key), allow_redirects=False
+            ) as response:
+                content = await response.read()  # read, so the connection goes back to the pool
+        except TRANSPORT_ERRORS as exc:
             failure = transport_error(exc, self.kind, api_key)
         else:
-            if response.status_code < 300:
+            if response.status < 300:
                 return
-            failure = self._error(response, api_key)
+            failure = self._error(response, content, api_key)
         raise failure
 
     async def _events(
@@ -297,24 +376,24 @@ class HTTPAdapter(ABC):
         """
         failure: UpstreamError | None = None
         try:
-            async with self._client.stream(
-                "POST", url, content=json_dumps(body), headers=self._headers(api_key), timeout=self._timeout
+            async with self._session.post(
+                url, data=json_dumps(body), headers=self._headers(api_key), allow_redirects=False
             ) as response:
-                if response.status_code >= 300:
-                    await response.aread()
-                    raise self._error(response, api_key)
+                if response.status >= 300:
+                    raise self._error(response, await response.read(), api_key)
+                lines = LineSplitter()
                 decoder = SSEDecoder()
-                lines = response.aiter_lines()
-                async for line in lines:
-                    event = decoder.feed(line)
-                    if event is not None:
-                        yield event
-                        if finished():
-                            await _drain(lines)
-                            return
+                async for chunk in response.content.iter_any():
+                    for line in lines.feed(chunk):
+                        event = decoder.feed(line)
+                        if event is not None:
+                            yield event
+                            if finished():
+                                await _drain(response.content)
+                                return
                 # An incomplete last event (no blank line) is dropped: the stream broke off, and
                 # the adapters notice the missing terminator.
-        except (httpx.RequestError, httpx.InvalidURL) as exc:
+        except TRANSPORT_ERRORS as exc:
             failure = transport_error(exc, self.kind, api_key)
         if failure is not None:
             raise failure
@@ -329,12 +408,12 @@ class HTTPAdapter(ABC):
             raise self._invalid_json() from None
 
 
-async def _drain(lines: AsyncIterator[str]) -> None:
+async def _drain(content: aiohttp.StreamReader) -> None:
     with anyio.move_on_after(DRAIN_SECONDS):
         try:
-            async for _ in lines:
+            while await content.readany():
                 pass
-        except httpx.HTTPError:
+        except aiohttp.ClientError:
             pass  # the answer is complete; a reset after it changes nothing
 
 

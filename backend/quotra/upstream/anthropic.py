@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-import httpx
+import aiohttp
 
 from ._http import HTTPAdapter, clip, error_for_status, json_dumps, now, redact
 from ._shapes import (
@@ -368,10 +368,8 @@ class StreamTranslator:
 class AnthropicAdapter(HTTPAdapter):
     kind = PROVIDER
 
-    def __init__(
-        self, *, client: httpx.AsyncClient, base_url: str | None = None, timeout: float = 60.0
-    ) -> None:
-        super().__init__(client=client, timeout=timeout)
+    def __init__(self, *, session: aiohttp.ClientSession, base_url: str | None = None) -> None:
+        super().__init__(session=session)
         base = (base_url or DEFAULT_BASE_URL).rstrip("/").removesuffix("/v1")
         self._messages_url = base + "/v1/messages"
         self._models_url = base + "/v1/models"

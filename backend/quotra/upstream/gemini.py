@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import functools
 import mimetypes
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from typing import Any
 from urllib.parse import quote
 
-import httpx
+import aiohttp
 
 from ._http import JSON_ERRORS, HTTPAdapter, clip, error_for_status, json_dumps, json_loads, now, redact
 from ._shapes import (
@@ -369,10 +369,8 @@ def _model_path(model: str) -> str:
 class GeminiAdapter(HTTPAdapter):
     kind = PROVIDER
 
-    def __init__(
-        self, *, client: httpx.AsyncClient, base_url: str | None = None, timeout: float = 60.0
-    ) -> None:
-        super().__init__(client=client, timeout=timeout)
+    def __init__(self, *, session: aiohttp.ClientSession, base_url: str | None = None) -> None:
+        super().__init__(session=session)
         self._root = (base_url or DEFAULT_BASE_URL).rstrip("/").removesuffix("/v1beta") + "/v1beta/"
         self._models_url = self._root + "models"
         self._static_headers = {"content-type": "application/json", "accept": "application/json"}
@@ -393,8 +391,8 @@ class GeminiAdapter(HTTPAdapter):
                     return 401
         return status
 
-    def _retry_after(self, response: httpx.Response, payload: Any) -> float | None:
-        header = super()._retry_after(response, payload)
+    def _retry_after(self, headers: Mapping[str, str], payload: Any) -> float | None:
+        header = super()._retry_after(headers, payload)
         if header is not None or not isinstance(payload, dict):
             return header
         error = payload.get("error")

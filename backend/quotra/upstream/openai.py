@@ -9,7 +9,7 @@ from contextlib import aclosing
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 
 from ._http import HTTPAdapter, clip, error_fields, error_for_status, now, redact
 from .base import Completion, UpstreamError, Usage, approx_tokens
@@ -68,12 +68,11 @@ class OpenAIAdapter(HTTPAdapter):
     def __init__(
         self,
         *,
-        client: httpx.AsyncClient,
+        session: aiohttp.ClientSession,
         base_url: str | None = None,
-        timeout: float = 60.0,
         kind: str = "openai",
     ) -> None:
-        super().__init__(client=client, timeout=timeout)
+        super().__init__(session=session)
         self.kind = kind
         root = api_root(base_url or DEFAULT_BASE_URL)
         self._completions_url = root + "/chat/completions"

@@ -36,6 +36,7 @@ async def record(recorder: Recorder, provider: str, request: Request) -> Any:
             query=request.url.query,
             headers={k.lower(): v for k, v in request.headers.items()},
             body=body,
+            client=(request.client.host, request.client.port) if request.client else None,
         )
     )
     return body

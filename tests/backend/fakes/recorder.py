@@ -16,6 +16,7 @@ class RecordedRequest:
     query: str
     headers: dict[str, str]
     body: Any
+    client: tuple[str, int] | None  # the address it came from: one per connection
 
 
 @dataclass(frozen=True)

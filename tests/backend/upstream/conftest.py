@@ -7,7 +7,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import httpx
+import aiohttp
 import pytest
 
 # tests/backend is on sys.path once its conftest.py is loaded; this also covers `--confcutdir` runs.
@@ -16,7 +16,7 @@ if _BACKEND_TESTS not in sys.path:
     sys.path.insert(0, _BACKEND_TESTS)
 
 from fakes import FakeUpstreams, start_fake_upstreams  # noqa: E402
-from upstream_helpers import KINDS, TLS, Harness  # noqa: E402
+from upstream_helpers import KINDS, Harness, upstream_session  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -32,13 +32,13 @@ def _fresh_recorder(fake_upstreams: FakeUpstreams) -> Iterator[None]:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(verify=TLS) as http:
-        yield http
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with upstream_session() as upstreams:
+        yield upstreams
 
 
 @pytest.fixture(params=KINDS)
 def harness(
-    request: pytest.FixtureRequest, fake_upstreams: FakeUpstreams, client: httpx.AsyncClient
+    request: pytest.FixtureRequest, fake_upstreams: FakeUpstreams, session: aiohttp.ClientSession
 ) -> Harness:
-    return Harness(request.param, fake_upstreams, client)
+    return Harness(request.param, fake_upstreams, session)

@@ -1,6 +1,6 @@
 """Behaviour every HTTP adapter shares, each against its provider's fake over real HTTP:
 translation to OpenAI completions and chunks, usage, finish reasons, error mapping, timeouts,
-broken streams, early close, key checks and key hygiene."""
+refused addresses, broken streams, early close, key checks and key hygiene."""
 
 from __future__ import annotations
 
@@ -9,18 +9,17 @@ import socket
 import time
 from typing import Any
 
-import httpx
 import pytest
 from fakes import scenarios
+from quotra.netguard import NetGuard
 from quotra.upstream import (
     UpstreamAuthError,
     UpstreamBadRequest,
     UpstreamError,
     UpstreamRateLimited,
     UpstreamUnavailable,
-    get_adapter,
 )
-from upstream_helpers import TLS, Harness, assert_key_hidden, chat, finish_reasons, text_of
+from upstream_helpers import Harness, assert_key_hidden, chat, finish_reasons, text_of, upstream_session
 
 LONG_USER = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
 WRONG_KEY = "sk-wrong-key-0123456789abcdefghijklmnopqrstuv"
@@ -205,14 +204,15 @@ async def test_upstream_quotes_the_key__never_reaches_the_exception(
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
 async def test_slow_upstream__timeout__unavailable(harness: Harness, streaming: bool) -> None:
-    adapter = harness.adapter(timeout=0.15)
     started = time.monotonic()
 
     with pytest.raises(UpstreamUnavailable) as caught:
-        if streaming:
-            [c async for c in adapter.stream(chat(), api_key=harness.key, model=scenarios.SLOW)]
-        else:
-            await adapter.complete(chat(), api_key=harness.key, model=scenarios.SLOW)
+        async with upstream_session(timeout=0.15) as session:
+            adapter = harness.adapter(session=session)
+            if streaming:
+                [c async for c in adapter.stream(chat(), api_key=harness.key, model=scenarios.SLOW)]
+            else:
+                await adapter.complete(chat(), api_key=harness.key, model=scenarios.SLOW)
 
     assert time.monotonic() - started < scenarios.SLOW_SECONDS
     assert caught.value.status_code == 504
@@ -241,6 +241,40 @@ async def test_nothing_listening__connection_error__unavailable(harness: Harness
     assert caught.value.status_code == 502
     assert "connect" in str(caught.value)
     assert_key_hidden(caught.value, harness.key)
+
+
+def _by_name(harness: Harness) -> str:
+    """The fake's base URL with `localhost` for its loopback address: a name to resolve."""
+    return harness.fakes.base_urls[harness.kind].replace("127.0.0.1", "localhost")
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["complete", "stream"])
+async def test_name_resolving_to_loopback__private_addresses_refused__unavailable_not_retryable(
+    harness: Harness, streaming: bool
+) -> None:
+    # The listing's check passed when it was saved; the name now resolves to a loopback address.
+    async with upstream_session(guard=NetGuard(allow_private=False)) as session:
+        adapter = harness.adapter(session=session, base_url=_by_name(harness))
+        with pytest.raises(UpstreamUnavailable) as caught:
+            if streaming:
+                [c async for c in adapter.stream(chat(), api_key=harness.key, model=scenarios.MODEL)]
+            else:
+                await adapter.complete(chat(), api_key=harness.key, model=scenarios.MODEL)
+
+    assert caught.value.retryable is False
+    assert "address refused: base_url host localhost resolves to a private" in str(caught.value)
+    assert_key_hidden(caught.value, harness.key)
+    with pytest.raises(LookupError):
+        harness.fakes.recorder.last_request(harness.provider)  # nothing was sent
+
+
+async def test_name_resolving_to_loopback__private_addresses_allowed__answered(harness: Harness) -> None:
+    async with upstream_session(guard=NetGuard(allow_private=True)) as session:
+        adapter = harness.adapter(session=session, base_url=_by_name(harness))
+
+        completion = await adapter.complete(chat(), api_key=harness.key, model=scenarios.MODEL)
+
+    assert completion.body["choices"][0]["message"]["content"] == harness.expected_text()
 
 
 async def test_complete__body_cut_off__unavailable(harness: Harness) -> None:
@@ -324,18 +358,12 @@ async def test_stream__read_to_the_end__upstream_sees_a_completed_response(harne
 async def test_stream__connection_is_reused_after_a_complete_stream(harness: Harness) -> None:
     # The adapter reads the body to its end after the last event, so the pooled connection
     # serves the next request instead of being torn down.
-    peers: list[Any] = []
+    peers = []
+    for _ in range(2):
+        [c async for c in harness.adapter().stream(chat(), api_key=harness.key, model=scenarios.MODEL)]
+        peers.append(harness.fakes.recorder.last_request(harness.provider).client)
 
-    async def remember(response: httpx.Response) -> None:
-        stream = response.extensions.get("network_stream")
-        peers.append(stream.get_extra_info("socket").getsockname() if stream is not None else None)
-
-    async with httpx.AsyncClient(verify=TLS, event_hooks={"response": [remember]}) as client:
-        adapter = get_adapter(harness.kind, client=client, base_url=harness.fakes.base_urls[harness.kind])
-        for _ in range(2):
-            [c async for c in adapter.stream(chat(), api_key=harness.key, model=scenarios.MODEL)]
-
-    assert len(peers) == 2 and peers[0] == peers[1]
+    assert peers[0] is not None and peers[0] == peers[1]
 
 
 # --------------------------------------------------------------------------------------------

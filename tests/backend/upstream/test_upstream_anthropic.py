@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
+import aiohttp
 import pytest
 from fakes import FakeUpstreams, scenarios
 from quotra.upstream import UpstreamBadRequest, UpstreamRateLimited, UpstreamUnavailable, get_adapter
@@ -26,8 +26,8 @@ WEATHER_TOOL = {
 
 
 @pytest.fixture
-def anthropic(fake_upstreams: FakeUpstreams, client: httpx.AsyncClient) -> Adapter:
-    return get_adapter("anthropic", client=client, base_url=fake_upstreams.anthropic)
+def anthropic(fake_upstreams: FakeUpstreams, session: aiohttp.ClientSession) -> Adapter:
+    return get_adapter("anthropic", session=session, base_url=fake_upstreams.anthropic)
 
 
 async def test_complete__sends_a_messages_request_with_anthropic_headers(

@@ -1,11 +1,12 @@
-"""The contract pieces: exceptions, usage, SSE decoding, status mapping, redaction, get_adapter."""
+"""The contract pieces: exceptions, usage, SSE line splitting and decoding, status mapping,
+redaction, get_adapter."""
 
 from __future__ import annotations
 
 import email.utils
 import time
 
-import httpx
+import aiohttp
 import pytest
 from quotra.upstream import (
     UPSTREAM_KINDS,
@@ -22,9 +23,15 @@ from quotra.upstream import (
     Usage,
     get_adapter,
 )
-from quotra.upstream._http import SSEDecoder, SSEEvent, error_for_status, parse_retry_after, redact
+from quotra.upstream._http import (
+    LineSplitter,
+    SSEDecoder,
+    SSEEvent,
+    error_for_status,
+    parse_retry_after,
+    redact,
+)
 from quotra.upstream.openai import api_root
-from upstream_helpers import TLS
 
 # --------------------------------------------------------------------------------------------
 # Types
@@ -127,6 +134,36 @@ def test_sse__event_without_data__dropped_and_trailing_partial_event__never_disp
     assert decode("event: ping\n\ndata: cut-off") == []
 
 
+def split(*chunks: bytes) -> list[str]:
+    splitter = LineSplitter()
+    return [line for chunk in chunks for line in splitter.feed(chunk)]
+
+
+def test_lines__lf_crlf_and_cr__each_ends_a_line() -> None:
+    assert split(b"a\nb\r\nc\rd\n\r\n") == ["a", "b", "c", "d", ""]
+
+
+def test_lines__crlf_split_across_chunks__one_line_end() -> None:
+    assert split(b"a\r", b"\nb\r", b"\r\n") == ["a", "b", ""]
+
+
+def test_lines__unended_last_line__held_back() -> None:
+    splitter = LineSplitter()
+
+    assert splitter.feed(b"data: 1\n\ndata: cut") == ["data: 1", ""]
+    assert splitter.feed(b"-off") == []
+    assert splitter.feed(b"\n") == ["data: cut-off"]
+
+
+def test_lines__line_over_128_kib_cut_inside_characters__decoded_whole() -> None:
+    line = "data: " + "é€😀" * 15_000
+    raw = line.encode()
+    cuts = [raw.index("€".encode()) + 1, raw.index("😀".encode()) + 2, len(raw) - 1]
+    chunks = [raw[i:j] for i, j in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
+
+    assert split(*chunks, b"\n") == [line]
+
+
 # --------------------------------------------------------------------------------------------
 # Redaction and retry-after
 # --------------------------------------------------------------------------------------------
@@ -161,13 +198,13 @@ def test_redact__unrelated_text__unchanged() -> None:
     ],
 )
 def test_parse_retry_after__seconds_and_milliseconds(headers: dict[str, str], expected: float | None) -> None:
-    assert parse_retry_after(httpx.Headers(headers)) == expected
+    assert parse_retry_after(headers) == expected
 
 
 def test_parse_retry_after__http_date__seconds_until_then() -> None:
     when = email.utils.formatdate(time.time() + 30, usegmt=True)
 
-    value = parse_retry_after(httpx.Headers({"retry-after": when}))
+    value = parse_retry_after({"retry-after": when})
 
     assert value is not None and 27 <= value <= 30
 
@@ -177,11 +214,8 @@ def test_parse_retry_after__http_date__seconds_until_then() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-async def test_get_adapter__every_kind__an_adapter_of_that_kind() -> None:
-    async with httpx.AsyncClient(verify=TLS) as client:
-        adapters = {
-            kind: get_adapter(kind, client=client, base_url="http://h:1/v1") for kind in UPSTREAM_KINDS
-        }
+async def test_get_adapter__every_kind__an_adapter_of_that_kind(session: aiohttp.ClientSession) -> None:
+    adapters = {kind: get_adapter(kind, session=session, base_url="http://h:1/v1") for kind in UPSTREAM_KINDS}
 
     assert UPSTREAM_KINDS == ("openai", "anthropic", "gemini", "openai-compatible", "sandbox")
     assert {kind: a.kind for kind, a in adapters.items()} == {k: k for k in UPSTREAM_KINDS}
@@ -193,16 +227,16 @@ async def test_get_adapter__every_kind__an_adapter_of_that_kind() -> None:
     assert all(isinstance(a, Adapter) for a in adapters.values())
 
 
-async def test_get_adapter__unknown_kind__value_error() -> None:
-    async with httpx.AsyncClient(verify=TLS) as client:
-        with pytest.raises(ValueError, match="unknown upstream kind 'mistral'"):
-            get_adapter("mistral", client=client)
+async def test_get_adapter__unknown_kind__value_error(session: aiohttp.ClientSession) -> None:
+    with pytest.raises(ValueError, match="unknown upstream kind 'mistral'"):
+        get_adapter("mistral", session=session)
 
 
-async def test_get_adapter__openai_compatible_without_base_url__value_error() -> None:
-    async with httpx.AsyncClient(verify=TLS) as client:
-        with pytest.raises(ValueError, match="base_url"):
-            get_adapter("openai-compatible", client=client)
+async def test_get_adapter__openai_compatible_without_base_url__value_error(
+    session: aiohttp.ClientSession,
+) -> None:
+    with pytest.raises(ValueError, match="base_url"):
+        get_adapter("openai-compatible", session=session)
 
 
 @pytest.mark.parametrize(

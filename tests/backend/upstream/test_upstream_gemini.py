@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
+import aiohttp
 import pytest
 from fakes import FakeUpstreams, scenarios
 from quotra.upstream import (
@@ -31,8 +31,8 @@ WEATHER_TOOL = {
 
 
 @pytest.fixture
-def gemini(fake_upstreams: FakeUpstreams, client: httpx.AsyncClient) -> Adapter:
-    return get_adapter("gemini", client=client, base_url=fake_upstreams.gemini)
+def gemini(fake_upstreams: FakeUpstreams, session: aiohttp.ClientSession) -> Adapter:
+    return get_adapter("gemini", session=session, base_url=fake_upstreams.gemini)
 
 
 async def test_complete__generate_content_request_and_key_header(

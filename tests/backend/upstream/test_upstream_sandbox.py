@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import httpx
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+
+import aiohttp
 import pytest
 from quotra.upstream import (
     UpstreamAuthError,
@@ -12,19 +15,23 @@ from quotra.upstream import (
     get_adapter,
 )
 from quotra.upstream.base import Adapter
-from upstream_helpers import TLS, chat, finish_reasons, text_of
+from upstream_helpers import chat, finish_reasons, text_of
 
 SHAPES = ["sandbox-1", "claude-sandbox", "gemini-sandbox"]
 
 
-def no_network(request: httpx.Request) -> httpx.Response:
-    raise AssertionError(f"the sandbox made a request to {request.url}")
+async def no_network(
+    session: aiohttp.ClientSession, context: SimpleNamespace, params: aiohttp.TraceRequestStartParams
+) -> None:
+    raise AssertionError(f"the sandbox made a request to {params.url}")
 
 
 @pytest.fixture
-async def sandbox() -> Adapter:
-    client = httpx.AsyncClient(transport=httpx.MockTransport(no_network), verify=TLS)
-    return get_adapter("sandbox", client=client, base_url="http://never.test")
+async def sandbox() -> AsyncIterator[Adapter]:
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(no_network)
+    async with aiohttp.ClientSession(trace_configs=[trace]) as session:
+        yield get_adapter("sandbox", session=session, base_url="http://never.test")
 
 
 @pytest.mark.parametrize("model", SHAPES)

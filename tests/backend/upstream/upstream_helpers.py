@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import ssl
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 from fakes import FakeUpstreams, scenarios
-from quotra.upstream import Adapter, Completion, UpstreamError, get_adapter
+from quotra.netguard import NetGuard
+from quotra.upstream import Adapter, Completion, UpstreamError, create_session, get_adapter
 
 KINDS = ("openai", "openai-compatible", "anthropic", "gemini")
 USER = "Hello there, how are you today?"
-# One TLS context for every test client: building one per client costs ~60 ms.
-TLS = ssl.create_default_context()
+LOOPBACK_ALLOWED = NetGuard(allow_private=True)
+
+
+def upstream_session(*, timeout: float = 5.0, guard: NetGuard = LOOPBACK_ALLOWED) -> aiohttp.ClientSession:
+    """The relay's upstream session (`create_session`); by default it may reach the fakes on
+    loopback."""
+    return create_session(timeout=timeout, guard=guard)
 
 
 def chat(*messages: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -31,7 +36,7 @@ class Harness:
 
     kind: str
     fakes: FakeUpstreams
-    client: httpx.AsyncClient
+    session: aiohttp.ClientSession
 
     @property
     def provider(self) -> str:
@@ -42,9 +47,11 @@ class Harness:
     def key(self) -> str:
         return self.fakes.api_key
 
-    def adapter(self, *, timeout: float = 5.0, base_url: str | None = None) -> Adapter:
+    def adapter(
+        self, *, session: aiohttp.ClientSession | None = None, base_url: str | None = None
+    ) -> Adapter:
         url = base_url or self.fakes.base_urls[self.kind]
-        return get_adapter(self.kind, client=self.client, base_url=url, timeout=timeout)
+        return get_adapter(self.kind, session=session or self.session, base_url=url)
 
     def expected_text(self, user: str = USER) -> str:
         if self.provider == "openai":  # localmodel's sandbox reply
