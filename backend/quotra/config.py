@@ -151,7 +151,7 @@ class Settings(BaseSettings):
     # balance as of that block, and what settles after it still counts as unpaid.
     x402_head_cache_seconds: float = Field(default=1.0, ge=0, le=60)
     settlement_enabled: bool = True
-    settlement_batch_size: int = Field(default=32, ge=1, le=64)
+    settlement_batch_size: int = Field(default=64, ge=1, le=64)  # the escrow takes at most 64
     settlement_max_age_seconds: float = Field(default=2.0, ge=0, le=3600)
     settlement_poll_seconds: float = Field(default=0.25, gt=0, le=60)
     # With nothing to settle the worker waits this long, or until this replica captures a call.

@@ -312,8 +312,8 @@ async def test_finished_calls_are_carried_over(engine: AsyncEngine) -> None:
         mine = await calls_store.of_payer((PAYER,), limit=10)
         assert [c.id for c in mine] == [by["x402", n].id for n in (5, 4, 3, 2, 1)]
         assert summary(by["x402", 1])["charged"] is True and summary(by["x402", 4])["charged"] is False
-        found = await outbox.find_x402(PAYER, nonce(2))
-        assert found is not None and (found.call_id, found.state) == (by["x402", 2].id, "settled")
+        found = await outbox.find_x402_many([(PAYER, nonce(2))])
+        assert [(f.call_id, f.state) for f in found.values()] == [(by["x402", 2].id, "settled")]
         # Each provider's books: what its settled calls add up to, with the fees the escrow took.
         assert await outbox.credited_by_provider() == {OWNER: (1_000 + 2_000 + 1_500, 100 + 200 + 150)}
         assert await ClaimsRepo(store).listing_earnings(OWNER) == {LISTING: 900 + 1_800 + 1_350}

@@ -130,7 +130,12 @@ async def test_relay_killed_mid_load_and_mid_settlement(
 
         # 1. Killed in the middle of the load.
         load = asyncio.create_task(mixed_load(relay.url, listing["id"], payers, api_key, 120, seed=1))
-        await asyncio.sleep(random.uniform(0.4, 0.9))
+        started = random.randint(5, 30)  # killed after some calls were reserved, never at a fixed time
+
+        async def under_way() -> bool:
+            return len(await all_calls(database_url, [listing["id"]])) >= started
+
+        await wait_until(under_way, 30, f"{started} calls reserved", poll=0.01)
         relay.kill()
         outcomes = await load
         assert any(o.status is None for o in outcomes), "the kill did not land mid-load"

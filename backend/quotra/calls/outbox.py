@@ -561,13 +561,20 @@ class Outbox:
         )
         return _record(X402Payment, rows[0]) if rows else None
 
-    async def find_x402(self, payer: str, nonce: str) -> X402Payment | None:
+    async def find_x402_many(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], X402Payment]:
+        """The x402 calls of these (payer, nonce) pairs, in one query, by (payer, lower-case nonce)."""
+        wanted = {(payer, nonce.lower()) for payer, nonce in keys}
+        if not wanted:
+            return {}
         rows = await self._read(
             select(*_X402_COLUMNS)
             .join(AUTHS, AUTHS.c.call_id == CALLS.c.id)
-            .where(AUTHS.c.payer == payer, AUTHS.c.nonce == nonce.lower())
+            .where(
+                AUTHS.c.payer.in_({payer for payer, _ in wanted}), AUTHS.c.nonce.in_({n for _, n in wanted})
+            )
         )
-        return _record(X402Payment, rows[0]) if rows else None
+        found = (_record(X402Payment, r) for r in rows)
+        return {(p.payer, p.nonce): p for p in found if (p.payer, p.nonce) in wanted}
 
     async def x402_in(self, states: Iterable[str], limit: int = 10_000) -> list[X402Payment]:
         rows = await self._read(

@@ -21,7 +21,7 @@ from typing import Any, Final
 from eth_utils import event_abi_to_log_topic, keccak, to_checksum_address
 from hexbytes import HexBytes
 
-from quotra.calls.outbox import Outbox
+from quotra.calls.outbox import Outbox, X402Payment
 from quotra.chain import merkle
 from quotra.chain.client import EscrowClient
 from quotra.metrics import Metrics
@@ -338,15 +338,17 @@ class Indexer:
                     )
                 ]
             return []
+        credits = await self.credits(event)
+        rows = await self.outbox.find_x402_many((c.payer, c.nonce) for c in credits)
         found = []
-        for credit in await self.credits(event):
-            result = await self.apply(credit)
+        for credit in credits:
+            result = await self.apply(credit, rows.get((credit.payer, credit.nonce.lower())))
             if result is not None:
                 found.append(result)
         return found
 
-    async def apply(self, credit: Credit) -> Discrepancy | None:
-        row = await self.outbox.find_x402(credit.payer, credit.nonce)
+    async def apply(self, credit: Credit, row: X402Payment | None) -> Discrepancy | None:
+        """What one credit says of `row`, the call of its (payer, nonce) (None: no such call)."""
         if row is None:
             return Discrepancy(
                 "unknown_payment", f"{credit.kind} {credit.payer} nonce {credit.nonce} in {credit.tx_hash}"

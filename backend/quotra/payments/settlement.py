@@ -55,7 +55,7 @@ MAX_CHARGE_ROWS: Final = 256
 
 @dataclass(frozen=True)
 class SettlementConfig:
-    batch_size: int = 32
+    batch_size: int = 64  # the most `settle_authorizations` takes
     max_age: float = 2.0
     poll: float = 0.25  # while something waits to settle
     idle: float = 5.0  # with nothing to settle: how soon captures by other replicas are noticed

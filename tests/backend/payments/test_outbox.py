@@ -214,8 +214,10 @@ async def test_finish_and_void_apply_once(books: Books) -> None:
     again = await reserve(books, payer, nonce=nonce)
     assert again not in (kept, voided) and await state(books, voided) == "voided"
     assert (await authorization(books, again)).pending is True
-    found = await books.outbox.find_x402(payer, nonce.upper().replace("0X", "0x"))
-    assert found is not None and (found.call_id, found.state) == (again, "reserved")
+    found = await books.outbox.find_x402_many([(payer, nonce.upper().replace("0X", "0x"))])
+    assert {k: (f.call_id, f.state) for k, f in found.items()} == {
+        (payer, nonce.lower()): (again, "reserved")
+    }
     with pytest.raises(Refused) as refused:
         await reserve(books, payer, nonce=nonce)
     assert refused.value.call is not None and refused.value.call.id == again
