@@ -1,9 +1,10 @@
 """The bare pass-through proxy: the floor the relay is measured against (`bench/run.py`).
 
 The relay's own server and HTTP client stack with no payments and no database: uvicorn (same
-version and settings as `quotra serve`: uvloop, httptools, one worker, no access log), FastAPI, and one shared aiohttp
-`ClientSession` made like the relay's upstream session (`quotra.upstream.create_session`)
-forwarding `POST /v1/chat/completions` to the upstream, streaming when the body asks for it.
+version and settings as `quotra serve`: uvloop, httptools, one worker, no access log), FastAPI,
+and one shared aiohttp `ClientSession` made like the relay's upstream session
+(`quotra.upstream.create_session`) forwarding `POST /v1/chat/completions` to the upstream,
+streaming when the body asks for it.
 Whatever the relay costs above this is the price of its own work.
 
     .venv/bin/python bench/bareproxy.py --port 9001 --upstream http://127.0.0.1:9000/v1 --api-key sk-...
