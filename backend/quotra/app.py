@@ -213,7 +213,11 @@ def connect_chain(
     if location is None or settings.chain_rpc_url is None:
         return None, relayer, None
     escrow = EscrowClient.connect(
-        settings.chain_rpc_url, escrow=location.escrow, usdc=location.usdc, chain_id=settings.chain_id
+        settings.chain_rpc_url,
+        escrow=location.escrow,
+        usdc=location.usdc,
+        chain_id=settings.chain_id,
+        timeout=settings.chain_read_timeout_seconds,
     )
     signer = load_operator(settings)
     if signer is not None and relayer is None:

@@ -85,7 +85,9 @@ class Settings(BaseSettings):
     chain_id: int = 84532
     chain_rpc_url: str | None = None
     deployment_file: Path | None = None
-    readyz_check_chain: bool = True
+    # The deadline of one chain read (the x402 gate's, settlement's, the indexer's), one attempt:
+    # an unreachable or hung node costs a paid call this long at most, then a 503.
+    chain_read_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
     session_ttl_seconds: int = Field(default=3600, ge=60, le=7 * 86400)
     siwe_nonce_ttl_seconds: int = Field(default=600, ge=30, le=86400)
     # The relay's settling key (an escrow operator): the spender of prepaid SpendPermissions and
@@ -132,7 +134,11 @@ class Settings(BaseSettings):
     consumer_rate_per_minute: int = Field(default=120, ge=1)
     playground_free_calls: int = Field(default=3, ge=0)
     sandbox_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # Behind reverse proxies: the client is the address the outermost trusted proxy saw, the
+    # `trusted_proxy_hops`-th entry of X-Forwarded-For from the right (each proxy appends the peer
+    # it saw; the entries left of those are whatever the client wrote).
     trust_forwarded_for: bool = False
+    trusted_proxy_hops: int = Field(default=1, ge=1, le=10)
     listing_cache_ttl_seconds: float = Field(default=2.0, ge=0)
 
     # ---- x402 per-call payments, settlement and the indexer ---------------------------------

@@ -54,6 +54,12 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
+        self.component_up = Gauge(
+            "quotra_component_up",
+            "1 when a component works (database, chain, deployment, x402, settlement), else 0",
+            ["component"],
+            registry=self.registry,
+        )
         self.listing_tokens = Counter(
             "quotra_listing_tokens_total",
             "Tokens per listing",

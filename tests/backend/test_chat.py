@@ -46,7 +46,7 @@ async def test_completion_in_openai_shape(relay) -> None:
     assert await relay.runtime.store.count_calls(listing["id"], "ok") == 1
 
 
-async def test_streaming_sends_chunks_then_usage_then_done(relay) -> None:
+async def test_streaming_sends_chunks_then_done_and_usage_only_when_asked(relay) -> None:
     _, headers = await relay.provider()
     listing = await relay.listing(headers)
     reply = await relay.client.post("/v1/chat/completions", json=chat_body(stream=True), headers=SANDBOX)
@@ -54,11 +54,33 @@ async def test_streaming_sends_chunks_then_usage_then_done(relay) -> None:
     events = sse_events(reply.text)
     assert events[-1] == "[DONE]"
     assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
-    assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] > 0
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in events[:-2] if c["choices"])
+    # Not asked for: no usage chunk, and every chunk has a choice (`chunk.choices[0]` loops work).
+    assert all(e["choices"] and "usage" not in e for e in events[:-1])
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in events[:-1])
     assert text == "part0 part1 part2 "
     assert await relay.runtime.store.count_calls(listing["id"], "ok") == 1
     assert relay.upstream.stream_closed == 1
+    # Asked for: the usage chunk comes last, with no choices, as OpenAI sends it.
+    asked = chat_body(stream=True, stream_options={"include_usage": True})
+    events = sse_events((await relay.client.post("/v1/chat/completions", json=asked, headers=SANDBOX)).text)
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] > 0
+    assert events[-3]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_the_openai_sdk_streams_with_the_usual_loop(relay) -> None:
+    import openai
+
+    _, headers = await relay.provider()
+    await relay.listing(headers)
+    sdk = openai.AsyncOpenAI(
+        base_url="http://testserver/v1", api_key=SANDBOX_KEY, max_retries=0, http_client=relay.client
+    )
+    stream = await sdk.chat.completions.create(
+        model="sandbox-model", messages=[{"role": "user", "content": "Hi"}], stream=True
+    )
+    text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
+    assert text == "part0 part1 part2 "
 
 
 async def test_model_routing_picks_the_cheapest_live_listing(relay) -> None:

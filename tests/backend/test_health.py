@@ -1,4 +1,4 @@
-"""Health, readiness (database, chain) and metrics."""
+"""Health, readiness (the database; the chain and payments as components) and metrics."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ async def test_readyz_checks_the_chain_when_configured(start_relay, make_setting
 
     deployment = tmp_path / "deployment.json"
     deployment.write_text(json.dumps({"escrow": "0x" + "12" * 20, "usdc": "0x" + "34" * 20}))
-    for chain_id, status in [(84532, 200), (1, 503)]:
+    for chain_id, status in [(84532, "ready"), (1, "degraded")]:
         app = create_app(
             make_settings(chain_rpc_url="http://chain.test:8545", deployment_file=deployment),
             http_transport=chain(chain_id),
@@ -48,17 +48,31 @@ async def test_readyz_checks_the_chain_when_configured(start_relay, make_setting
                 httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
             )
             reply = await client.get("/readyz")
-            assert reply.status_code == status, reply.text
+            # A wrong chain is reported, but the relay still serves (prepaid calls need no chain).
+            assert (reply.status_code, reply.json()["status"]) == (200, status), reply.text
             assert reply.json()["checks"]["deployment"]["keys"] == ["escrow", "usdc"]
-            assert reply.json()["checks"]["chain"]["ok"] is (status == 200)
+            assert reply.json()["checks"]["chain"]["ok"] is (status == "ready")
+            metrics = (await client.get("/metrics")).text
+            assert f'quotra_component_up{{component="chain"}} {1.0 if status == "ready" else 0.0}' in metrics
+            assert 'quotra_component_up{component="database"} 1.0' in metrics
 
 
-async def test_readyz_fails_when_the_chain_is_unreachable(start_relay) -> None:
+async def test_readyz_stays_ready_without_the_chain_and_reports_it(start_relay) -> None:
     async with start_relay(chain_rpc_url="http://127.0.0.1:9/") as relay:
         reply = await relay.client.get("/readyz")
-        assert reply.status_code == 503 and reply.json()["checks"]["chain"]["ok"] is False
-    async with start_relay(chain_rpc_url="http://127.0.0.1:9/", readyz_check_chain=False) as relay:
-        assert (await relay.client.get("/readyz")).status_code == 200
+        assert (reply.status_code, reply.json()["status"]) == (200, "degraded")
+        assert reply.json()["checks"]["chain"] == {"ok": False, "error": "ConnectError"}
+        assert reply.json()["checks"]["database"]["ok"] is True
+
+
+async def test_readyz_is_unavailable_without_the_database(relay) -> None:
+    async def down() -> None:
+        raise OSError("database unreachable")
+
+    relay.runtime.store.ping = down
+    reply = await relay.client.get("/readyz")
+    assert (reply.status_code, reply.json()["status"]) == (503, "unavailable")
+    assert reply.json()["checks"]["database"] == {"ok": False, "error": "OSError"}
 
 
 async def test_metrics_count_requests_latency_and_listing_usage(relay) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import socket
 import threading
@@ -265,3 +266,58 @@ class Kit:
         row = await self.outbox.get_x402(call_id)
         assert row is not None and row.state == "captured"
         return row
+
+
+class ChainProxy:
+    """A TCP proxy in front of the twin's RPC, to take the chain away and give it back: `forward`
+    (pass everything through), `refuse` (connections refused: the port is closed; how it starts)
+    or `hang` (connections accepted, requests never answered: a frozen node)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = twin.free_port()
+        self.mode = "refuse"
+        self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def set(self, mode: str) -> None:
+        assert mode in ("forward", "refuse", "hang")
+        self.mode = mode
+        for writer in list(self._open):  # connections of the old mode end with it
+            writer.close()
+        self._open.clear()
+        if mode == "refuse" and self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        elif mode != "refuse" and self._server is None:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open.add(writer)
+        if self.mode == "hang":
+            with contextlib.suppress(ConnectionError):
+                await reader.read()  # until the client gives up
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._open.add(up_writer)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def close(self) -> None:
+        await self.set("refuse")

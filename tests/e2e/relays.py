@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 USDC = 10**6
 CALL_HEADER = "quotra-call-id"
+FINAL_STATES = ("settled", "voided", "failed", "refunded")  # a call's money has nowhere left to go
 
 
 def free_port() -> int:

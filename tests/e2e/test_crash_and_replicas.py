@@ -22,6 +22,7 @@ from e2e_helpers import OnChain, provider_share
 from eth_account import Account
 from quotra.calls.records import OPEN
 from relays import (
+    FINAL_STATES,
     USDC,
     Outcome,
     RelayProcess,
@@ -38,7 +39,6 @@ from relays import (
 )
 
 PRICE = 1_000  # 0.001 USDC a call
-FINAL = ("settled", "voided", "failed", "refunded")
 
 
 async def mixed_load(
@@ -84,7 +84,7 @@ def check_the_books(
     by_id = {c.id: c for c in calls}
     # No call is left open: every reservation ended (the sweeper voided the ones the crash left).
     assert [c.id for c in calls if c.state in OPEN] == []
-    assert {c.state for c in calls} <= set(FINAL) - {"failed", "refunded"}, {c.state for c in calls}
+    assert {c.state for c in calls} <= set(FINAL_STATES) - {"failed", "refunded"}, {c.state for c in calls}
     # Every answered call was charged, exactly its price, and settled.
     served = [o for o in outcomes if o.served]
     assert served, "the load was not served at all"
@@ -161,7 +161,7 @@ async def test_relay_killed_mid_load_and_mid_settlement(
 
         async def all_final() -> bool:
             calls = await all_calls(database_url, [listing["id"]])
-            return all(c.state in FINAL for c in calls)
+            return all(c.state in FINAL_STATES for c in calls)
 
         await wait_until(all_final, 90, "every call settled or voided")
         calls = await all_calls(database_url, [listing["id"]])
@@ -239,7 +239,7 @@ async def test_two_replicas_serve_at_most_a_budget_and_take_over_settlement(
 
         async def all_final() -> bool:
             calls = await all_calls(database_url, [listing["id"]])
-            return all(c.state in FINAL for c in calls)
+            return all(c.state in FINAL_STATES for c in calls)
 
         await wait_until(all_final, 60, "the follower settling everything")
         calls = await all_calls(database_url, [listing["id"]])

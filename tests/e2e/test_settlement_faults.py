@@ -4,16 +4,14 @@ after sending, an authorization is front-run, a payment is refunded; and prepaid
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from e2e_helpers import FEE_BPS, MAX_BPS, Kit, OnChain, provider_share
+from e2e_helpers import FEE_BPS, MAX_BPS, ChainProxy, Kit, OnChain, provider_share
 from eth_account import Account
 from prometheus_client import generate_latest
 from quotra.calls.outbox import Outbox
@@ -25,9 +23,7 @@ from quotra.metrics import Metrics
 from quotra.payments.indexer import EscrowEvents, Indexer
 from quotra.payments.settlement import LeaderLock, SettlementConfig, SettlementWorker, payment_args
 from quotra.store.models import ApiKeyRecord, ConsumerAccount, SpendPermissionRecord, utcnow
-from quotra_dev import twin
 from quotra_dev.chain import sign_authorization
-from web3 import AsyncHTTPProvider, AsyncWeb3
 
 USDC = 10**6
 FAST = SettlementConfig(batch_size=16, max_age=0.0, poll=0.05, retry_base=0.05, retry_max=0.2)
@@ -65,40 +61,13 @@ async def books_match_the_escrow(kit: Kit, *expected: tuple[str, int, int]) -> N
         assert books[provider] == (amount, fees) == kit.onchain.credited(provider), (provider, books)
 
 
-@contextlib.asynccontextmanager
-async def forwarder(port: int, target_port: int) -> AsyncIterator[None]:
-    """A TCP forwarder on `port` to the twin: the RPC "comes back" on the address the worker uses."""
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    server = await asyncio.start_server(handle, "127.0.0.1", port)
-    try:
-        yield
-    finally:
-        server.close()
-
-
 async def test_rpc_down_during_settlement_is_retried_and_settles_once_back(kit: Kit) -> None:
     earner = Account.create().address
     payer = kit.onchain.funded_payer(USDC)
     rows = [await kit.captured(payer, earner, 2_500) for _ in range(3)]
-    port = twin.free_port()
-    # web3's own retries (with backoff) would only make the outage longer to watch
-    provider = AsyncHTTPProvider(f"http://127.0.0.1:{port}", exception_retry_configuration=None)
-    dead = EscrowClient(
-        AsyncWeb3(provider), escrow=kit.client.escrow_address, usdc=kit.client.usdc_address, chain_id=84532
+    proxy = ChainProxy(kit.onchain.twin.port)
+    dead = EscrowClient.connect(
+        proxy.url, escrow=kit.client.escrow_address, usdc=kit.client.usdc_address, chain_id=84532, timeout=2
     )
     w = worker(kit, dead, DirectRelayer(dead.w3, kit.onchain.operator, chain_id=84532))
     for _ in range(3):
@@ -109,12 +78,16 @@ async def test_rpc_down_during_settlement_is_retried_and_settles_once_back(kit: 
     assert await states(kit.outbox, *(r.call_id for r in rows)) == ["settling"] * 3
     assert kit.onchain.earnings(earner) == 0
 
-    async with forwarder(port, kit.onchain.twin.port):
+    await proxy.set("forward")
+    try:
 
         async def all_settled() -> bool:
             return await states(kit.outbox, *(r.call_id for r in rows)) == ["settled"] * 3
 
         await tick_until(w, all_settled)
+    finally:
+        await proxy.close()
+        await dead.close()
     assert kit.onchain.earnings(earner) == 3 * provider_share(2_500)
     (confirmed,) = await kit.outbox.batches(["confirmed"])
     assert confirmed.items == 3 and confirmed.gas_used and confirmed.amount == 3 * 2_500

@@ -132,11 +132,16 @@ def _bearer(request: Request) -> str | None:
 
 
 def client_ip(request: Request, settings: Settings) -> str:
+    """The client's address: the peer's, or behind `trusted_proxy_hops` proxies the one the
+    outermost of them saw (counted from the right of X-Forwarded-For; never the client-written
+    left end). With fewer entries than proxies the header is not trusted."""
+    peer = request.client.host if request.client else "unknown"
     if settings.trust_forwarded_for:
-        forwarded = request.headers.get("x-forwarded-for")
-        if forwarded:
-            return forwarded.split(",")[0].strip()
-    return request.client.host if request.client else "unknown"
+        entries = [e.strip() for e in ",".join(request.headers.getlist("x-forwarded-for")).split(",")]
+        entries = [e for e in entries if e]
+        if len(entries) >= settings.trusted_proxy_hops:
+            return entries[-settings.trusted_proxy_hops]
+    return peer
 
 
 async def current_provider(request: Request, runtime: RuntimeDep) -> str:

@@ -146,8 +146,12 @@ class EscrowClient:
     def connect(
         cls, rpc_url: str, *, escrow: str, usdc: str, chain_id: int, timeout: float = 10.0
     ) -> EscrowClient:
-        w3 = AsyncWeb3(AsyncHTTPProvider(rpc_url, request_kwargs={"timeout": timeout}))
-        return cls(w3, escrow=escrow, usdc=usdc, chain_id=chain_id, read_timeout=timeout)
+        # One attempt per read, `timeout` long: the callers retry on their own schedule (web3's
+        # default five retries with backoff turned a hung node into a ~55 s stall).
+        provider = AsyncHTTPProvider(
+            rpc_url, request_kwargs={"timeout": timeout}, exception_retry_configuration=None
+        )
+        return cls(AsyncWeb3(provider), escrow=escrow, usdc=usdc, chain_id=chain_id, read_timeout=timeout)
 
     async def close(self) -> None:
         await self.reads.close()

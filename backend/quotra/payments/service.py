@@ -32,6 +32,7 @@ from quotra.payments.x402_gate import X402Gate
 from quotra.store.repositories import Store
 
 log = logging.getLogger("quotra.payments")
+RECONNECT_MAX = 5.0  # seconds between two tries to reach a chain that was down at start
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ class Payments:
             escrow=self.location.escrow,
             usdc=self.location.usdc,
             chain_id=self.settings.chain_id,
+            timeout=self.settings.chain_read_timeout_seconds,
         )
         try:
             await asyncio.wait_for(self._connect(background=background), timeout=5)
@@ -159,7 +161,9 @@ class Payments:
             self._tasks.append(asyncio.create_task(self._connect_later()))
 
     async def _connect_later(self) -> None:
-        delay = 2.0
+        """Tries again every second or two (at most `RECONNECT_MAX` apart): x402, settlement and
+        the indexer start within seconds of the chain's return."""
+        delay = 1.0
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
@@ -170,7 +174,7 @@ class Payments:
                 log.info("chain reachable: x402 on")
                 return
             except Exception:
-                delay = min(60.0, delay * 2)
+                delay = min(RECONNECT_MAX, delay * 2)
 
     async def _connect(self, *, background: bool) -> None:
         client, location, settings = self.client, self.location, self.settings

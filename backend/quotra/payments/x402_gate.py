@@ -51,6 +51,7 @@ log = logging.getLogger("quotra.x402")
 T = TypeVar("T")
 _OFFER_CACHE_MAX: Final = 4096
 _BALANCE_CACHE_MAX: Final = 16_384
+X402_RETRY_AFTER: Final = 2  # seconds: a chain read failed or the chain is not back yet
 
 
 @dataclass(frozen=True)
@@ -211,10 +212,11 @@ class X402Gate:
         self, attempt: X402Attempt, listing: ListingRecord, amount: int, deadline: datetime
     ) -> Reservation:
         if not self.ready:
-            raise PaymentRequired(
-                "This relay does not take x402 payments right now (its chain is not configured or "
-                "not reachable). Nothing was charged.",
+            raise ServiceUnavailable(
+                "This relay cannot take x402 payments right now: its chain is not reachable. Nothing "
+                "was charged; retry shortly, or pay with a prepaid API key.",
                 code="x402_unavailable",
+                headers={"Retry-After": str(X402_RETRY_AFTER)},
             )
         assert self.terms is not None and self.chain is not None
         if attempt.error is not None:
@@ -233,7 +235,7 @@ class X402Gate:
             raise ServiceUnavailable(
                 "The payment could not be checked on-chain right now; nothing was charged. Retry shortly.",
                 code="payment_verification_unavailable",
-                headers={"Retry-After": "2"},
+                headers={"Retry-After": str(X402_RETRY_AFTER)},
             ) from exc
         # Voided by the sweeper in time to be settled if it did finish, at the latest.
         settle_by = datetime.fromtimestamp(auth.valid_before - self.terms.settle_margin_seconds, UTC)

@@ -118,6 +118,7 @@ class Prepared:
     max_cost: int
     started: float
     rate: Decision | None = None
+    prompt_tokens: int = 0  # estimated from the input: what a stream cut short is charged for
 
 
 class CallNotRecorded(ServiceUnavailable):
@@ -268,7 +269,9 @@ class Relay:
         except BaseException:
             await self._void(reservation, "error", "the listing's key could not be opened")
             raise
-        return Prepared(listing, adapter, api_key, model, body, reservation, max_cost, time.monotonic(), rate)
+        return Prepared(
+            listing, adapter, api_key, model, body, reservation, max_cost, time.monotonic(), rate, tokens
+        )
 
     async def _void(self, reservation: Reservation, outcome: str, error: str | None = None) -> None:
         """Nothing is charged for this call. If the store cannot be reached the reservation stays
@@ -453,7 +456,9 @@ class Relay:
                 if answer is not None:
                     # Headers go first: the payment is pending; the stream's last event tells more.
                     headers.update(answer.headers(None, prepared.model, True))
-                return self._sse(prepared, iterator, first), headers
+                options = request.get("stream_options")
+                include_usage = isinstance(options, dict) and options.get("include_usage") is True
+                return self._sse(prepared, iterator, first, include_usage=include_usage), headers
         except (QuotaExhausted, RateLimited, PaymentRequired, InputTooLarge):
             if last is not None:
                 raise last from None
@@ -467,18 +472,40 @@ class Relay:
         prepared: Prepared,
         iterator: AsyncIterator[dict[str, Any]],
         first: dict[str, Any] | None,
+        *,
+        include_usage: bool,
     ) -> AsyncIterator[bytes]:
+        """The upstream's chunks as OpenAI sends them: the usage chunk (no choices) only when the
+        client asked with `stream_options.include_usage` (usage is metered either way), and a paid
+        call's outcome in the `quotra` field of the last chunk, which is held back until the call
+        is finished. A client that hangs up pays for what it was sent: the upstream's usage if it
+        came, else the prompt and the completion streamed so far (about 4 characters a token)."""
         usage: Usage | None = None
         failure: UpstreamError | None = None
         finished = False
+        streamed_chars = 0
+        tail: list[dict[str, Any]] = []  # the ending chunks (finish reason, usage), held back
         last: dict[str, Any] = {}
         try:
             chunk = first
             while chunk is not None:
+                last = chunk
                 if chunk.get("usage"):
                     usage = _usage_of(chunk["usage"])
-                last = chunk
-                yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+                choices = chunk.get("choices") or []
+                if not include_usage:
+                    chunk.pop("usage", None)
+                if not choices:
+                    if include_usage:
+                        tail.append(chunk)
+                elif any(c.get("finish_reason") for c in choices):
+                    tail.append(chunk)
+                else:
+                    for held in tail:  # content after the end (rare): send in order
+                        yield _event(held)
+                    tail.clear()
+                    streamed_chars += sum(len((c.get("delta") or {}).get("content") or "") for c in choices)
+                    yield _event(chunk)
                 try:
                     chunk = await anext(iterator)
                 except StopAsyncIteration:
@@ -490,7 +517,12 @@ class Relay:
                 charged = await self._finish_stream(prepared, usage)
             answer = prepared.reservation.answer
             if answer is not None:
-                yield _payment_chunk(last, answer.stream_event(usage, prepared.model, charged > 0))
+                event = answer.stream_event(usage, prepared.model, charged > 0)
+                if not tail:
+                    tail.append(_empty_chunk(last))
+                tail[-1]["quotra"] = event
+            for held in tail:
+                yield _event(held)
             yield b"data: [DONE]\n\n"
         except UpstreamError as exc:
             failure = exc
@@ -501,32 +533,36 @@ class Relay:
         finally:
             # Runs on normal end, upstream failure and client disconnect (cancellation): close the
             # upstream request, then end the call, shielded from the cancellation. A failure before
-            # any usage is not charged; a client that hung up is charged for what was streamed.
+            # any usage is not charged; a client that hung up pays for what it was sent.
             if not finished:
                 with anyio.CancelScope(shield=True):
                     await _aclose(iterator)
                     if failure is not None and usage is None:
                         await self._upstream_failed(prepared, failure)
                     else:
+                        sent = usage or Usage(prepared.prompt_tokens, math.ceil(streamed_chars / 4))
                         with contextlib.suppress(CallNotRecorded):
-                            await self._finish_stream(prepared, usage, "cancelled")
+                            await self._finish_stream(prepared, sent, "cancelled")
 
     async def _finish_stream(self, prepared: Prepared, usage: Usage | None, outcome: str = "ok") -> int:
         return await self._succeeded(prepared, usage or Usage(0, 0), stream=True, outcome=outcome)
 
 
-def _payment_chunk(last: dict[str, Any], event: dict[str, Any]) -> bytes:
-    """The payment's event as a chunk with no choices (like the usage chunk) and the details under
-    `quotra`: OpenAI clients and SDKs take it as one more `chat.completion.chunk`."""
-    chunk = {
+def _event(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _empty_chunk(last: dict[str, Any]) -> dict[str, Any]:
+    """A chunk that adds nothing (one choice, an empty delta): where a paid call's outcome goes
+    when the upstream's stream had no ending chunk to carry it. It has a choice so that the
+    usual `chunk.choices[0].delta.content` loops read it as one more empty delta."""
+    return {
         "id": last.get("id", "chatcmpl-quotra"),
         "object": "chat.completion.chunk",
         "created": last.get("created", 0),
         "model": last.get("model", ""),
-        "choices": [],
-        "quotra": event,
+        "choices": [{"index": 0, "delta": {}, "finish_reason": None}],
     }
-    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
 
 async def _aclose(iterator: AsyncIterator[Any]) -> None:

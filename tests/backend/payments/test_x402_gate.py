@@ -22,7 +22,7 @@ from quotra.chain.deployment import BASE_SEPOLIA_USDC
 from quotra.payments.receipts import InvalidReceipt, ReceiptSigner, verify_receipt
 from quotra.store.models import Call, Listing, X402Authorization, X402Payer, table
 from quotra.upstream.base import UpstreamUnavailable
-from relay_helpers import chat_body, sign_in
+from relay_helpers import FakeAdapter, chat_body, sign_in
 from sqlalchemy import func, select
 from x402_helpers import (
     ESCROW,
@@ -334,8 +334,11 @@ async def test_paid_stream_says_pending_first_and_ends_with_the_payment_event(pa
     assert unb64(reply.headers["payment-response"])["extra"] == {"call": call_id, "status": "pending"}
     events = [line.removeprefix("data: ") for line in reply.text.split("\n\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
+    # The payment rides on the stream's last chunk, the one that ends it (a choice with its finish
+    # reason), so `chunk.choices[0]` loops never meet a chunk without choices.
     last = json.loads(events[-2])
-    assert last["object"] == "chat.completion.chunk" and last["choices"] == []
+    assert last["object"] == "chat.completion.chunk" and last["choices"][0]["finish_reason"] == "stop"
+    assert all(json.loads(e)["choices"] for e in events[:-1])
     event = last["quotra"]
     assert (event["object"], event["call"], event["status"], event["charged"]) == (
         "quotra.payment",
@@ -346,7 +349,9 @@ async def test_paid_stream_says_pending_first_and_ends_with_the_payment_event(pa
     assert (event["amount"], event["payer"], event["transaction"]) == (str(PRICE), account.address, "")
     claims, signer = verify_receipt(event["receipt"])
     assert signer == OPERATOR.address and claims["call"] == call_id
-    usage = next(json.loads(e)["usage"] for e in events[:-1] if json.loads(e).get("usage"))
+    # No usage chunk: the client did not ask for one (stream_options.include_usage); metered all the same.
+    assert not any("usage" in json.loads(e) for e in events[:-1])
+    usage = FakeAdapter._usage(chat_body(stream=True)).to_openai()
     (call,) = await calls(paid)
     assert (call.id, call.state, call.amount, call.stream, call.outcome) == (
         call_id,
@@ -699,3 +704,22 @@ async def test_a_fresh_relay_has_no_calls(paid: Any) -> None:
     for model in (Call, X402Authorization, X402Payer):
         (row,) = await _rows(paid, select(func.count()).select_from(model))
         assert row[0] == 0
+
+
+async def test_paid_stream_with_include_usage_ends_with_the_usage_chunk_and_the_payment(paid: Any) -> None:
+    account = payer(paid.chain)
+    accepted = await requirements(paid, stream=True)
+    reply = await pay(
+        paid,
+        v2_header(accepted, authorization(account, accepted)),
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    assert reply.status_code == 200
+    events = [line.removeprefix("data: ") for line in reply.text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    finish, last = json.loads(events[-3]), json.loads(events[-2])
+    # OpenAI's order: the chunk with the finish reason, then the usage chunk (no choices), asked for.
+    assert finish["choices"][0]["finish_reason"] == "stop" and "quotra" not in finish
+    assert last["choices"] == [] and last["usage"] == FakeAdapter._usage(chat_body()).to_openai()
+    assert last["quotra"]["object"] == "quotra.payment" and last["quotra"]["call"] == call_id_of(reply)
