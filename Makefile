@@ -25,7 +25,14 @@ node_modules/.installed: package.json package-lock.json
 	npm install --no-save --no-audit --no-fund --loglevel=error
 	touch $@
 
-setup: $(BIN)/.installed node_modules/.installed
+# The marketplace pages' browser libraries (pinned in package.json), copied into the relay's
+# static files, which ship them as package data.
+WEB_VENDOR := backend/quotra/web/static/vendor
+$(WEB_VENDOR)/.copied: node_modules/.installed tools/web_vendor.py
+	$(PYTHON) tools/web_vendor.py
+	touch $@
+
+setup: $(BIN)/.installed node_modules/.installed $(WEB_VENDOR)/.copied
 
 compile: setup
 	$(BIN)/ape compile

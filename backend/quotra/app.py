@@ -18,8 +18,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from quotra import __version__
-from quotra.api import account, auth, chat, claims, health, listings, models, webhooks
+from quotra import __version__, web
+from quotra.api import account, auth, chat, claims, health, listings, market, models, webhooks
 from quotra.api import calls as calls_api
 from quotra.api.deps import Runtime, SessionTokens
 from quotra.calls.outbox import Outbox
@@ -358,6 +358,8 @@ def create_app(
             background.append(asyncio.create_task(prepaid.run_background(), name="prepaid-refresher"))
         if claim_service is not None:
             background.append(asyncio.create_task(claim_service.run(asyncio.Event()), name="claims-poller"))
+        if missing := web.missing_vendor_files():
+            log.warning("the marketplace pages lack %s: run `make setup`", ", ".join(missing))
         log.info(
             "relay started",
             extra={"env": settings.env, "database": store.dialect, "version": __version__},
@@ -385,7 +387,9 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(RelayMiddleware, max_body=settings.max_body_bytes, metrics=metrics)
-    for module in (chat, models, listings, auth, account, calls_api, claims, webhooks, health):
+    for module in (chat, models, listings, auth, account, calls_api, claims, webhooks, health, market):
         app.include_router(module.router)
+    app.include_router(web.router)  # the marketplace pages
+    app.mount("/static", web.static_files(), name="static")
     app.state.metrics = metrics
     return app

@@ -23,6 +23,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger("quotra.config")
 
+# Public RPC endpoints of the chains the relay knows (offered to wallets, never used by the relay).
+PUBLIC_RPC_URLS = {84532: "https://sepolia.base.org", 8453: "https://mainnet.base.org"}
 PLACEHOLDERS = {"", "changeme", "change-me", "placeholder", "secret", "dev", "test", "xxx", "todo"}
 
 
@@ -84,6 +86,9 @@ class Settings(BaseSettings):
     siwe_domain: str | None = None
     chain_id: int = 84532
     chain_rpc_url: str | None = None
+    # The RPC URL the marketplace pages offer wallets (`wallet_addEthereumChain`): a public one,
+    # never `chain_rpc_url` (which may carry a provider's API key). Default: the chain's public RPC.
+    wallet_rpc_url: str | None = None
     deployment_file: Path | None = None
     # The deadline of one chain read (the x402 gate's, settlement's, the indexer's), one attempt:
     # an unreachable or hung node costs a paid call this long at most, then a 503.
@@ -250,6 +255,16 @@ class Settings(BaseSettings):
     @property
     def effective_webhook_url(self) -> str:
         return self.relayer_webhook_url or f"{self.public_url}/v1/webhooks/relayer"
+
+    @cached_property
+    def public_origin(self) -> str:
+        """The origin of `public_url` (scheme://host[:port]), as a browser's Origin header names it."""
+        parts = urlsplit(self.public_url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+    @cached_property
+    def effective_wallet_rpc_url(self) -> str | None:
+        return self.wallet_rpc_url or PUBLIC_RPC_URLS.get(self.chain_id)
 
     @cached_property
     def expected_siwe_domain(self) -> str:

@@ -307,6 +307,28 @@ async def register_permission(
     return account_view(raw)
 
 
+@router.get(
+    "/permission/revocation/typed-data",
+    response_model=TypedDataResponse,
+    summary="The Revocation of your spend permission to sign (then POST /v1/revocations)",
+)
+async def permission_revocation_typed_data(wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
+    return await _prepaid(runtime).revocation_typed_data(wallet)
+
+
+@router.get(
+    "/deposits/typed-data",
+    response_model=TypedDataResponse,
+    summary="A ReceiveWithAuthorization to the escrow to sign for a gasless deposit",
+)
+async def deposit_typed_data(
+    wallet: CurrentProvider,
+    runtime: RuntimeDep,
+    amount: Annotated[Usdc, Query(description="USDC to deposit")],
+) -> dict[str, Any]:
+    return await _prepaid(runtime).deposit_typed_data(wallet, _atomic(amount))
+
+
 @router.post(
     "/deposits",
     response_model=DepositResponse,

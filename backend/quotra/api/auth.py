@@ -1,5 +1,7 @@
 """Sign-In with Ethereum: a server-issued single-use nonce, then a signed EIP-4361 message,
-exchanged for a short-lived session token (`Authorization: Bearer qs_…`)."""
+exchanged for a short-lived session token (`Authorization: Bearer qs_…`). The marketplace pages
+ask (with the `Quotra-Web` header) for the same token in an HttpOnly, SameSite=Strict cookie
+instead, which script on the page can never read."""
 
 from __future__ import annotations
 
@@ -8,10 +10,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from eth_utils import to_checksum_address
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
-from quotra.api.deps import CurrentProvider, RuntimeDep
+from quotra.api.deps import SESSION_COOKIE, WEB_HEADER, CurrentProvider, RuntimeDep
 from quotra.errors import AuthenticationFailed
 from quotra.siwe import SiweError, SiweMessage, format_time
 
@@ -44,7 +46,9 @@ class VerifyRequest(BaseModel):
 
 
 class SessionResponse(BaseModel):
-    access_token: str
+    access_token: str | None = Field(
+        description="The bearer token; null when it was set as the pages' HttpOnly cookie instead"
+    )
     token_type: str = "bearer"  # noqa: S105 - the OAuth token type, not a secret
     address: str
     expires_at: int
@@ -87,7 +91,9 @@ async def nonce(runtime: RuntimeDep, body: NonceRequest | None = None) -> dict[s
 @router.post(
     "/verify", response_model=SessionResponse, summary="Exchange a signed SIWE message for a session"
 )
-async def verify(body: VerifyRequest, runtime: RuntimeDep) -> dict[str, Any]:
+async def verify(
+    body: VerifyRequest, runtime: RuntimeDep, request: Request, response: Response
+) -> dict[str, Any]:
     try:
         message = await runtime.siwe.verify(body.message, body.signature)
     except SiweError as exc:
@@ -97,10 +103,40 @@ async def verify(body: VerifyRequest, runtime: RuntimeDep) -> dict[str, Any]:
             "Sign-in refused: unknown, expired or already used nonce", code="invalid_nonce"
         )
     token, expires = runtime.sessions.issue(message.address)
+    access_token: str | None = token
     runtime.prepaid.refresh_soon(message.address)  # the prepaid account mirror, in the background
-    return {"access_token": token, "token_type": "bearer", "address": message.address, "expires_at": expires}
+    if WEB_HEADER in request.headers:
+        response.set_cookie(
+            SESSION_COOKIE,
+            token,
+            max_age=runtime.sessions.ttl,
+            path="/",
+            secure=runtime.settings.public_url.startswith("https://"),
+            httponly=True,
+            samesite="strict",
+        )
+        access_token = None  # script on the page never sees it
+    return {
+        "access_token": access_token,
+        "token_type": "bearer",
+        "address": message.address,
+        "expires_at": expires,
+    }
 
 
 @router.get("/session", response_model=WhoAmI, summary="The signed-in wallet")
 async def session(address: CurrentProvider) -> dict[str, str]:
     return {"address": address}
+
+
+@router.post("/logout", status_code=204, summary="End the pages' cookie session")
+async def logout(runtime: RuntimeDep) -> Response:
+    response = Response(status_code=204)
+    response.delete_cookie(
+        SESSION_COOKIE,
+        path="/",
+        secure=runtime.settings.public_url.startswith("https://"),
+        httponly=True,
+        samesite="strict",
+    )
+    return response

@@ -17,7 +17,7 @@ from quotra.calls.store import CallStore
 from quotra.chain.client import EscrowClient
 from quotra.chain.relayer import Relayer
 from quotra.config import Settings
-from quotra.errors import AuthenticationFailed, NotFound
+from quotra.errors import AuthenticationFailed, Forbidden, NotFound
 from quotra.metrics import Metrics
 from quotra.netguard import NetGuard
 from quotra.payments.claims import ClaimService
@@ -36,6 +36,13 @@ if TYPE_CHECKING:
     from quotra.payments.service import Payments
 
 SESSION_PREFIX = "qs_"
+# The marketplace pages' session: the same token in an HttpOnly, SameSite=Strict cookie, set by
+# `POST /v1/auth/verify` when the page asks for it (with WEB_HEADER). A state-changing request
+# authenticated by the cookie must also carry WEB_HEADER or come from this relay's own Origin:
+# another site can send neither (SameSite=Strict keeps the cookie from it in the first place).
+SESSION_COOKIE = "quotra_session"
+WEB_HEADER = "quotra-web"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class SessionTokens:
@@ -131,6 +138,32 @@ def _bearer(request: Request) -> str | None:
     return token.strip()
 
 
+def from_own_page(request: Request, settings: Settings) -> bool:
+    """Whether a request comes from this relay's pages: WEB_HEADER (which no other origin can
+    send without a CORS preflight this relay never grants) or an Origin equal to its own."""
+    if WEB_HEADER in request.headers:
+        return True
+    origin = request.headers.get("origin")
+    return origin is not None and origin.rstrip("/") == settings.public_origin
+
+
+def _credential(request: Request, settings: Settings) -> str | None:
+    """The bearer token, else the session cookie (CSRF-checked on state-changing requests)."""
+    token = _bearer(request)
+    if token is not None:
+        return token
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if not cookie:
+        return None
+    if request.method not in SAFE_METHODS and not from_own_page(request, settings):
+        raise Forbidden(
+            f"A request signed in by cookie must come from this site's pages (send the "
+            f"'{WEB_HEADER}' header)",
+            code="csrf_failed",
+        )
+    return cookie
+
+
 def client_ip(request: Request, settings: Settings) -> str:
     """The client's address: the peer's, or behind `trusted_proxy_hops` proxies the one the
     outermost of them saw (counted from the right of X-Forwarded-For; never the client-written
@@ -145,7 +178,7 @@ def client_ip(request: Request, settings: Settings) -> str:
 
 
 async def current_provider(request: Request, runtime: RuntimeDep) -> str:
-    token = _bearer(request)
+    token = _credential(request, runtime.settings)
     if token is None:
         raise AuthenticationFailed("Sign in with Ethereum first (POST /v1/auth/nonce, then /v1/auth/verify)")
     address = runtime.sessions.verify(token)
@@ -156,7 +189,7 @@ async def current_provider(request: Request, runtime: RuntimeDep) -> str:
 
 async def current_caller(request: Request, runtime: RuntimeDep) -> Caller:
     """A consumer: signed-in wallet, prepaid or sandbox API key, or (no credentials) the client address."""
-    token = _bearer(request)
+    token = _credential(request, runtime.settings)
     if token is None:
         return Caller("anonymous", f"ip:{client_ip(request, runtime.settings)}")
     if token.startswith(SESSION_PREFIX):
@@ -182,7 +215,7 @@ async def current_caller(request: Request, runtime: RuntimeDep) -> Caller:
 async def bearer_wallet(request: Request, runtime: Runtime) -> str | None:
     """The wallet behind the request's bearer token, a sign-in session or an API key; None
     without one (401 for an invalid one)."""
-    token = _bearer(request)
+    token = _credential(request, runtime.settings)
     if token is None:
         return None
     if token.startswith(SESSION_PREFIX):

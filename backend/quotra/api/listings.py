@@ -253,6 +253,15 @@ async def resume(listing_id: str, owner: CurrentProvider, runtime: RuntimeDep) -
     return private_view(await runtime.listings.set_status(owner, listing_id, "active"))
 
 
+@router.post(
+    "/{listing_id}/check",
+    response_model=ListingPrivate,
+    summary="Check the listing's stored API key against its upstream (owner only)",
+)
+async def check_key(listing_id: str, owner: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
+    return private_view(await runtime.listings.check(owner, listing_id))
+
+
 @router.delete(
     "/{listing_id}", response_model=ListingPrivate, summary="Revoke a listing for good (owner only)"
 )

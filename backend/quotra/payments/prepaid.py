@@ -442,6 +442,42 @@ class PrepaidService:
             "digest": "0x" + digest.hex(),
         }
 
+    async def revocation_typed_data(self, wallet: str) -> dict[str, Any]:
+        """The `Revocation` of the wallet's current spend permission, to sign and hand to
+        `POST /v1/revocations` (the relayer submits it: no ETH needed)."""
+        chain = self._require_chain()
+        view = await self.repo.get_account(wallet)
+        if view is None or view.permission_digest is None:
+            raise NotFound("This account has no spend permission to revoke", code="no_permission")
+        message = {"account": wallet, "item": bytes.fromhex(view.permission_digest.removeprefix("0x"))}
+        return {
+            "typed_data": eip712.typed_data(chain.escrow_domain, "Revocation", message),
+            "digest": "0x" + eip712.digest(chain.escrow_domain, "Revocation", message).hex(),
+        }
+
+    async def deposit_typed_data(self, wallet: str, amount: int) -> dict[str, Any]:
+        """A `ReceiveWithAuthorization` of `amount` from the wallet to the escrow under USDC's
+        domain, valid for an hour, with a fresh nonce: what `POST /v1/account/deposits` takes."""
+        chain = self._require_chain()
+        try:
+            domain = await self._usdc(chain)
+        except Exception as exc:
+            raise ServiceUnavailable(
+                "The chain could not be read; try again", code="chain_unavailable"
+            ) from exc
+        message = {
+            "from": wallet,
+            "to": chain.escrow_address,
+            "value": amount,
+            "validAfter": 0,
+            "validBefore": int(time.time()) + 3_600,
+            "nonce": secrets.token_bytes(32),
+        }
+        return {
+            "typed_data": eip712.typed_data(domain, "ReceiveWithAuthorization", message),
+            "digest": "0x" + eip712.digest(domain, "ReceiveWithAuthorization", message).hex(),
+        }
+
     async def register_permission(
         self, wallet: str, message: dict[str, Any], signature_hex: str
     ) -> dict[str, Any]:

@@ -180,6 +180,15 @@ class ListingService:
         log.info("listing status changed", extra={"listing": listing_id, "status": status})
         return updated
 
+    async def check(self, owner: str, listing_id: str) -> ListingRecord:
+        """Checks the listing's stored key against its upstream now, as on creation (a sandbox
+        listing has nothing to check)."""
+        record = await self.owned(owner, listing_id)
+        if record.status == "revoked":
+            raise BadRequest("This listing is revoked; its key is gone", code="listing_revoked")
+        await self._check_key(record.kind, record.base_url, self.api_key(record))
+        return record
+
     def api_key(self, record: ListingRecord) -> str:
         entry = (record.id, record.api_key_sealed)
         key = self._opened.get(entry)

@@ -1,0 +1,209 @@
+// The consumer's prepaid account: balance, gasless deposit, spend permission (sign, revoke),
+// API keys (created once, capped, revoked), usage with the cost of each call, and withdrawal.
+import { api, explain } from "./api.js";
+import { start } from "./layout.js";
+import { $, badge, busy, el, notify, sleep, usdc, when } from "./ui.js";
+import * as wallet from "./wallet.js";
+
+// The escrow's withdrawal functions (selectors checked against the ABI by the tests).
+const REQUEST_WITHDRAWAL = "0x04788fdc"; // request_withdrawal(uint256)
+const WITHDRAW = "0x3ccfd60b"; // withdraw()
+
+const ctx = await start("account");
+$("#base-url").textContent = `${location.origin}/v1`;
+
+const atomic = (value) => {
+  const [whole, frac = ""] = String(value).split(".");
+  return BigInt(whole || "0") * 1000000n + BigInt((frac + "000000").slice(0, 6));
+};
+
+async function load() {
+  const signedIn = ctx.address !== null;
+  $("#signed-out").hidden = signedIn;
+  $("#account").hidden = !signedIn;
+  if (!signedIn) return;
+  try {
+    const [account, keys, usage] = await Promise.all([
+      api("/v1/account"),
+      api("/v1/account/keys"),
+      api("/v1/account/usage?limit=50"),
+    ]);
+    showAccount(account);
+    showKeys(keys.data);
+    showUsage(usage.data);
+  } catch (error) {
+    notify(explain(error), "error");
+  }
+}
+
+function showAccount(account) {
+  $("#available").textContent = `${usdc(account.available)} USDC`;
+  $("#deposit").textContent = `${usdc(account.deposit)} USDC`;
+  $("#remaining").textContent = `${usdc(account.remaining_allowance)} USDC`;
+  $("#unsettled").textContent = `${usdc(account.unsettled)} USDC`;
+  $("#pending-withdrawal").textContent = `${usdc(account.pending_withdrawal)} USDC`;
+  const permission = account.permission;
+  const state = $("#permission-state");
+  $("#revoke-permission").hidden = !permission || permission.revoked;
+  if (!permission) return;
+  const status = permission.revoked ? badge("revoked", "bad") : permission.active ? badge("active", "ok") : badge("not active", "warn");
+  state.replaceChildren(
+    status,
+    ` ${usdc(permission.spent)} of ${usdc(permission.allowance)} USDC spent, until ${when(new Date(permission.valid_until * 1000).toISOString())}.`,
+    permission.revoked ? " Sign a new one to go on calling with your keys." : " Signing a new one replaces it.",
+  );
+}
+
+function showKeys(keys) {
+  $("#keys").replaceChildren(
+    ...keys.map((key) => {
+      const cap = el("button", { type: "button", class: "secondary", text: "Set cap" });
+      const revoke = el("button", { type: "button", class: "danger", text: "Revoke" });
+      cap.addEventListener("click", () =>
+        busy(cap, async () => {
+          const value = prompt(`New spend cap for "${key.name || key.id}" in USDC (empty: no cap)`, key.spend_cap ? usdc(key.spend_cap) : "");
+          if (value === null) return;
+          await api(`/v1/account/keys/${key.id}`, { method: "PATCH", body: { spend_cap: value.trim() === "" ? null : value.trim() } });
+          notify("Spend cap changed.", "ok");
+          await load();
+        }, explain),
+      );
+      revoke.addEventListener("click", () =>
+        busy(revoke, async () => {
+          if (!confirm(`Revoke the key "${key.name || key.id}"? Calls with it stop at once.`)) return;
+          await api(`/v1/account/keys/${key.id}`, { method: "DELETE" });
+          notify("Key revoked.", "ok");
+          await load();
+        }, explain),
+      );
+      return el(
+        "tr",
+        { dataset: { key: key.id } },
+        el("td", {}, key.name || "—", el("div", { class: "small muted mono", text: key.id })),
+        el("td", { text: key.mode }),
+        el("td", { text: key.spend_cap === null ? "none" : usdc(key.spend_cap) }),
+        el("td", { text: usdc(key.spent) }),
+        el("td", { class: "hide-narrow", text: when(key.last_used_at) }),
+        el("td", {}, key.revoked ? badge("revoked", "bad") : badge("active", "ok")),
+        el("td", { class: "actions" }, key.revoked ? null : cap, key.revoked ? null : revoke),
+      );
+    }),
+  );
+}
+
+function showUsage(rows) {
+  $("#usage").replaceChildren(
+    ...rows.map((row) =>
+      el(
+        "tr",
+        {},
+        el("td", { text: when(row.created_at) }),
+        el("td", { class: "mono", text: row.model || "—" }),
+        el("td", { text: row.gate }),
+        el("td", { class: "hide-narrow", text: `${row.prompt_tokens}/${row.completion_tokens}` }),
+        el("td", { text: usdc(row.price) }),
+        el("td", {}, badge(row.status, row.status === "settled" ? "ok" : row.status === "voided" ? "" : "warn"),
+          row.settlement_tx ? el("div", { class: "small mono", title: row.settlement_tx, text: `${row.settlement_tx.slice(0, 10)}…` }) : null),
+      ),
+    ),
+  );
+}
+
+$("#deposit-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  busy($("#deposit-button"), async () => {
+    await ctx.ready({ signedIn: true });
+    const amount = $("#deposit-amount").value;
+    const offer = await api(`/v1/account/deposits/typed-data?amount=${encodeURIComponent(amount)}`);
+    const signature = await wallet.signTypedData(ctx.network, offer.typed_data);
+    $("#deposit-result").textContent = "Submitting through the relayer…";
+    const result = await api("/v1/account/deposits", {
+      method: "POST",
+      body: { authorization: offer.typed_data.message, signature },
+    });
+    $("#deposit-result").replaceChildren(
+      badge(result.status, result.status === "confirmed" ? "ok" : "warn"),
+      ` ${usdc(result.amount)} USDC deposited`,
+      result.tx_hash ? el("div", { class: "mono small", text: `tx ${result.tx_hash}` }) : "",
+    );
+    await load();
+  }, explain);
+});
+
+$("#permission-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  busy($("#permission-button"), async () => {
+    await ctx.ready({ signedIn: true });
+    const query = new URLSearchParams({ allowance: $("#permission-allowance").value, days: $("#permission-days").value });
+    const offer = await api(`/v1/account/permission/typed-data?${query}`);
+    const signature = await wallet.signTypedData(ctx.network, offer.typed_data);
+    await api("/v1/account/permission", { method: "POST", body: { permission: offer.typed_data.message, signature } });
+    notify("Spend permission signed: your API keys can now charge your deposit.", "ok");
+    await load();
+  }, explain);
+});
+
+$("#revoke-permission").addEventListener("click", () =>
+  busy($("#revoke-permission"), async () => {
+    await ctx.ready({ signedIn: true });
+    const offer = await api("/v1/account/permission/revocation/typed-data");
+    const signature = await wallet.signTypedData(ctx.network, offer.typed_data);
+    const message = offer.typed_data.message;
+    let revocation = await api("/v1/revocations", { method: "POST", body: { account: message.account, item: message.item, signature } });
+    const result = $("#revocation-result");
+    while (!["confirmed", "failed"].includes(revocation.status)) {
+      result.replaceChildren(badge(revocation.status, "warn"), " revoking on-chain…");
+      await sleep(1000);
+      revocation = await api(`/v1/revocations/${revocation.id}`);
+    }
+    result.replaceChildren(
+      badge(revocation.status, revocation.status === "confirmed" ? "ok" : "bad"),
+      revocation.tx_hash ? el("span", { class: "mono", text: ` tx ${revocation.tx_hash}` }) : ` ${revocation.error || ""}`,
+    );
+    await load();
+  }, explain),
+);
+
+$("#key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  busy($("#key-button"), async () => {
+    const body = { name: $("#key-name").value, mode: $("#key-mode").value };
+    if ($("#key-cap").value) body.spend_cap = $("#key-cap").value;
+    const key = await api("/v1/account/keys", { method: "POST", body });
+    $("#new-key-value").textContent = key.key;
+    $("#new-key").hidden = false;
+    await load();
+  }, explain);
+});
+
+$("#copy-key").addEventListener("click", async () => {
+  try {
+    await navigator.clipboard.writeText($("#new-key-value").textContent);
+    notify("Key copied to the clipboard.", "ok");
+  } catch {
+    notify("Copying was refused: select the key and copy it by hand.", "warn");
+  }
+});
+
+$("#withdraw-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  busy($("#withdraw-request"), async () => {
+    await ctx.ready({ signedIn: true });
+    const amount = atomic($("#withdraw-amount").value).toString(16).padStart(64, "0");
+    const tx = await wallet.sendTransaction(ctx.network, ctx.network.escrow, REQUEST_WITHDRAWAL + amount);
+    $("#withdraw-result").textContent = `Withdrawal requested in tx ${tx}.`;
+    await load();
+  }, explain);
+});
+
+$("#withdraw-complete").addEventListener("click", () =>
+  busy($("#withdraw-complete"), async () => {
+    await ctx.ready({ signedIn: true });
+    const tx = await wallet.sendTransaction(ctx.network, ctx.network.escrow, WITHDRAW);
+    $("#withdraw-result").textContent = `Withdrawal completed in tx ${tx}.`;
+    await load();
+  }, explain),
+);
+
+ctx.onSession(load);
+await load();
