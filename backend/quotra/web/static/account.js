@@ -45,7 +45,10 @@ function showAccount(account) {
   const permission = account.permission;
   const state = $("#permission-state");
   $("#revoke-permission").hidden = !permission || permission.revoked;
-  if (!permission) return;
+  if (!permission) {
+    state.textContent = "No permission yet: sign one so the relay may charge your calls to your deposit.";
+    return;
+  }
   const status = permission.revoked ? badge("revoked", "bad") : permission.active ? badge("active", "ok") : badge("not active", "warn");
   state.replaceChildren(
     status,

@@ -5,13 +5,17 @@ import { start } from "./layout.js";
 import { $, age, badge, el, notify, usdc } from "./ui.js";
 
 function record(provider) {
-  if (!provider) return el("div", { class: "small muted", text: "New provider: no calls yet" });
+  if (!provider) return el("div", { class: "small muted provider-record", text: "New provider" });
+  const since = `listing for ${age(provider.first_listed_at)}`;
+  if (provider.calls_served + provider.upstream_failures === 0) {
+    return el("div", { class: "small muted provider-record", text: `No calls served yet · ${since}` });
+  }
   const rate = provider.success_rate === null ? "—" : `${(provider.success_rate * 100).toFixed(1)}%`;
   const latency = provider.median_latency_ms === null ? "—" : `${provider.median_latency_ms} ms`;
   return el(
     "div",
     { class: "small muted provider-record" },
-    `${provider.calls_served} calls served · ${rate} success · median ${latency} · listing for ${age(provider.first_listed_at)}`,
+    `${provider.calls_served} calls served · ${rate} success · median ${latency} · ${since}`,
   );
 }
 

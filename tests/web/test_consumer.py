@@ -1,0 +1,143 @@
+"""A consumer in the browser: browse → free playground calls (streamed, markdown rendered safely)
+→ an x402 call paid from the wallet (after switching it to the twin) whose USDC moves on chain →
+sign in → gasless deposit → spend permission → API key (shown once, copied) that works with the
+openai SDK → usage with its cost → the permission revoked."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import openai
+from conftest import FREE_CALLS, Market
+from eth_account import Account
+from playwright.sync_api import expect
+
+USDC = 10**6
+PRICE = 20_000  # 0.02 USDC per call
+XSS = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
+
+
+def wait_until(check, what: str, within: float = 30.0):
+    deadline = time.monotonic() + within
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"not reached in {within:.0f} s: {what}"
+        time.sleep(0.2)
+    return result
+
+
+def test_consumer_journey(market: Market, person) -> None:
+    provider = Account.create()
+    listing = market.create_listing(provider, models=["web-sandbox-mini"], price_per_call="0.02", max_calls=100)
+    consumer = person()
+    market.onchain.twin.mint_usdc(consumer.address, 5 * USDC)
+    page = consumer.page
+
+    # Browse: the listing, its price, quota, free calls and its provider's (empty) record.
+    page.goto("/")
+    card = page.locator(f'article.listing[data-listing="{listing["id"]}"]')
+    expect(card).to_contain_text("0.02 USDC per call")
+    expect(card).to_contain_text("100 calls left")
+    expect(card).to_contain_text(f"{FREE_CALLS} free calls left")
+    expect(card.locator(".provider-record")).to_have_text(re.compile(r"^No calls served yet · listing for"))
+    expect(page.locator("#models")).to_contain_text("web-sandbox-mini")
+    consumer.screenshot("market")
+
+    # The playground: free calls, streamed, markdown rendered; HTML in an answer stays text.
+    card.get_by_role("link", name="Try it").click()
+    expect(page.locator("#free-calls")).to_have_text(f"{FREE_CALLS} of {FREE_CALLS} free calls left")
+    page.fill("#prompt", "Hello **bold** world")
+    page.click("#send")
+    answer = page.locator(".message.assistant").nth(0)
+    expect(answer.locator("strong")).to_have_text("bold")
+    expect(answer).to_contain_text("Sandbox reply to: Hello bold world")
+    expect(page.locator("#free-calls")).to_have_text(f"1 of {FREE_CALLS} free calls left")
+
+    page.fill("#prompt", XSS)
+    page.click("#send")
+    answer = page.locator(".message.assistant").nth(1)
+    expect(answer).to_contain_text(XSS)  # shown as text
+    assert answer.locator("img, script").count() == 0
+    assert page.evaluate("window.__pwned") is None
+    expect(page.locator("#free-calls")).to_have_text(f"0 of {FREE_CALLS} free calls left")
+
+    # Out of free calls: a 402 and the offer to pay from the wallet.
+    page.fill("#prompt", "Now I pay")
+    page.click("#send")
+    expect(page.locator("#pay")).to_be_visible()
+    expect(page.locator("#pay-button")).to_have_text("Pay 0.02 USDC from my wallet and send")
+
+    # The wallet is on Ethereum mainnet: the page offers the switch (and adds the twin).
+    page.get_by_role("button", name="Connect Test Wallet").click()
+    expect(page.locator("#wallet")).to_contain_text("wrong network (1)")
+    before = market.usdc(consumer.address)
+    page.click("#pay-button")
+    expect(page.locator(".message.assistant").nth(2)).to_contain_text("Sandbox reply to: Now I pay")
+    assert consumer.wallet.chain_id == 84532
+    assert consumer.wallet.known_chains[84532] == [market.onchain.twin.rpc_url]
+    expect(page.locator("#wallet")).to_contain_text("Base Sepolia")
+    expect(page.locator("#receipt-amount")).to_have_text("0.02 USDC")
+    expect(page.locator("#receipt-payer")).to_have_text(consumer.address)
+    expect(page.locator("#receipt-status")).to_have_text("settled", timeout=30_000)
+    expect(page.locator("#receipt-tx")).to_have_text(re.compile(r"^0x[0-9a-f]{64}$"))
+    assert market.usdc(consumer.address) == before - PRICE  # settled on chain, no ETH spent
+    assert market.onchain.chain.w3.eth.get_balance(consumer.address) == 0
+    consumer.screenshot("playground")
+
+    # Sign in with Ethereum: the session is an HttpOnly cookie the page cannot read.
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#session")).to_contain_text("signed in")
+    cookies = {c["name"]: c for c in consumer.context.cookies()}
+    assert cookies["quotra_session"]["httpOnly"] and cookies["quotra_session"]["sameSite"] == "Strict"
+    assert page.evaluate("document.cookie") == ""
+    assert page.evaluate("Object.keys(localStorage).length + Object.keys(sessionStorage).length") <= 1
+
+    # Gasless deposit, then a spend permission.
+    page.goto("/account")
+    page.fill("#deposit-amount", "1.5")
+    page.click("#deposit-button")
+    expect(page.locator("#deposit-result")).to_contain_text("confirmed", timeout=30_000)
+    assert market.deposit(consumer.address) == 1_500_000
+    expect(page.locator("#deposit")).to_have_text("1.50 USDC")
+    page.fill("#permission-allowance", "1")
+    page.click("#permission-button")
+    expect(page.locator("#permission-state")).to_contain_text("active")
+    expect(page.locator("#available")).to_have_text("1.00 USDC")
+
+    # An API key, shown once with a copy button, that works with the openai SDK.
+    consumer.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.fill("#key-name", "laptop")
+    page.fill("#key-cap", "0.5")
+    page.click("#key-button")
+    expect(page.locator("#new-key-value")).to_have_text(re.compile(r"^sk-quotra-live-"))
+    secret = page.locator("#new-key-value").inner_text()
+    page.click("#copy-key")
+    assert page.evaluate("navigator.clipboard.readText()") == secret
+    expect(page.locator("#keys")).to_contain_text("laptop")
+    client = openai.OpenAI(base_url=f"{market.url}/v1", api_key=secret, max_retries=0)
+    completion = client.chat.completions.create(
+        model=f"listing/{listing['id']}", messages=[{"role": "user", "content": "through the SDK"}]
+    )
+    assert completion.choices[0].message.content == "Sandbox reply to: through the SDK"
+
+    # Usage shows every call of the wallet with its cost.
+    page.reload()
+    usage = page.locator("#usage")
+    expect(usage.locator("tr").filter(has_text="prepaid")).to_contain_text("0.02")
+    expect(usage.locator("tr").filter(has_text="x402")).to_contain_text("0.02")
+    consumer.screenshot("account")
+
+    # The permission revoked without ETH: the relayer submits the signed Revocation.
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#revoke-permission")
+    expect(page.locator("#revocation-result")).to_contain_text("confirmed", timeout=30_000)
+    expect(page.locator("#permission-state")).to_contain_text("No permission")
+    expect(page.locator("#revoke-permission")).to_be_hidden()
+    try:
+        client.chat.completions.create(
+            model=f"listing/{listing['id']}", messages=[{"role": "user", "content": "after revoking"}]
+        )
+        raise AssertionError("a revoked permission still paid")
+    except openai.APIStatusError as refused:
+        assert refused.status_code == 402
+    assert consumer.errors == []
