@@ -88,7 +88,7 @@ function showKeys(keys) {
         el("td", { text: usdc(key.spent) }),
         el("td", { class: "hide-narrow", text: when(key.last_used_at) }),
         el("td", {}, key.revoked ? badge("revoked", "bad") : badge("active", "ok")),
-        el("td", { class: "actions" }, key.revoked ? null : cap, key.revoked ? null : revoke),
+        el("td", {}, key.revoked ? null : el("div", { class: "actions" }, cap, revoke)),
       );
     }),
   );

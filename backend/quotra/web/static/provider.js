@@ -76,7 +76,7 @@ function showListings(listings, earned) {
         el("td", { text: l.max_calls === null ? `${l.calls_used}` : `${l.calls_used} / ${l.max_calls}` }),
         el("td", { class: "earned", text: `${usdc(earned[l.id] || "0")} USDC` }),
         el("td", {}, statusBadge(l.status), l.healthy ? null : badge("cooling down", "warn")),
-        el("td", { class: "actions" }, actions),
+        el("td", {}, el("div", { class: "actions" }, actions)),
       );
     }),
   );
@@ -130,8 +130,8 @@ $("#listing-form").addEventListener("submit", (event) => {
   }, explain);
 });
 
-$("#claim").addEventListener("click", () =>
-  busy($("#claim"), async () => {
+$("#claim").addEventListener("click", async () => {
+  await busy($("#claim"), async () => {
     await ctx.ready({ signedIn: true });
     const offer = await api(`/v1/provider/claims/typed-data?amount=${encodeURIComponent(claimable)}`);
     const status = $("#claim-status");
@@ -153,9 +153,9 @@ $("#claim").addEventListener("click", () =>
         : ` The claim failed: ${claim.error || "unknown error"} `,
       el("span", { class: "mono", id: "claim-tx", text: claim.tx_hash || "" }),
     );
-    await load();
-  }, explain),
-);
+  }, explain);
+  await load(); // after `busy` gave the button back: nothing left to claim disables it
+});
 
 ctx.onSession(load);
 await load();

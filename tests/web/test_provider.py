@@ -1,0 +1,134 @@
+"""A provider in the browser: sign in → list a sandbox key → check it, pause and resume it → a
+consumer calls it (free, then paid with x402) → the record and earnings show → one-click claim,
+followed live until the chain confirms it, and the USDC is in the provider's wallet."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+
+import httpx
+from conftest import FREE_CALLS, Market
+from eth_account import Account
+from playwright.sync_api import expect
+from quotra_dev.chain import sign_authorization
+
+USDC = 10**6
+PRICE = 50_000
+PAID_CALLS = 2
+EARNED = PAID_CALLS * PRICE * 9 // 10  # the escrow's 90% share
+
+
+def call_listing(market: Market, model: str) -> None:
+    """A consumer's free calls, then paid ones with a signed x402 authorization."""
+    payer = Account.create()
+    market.onchain.twin.mint_usdc(payer.address, USDC)
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=market.url, timeout=30) as client:
+        for _ in range(FREE_CALLS):
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+        refused = client.post("/v1/chat/completions", json=body)
+        assert refused.status_code == 402
+        offer = json.loads(base64.b64decode(refused.headers["payment-required"]))["accepts"][0]
+        for _ in range(PAID_CALLS):
+            auth = sign_authorization(
+                payer,
+                market.onchain.domain,
+                offer["payTo"],
+                int(offer["amount"]),
+                valid_before=int(time.time()) + 300,
+            )
+            payment = {
+                "x402Version": 2,
+                "accepted": offer,
+                "payload": {
+                    "signature": auth.signature.hex,
+                    "authorization": {
+                        "from": auth.payer,
+                        "to": auth.to,
+                        "value": str(auth.amount),
+                        "validAfter": str(auth.valid_after),
+                        "validBefore": str(auth.valid_before),
+                        "nonce": "0x" + auth.nonce.hex(),
+                    },
+                },
+            }
+            header = base64.b64encode(json.dumps(payment).encode()).decode()
+            paid = client.post("/v1/chat/completions", json=body, headers={"PAYMENT-SIGNATURE": header})
+            assert paid.status_code == 200, paid.text
+
+
+def test_provider_journey(market: Market, person) -> None:
+    provider = person()
+    page = provider.page
+    page.goto("/provider")
+    expect(page.locator("#signed-out")).to_be_visible()
+    page.get_by_role("button", name="Connect Test Wallet").click()
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#dashboard")).to_be_visible()
+
+    # List a sandbox key.
+    page.select_option("#kind", "sandbox")
+    expect(page.locator("#api-key-label")).to_be_hidden()
+    page.fill("#models", "web-provider-model")
+    page.fill("#price", "0.05")
+    page.fill("#max-calls", "50")
+    page.fill("#rate", "60")
+    page.click("#create-listing")
+    expect(page.locator("#notice")).to_contain_text("Listed lst_")
+    row = page.locator("#listings tr").filter(has_text="web-provider-model")
+    expect(row).to_contain_text("0.05 USDC")
+    expect(row).to_contain_text("0 / 50")
+    listing_id = row.get_attribute("data-listing")
+
+    # Check the key, pause and resume.
+    row.get_by_role("button", name="Check key").click()
+    expect(page.locator("#notice")).to_contain_text(f"The key of {listing_id} works.")
+    row.get_by_role("button", name="Pause").click()
+    expect(row.locator(".badge")).to_have_text("paused")
+    paused = httpx.post(
+        f"{market.url}/v1/chat/completions",
+        json={"model": f"listing/{listing_id}", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert paused.status_code == 404, paused.text  # a paused listing takes no calls
+    row.get_by_role("button", name="Resume").click()
+    expect(row.locator(".badge")).to_have_text("active")
+
+    # A consumer calls it; the settlement credits the provider's share in the escrow.
+    call_listing(market, "web-provider-model")
+    deadline = time.monotonic() + 30
+    while int(market.onchain.escrow.functions.earnings(provider.address).call()) < EARNED:
+        assert time.monotonic() < deadline, "the paid calls did not settle"
+        time.sleep(0.2)
+
+    page.reload()
+    expect(page.locator("#claimable")).to_have_text("0.09 USDC")
+    expect(row.locator(".earned")).to_have_text("0.09 USDC")
+    expect(row).to_contain_text(f"{FREE_CALLS + PAID_CALLS} / 50")
+    expect(page.locator("#claim")).to_have_text("Claim 0.09 USDC")
+
+    # One click: the wallet (on another chain) is switched, signs the delegation; the relayer
+    # submits; the page follows the claim until the chain confirms it.
+    page.click("#claim")
+    expect(page.locator("#claim-status")).to_contain_text("confirmed", timeout=30_000)
+    tx = page.locator("#claim-tx").inner_text()
+    assert re.fullmatch(r"0x[0-9a-f]{64}", tx)
+    receipt = market.onchain.chain.w3.eth.get_transaction_receipt(tx)
+    assert receipt["status"] == 1
+    claim = page.request.get("/v1/provider/claims").json()["data"][0]
+    assert claim["status"] == "confirmed" and claim["amount_atomic"] == EARNED
+    assert market.usdc(provider.address) == EARNED - claim["relayer_fee_atomic"]
+    assert int(market.onchain.escrow.functions.earnings(provider.address).call()) == 0
+    assert market.onchain.chain.w3.eth.get_balance(provider.address) == 0  # never needed ETH
+    expect(page.locator("#claimable")).to_have_text("0.00 USDC")
+    expect(page.locator("#claim")).to_be_disabled()
+    expect(page.locator("#claims")).to_contain_text(tx)
+    provider.screenshot("provider")
+
+    # The market shows the provider's record from the relay's calls.
+    page.goto("/")
+    record = page.locator(f'article.listing[data-listing="{listing_id}"] .provider-record')
+    expect(record).to_contain_text(f"{FREE_CALLS + PAID_CALLS} calls served · 100.0% success · median")
+    assert provider.errors == []
