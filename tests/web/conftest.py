@@ -63,7 +63,8 @@ class Market:
 
     def create_listing(self, provider: LocalAccount, **body: Any) -> dict[str, Any]:
         with httpx.Client(base_url=self.url, timeout=30) as client:
-            reply = client.post("/v1/listings", json=listing_body(**body), headers=self.sign_in(client, provider))
+            headers = self.sign_in(client, provider)
+            reply = client.post("/v1/listings", json=listing_body(**body), headers=headers)
             assert reply.status_code == 201, reply.text
             return dict(reply.json())
 
@@ -85,7 +86,8 @@ def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
         usdc = chain.contract("MockUSDC", chain_.usdc)
         escrow = chain.deploy("QuotraEscrow", owner, chain_.usdc, 3600, 86_400)
         chain.transact(escrow.functions.set_operator(operator.address, True), owner)
-        onchain = OnChain(chain_, chain, escrow, usdc, owner, operator, outsider, int(chain.w3.eth.block_number))
+        block = int(chain.w3.eth.block_number)
+        onchain = OnChain(chain_, chain, escrow, usdc, owner, operator, outsider, block)
         port = free_port()
         env = relay_env(
             onchain,
@@ -153,9 +155,11 @@ def person(browser: Browser, market: Market) -> Iterator[Any]:
         # "not signed in", 402 offers) are the pages' normal answers and say so on the page.
         page.on(
             "console",
-            lambda message: errors.append(message.text)
-            if message.type == "error" and "Failed to load resource" not in message.text
-            else None,
+            lambda message: (
+                errors.append(message.text)
+                if message.type == "error" and "Failed to load resource" not in message.text
+                else None
+            ),
         )
         opened.append(Person(wallet, context, page, errors))
         return opened[-1]

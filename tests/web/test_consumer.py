@@ -28,7 +28,9 @@ def wait_until(check, what: str, within: float = 30.0):
 
 def test_consumer_journey(market: Market, person) -> None:
     provider = Account.create()
-    listing = market.create_listing(provider, models=["web-sandbox-mini"], price_per_call="0.02", max_calls=100)
+    listing = market.create_listing(
+        provider, models=["web-sandbox-mini"], price_per_call="0.02", max_calls=100
+    )
     consumer = person()
     market.onchain.twin.mint_usdc(consumer.address, 5 * USDC)
     page = consumer.page

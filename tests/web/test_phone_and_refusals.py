@@ -44,7 +44,9 @@ def test_refusals_are_explained_on_the_page(market: Market, person) -> None:
     expect(page.locator("#notice")).to_have_text(re.compile(r"^Too many requests\. Try again in \d+ s\."))
     expect(page.locator("#notice")).to_have_class(re.compile("error"))
 
-    spent = market.create_listing(Account.create(), models=["web-spent-model"], price_per_call="0.01", max_calls=1)
+    spent = market.create_listing(
+        Account.create(), models=["web-spent-model"], price_per_call="0.01", max_calls=1
+    )
     page.goto(f"/playground?listing={spent['id']}")
     page.fill("#prompt", "the only call")
     page.click("#send")
