@@ -46,6 +46,12 @@ test: compile
 	$(PYTEST) tests/contracts/test_scripts.py
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTEST) tests/contracts/invariants
 	tools/with-postgres.sh $(PYTEST) tests/backend tests/e2e
+	@# The marketplace pages in headless Chromium (Debian's `chromium`; .ci/run installs it).
+	@if [ -n "$$QUOTRA_CHROMIUM" ] || command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then \
+		$(PYTEST) tests/web; \
+	else \
+		echo "make test: the browser tests (tests/web) did NOT run: Chromium is not installed (apt-get install chromium)"; \
+	fi
 
 lint: setup
 	$(BIN)/ruff check backend scripts tests bench
@@ -56,8 +62,9 @@ format: setup
 	$(BIN)/ruff check --fix backend scripts tests bench
 	$(BIN)/ruff format backend scripts tests bench
 
+# The story, then the marketplace left running for a person with a wallet (Ctrl-C stops it).
 demo: compile
-	$(BIN)/quotra demo
+	$(BIN)/quotra demo --keep
 
 # The relay benchmark (bench/README.md). LiteLLM and the bench's own tools (matplotlib, py-spy,
 # uvloop) get their own virtual environments under .cache/bench, never the project's; wrk and

@@ -55,6 +55,10 @@ def test_wheel_serves_outside_the_checkout_without_dev_tooling(tmp_path: Any) ->
         names = archive.namelist()
         assert "quotra/chain/abi/QuotraEscrow.json" in names and "quotra/chain/abi/FiatToken.json" in names
         assert "quotra/store/migrations/versions/0005_call_core.py" in names
+        # The marketplace pages and the browser libraries `make setup` copied from npm.
+        web = ("pages/market.html", "static/market.js", "static/app.css", "static/icon.svg")
+        for name in (*web, "static/vendor/purify.es.mjs", "static/vendor/marked.esm.js"):
+            assert f"quotra/web/{name}" in names, name
         archive.extractall(site, [n for n in names if n.startswith("quotra/")])  # not quotra_dev
     assert not (site / "quotra_dev").exists()
 
@@ -101,6 +105,10 @@ def test_wheel_serves_outside_the_checkout_without_dev_tooling(tmp_path: Any) ->
             time.sleep(0.1)
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
         assert models.status_code == 200
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+        assert page.status_code == 200 and "/static/market.js" in page.text
+        vendor = httpx.get(f"http://127.0.0.1:{port}/static/vendor/marked.esm.js", timeout=5)
+        assert vendor.status_code == 200
         loaded = subprocess.run(
             [
                 sys.executable,
