@@ -785,6 +785,7 @@ def run(console: Console, keep: bool = False) -> MarketplaceSummary:
             "QUOTRA_LOG_JSON": "false",
             "QUOTRA_LOG_LEVEL": "WARNING",
             "QUOTRA_CHAIN_RPC_URL": chain_.rpc_url,
+            "QUOTRA_WALLET_RPC_URL": chain_.rpc_url,  # what the pages offer wallets to add
             "QUOTRA_DEPLOYMENT_FILE": str(deployment_file),
             "QUOTRA_OPERATOR_KEY": "0x" + bytes(operator.key).hex(),  # anvil's public dev account 1
             "QUOTRA_RELAYER": "oneshot",
@@ -835,13 +836,21 @@ def run(console: Console, keep: bool = False) -> MarketplaceSummary:
         _check(console, story, summary, relay_env)
         summary.seconds = time.monotonic() - started
         if keep:
-            _keep_running(console, summary)
+            _keep_running(console, summary, story)
     summary.seconds = summary.seconds or time.monotonic() - started
     console.rule(f"[bold green]done in {summary.seconds:.1f} s; every process is stopped")
     return summary
 
 
-def _keep_running(console: Console, summary: MarketplaceSummary) -> None:
+KEEP_CONSUMER_USDC: Final = "100"
+KEEP_CONSUMER_ETH: Final = 5 * 10**16  # 0.05 ETH: a withdrawal is the one wallet transaction
+
+
+def _keep_running(console: Console, summary: MarketplaceSummary, story: Marketplace) -> None:
+    """Leaves the market to a person: the demo's throw-away wallets (keys printed to import into
+    a wallet such as MetaMask), the consumer topped up, and the marketplace URL printed last."""
+    story.twin.mint_usdc(story.consumer.address, parse_usdc(KEEP_CONSUMER_USDC))
+    story.twin.fund_eth(story.consumer.address, KEEP_CONSUMER_ETH)
     console.rule("[bold]Left running (Ctrl-C stops everything)")
     console.print(f"  relay          {summary.relay_url}   (OpenAI base URL: {summary.relay_url}/v1)")
     console.print(f"  gas relayer    {summary.relayer_url}")
@@ -857,6 +866,23 @@ def _keep_running(console: Console, summary: MarketplaceSummary) -> None:
         '[{"role":"user","content":"Hi"}]}\'',
         soft_wrap=True,
     )
+    console.rule("[bold]In a browser, with MetaMask (README: The marketplace in a browser)")
+    console.print(
+        f"  1. add the twin as a network: RPC URL {summary.rpc_url}, chain ID 84532, currency ETH "
+        "(or press “Switch to Base Sepolia” on the page)",
+        soft_wrap=True,
+    )
+    console.print("  2. import the demo's wallets (throw-away keys, for this twin only):")
+    console.print(
+        f"     consumer {story.consumer.address}  key 0x{bytes(story.consumer.key).hex()}  "
+        f"(+{KEEP_CONSUMER_USDC} USDC and 0.05 ETH for a withdrawal)",
+        soft_wrap=True,
+    )
+    console.print(
+        f"     provider {story.provider.address}  key 0x{bytes(story.provider.key).hex()}  (two listings)",
+        soft_wrap=True,
+    )
+    console.print(f"[bold green]Marketplace: {summary.relay_url}/[/]", soft_wrap=True)
     try:
         while True:
             time.sleep(1)
