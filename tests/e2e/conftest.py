@@ -21,7 +21,7 @@ for extra in (BACKEND_TESTS, BACKEND_TESTS / "payments"):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-from e2e_helpers import Kit, OnChain, Served, relay_settings, serve_app  # noqa: E402
+from e2e_helpers import Kit, OnChain, Served, deploy_escrow, relay_settings, serve_app  # noqa: E402
 from quotra.calls.outbox import Outbox  # noqa: E402
 from quotra.calls.store import CallStore  # noqa: E402
 from quotra.chain.client import EscrowClient  # noqa: E402
@@ -30,7 +30,6 @@ from quotra.store.db import create_engine, upgrade  # noqa: E402
 from quotra.store.repositories import Store  # noqa: E402
 from quotra.store.transactions import Transactions  # noqa: E402
 from quotra_dev import twin  # noqa: E402
-from quotra_dev.chain import Chain, account_from_key  # noqa: E402
 from relay_helpers import create_pg_database  # noqa: E402
 
 PG_URL = os.environ.get("QUOTRA_TEST_POSTGRES_URL")
@@ -65,14 +64,9 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def onchain() -> Iterator[OnChain]:
     with twin.start() as chain_:
-        chain = Chain(chain_.rpc_url)
-        owner, operator, outsider = (account_from_key(a.private_key) for a in chain_.accounts[:3])
-        usdc = chain.contract("MockUSDC", chain_.usdc)
-        escrow = chain.deploy("QuotraEscrow", owner, chain_.usdc, 3600, 86_400)
-        chain.transact(escrow.functions.set_operator(operator.address, True), owner)
-        chain_.mint_usdc(operator.address, 1_000 * 10**6)  # it pays for the front-runs it reconciles
-        block = int(chain.w3.eth.block_number)
-        yield OnChain(chain_, chain, escrow, usdc, owner, operator, outsider, block)
+        onchain = deploy_escrow(chain_)
+        chain_.mint_usdc(onchain.operator.address, 1_000 * 10**6)  # it pays for the front-runs it reconciles
+        yield onchain
 
 
 @pytest.fixture

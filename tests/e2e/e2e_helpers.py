@@ -31,7 +31,7 @@ from quotra.store.db import create_engine
 from quotra.store.models import Call, table, utcnow
 from quotra.store.repositories import Store
 from quotra_dev import twin
-from quotra_dev.chain import Chain, sign_authorization
+from quotra_dev.chain import Chain, account_from_key, sign_authorization
 from relay_helpers import MASTER_KEY, listing_body, sign
 from sqlalchemy import func, select
 from web3.contract import Contract
@@ -85,6 +85,16 @@ class OnChain:
 
     def solvent(self) -> bool:
         return self.excess() >= 0
+
+
+def deploy_escrow(chain_: twin.Twin) -> OnChain:
+    """The escrow on a running twin: dev account 0 owns it, 1 is its operator, 2 an outsider."""
+    chain = Chain(chain_.rpc_url)
+    owner, operator, outsider = (account_from_key(a.private_key) for a in chain_.accounts[:3])
+    usdc = chain.contract("MockUSDC", chain_.usdc)
+    escrow = chain.deploy("QuotraEscrow", owner, chain_.usdc, 3600, 86_400)
+    chain.transact(escrow.functions.set_operator(operator.address, True), owner)
+    return OnChain(chain_, chain, escrow, usdc, owner, operator, outsider, int(chain.w3.eth.block_number))
 
 
 def relay_settings(

@@ -26,12 +26,11 @@ for extra in (TESTS / "backend", TESTS / "e2e"):
         sys.path.insert(0, str(extra))
 
 from browser_wallet import InjectedWallet  # noqa: E402
-from e2e_helpers import OnChain  # noqa: E402
+from e2e_helpers import OnChain, deploy_escrow  # noqa: E402
 from eth_account import Account  # noqa: E402
 from eth_account.signers.local import LocalAccount  # noqa: E402
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright  # noqa: E402
 from quotra_dev import twin  # noqa: E402
-from quotra_dev.chain import Chain, account_from_key  # noqa: E402
 from relay_helpers import listing_body, sign  # noqa: E402
 from relays import RelayProcess, free_port, relay_env  # noqa: E402
 
@@ -81,13 +80,7 @@ def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
     """The twin, the escrow, and `quotra serve` on it: the operator settles and is the relayer."""
     tmp = tmp_path_factory.mktemp("market")
     with twin.start() as chain_:
-        chain = Chain(chain_.rpc_url)
-        owner, operator, outsider = (account_from_key(a.private_key) for a in chain_.accounts[:3])
-        usdc = chain.contract("MockUSDC", chain_.usdc)
-        escrow = chain.deploy("QuotraEscrow", owner, chain_.usdc, 3600, 86_400)
-        chain.transact(escrow.functions.set_operator(operator.address, True), owner)
-        block = int(chain.w3.eth.block_number)
-        onchain = OnChain(chain_, chain, escrow, usdc, owner, operator, outsider, block)
+        onchain = deploy_escrow(chain_)
         port = free_port()
         env = relay_env(
             onchain,

@@ -49,6 +49,7 @@ def test_refusals_are_explained_on_the_page(market: Market, person) -> None:
     )
     page.goto(f"/playground?listing={spent['id']}")
     page.fill("#prompt", "the only call")
+    expect(page.locator("#listing")).to_have_value(spent["id"])
     page.click("#send")
     expect(page.locator(".message.assistant")).to_have_count(1)
     page.fill("#prompt", "one too many")

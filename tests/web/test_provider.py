@@ -13,7 +13,7 @@ import httpx
 from conftest import FREE_CALLS, Market
 from eth_account import Account
 from playwright.sync_api import expect
-from quotra_dev.chain import sign_authorization
+from relays import X402Payer
 
 USDC = 10**6
 PRICE = 50_000
@@ -23,8 +23,8 @@ EARNED = PAID_CALLS * PRICE * 9 // 10  # the escrow's 90% share
 
 def call_listing(market: Market, model: str) -> None:
     """A consumer's free calls, then paid ones with a signed x402 authorization."""
-    payer = Account.create()
-    market.onchain.twin.mint_usdc(payer.address, USDC)
+    wallet = Account.create()
+    market.onchain.twin.mint_usdc(wallet.address, USDC)
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
     with httpx.Client(base_url=market.url, timeout=30) as client:
         for _ in range(FREE_CALLS):
@@ -32,30 +32,9 @@ def call_listing(market: Market, model: str) -> None:
         refused = client.post("/v1/chat/completions", json=body)
         assert refused.status_code == 402
         offer = json.loads(base64.b64decode(refused.headers["payment-required"]))["accepts"][0]
+        payer = X402Payer(market.onchain, wallet, offer)
         for _ in range(PAID_CALLS):
-            auth = sign_authorization(
-                payer,
-                market.onchain.domain,
-                offer["payTo"],
-                int(offer["amount"]),
-                valid_before=int(time.time()) + 300,
-            )
-            payment = {
-                "x402Version": 2,
-                "accepted": offer,
-                "payload": {
-                    "signature": auth.signature.hex,
-                    "authorization": {
-                        "from": auth.payer,
-                        "to": auth.to,
-                        "value": str(auth.amount),
-                        "validAfter": str(auth.valid_after),
-                        "validBefore": str(auth.valid_before),
-                        "nonce": "0x" + auth.nonce.hex(),
-                    },
-                },
-            }
-            header = base64.b64encode(json.dumps(payment).encode()).decode()
+            header, _nonce = payer.header()
             paid = client.post("/v1/chat/completions", json=body, headers={"PAYMENT-SIGNATURE": header})
             assert paid.status_code == 200, paid.text
 

@@ -209,6 +209,7 @@ try {
   );
   if (!listings.length) notify("No listing is live yet.", "warn");
   showListing();
+  $("#send").disabled = !listings.length; // nothing to send to until the listings are in
 } catch (error) {
   notify(explain(error), "error");
 }
