@@ -87,12 +87,12 @@ class OnChain:
         return self.excess() >= 0
 
 
-def deploy_escrow(chain_: twin.Twin) -> OnChain:
+def deploy_escrow(chain_: twin.Twin, withdrawal_delay: int = 3600) -> OnChain:
     """The escrow on a running twin: dev account 0 owns it, 1 is its operator, 2 an outsider."""
     chain = Chain(chain_.rpc_url)
     owner, operator, outsider = (account_from_key(a.private_key) for a in chain_.accounts[:3])
     usdc = chain.contract("MockUSDC", chain_.usdc)
-    escrow = chain.deploy("QuotraEscrow", owner, chain_.usdc, 3600, 86_400)
+    escrow = chain.deploy("QuotraEscrow", owner, chain_.usdc, withdrawal_delay, 86_400)
     chain.transact(escrow.functions.set_operator(operator.address, True), owner)
     return OnChain(chain_, chain, escrow, usdc, owner, operator, outsider, int(chain.w3.eth.block_number))
 

@@ -77,10 +77,12 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
-    """The twin, the escrow, and `quotra serve` on it: the operator settles and is the relayer."""
+    """The twin, the escrow, and `quotra serve` on it: the operator settles and is the relayer.
+    The escrow has no withdrawal delay, so that a withdrawal requested on the page can be completed
+    at once (the delay itself is the contract tests' business)."""
     tmp = tmp_path_factory.mktemp("market")
     with twin.start() as chain_:
-        onchain = deploy_escrow(chain_)
+        onchain = deploy_escrow(chain_, withdrawal_delay=0)
         port = free_port()
         env = relay_env(
             onchain,

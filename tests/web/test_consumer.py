@@ -1,7 +1,8 @@
 """A consumer in the browser: browse → free playground calls (streamed, markdown rendered safely)
 → an x402 call paid from the wallet (after switching it to the twin) whose USDC moves on chain →
 sign in → gasless deposit → spend permission → API key (shown once, copied) that works with the
-openai SDK → usage with its cost → the permission revoked."""
+openai SDK → usage with its cost → the permission revoked and renewed → the key capped and
+revoked → a withdrawal requested and completed."""
 
 from __future__ import annotations
 
@@ -24,6 +25,17 @@ def wait_until(check, what: str, within: float = 30.0):
         assert time.monotonic() < deadline, f"not reached in {within:.0f} s: {what}"
         time.sleep(0.2)
     return result
+
+
+def sdk_status(client: openai.OpenAI, listing_id: str, content: str) -> int:
+    """What a call through the openai SDK gets: 200, or the status it was refused with."""
+    try:
+        client.chat.completions.create(
+            model=f"listing/{listing_id}", messages=[{"role": "user", "content": content}]
+        )
+    except openai.APIStatusError as refused:
+        return refused.status_code
+    return 200
 
 
 def test_consumer_journey(market: Market, person) -> None:
@@ -122,10 +134,12 @@ def test_consumer_journey(market: Market, person) -> None:
     )
     assert completion.choices[0].message.content == "Sandbox reply to: through the SDK"
 
-    # Usage shows every call of the wallet with its cost.
+    # Usage shows every call of the wallet with its cost and settlement.
+    wait_until(lambda: market.deposit(consumer.address) == 1_500_000 - PRICE, "the prepaid call settled")
     page.reload()
     usage = page.locator("#usage")
     expect(usage.locator("tr").filter(has_text="prepaid")).to_contain_text("0.02")
+    expect(usage.locator("tr").filter(has_text="prepaid").locator(".badge")).to_have_text("settled")
     expect(usage.locator("tr").filter(has_text="x402")).to_contain_text("0.02")
     consumer.screenshot("account")
 
@@ -135,11 +149,44 @@ def test_consumer_journey(market: Market, person) -> None:
     expect(page.locator("#revocation-result")).to_contain_text("confirmed", timeout=30_000)
     expect(page.locator("#permission-state")).to_contain_text("No permission")
     expect(page.locator("#revoke-permission")).to_be_hidden()
-    try:
-        client.chat.completions.create(
-            model=f"listing/{listing['id']}", messages=[{"role": "user", "content": "after revoking"}]
-        )
-        raise AssertionError("a revoked permission still paid")
-    except openai.APIStatusError as refused:
-        assert refused.status_code == 402
+    assert sdk_status(client, listing["id"], "after revoking") == 402
+
+    # A new permission renews it: the same key calls again.
+    page.fill("#permission-allowance", "1")
+    page.click("#permission-button")
+    expect(page.locator("#permission-state")).to_contain_text("active")
+    assert sdk_status(client, listing["id"], "renewed") == 200
+
+    # The key's cap lowered to what it spent (two calls) and a bit: the next call is over budget.
+    key_row = page.locator("#keys tr").filter(has_text="laptop")
+    expect(key_row.locator("input.cap")).to_have_value("0.50")
+    key_row.locator("input.cap").fill("0.05")
+    key_row.get_by_role("button", name="Set cap").click()
+    expect(page.locator("#notice")).to_have_text("The key's spend cap is 0.05 USDC now.")
+    expect(key_row.locator("input.cap")).to_have_value("0.05")
+    assert sdk_status(client, listing["id"], "over the cap") == 402
+    page.once("dialog", lambda dialog: dialog.accept())
+    key_row.get_by_role("button", name="Revoke").click()
+    expect(key_row.locator(".badge")).to_have_text("revoked")
+    assert sdk_status(client, listing["id"], "revoked key") == 401
+
+    # A withdrawal is the wallet's own transaction (the one thing that takes ETH): requested,
+    # pending, then completed (this escrow has no withdrawal delay).
+    market.onchain.twin.fund_eth(consumer.address, 10**17)
+    settled = 1_500_000 - 2 * PRICE  # the deposit once both prepaid calls settled
+    wait_until(lambda: market.deposit(consumer.address) == settled, "the renewed permission's call settled")
+    wallet_usdc = market.usdc(consumer.address)
+    page.fill("#withdraw-amount", "1")
+    page.click("#withdraw-request")
+    expect(page.locator("#withdraw-result")).to_have_text(
+        re.compile(r"^Withdrawal requested in tx 0x[0-9a-f]{64}\.$")
+    )
+    expect(page.locator("#pending-withdrawal")).to_have_text("1.00 USDC")
+    page.click("#withdraw-complete")
+    expect(page.locator("#withdraw-result")).to_have_text(
+        re.compile(r"^Withdrawal completed in tx 0x[0-9a-f]{64}\.$")
+    )
+    expect(page.locator("#pending-withdrawal")).to_have_text("0.00 USDC")
+    assert market.deposit(consumer.address) == settled - USDC
+    assert market.usdc(consumer.address) == wallet_usdc + USDC
     assert consumer.errors == []

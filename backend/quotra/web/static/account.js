@@ -60,14 +60,18 @@ function showAccount(account) {
 function showKeys(keys) {
   $("#keys").replaceChildren(
     ...keys.map((key) => {
+      const capValue = el("input", {
+        type: "number", class: "cap", min: "0.000001", step: "0.000001", placeholder: "no cap",
+        "aria-label": `Spend cap of ${key.name || key.id} (USDC, empty: no cap)`,
+        value: key.spend_cap === null ? null : usdc(key.spend_cap),
+      });
       const cap = el("button", { type: "button", class: "secondary", text: "Set cap" });
       const revoke = el("button", { type: "button", class: "danger", text: "Revoke" });
       cap.addEventListener("click", () =>
         busy(cap, async () => {
-          const value = prompt(`New spend cap for "${key.name || key.id}" in USDC (empty: no cap)`, key.spend_cap ? usdc(key.spend_cap) : "");
-          if (value === null) return;
-          await api(`/v1/account/keys/${key.id}`, { method: "PATCH", body: { spend_cap: value.trim() === "" ? null : value.trim() } });
-          notify("Spend cap changed.", "ok");
+          const value = capValue.value.trim();
+          await api(`/v1/account/keys/${key.id}`, { method: "PATCH", body: { spend_cap: value === "" ? null : value } });
+          notify(value === "" ? "The key has no spend cap now." : `The key's spend cap is ${value} USDC now.`, "ok");
           await load();
         }, explain),
       );
@@ -84,7 +88,7 @@ function showKeys(keys) {
         { dataset: { key: key.id } },
         el("td", {}, key.name || "—", el("div", { class: "small muted mono", text: key.id })),
         el("td", { text: key.mode }),
-        el("td", { text: key.spend_cap === null ? "none" : usdc(key.spend_cap) }),
+        el("td", {}, key.revoked ? (key.spend_cap === null ? "none" : usdc(key.spend_cap)) : capValue),
         el("td", { text: usdc(key.spent) }),
         el("td", { class: "hide-narrow", text: when(key.last_used_at) }),
         el("td", {}, key.revoked ? badge("revoked", "bad") : badge("active", "ok")),
