@@ -1,11 +1,12 @@
 """The pages on a phone-sized screen in dark mode, and the refusals a person must understand:
-a rate limit (429 with Retry-After) and a listing out of calls, each said on the page."""
+a rate limit (429 with Retry-After), a listing out of calls, and an x402 payment the wallet
+cannot cover (402), each said on the page."""
 
 from __future__ import annotations
 
 import re
 
-from conftest import Market
+from conftest import FREE_CALLS, Market
 from eth_account import Account
 from playwright.sync_api import expect
 
@@ -55,4 +56,23 @@ def test_refusals_are_explained_on_the_page(market: Market, person) -> None:
     page.fill("#prompt", "one too many")
     page.click("#send")
     expect(page.locator("#notice")).to_contain_text("This listing cannot take more calls")
+    assert visitor.errors == []
+
+
+def test_a_payment_the_wallet_cannot_cover_is_refused_on_the_page(market: Market, person) -> None:
+    listing = market.create_listing(Account.create(), models=["web-broke-model"], price_per_call="0.01")
+    visitor = person()  # a wallet without a single USDC
+    page = visitor.page
+    page.goto(f"/playground?listing={listing['id']}")
+    for n in range(FREE_CALLS + 1):
+        page.fill("#prompt", f"call {n}")
+        page.click("#send")
+    expect(page.locator("#pay")).to_be_visible()
+    page.get_by_role("button", name="Connect Test Wallet").click()
+    page.click("#pay-button")
+    expect(page.locator("#pay-text")).to_have_text(
+        re.compile(r"^The payment was refused: .*USDC balance does not cover 0\.010* USDC")
+    )
+    expect(page.locator(".message.assistant")).to_have_count(FREE_CALLS)
+    expect(page.locator("#receipt")).to_be_hidden()
     assert visitor.errors == []

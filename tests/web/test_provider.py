@@ -1,6 +1,7 @@
 """A provider in the browser: sign in → list a sandbox key → check it, pause and resume it → a
 consumer calls it (free, then paid with x402) → the record and earnings show → one-click claim,
-followed live until the chain confirms it, and the USDC is in the provider's wallet."""
+followed live until the chain confirms it, and the USDC is in the provider's wallet → the
+listing revoked."""
 
 from __future__ import annotations
 
@@ -110,4 +111,19 @@ def test_provider_journey(market: Market, person) -> None:
     page.goto("/")
     record = page.locator(f'article.listing[data-listing="{listing_id}"] .provider-record')
     expect(record).to_contain_text(f"{FREE_CALLS + PAID_CALLS} calls served · 100.0% success · median")
+
+    # Revoked for good: the listing leaves the market and takes no more calls.
+    page.goto("/provider")
+    page.once("dialog", lambda dialog: dialog.accept())
+    row.get_by_role("button", name="Revoke").click()
+    expect(page.locator("#notice")).to_have_text(f"{listing_id} is revoked and its key deleted.")
+    expect(row.locator(".badge")).to_have_text("revoked")
+    expect(row.get_by_role("button")).to_have_count(0)
+    gone = httpx.post(
+        f"{market.url}/v1/chat/completions",
+        json={"model": f"listing/{listing_id}", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert gone.status_code == 404, gone.text
+    page.goto("/")
+    expect(page.locator(f'article.listing[data-listing="{listing_id}"]')).to_have_count(0)
     assert provider.errors == []
