@@ -17,6 +17,8 @@ from playwright.sync_api import expect
 USDC = 10**6
 PRICE = 20_000  # 0.02 USDC per call
 XSS = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
+# Markdown for remote content and a script link, within the 80 characters the sandbox echoes.
+REMOTE = "![tracker](http://127.0.0.1:9/pixel.png) [click](javascript:window.__pwned=3)"
 
 
 def wait_until(check, what: str, within: float = 30.0):
@@ -190,3 +192,19 @@ def test_consumer_journey(market: Market, person) -> None:
     assert market.deposit(consumer.address) == settled - USDC
     assert market.usdc(consumer.address) == wallet_usdc + USDC
     assert consumer.errors == []
+
+
+def test_answers_bring_no_remote_content_nor_script_links(market: Market, person) -> None:
+    listing = market.create_listing(Account.create(), models=["web-markdown-model"], price_per_call="0.01")
+    visitor = person()
+    page = visitor.page
+    page.goto(f"/playground?listing={listing['id']}")
+    page.fill("#prompt", REMOTE)
+    page.click("#send")
+    answer = page.locator(".message.assistant")
+    expect(answer).to_contain_text("Sandbox reply to: [image: tracker] click")
+    assert answer.locator("img").count() == 0
+    assert answer.locator("a").evaluate_all("links => links.map((a) => a.getAttribute('href'))") == [None]
+    page.click("a:has-text('click')")
+    assert page.evaluate("window.__pwned") is None
+    assert visitor.errors == []
