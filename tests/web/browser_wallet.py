@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+from uuid import NAMESPACE_DNS, uuid5
 
 from eth_account import Account
 from eth_account.messages import encode_defunct
@@ -18,13 +19,14 @@ from eth_utils import to_checksum_address
 from web3 import Web3
 from web3.exceptions import ContractLogicError
 
+# `%(binding)s`, `%(uuid)s`, `%(name)s` and `%(rdns)s` are filled in per wallet.
 PROVIDER_SCRIPT = """
 (() => {
   const listeners = {};
   const emit = (event, value) => (listeners[event] || []).forEach((fn) => fn(value));
   const provider = {
     async request({ method, params }) {
-      const reply = JSON.parse(await window.__testWallet(JSON.stringify({ method, params: params || [] })));
+      const reply = JSON.parse(await window.%(binding)s(JSON.stringify({ method, params: params || [] })));
       if (reply.error) {
         const error = new Error(reply.error.message);
         error.code = reply.error.code;
@@ -39,10 +41,10 @@ PROVIDER_SCRIPT = """
     removeListener(event, fn) { listeners[event] = (listeners[event] || []).filter((f) => f !== fn); },
   };
   const info = Object.freeze({
-    uuid: "5c0c4d5e-8f5a-4e8e-9a57-0b5f0b5e7a11",
-    name: "Test Wallet",
-    icon: "data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg'/%3E",
-    rdns: "org.quotra.testwallet",
+    uuid: "%(uuid)s",
+    name: "%(name)s",
+    icon: "data:image/svg+xml,%%3Csvg xmlns='http://www.w3.org/2000/svg'/%%3E",
+    rdns: "%(rdns)s",
   });
   const detail = Object.freeze({ info, provider });
   const announce = () => window.dispatchEvent(new CustomEvent("eip6963:announceProvider", { detail }));
@@ -81,6 +83,8 @@ def _normalised(typed: dict[str, Any]) -> dict[str, Any]:
 @dataclass
 class InjectedWallet:
     account: LocalAccount
+    name: str = "Test Wallet"  # what EIP-6963 announces
+    rdns: str = "org.quotra.testwallet"
     chain_id: int = 1
     known_chains: dict[int, list[str]] = field(default_factory=lambda: {1: []})
     connected: bool = False
@@ -92,8 +96,12 @@ class InjectedWallet:
 
     def install(self, context: Any) -> None:
         """Into every page of a Playwright browser context."""
-        context.expose_function("__testWallet", self.handle)
-        context.add_init_script(PROVIDER_SCRIPT)
+        binding = "__testWallet_" + self.rdns.replace(".", "_")
+        context.expose_function(binding, self.handle)
+        uuid = str(uuid5(NAMESPACE_DNS, self.rdns))
+        context.add_init_script(
+            PROVIDER_SCRIPT % {"binding": binding, "uuid": uuid, "name": self.name, "rdns": self.rdns}
+        )
 
     def handle(self, payload: str) -> str:
         request = json.loads(payload)

@@ -1,0 +1,24 @@
+"""Wallets found through EIP-6963: every announced wallet is offered, MetaMask first, and the one
+chosen is the one asked."""
+
+from __future__ import annotations
+
+from browser_wallet import InjectedWallet
+from conftest import Market
+from eth_account import Account
+from playwright.sync_api import expect
+
+
+def test_announced_wallets_are_offered_metamask_first(market: Market, person) -> None:
+    visitor = person()  # announces "Test Wallet"
+    metamask = InjectedWallet(Account.create(), name="MetaMask", rdns="io.metamask")
+    metamask.install(visitor.context)
+    page = visitor.page
+    page.goto("/")
+    buttons = page.locator("#wallet button")
+    expect(buttons).to_have_text(["Connect MetaMask", "Connect Test Wallet"])
+    buttons.nth(0).click()
+    expect(page.locator("#wallet-account")).to_have_attribute("title", metamask.address)
+    assert metamask.connected and not visitor.wallet.connected
+    assert visitor.wallet.requests == []
+    assert visitor.errors == []
