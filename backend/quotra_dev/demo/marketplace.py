@@ -78,6 +78,9 @@ class MarketplaceSummary:
     operator: str = ""
     gas_relayer: str = ""
     api_key: str = ""
+    consumer_key: str = ""  # throw-away twin keys, printed by --keep to act by hand
+    provider_key: str = ""
+    deployments_dir: str = ""
     listings: dict[str, str] = field(default_factory=dict)  # model -> listing id
     playground_calls: int = 0
     playground_refused_status: int = 0
@@ -746,6 +749,7 @@ def run(console: Console, keep: bool = False) -> MarketplaceSummary:
         if not deployment_file.is_file():
             deployment_file = deployment.save(tmp / "base-sepolia-twin.json")
         summary.escrow, summary.usdc, summary.fee_bps = deployment.escrow, deployment.usdc, deployment.fee_bps
+        summary.deployments_dir = str(deployment_file.parent)
         console.print(
             f"  escrow {deployment.escrow} deployed by `ape run deploy escrow` (block {deployment.block})"
         )
@@ -813,6 +817,8 @@ def run(console: Console, keep: bool = False) -> MarketplaceSummary:
 
         story = Marketplace(console, chain_, deployment, relay_url, relayer_url, upstream_url, summary)
         summary.provider, summary.consumer = story.provider.address, story.consumer.address
+        summary.provider_key = "0x" + bytes(story.provider.key).hex()
+        summary.consumer_key = "0x" + bytes(story.consumer.key).hex()
         try:
             asyncio.run(story.run())
         except DemoError as exc:
@@ -847,42 +853,45 @@ KEEP_CONSUMER_ETH: Final = 5 * 10**16  # 0.05 ETH: a withdrawal is the one walle
 
 
 def _keep_running(console: Console, summary: MarketplaceSummary, story: Marketplace) -> None:
-    """Leaves the market to a person: the demo's throw-away wallets (keys printed to import into
-    a wallet such as MetaMask), the consumer topped up, and the marketplace URL printed last."""
+    """What a person needs to go on by hand: every URL, address and (throw-away) key, the
+    environment that points the ape scripts at this chain and its deployment, and the market in a
+    browser with a wallet such as MetaMask (the consumer topped up; the marketplace URL last)."""
     story.twin.mint_usdc(story.consumer.address, parse_usdc(KEEP_CONSUMER_USDC))
     story.twin.fund_eth(story.consumer.address, KEEP_CONSUMER_ETH)
-    console.rule("[bold]Left running (Ctrl-C stops everything)")
-    console.print(f"  relay          {summary.relay_url}   (OpenAI base URL: {summary.relay_url}/v1)")
-    console.print(f"  gas relayer    {summary.relayer_url}")
-    console.print(f"  model server   {summary.upstream_url}")
-    console.print(f"  chain (anvil)  {summary.rpc_url}   escrow {summary.escrow}   USDC {summary.usdc}")
-    console.print(f"  consumer       {summary.consumer}   API key {summary.api_key}")
-    console.print(f"  provider       {summary.provider}")
-    console.print(f"  operator       {summary.operator} (anvil dev account 1)")
-    console.print(f"  relayer gas    {summary.gas_relayer} (anvil dev account 2)")
-    console.print(
-        f'  try: curl {summary.relay_url}/v1/chat/completions -H "Authorization: Bearer {summary.api_key}" '
+    lines = [
+        f"  relay          {summary.relay_url}   (OpenAI base URL: {summary.relay_url}/v1)",
+        f"  gas relayer    {summary.relayer_url}",
+        f"  model server   {summary.upstream_url}   models: {SANDBOX_MODEL}, {LOCAL_MODEL}",
+        f"  chain (anvil)  {summary.rpc_url}   chain id 84532",
+        f"  escrow         {summary.escrow}   USDC {summary.usdc}",
+        f"  deployment     {summary.deployments_dir}/base-sepolia-twin.json",
+        f"  consumer       {summary.consumer}   API key {summary.api_key}",
+        f"  consumer key   {summary.consumer_key}   (a throw-away twin key: import it into a wallet; "
+        f"+{KEEP_CONSUMER_USDC} USDC and 0.05 ETH for a withdrawal)",
+        f"  provider       {summary.provider}",
+        f"  provider key   {summary.provider_key}   (throw-away; it owns the two listings)",
+        f"  operator       {summary.operator} (anvil dev account 1)",
+        f"  relayer gas    {summary.gas_relayer} (anvil dev account 2)",
+        "",
+        "  try the API:",
+        f"    curl {summary.relay_url}/v1/chat/completions -H 'Authorization: Bearer {summary.api_key}' "
         f'-H \'Content-Type: application/json\' -d \'{{"model":"{LOCAL_MODEL}","messages":'
         '[{"role":"user","content":"Hi"}]}\'',
-        soft_wrap=True,
-    )
-    console.rule("[bold]In a browser, with MetaMask (README: The marketplace in a browser)")
-    console.print(
-        f"  1. add the twin as a network: RPC URL {summary.rpc_url}, chain ID 84532, currency ETH "
+        "  act on this chain with the ape scripts (from the project root, in another terminal):",
+        f"    export QUOTRA_TWIN_RPC_URL={summary.rpc_url} QUOTRA_DEPLOYMENTS_DIR={summary.deployments_dir}",
+        f"    .venv/bin/ape run faucet {summary.consumer} --amount 10 --network base:sepolia-twin:node",
+        "",
+        "  in a browser, with MetaMask (README: The marketplace in a browser):",
+        f"    1. add the twin as a network: RPC URL {summary.rpc_url}, chain ID 84532, currency ETH "
         "(or press “Switch to Base Sepolia” on the page)",
-        soft_wrap=True,
-    )
-    console.print("  2. import the demo's wallets (throw-away keys, for this twin only):")
-    console.print(
-        f"     consumer {story.consumer.address}  key 0x{bytes(story.consumer.key).hex()}  "
-        f"(+{KEEP_CONSUMER_USDC} USDC and 0.05 ETH for a withdrawal)",
-        soft_wrap=True,
-    )
-    console.print(
-        f"     provider {story.provider.address}  key 0x{bytes(story.provider.key).hex()}  (two listings)",
-        soft_wrap=True,
-    )
-    console.print(f"[bold green]Marketplace: {summary.relay_url}/[/]", soft_wrap=True)
+        "    2. import the consumer's and the provider's keys above (for this twin only)",
+        "    3. open the marketplace URL below, exactly as printed (sign-in messages name that host)",
+    ]
+    console.rule("[bold]Left running (Ctrl-C stops everything)")
+    for line in lines:
+        # Never wrapped: addresses, keys and commands are copied whole, terminal or not.
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
+    console.print(f"[bold green]Marketplace: {summary.relay_url}/[/]", soft_wrap=True, highlight=False)
     try:
         while True:
             time.sleep(1)
