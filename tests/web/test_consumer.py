@@ -178,17 +178,21 @@ def test_consumer_journey(market: Market, person) -> None:
     settled = 1_500_000 - 2 * PRICE  # the deposit once both prepaid calls settled
     wait_until(lambda: market.deposit(consumer.address) == settled, "the renewed permission's call settled")
     wallet_usdc = market.usdc(consumer.address)
+    expect(page.locator("#withdraw-complete")).to_be_disabled()  # nothing requested yet
     page.fill("#withdraw-amount", "1")
     page.click("#withdraw-request")
     expect(page.locator("#withdraw-result")).to_have_text(
         re.compile(r"^Withdrawal requested in tx 0x[0-9a-f]{64}\.$")
     )
     expect(page.locator("#pending-withdrawal")).to_have_text("1.00 USDC")
+    expect(page.locator("#withdrawal-unlock")).to_contain_text("can be completed from")
     page.click("#withdraw-complete")
     expect(page.locator("#withdraw-result")).to_have_text(
         re.compile(r"^Withdrawal completed in tx 0x[0-9a-f]{64}\.$")
     )
     expect(page.locator("#pending-withdrawal")).to_have_text("0.00 USDC")
+    expect(page.locator("#withdrawal-unlock")).to_have_text("")
+    expect(page.locator("#withdraw-complete")).to_be_disabled()
     assert market.deposit(consumer.address) == settled - USDC
     assert market.usdc(consumer.address) == wallet_usdc + USDC
     assert consumer.errors == []

@@ -56,6 +56,9 @@ class AccountResponse(BaseModel):
     deposit_atomic: int
     pending_withdrawal: str
     pending_withdrawal_atomic: int
+    pending_withdrawal_unlocks_at: int | None = Field(
+        description="When the pending withdrawal can be completed (unix seconds), as the chain says"
+    )
     reserved: str
     reserved_atomic: int
     unsettled: str = Field(description="Captured, not yet settled on-chain")
@@ -71,7 +74,12 @@ class AccountResponse(BaseModel):
 
 
 def account_view(raw: dict[str, Any]) -> dict[str, Any]:
-    view: dict[str, Any] = {"object": "account", "wallet": raw["wallet"], "synced_at": raw["synced_at"]}
+    view: dict[str, Any] = {
+        "object": "account",
+        "wallet": raw["wallet"],
+        "synced_at": raw["synced_at"],
+        "pending_withdrawal_unlocks_at": raw["pending_withdrawal_unlocks_at"],
+    }
     for name in (
         "deposit",
         "pending_withdrawal",

@@ -323,10 +323,15 @@ class PrepaidService:
     async def refresh(self, wallet: str) -> AccountView:
         """Reads deposit, pending withdrawal and the active permission's spent/revoked state from
         the chain and writes them to the mirror (compare-and-set); the stale view on RPC errors."""
+        return (await self._refresh(wallet))[0]
+
+    async def _refresh(self, wallet: str) -> tuple[AccountView, int | None]:
+        """`refresh`, and when the pending withdrawal unlocks (unix seconds) as the chain said it
+        (None when the chain was not read)."""
         await self.repo.ensure_account(wallet)
         seen = await self.repo.get_account(wallet) or AccountView.empty(wallet)
         if self.chain is None:
-            return seen
+            return seen, None
         digest = bytes.fromhex(seen.permission_digest[2:]) if seen.permission_digest else None
         try:
             reads: list[Awaitable[Any]] = [self.chain.deposit_of(wallet), self.chain.withdrawal_of(wallet)]
@@ -335,8 +340,8 @@ class PrepaidService:
             results = await asyncio.gather(*reads)
         except Exception as exc:  # an unreachable node must not fail the caller
             log.warning("prepaid.refresh_failed", extra={"wallet": wallet, "error": str(exc)[:200]})
-            return seen
-        deposit, (pending, _unlock_at) = results[0], results[1]
+            return seen, None
+        deposit, (pending, unlock_at) = results[0], results[1]
         spent = results[2] if digest is not None else None
         if digest is not None and results[3]:
             assert seen.permission_digest is not None
@@ -344,7 +349,7 @@ class PrepaidService:
         await self.repo.sync_account(
             wallet, seen=seen, deposit=deposit, pending_withdrawal=pending, permission_spent=spent
         )
-        return await self.repo.get_account(wallet) or seen
+        return await self.repo.get_account(wallet) or seen, unlock_at
 
     def refresh_soon(self, wallet: str) -> None:
         """Refresh in the background (sign-in must not wait for the chain)."""
@@ -382,7 +387,7 @@ class PrepaidService:
                 await task
 
     async def account(self, wallet: str) -> dict[str, Any]:
-        view = await self.refresh(wallet)
+        view, unlock_at = await self._refresh(wallet)
         permission = (
             await self.repo.get_permission(view.permission_digest) if view.permission_digest else None
         )
@@ -393,6 +398,7 @@ class PrepaidService:
             "wallet": wallet,
             "deposit": view.deposit,
             "pending_withdrawal": view.pending_withdrawal,
+            "pending_withdrawal_unlocks_at": unlock_at if view.pending_withdrawal else None,
             "reserved": view.reserved,
             "unsettled": view.unsettled,
             "settled_total": settled,

@@ -25,6 +25,7 @@ from relay_helpers import listing_body, sign_in
 ESCROW = to_checksum_address("0x" + "e5" * 20)
 OPERATOR = Account.create()
 MAX_TOKENS = 50
+WITHDRAWAL_UNLOCKS_AT = 1_900_000_000  # the fake chain's pending withdrawals unlock then
 
 
 @dataclass
@@ -53,7 +54,8 @@ class FakeChain:
 
     async def withdrawal_of(self, consumer: str) -> tuple[int, int]:
         self._check()
-        return self.withdrawals.get(consumer, 0), 0
+        amount = self.withdrawals.get(consumer, 0)
+        return amount, WITHDRAWAL_UNLOCKS_AT if amount else 0
 
     async def permission_spent(self, digest: bytes) -> int:
         self._check()

@@ -16,7 +16,14 @@ import openai
 import pytest
 from eth_account import Account
 from eth_utils import to_checksum_address
-from prepaid_helpers import MAX_TOKENS, OPERATOR, Consumer, PrepaidRelay, prepaid_relay_factory
+from prepaid_helpers import (
+    MAX_TOKENS,
+    OPERATOR,
+    WITHDRAWAL_UNLOCKS_AT,
+    Consumer,
+    PrepaidRelay,
+    prepaid_relay_factory,
+)
 from quotra.calls.records import CallView
 from quotra.calls.store import Served
 from quotra.chain import eip712
@@ -587,6 +594,7 @@ async def test_account__mirror_and_relay_counters(relay: PrepaidRelay, listing: 
     unsettled = captured - settled
     assert account["deposit_atomic"] == 5 * USDC - settled
     assert account["pending_withdrawal_atomic"] == USDC
+    assert account["pending_withdrawal_unlocks_at"] == WITHDRAWAL_UNLOCKS_AT
     assert (account["reserved_atomic"], account["unsettled_atomic"]) == (0, unsettled)
     assert account["settled_total_atomic"] == settled
     assert account["permission"]["spent_atomic"] == settled
@@ -649,10 +657,17 @@ async def test_usage__the_wallets_calls_of_every_gate__newest_first(
 
 async def test_account__node_down__stale_values_still_served(relay: PrepaidRelay) -> None:
     consumer = await relay.consumer(deposit=2 * USDC, allowance=USDC)
-    assert (await consumer.get("/v1/account"))["deposit_atomic"] == 2 * USDC
+    relay.chain.withdrawals[consumer.wallet] = USDC
+    fresh = await consumer.get("/v1/account")
+    assert (fresh["deposit_atomic"], fresh["pending_withdrawal_unlocks_at"]) == (
+        2 * USDC,
+        WITHDRAWAL_UNLOCKS_AT,
+    )
     relay.chain.fail = True
     relay.chain.deposits[consumer.wallet] = 0
-    assert (await consumer.get("/v1/account"))["deposit_atomic"] == 2 * USDC
+    stale = await consumer.get("/v1/account")
+    assert (stale["deposit_atomic"], stale["pending_withdrawal_atomic"]) == (2 * USDC, USDC)
+    assert stale["pending_withdrawal_unlocks_at"] is None  # not known without the chain
 
 
 async def test_a_call_that_never_finishes__swept_at_its_deadline__nothing_charged(

@@ -42,6 +42,9 @@ function showAccount(account) {
   $("#remaining").textContent = `${usdc(account.remaining_allowance)} USDC`;
   $("#unsettled").textContent = `${usdc(account.unsettled)} USDC`;
   $("#pending-withdrawal").textContent = `${usdc(account.pending_withdrawal)} USDC`;
+  const unlocks = account.pending_withdrawal_unlocks_at;
+  $("#withdrawal-unlock").textContent = unlocks === null ? "" : `can be completed from ${when(new Date(unlocks * 1000).toISOString())}`;
+  $("#withdraw-complete").disabled = account.pending_withdrawal_atomic === 0;
   const permission = account.permission;
   const state = $("#permission-state");
   $("#revoke-permission").hidden = !permission || permission.revoked;
@@ -203,14 +206,14 @@ $("#withdraw-form").addEventListener("submit", (event) => {
   }, explain);
 });
 
-$("#withdraw-complete").addEventListener("click", () =>
-  busy($("#withdraw-complete"), async () => {
+$("#withdraw-complete").addEventListener("click", async () => {
+  await busy($("#withdraw-complete"), async () => {
     await ctx.ready({ signedIn: true });
     const tx = await wallet.sendTransaction(ctx.network, ctx.network.escrow, WITHDRAW);
     $("#withdraw-result").textContent = `Withdrawal completed in tx ${tx}.`;
-    await load();
-  }, explain),
-);
+  }, explain);
+  await load(); // after `busy` gave the button back: nothing pending disables it
+});
 
 ctx.onSession(load);
 await load();
