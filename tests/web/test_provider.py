@@ -1,7 +1,8 @@
 """A provider in the browser: sign in → list a sandbox key → check it, pause and resume it → a
 consumer calls it (free, then paid with x402) → the record and earnings show → one-click claim,
 followed live until the chain confirms it, and the USDC is in the provider's wallet → the
-listing revoked."""
+listing revoked. And a key of an OpenAI-compatible server, checked against it before it is listed:
+refused with a wrong key, listed with the right one and its token prices, and answering."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import httpx
 from conftest import FREE_CALLS, Market
 from eth_account import Account
 from playwright.sync_api import expect
+from quotra_dev.localmodel import create_app as localmodel_app
+from quotra_dev.localmodel import run_in_thread
 from relays import X402Payer
 
 USDC = 10**6
@@ -127,3 +130,43 @@ def test_provider_journey(market: Market, person) -> None:
     page.goto("/")
     expect(page.locator(f'article.listing[data-listing="{listing_id}"]')).to_have_count(0)
     assert provider.errors == []
+
+
+def test_a_key_of_an_openai_compatible_server_is_checked_before_it_is_listed(market: Market, person) -> None:
+    with run_in_thread(localmodel_app(api_key="sk-web-local", models=["web-local-1"])) as (upstream,):
+        provider = person()
+        page = provider.page
+        page.goto("/provider")
+        page.get_by_role("button", name="Connect Test Wallet").click()
+        page.get_by_role("button", name="Sign in").click()
+        page.select_option("#kind", "openai-compatible")
+        page.fill("#base-url", f"{upstream}/v1")
+        page.fill("#api-key", "sk-not-the-key")
+        page.fill("#models", "web-local-1")
+        page.fill("#price", "0.01")
+        page.fill("#price-in", "1")
+        page.fill("#price-out", "2")
+        page.click("#create-listing")
+        expect(page.locator("#notice")).to_have_class(re.compile("error"))
+        expect(page.locator("#notice")).to_have_text("The upstream refused this API key")
+        expect(page.locator("#listings tr")).to_have_count(0)
+
+        page.fill("#api-key", "sk-web-local")
+        page.click("#create-listing")
+        expect(page.locator("#notice")).to_contain_text("Listed lst_")
+        expect(page.locator("#api-key")).to_have_value("")  # never kept in the page
+        row = page.locator("#listings tr").filter(has_text="web-local-1")
+        expect(row).to_contain_text("openai-compatible")
+        listing_id = row.get_attribute("data-listing")
+        row.get_by_role("button", name="Check key").click()
+        expect(page.locator("#notice")).to_have_text(f"The key of {listing_id} works.")
+
+        # On the market with its token prices; a free call is answered by the server.
+        page.goto("/")
+        card = page.locator(f'article.listing[data-listing="{listing_id}"]')
+        expect(card).to_contain_text("0.01 USDC per call + 1.00/2.00 per M tokens in/out")
+        card.get_by_role("link", name="Try it").click()
+        page.fill("#prompt", "Hello, local model")
+        page.click("#send")
+        expect(page.locator(".message.assistant .body")).not_to_be_empty()
+        assert provider.errors == []
