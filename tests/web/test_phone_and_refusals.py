@@ -27,6 +27,14 @@ def test_phone_sized_dark_pages_fit_the_screen(market: Market, person) -> None:
     background = page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert background == "rgb(17, 19, 23)"  # the dark palette
     visitor.screenshot("market-phone-dark")
+    # Signed in, with the account's and the dashboard's tables.
+    page.get_by_role("button", name="Connect Test Wallet").click()
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#session")).to_contain_text("signed in")
+    for path, shown in (("/account", "#account"), ("/provider", "#dashboard")):
+        page.goto(path)
+        expect(page.locator(shown)).to_be_visible()
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"], path
     assert visitor.errors == []
 
 
