@@ -6,6 +6,7 @@ revoked → a withdrawal requested and completed."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -211,4 +212,21 @@ def test_answers_bring_no_remote_content_nor_script_links(market: Market, person
     assert answer.locator("a").evaluate_all("links => links.map((a) => a.getAttribute('href'))") == [None]
     page.click("a:has-text('click')")
     assert page.evaluate("window.__pwned") is None
+    assert visitor.errors == []
+
+
+def test_the_playground_calls_the_model_picked(market: Market, person) -> None:
+    listing = market.create_listing(
+        Account.create(), models=["web-pick-small", "web-pick-large"], price_per_call="0.01"
+    )
+    visitor = person()
+    page = visitor.page
+    page.goto(f"/playground?listing={listing['id']}")
+    expect(page.locator("#model option")).to_have_text(["web-pick-small", "web-pick-large"])
+    page.select_option("#model", "web-pick-large")
+    page.fill("#prompt", "which model?")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.click("#send")
+    assert json.loads(sent.value.post_data or "{}")["model"] == f"listing/{listing['id']}/web-pick-large"
+    expect(page.locator(".message.assistant")).to_contain_text("Sandbox reply to: which model?")
     assert visitor.errors == []
