@@ -89,6 +89,7 @@ class InjectedWallet:
     known_chains: dict[int, list[str]] = field(default_factory=lambda: {1: []})
     connected: bool = False
     requests: list[str] = field(default_factory=list)
+    declines: set[str] = field(default_factory=set)  # methods the person refuses in the wallet (4001)
 
     @property
     def address(self) -> str:
@@ -121,6 +122,8 @@ class InjectedWallet:
             return hex(self.chain_id)
         if not self.connected:
             raise WalletError(4100, "not authorized")
+        if method in self.declines:
+            raise WalletError(4001, "User rejected the request.")
         if method == "wallet_switchEthereumChain":
             chain_id = int(params[0]["chainId"], 16)
             if chain_id not in self.known_chains:

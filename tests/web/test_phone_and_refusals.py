@@ -1,6 +1,6 @@
 """The pages on a phone-sized screen in dark mode, and the refusals a person must understand:
-a rate limit (429 with Retry-After), a listing out of calls, and an x402 payment the wallet
-cannot cover (402), each said on the page."""
+a rate limit (429 with Retry-After), a listing out of calls, an x402 payment the wallet cannot
+cover (402) and a request declined in the wallet, each said on the page."""
 
 from __future__ import annotations
 
@@ -83,4 +83,20 @@ def test_a_payment_the_wallet_cannot_cover_is_refused_on_the_page(market: Market
     )
     expect(page.locator(".message.assistant")).to_have_count(FREE_CALLS)
     expect(page.locator("#receipt")).to_be_hidden()
+    assert visitor.errors == []
+
+
+def test_a_request_declined_in_the_wallet_is_said_and_changes_nothing(market: Market, person) -> None:
+    visitor = person()
+    visitor.wallet.declines.add("personal_sign")
+    page = visitor.page
+    page.goto("/account")
+    page.get_by_role("button", name="Connect Test Wallet").click()
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#notice")).to_have_text("You declined the request in your wallet.")
+    expect(page.locator("#signed-out")).to_be_visible()
+    visitor.wallet.declines.clear()
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#account")).to_be_visible()
+    expect(page.locator("#notice")).to_be_hidden()
     assert visitor.errors == []
