@@ -8,7 +8,6 @@ The pages talk only to this relay's API (`connect-src 'self'`). Browser librarie
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Final
 
@@ -16,8 +15,6 @@ from fastapi import APIRouter
 from starlette.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
-
-log = logging.getLogger("quotra.web")
 
 WEB_DIR: Final = Path(__file__).resolve().parent
 PAGES_DIR: Final = WEB_DIR / "pages"
