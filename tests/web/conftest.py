@@ -139,6 +139,8 @@ def person(browser: Browser, market: Market) -> Iterator[Any]:
 
     def open_(account: LocalAccount | None = None, **options: Any) -> Person:
         options.setdefault("viewport", {"width": 1280, "height": 900})
+        options.setdefault("locale", "en-US")  # dates as the tests read them, whatever the machine's
+        options.setdefault("timezone_id", "UTC")
         context = browser.new_context(base_url=market.url, **options)
         context.set_default_timeout(20_000)
         wallet = InjectedWallet(account or Account.create())

@@ -146,6 +146,8 @@ def test_a_key_of_an_openai_compatible_server_is_checked_before_it_is_listed(mar
         page.fill("#price", "0.01")
         page.fill("#price-in", "1")
         page.fill("#price-out", "2")
+        page.fill("#max-output", "200")
+        page.fill("#expires", "2031-06-01T12:00")
         page.click("#create-listing")
         expect(page.locator("#notice")).to_have_class(re.compile("error"))
         expect(page.locator("#notice")).to_have_text("The upstream refused this API key")
@@ -157,7 +159,10 @@ def test_a_key_of_an_openai_compatible_server_is_checked_before_it_is_listed(mar
         expect(page.locator("#api-key")).to_have_value("")  # never kept in the page
         row = page.locator("#listings tr").filter(has_text="web-local-1")
         expect(row).to_contain_text("openai-compatible")
+        expect(row).to_contain_text("expires 6/1/2031")
         listing_id = row.get_attribute("data-listing")
+        listed = page.request.get(f"/v1/listings/{listing_id}").json()
+        assert (listed["max_output_tokens"], listed["expires_at"][:10]) == (200, "2031-06-01")
         row.get_by_role("button", name="Check key").click()
         expect(page.locator("#notice")).to_have_text(f"The key of {listing_id} works.")
 

@@ -3,7 +3,7 @@
 // until the chain confirms it.
 import { api, explain } from "./api.js";
 import { start } from "./layout.js";
-import { $, badge, busy, el, notify, sleep, usdc } from "./ui.js";
+import { $, badge, busy, el, notify, sleep, usdc, when } from "./ui.js";
 import * as wallet from "./wallet.js";
 
 const FINAL = new Set(["confirmed", "failed"]);
@@ -71,7 +71,7 @@ function showListings(listings, earned) {
       return el(
         "tr",
         { dataset: { listing: l.id } },
-        el("td", {}, el("strong", { text: l.models.join(", ") }), el("div", { class: "small muted" }, `${l.kind} · `, el("span", { class: "mono", text: l.id }))),
+        el("td", {}, el("strong", { text: l.models.join(", ") }), el("div", { class: "small muted" }, `${l.kind} · `, el("span", { class: "mono", text: l.id }), l.expires_at ? ` · expires ${when(l.expires_at)}` : null)),
         el("td", { text: `${usdc(l.price_per_call)} USDC` }),
         el("td", { text: l.max_calls === null ? `${l.calls_used}` : `${l.calls_used} / ${l.max_calls}` }),
         el("td", { class: "earned", text: `${usdc(earned[l.id] || "0")} USDC` }),
