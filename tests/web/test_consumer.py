@@ -140,6 +140,8 @@ def test_consumer_journey(market: Market, person) -> None:
     # Usage shows every call of the wallet with its cost and settlement.
     wait_until(lambda: market.deposit(consumer.address) == 1_500_000 - PRICE, "the prepaid call settled")
     page.reload()
+    expect(page.locator("#new-key")).to_be_hidden()  # shown once: the secret is gone for good
+    assert secret not in page.content()
     usage = page.locator("#usage")
     expect(usage.locator("tr").filter(has_text="prepaid")).to_contain_text("0.02")
     expect(usage.locator("tr").filter(has_text="prepaid").locator(".badge")).to_have_text("settled")
