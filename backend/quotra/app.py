@@ -308,6 +308,7 @@ def create_app(
         gate = PaymentGate(
             calls,
             free_calls=settings.playground_free_calls,
+            daily_free_calls=settings.playground_free_calls_per_day,
             call_timeout=settings.call_timeout_seconds,
             prepaid=prepaid,
             x402=payments.gate,

@@ -79,6 +79,44 @@ async def test_playground_counts_per_consumer(start_relay) -> None:
         ).status_code == 200
 
 
+async def test_fresh_wallets_share_the_listings_free_calls_a_day(start_relay, db_url: str) -> None:
+    # Signing in with a new wallet costs nothing: the listing's daily budget bounds what all of them
+    # get, and the listing shows what is left.
+    async with start_relay(database_url=db_url, playground_free_calls_per_day=4) as relay:
+        _, headers = await relay.provider()
+        listing = await relay.listing(headers)
+        own = await relay.listing(headers, models=["own-model"], free_calls_per_day=1)
+        closed = await relay.listing(headers, models=["closed-model"], free_calls_per_day=0)
+        view = (await relay.client.get(f"/v1/listings/{listing['id']}")).json()
+        assert (view["free_calls_per_day"], view["free_calls_left_today"]) == (4, 4)
+        replies = []
+        for _ in range(6):
+            _, wallet = await relay.provider()
+            body = chat_body(f"listing/{listing['id']}")
+            replies.append(await relay.client.post("/v1/chat/completions", json=body, headers=wallet))
+        assert [r.status_code for r in replies] == [200, 200, 200, 200, 402, 402]
+        error = replies[-1].json()["error"]
+        assert "gives 4 free calls a day" in error["message"] and error["payment"]["free_calls_per_day"] == 4
+        view = (await relay.client.get(f"/v1/listings/{listing['id']}")).json()
+        assert view["free_calls_left_today"] == 0
+        assert len(relay.upstream.calls) == 4
+
+        for model, allowed in ((f"listing/{own['id']}", 1), (f"listing/{closed['id']}", 0)):
+            statuses = []
+            for _ in range(2):
+                _, wallet = await relay.provider()
+                reply = await relay.client.post("/v1/chat/completions", json=chat_body(model), headers=wallet)
+                statuses.append(reply.status_code)
+            assert statuses == [200] * allowed + [402] * (2 - allowed)
+        views = [(await relay.client.get(f"/v1/listings/{lid}")).json() for lid in (own["id"], closed["id"])]
+        assert [(v["free_calls_per_day"], v["free_calls_left_today"]) for v in views] == [(1, 0), (0, 0)]
+        # the provider changes the budget: the day's count stands
+        reply = await relay.client.patch(
+            f"/v1/listings/{own['id']}", json={"free_calls_per_day": 3}, headers=headers
+        )
+        assert (reply.json()["free_calls_per_day"], reply.json()["free_calls_left_today"]) == (3, 2)
+
+
 async def test_sandbox_key_only_pays_for_sandbox_listings(relay) -> None:
     _, headers = await relay.provider()
     real = await relay.listing(headers, kind="openai", api_key="sk-good", models=["gpt"])

@@ -49,6 +49,13 @@ class ListingLimits(BaseModel):
     max_input_tokens: int | None = Field(default=None, ge=1, le=10**7)
     max_output_tokens: int | None = Field(default=None, ge=1, le=10**7)
     rate_per_minute: int | None = Field(default=None, ge=1, le=100_000)
+    free_calls_per_day: int | None = Field(
+        default=None,
+        ge=0,
+        le=1_000_000,
+        description="Free playground calls a UTC day, across all consumers (0: none; null: the "
+        "relay's default)",
+    )
     expires_at: datetime | None = None
 
     @field_validator("expires_at")
@@ -117,6 +124,8 @@ class ListingPublic(BaseModel):
     max_input_tokens: int | None
     max_output_tokens: int | None
     rate_per_minute: int | None
+    free_calls_per_day: int = Field(description="Free playground calls a UTC day, across all consumers")
+    free_calls_left_today: int
     expires_at: datetime | None
     status: str
     healthy: bool
@@ -139,7 +148,8 @@ class ListingPrivateList(BaseModel):
     data: list[ListingPrivate]
 
 
-def public_view(record: ListingRecord) -> dict[str, Any]:
+def public_view(record: ListingRecord, daily_free_calls: int) -> dict[str, Any]:
+    """The listing as anyone sees it; `daily_free_calls`: the relay's default daily free calls."""
     now = utcnow()
     return {
         "id": record.id,
@@ -163,6 +173,8 @@ def public_view(record: ListingRecord) -> dict[str, Any]:
         "max_input_tokens": record.max_input_tokens,
         "max_output_tokens": record.max_output_tokens,
         "rate_per_minute": record.rate_per_minute,
+        "free_calls_per_day": record.free_calls_budget(daily_free_calls),
+        "free_calls_left_today": record.free_calls_left(now, daily_free_calls),
         "expires_at": record.expires_at,
         "status": record.status,
         "healthy": not record.in_cooldown(now),
@@ -170,8 +182,8 @@ def public_view(record: ListingRecord) -> dict[str, Any]:
     }
 
 
-def private_view(record: ListingRecord) -> dict[str, Any]:
-    view = public_view(record)
+def private_view(record: ListingRecord, daily_free_calls: int) -> dict[str, Any]:
+    view = public_view(record, daily_free_calls)
     view.update(base_url=record.base_url, cooldown_until=record.cooldown_until, updated_at=record.updated_at)
     return view
 
@@ -202,7 +214,8 @@ async def search(
         limit=limit,
         offset=offset,
     )
-    return {"object": "list", "data": [public_view(r) for r in records]}
+    daily = runtime.settings.playground_free_calls_per_day
+    return {"object": "list", "data": [public_view(r, daily) for r in records]}
 
 
 @router.post("", response_model=ListingPrivate, status_code=201, summary="Create a listing")
@@ -211,13 +224,14 @@ async def create(body: ListingCreate, owner: CurrentProvider, runtime: RuntimeDe
     if body.kind == "sandbox" and not fields["api_key"]:
         fields["api_key"] = "sandbox"
     record = await runtime.listings.create(owner, fields)
-    return private_view(record)
+    return private_view(record, runtime.settings.playground_free_calls_per_day)
 
 
 @router.get("/mine", response_model=ListingPrivateList, summary="The signed-in provider's listings")
 async def mine(owner: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
     records = await runtime.store.search_listings(owner=owner, live_only=False, sort="newest", limit=10_000)
-    return {"object": "list", "data": [private_view(r) for r in records]}
+    daily = runtime.settings.playground_free_calls_per_day
+    return {"object": "list", "data": [private_view(r, daily) for r in records]}
 
 
 @router.get("/{listing_id}", response_model=ListingPublic, summary="One listing")
@@ -225,7 +239,7 @@ async def get_one(listing_id: Annotated[str, Path(max_length=64)], runtime: Runt
     record = await runtime.store.get_listing(listing_id)
     if record is None or record.status == "revoked":
         raise NotFound(f"No listing {listing_id}", code="listing_not_found")
-    return public_view(record)
+    return public_view(record, runtime.settings.playground_free_calls_per_day)
 
 
 @router.patch("/{listing_id}", response_model=ListingPrivate, summary="Change a listing (owner only)")
@@ -238,23 +252,27 @@ async def update(
             raise BadRequest(f"{key} cannot be null", param=key)
     if not changes:
         raise BadRequest("Nothing to change")
-    return private_view(await runtime.listings.update(owner, listing_id, changes))
+    record = await runtime.listings.update(owner, listing_id, changes)
+    return private_view(record, runtime.settings.playground_free_calls_per_day)
 
 
 @router.post("/{listing_id}/pause", response_model=ListingPrivate, summary="Pause a listing (owner only)")
 async def pause(listing_id: str, owner: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
-    return private_view(await runtime.listings.set_status(owner, listing_id, "paused"))
+    record = await runtime.listings.set_status(owner, listing_id, "paused")
+    return private_view(record, runtime.settings.playground_free_calls_per_day)
 
 
 @router.post(
     "/{listing_id}/resume", response_model=ListingPrivate, summary="Resume a paused listing (owner only)"
 )
 async def resume(listing_id: str, owner: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
-    return private_view(await runtime.listings.set_status(owner, listing_id, "active"))
+    record = await runtime.listings.set_status(owner, listing_id, "active")
+    return private_view(record, runtime.settings.playground_free_calls_per_day)
 
 
 @router.delete(
     "/{listing_id}", response_model=ListingPrivate, summary="Revoke a listing for good (owner only)"
 )
 async def revoke(listing_id: str, owner: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
-    return private_view(await runtime.listings.set_status(owner, listing_id, "revoked"))
+    record = await runtime.listings.set_status(owner, listing_id, "revoked")
+    return private_view(record, runtime.settings.playground_free_calls_per_day)
