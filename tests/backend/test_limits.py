@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from relay_helpers import SANDBOX_KEY, chat_body
 
 SANDBOX = {"Authorization": f"Bearer {SANDBOX_KEY}"}
@@ -183,3 +184,56 @@ def test_token_bucket_refills_over_time() -> None:
     now[0] += 1.0
     assert limiter.hit("k", 60).allowed
     assert not limiter.hit("k", 60).allowed
+
+
+# ---- X-Forwarded-For: the client is the address the trusted proxy saw --------------------------------
+
+
+async def free_call(relay, model: str, forwarded: str | None) -> int:
+    headers = {} if forwarded is None else {"X-Forwarded-For": forwarded}
+    reply = await relay.client.post("/v1/chat/completions", json=chat_body(model), headers=headers)
+    return reply.status_code
+
+
+async def test_spoofed_forwarded_for_entries_get_no_more_free_calls(start_relay) -> None:
+    async with start_relay(client_ip="10.0.0.1", trust_forwarded_for=True) as relay:
+        _, headers = await relay.provider()
+        listing = await relay.listing(headers)
+        model = f"listing/{listing['id']}"
+        # The client writes the left end; the proxy (one hop) appends the address it saw.
+        statuses = [await free_call(relay, model, f"192.0.2.{n}, 198.51.100.7") for n in range(10)]
+        assert statuses == [200, 200, 200] + [402] * 7
+        assert await relay.runtime.store.playground_calls(listing["id"], "ip:198.51.100.7") == 3
+        assert await relay.runtime.store.playground_calls(listing["id"], "ip:192.0.2.0") == 0
+
+
+@pytest.mark.parametrize(
+    ("hops", "forwarded", "consumer"),
+    [
+        (1, "198.51.100.7", "ip:198.51.100.7"),
+        (1, "192.0.2.1,198.51.100.7", "ip:198.51.100.7"),
+        (2, "192.0.2.1, 198.51.100.7, 10.0.0.2", "ip:198.51.100.7"),
+        (1, "2001:db8::1", "ip:2001:db8::1"),
+        (2, "198.51.100.7", "ip:10.0.0.1"),  # fewer entries than proxies: not trusted
+        (1, "", "ip:10.0.0.1"),
+        (1, "192.0.2.1, unknown", "ip:10.0.0.1"),  # not an address: not trusted
+        (1, "192.0.2.1, 198.51.100.7:4711", "ip:10.0.0.1"),
+        (1, None, "ip:10.0.0.1"),
+    ],
+)
+async def test_the_client_is_counted_from_the_right_of_forwarded_for(
+    start_relay, hops: int, forwarded: str | None, consumer: str
+) -> None:
+    async with start_relay(client_ip="10.0.0.1", trust_forwarded_for=True, trusted_proxy_hops=hops) as relay:
+        _, headers = await relay.provider()
+        listing = await relay.listing(headers)
+        assert await free_call(relay, f"listing/{listing['id']}", forwarded) == 200
+        assert await relay.runtime.store.playground_calls(listing["id"], consumer) == 1
+
+
+async def test_forwarded_for_is_ignored_unless_trusted(start_relay) -> None:
+    async with start_relay(client_ip="10.0.0.1") as relay:
+        _, headers = await relay.provider()
+        listing = await relay.listing(headers)
+        assert await free_call(relay, f"listing/{listing['id']}", "198.51.100.7") == 200
+        assert await relay.runtime.store.playground_calls(listing["id"], "ip:10.0.0.1") == 1

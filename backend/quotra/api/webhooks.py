@@ -12,12 +12,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from quotra.api.deps import RuntimeDep
+from quotra.api.routing import BoundedRoute, errors
 from quotra.chain.oneshot import submission_from_status
 from quotra.chain.relayer import RelayerError
 from quotra.errors import NotFound, ServiceUnavailable, error_body
 from quotra.webhooks import JwksUnavailable, WebhookRejected
 
-router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], route_class=BoundedRoute)
 
 
 class WebhookAck(BaseModel):
@@ -35,7 +36,7 @@ def _refusal(status: int, code: str, message: str) -> JSONResponse:
 @router.post(
     "/relayer",
     response_model=WebhookAck,
-    responses={400: {"description": "Malformed webhook"}, 401: {"description": "Not authentic"}},
+    responses=errors(400, 401, 404, 503),
     summary="Relayer status webhook (Ed25519-signed)",
 )
 async def relayer_webhook(request: Request, runtime: RuntimeDep) -> JSONResponse:

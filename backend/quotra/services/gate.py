@@ -109,7 +109,7 @@ class PaymentGate:
             except Refused:
                 raise not_servable(listing) from None
         if caller.payment is not None:
-            if self.x402 is None:
+            if self.x402 is None or not self.x402.offered:
                 raise self._payment_required(listing, max_cost, "This relay takes no x402 payments.")
             return await self.x402.reserve(caller.payment, listing, max_cost, self.deadline())
         reason = f"The {self.free_calls} free playground calls for listing {listing.id} are used up."

@@ -420,7 +420,11 @@ async def test_stream_failing_mid_way_voids_the_payment(paid: Any) -> None:
 BAD_INPUTS = [
     ("malformed_base64", "invalid_payload"),
     ("malformed_json", "invalid_payload"),
+    ("nested_past_the_recursion_limit", "invalid_payload"),
     ("not_an_object", "invalid_payload"),
+    ("fractional_value", "invalid_payload"),
+    ("value_in_exponent_notation", "invalid_payload"),
+    ("value_as_a_json_number", "invalid_payload"),
     ("v2_with_v1_network_name", "network_mismatch"),
     ("other_chain", "network_mismatch"),
     ("unsupported_scheme", "unsupported_scheme"),
@@ -450,8 +454,19 @@ def bad_header(case: str, chain: FakeChain, accepted: dict[str, Any]) -> tuple[s
         return header, "%%%not-base64%%%"
     if case == "malformed_json":
         return header, base64.b64encode(b"{not json").decode()
+    if case == "nested_past_the_recursion_limit":  # within the header's 8 kB
+        return header, base64.b64encode(b"[" * 3_000 + b"]" * 3_000).decode()
     if case == "not_an_object":
         return header, b64([1, 2, 3])
+    if case in ("fractional_value", "value_in_exponent_notation", "value_as_a_json_number"):
+        # The signature covers PRICE; the header must still say exactly that, as x402 writes it.
+        written = {
+            "fractional_value": f"{PRICE}.5",
+            "value_in_exponent_notation": f"{PRICE / 1000:g}e3",
+            "value_as_a_json_number": PRICE,
+        }[case]
+        good["authorization"]["value"] = written
+        return header, v2_header(accepted, good)
     if case == "v2_with_v1_network_name":
         return header, v2_header(accepted, good, network="base-sepolia")
     if case == "other_chain":
