@@ -71,6 +71,40 @@ async def test_json_bodies_of_every_route_are_bounded(relay) -> None:
         refused(await post_raw(relay, path, DEEP_OBJECTS, provider), 400, "invalid_json")
 
 
+# ---- sign-in ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "replacement"),
+    [
+        ("URI: ", "URI: http://[::1"),
+        ("URI: ", "URI: http://testserver:99999999"),
+        ("Chain ID: ", "Chain ID: \u00b2"),
+        ("Chain ID: ", "Chain ID: 1" + "0" * 5_000),
+        ("Issued At: ", "Issued At: 99999-01-01T00:00:00Z"),
+        ("Nonce: ", "Nonce: " + "a" * 7_000),
+    ],
+    ids=[
+        "unclosed-ipv6",
+        "port-out-of-range",
+        "superscript-digit",
+        "huge-chain-id",
+        "year-99999",
+        "long-nonce",
+    ],
+)
+async def test_a_malformed_sign_in_message_is_401(relay, line: str, replacement: str) -> None:
+    account, _ = await relay.provider()
+    nonce = await relay.client.post("/v1/auth/nonce", json={"address": account.address})
+    lines = nonce.json()["message"].split("\n")
+    message = "\n".join(replacement if entry.startswith(line) else entry for entry in lines)
+    reply = await relay.client.post(
+        "/v1/auth/verify", json={"message": message, "signature": "0x" + "ab" * 65}
+    )
+    assert reply.status_code == 401, reply.text
+    assert reply.json()["error"]["code"] == "invalid_siwe"
+
+
 # ---- sizes ------------------------------------------------------------------------------------------
 
 
