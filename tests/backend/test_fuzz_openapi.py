@@ -29,8 +29,9 @@ from schemathesis.specs.openapi.checks import (
 )
 from test_live_server import serve
 
-# `make test` sets FUZZ_EXAMPLES; at most 30 an operation and mode (about 1,200 requests, a minute).
-EXAMPLES = min(int(os.environ.get("FUZZ_EXAMPLES", "30")), 30)
+# `make test` sets FUZZ_EXAMPLES; at most 25 an operation and mode (about 1,000 requests), and twice
+# as many sequences of up to 8 calls: together a minute or two.
+EXAMPLES = min(int(os.environ.get("FUZZ_EXAMPLES", "25")), 25)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 PG_URL = os.environ.get("QUOTRA_TEST_POSTGRES_URL")
 
@@ -124,3 +125,38 @@ def test_every_operation_answers_as_documented_and_never_with_a_server_error(
                     # nothing in this operation can be made invalid (no parameters, no body)
                     assert mode is schemathesis.GenerationMode.NEGATIVE
         assert 200 in seen and 400 in seen and 401 in seen  # valid, invalid and unauthorized inputs
+
+
+def test_sequences_of_calls_along_the_links_answer_as_documented(make_settings: Any, sqlite_url: str) -> None:
+    def settings(**overrides: Any) -> Any:
+        return make_settings(database_url=db, consumer_rate_per_minute=1_000_000, **overrides)
+
+    with database(sqlite_url) as db, serve(settings) as url:
+        with httpx.Client(base_url=url) as client:
+            session = sign_in(client)
+            openapi = client.get("/openapi.json").json()
+        schema = schemathesis.openapi.from_dict(openapi)
+        calls: list[tuple[str, int]] = []
+
+        class Sequences(schema.as_state_machine()):  # type: ignore[misc]
+            def get_call_kwargs(self, case: Any) -> dict[str, Any]:
+                return {"base_url": url, "headers": session, "timeout": 10}
+
+            def validate_response(self, response: Any, case: Any, *args: Any, **kwargs: Any) -> None:
+                calls.append((case.operation.label, response.status_code))
+                case.validate_response(response, checks=CHECKS, headers=session)
+
+        Sequences.run(
+            settings=hypothesis_settings(
+                max_examples=2 * EXAMPLES,
+                stateful_step_count=8,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+            )
+        )
+        # The links were followed: what a call created, the next one changed.
+        assert {("PATCH /v1/account/keys/{key_id}", 200), ("PATCH /v1/listings/{listing_id}", 200)} <= set(
+            calls
+        )

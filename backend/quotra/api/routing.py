@@ -4,6 +4,7 @@ says what the relay really does."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
@@ -68,14 +69,61 @@ _MEANING: Final = {
 _EVERY_ROUTE: Final = (413, 431)
 
 
+# OpenAPI links: where what one operation answers leads (what a stateful client, or schemathesis,
+# follows): (path, method, status) -> (parameter, where its value is in the answer, operations).
+_LINKS: Final = {
+    ("/v1/listings", "post", "201"): (
+        "listing_id",
+        "$response.body#/id",
+        [("/v1/listings/{listing_id}", m) for m in ("get", "patch", "delete")]
+        + [("/v1/listings/{listing_id}/pause", "post"), ("/v1/listings/{listing_id}/resume", "post")],
+    ),
+    ("/v1/account/keys", "post", "201"): (
+        "key_id",
+        "$response.body#/id",
+        [("/v1/account/keys/{key_id}", "patch"), ("/v1/account/keys/{key_id}", "delete")],
+    ),
+    ("/v1/provider/claims", "post", "202"): (
+        "claim_id",
+        "$response.body#/id",
+        [("/v1/provider/claims/{claim_id}", "get")],
+    ),
+    ("/v1/revocations", "post", "202"): (
+        "revocation_id",
+        "$response.body#/id",
+        [("/v1/revocations/{revocation_id}", "get")],
+    ),
+    ("/v1/chat/completions", "post", "200"): (
+        "call_id",
+        "$response.header.Quotra-Call-Id",
+        [("/v1/calls/{call_id}", "get")],
+    ),
+}
+
+
+def _links(schema: dict[str, Any]) -> None:
+    for (path, method, status), (parameter, value, targets) in _LINKS.items():
+        response = schema["paths"][path][method]["responses"][status]
+        response["links"] = {
+            re.sub(r"[^A-Za-z0-9_]+", "_", f"{target_method}{target}").strip("_"): {
+                "operationRef": "#/paths/"
+                + target.replace("~", "~0").replace("/", "~1")
+                + "/"
+                + target_method,
+                "parameters": {parameter: value},
+            }
+            for target, target_method in targets
+        }
+
+
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The `responses=` of a route that answers these errors."""
     return {status: {"model": ErrorResponse, "description": _MEANING[status]} for status in statuses}
 
 
 def openapi_document(app: FastAPI) -> Callable[[], dict[str, Any]]:
-    """`app.openapi`: FastAPI's document with the relay's errors. Validation errors are 400s, never
-    FastAPI's 422, and the middleware's bounds apply to every route."""
+    """`app.openapi`: FastAPI's document with the relay's errors and links. Validation errors are
+    400s, never FastAPI's 422, and the middleware's bounds apply to every route."""
 
     def document() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -101,6 +149,7 @@ def openapi_document(app: FastAPI) -> Callable[[], dict[str, Any]]:
                                 },
                             },
                         )
+            _links(schema)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for unused in ("HTTPValidationError", "ValidationError"):
                 components.pop(unused, None)
