@@ -8,6 +8,7 @@ characters), else on SQLite."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
+from quotra.webhooks import Ed25519Signer
 from relay_helpers import create_pg_database, listing_body, sign
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -64,6 +66,7 @@ def test_every_operation_answers_as_documented_and_never_with_a_server_error(
             consumer_rate_per_minute=1_000_000,
             playground_free_calls=1_000,
             playground_free_calls_per_day=1_000_000,
+            relayer_pinned_jwks=json.dumps({"keys": [Ed25519Signer.generate().jwk()]}),  # webhooks on
             **overrides,
         )
 

@@ -21,6 +21,12 @@ from quotra.webhooks import JwksUnavailable, WebhookRejected
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], route_class=BoundedRoute)
 
 
+_BODY = (
+    "A 1Shot status event ({signature, keyId, apiVersion, timestamp, type, data}), or with a "
+    "webhook-signature header a Standard Webhooks event ({type, timestamp, data})"
+)
+
+
 class WebhookAck(BaseModel):
     received: bool
     duplicate: bool
@@ -38,6 +44,13 @@ def _refusal(status: int, code: str, message: str) -> JSONResponse:
     response_model=WebhookAck,
     responses=errors(400, 401, 404, 503),
     summary="Relayer status webhook (Ed25519-signed)",
+    # Read raw (the signature covers the bytes), so FastAPI cannot say what it takes.
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object", "description": _BODY}}},
+        }
+    },
 )
 async def relayer_webhook(request: Request, runtime: RuntimeDep) -> JSONResponse:
     verifier = runtime.webhook_verifier
