@@ -11,9 +11,10 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from quotra.api.deps import CurrentCaller, RuntimeDep
+from quotra.api.routing import BoundedRoute, errors
 from quotra.services.market import MarketReads
 
-router = APIRouter(tags=["market"])
+router = APIRouter(tags=["market"], route_class=BoundedRoute)
 
 CHAIN_NAMES = {84532: "Base Sepolia", 8453: "Base"}
 
@@ -85,6 +86,7 @@ async def network(runtime: RuntimeDep) -> dict[str, Any]:
     "/v1/providers",
     response_model=ProviderRecordList,
     summary="Providers' records, from the relay's own call records",
+    responses=errors(400),
 )
 async def providers(
     runtime: RuntimeDep,
@@ -114,6 +116,7 @@ async def providers(
     "/v1/playground",
     response_model=FreeCalls,
     summary="The caller's free playground calls per listing (by session, key or address)",
+    responses=errors(400, 401),
 )
 async def playground(runtime: RuntimeDep, caller: CurrentCaller) -> dict[str, Any]:
     used = await MarketReads(runtime.calls.engine).free_calls_used(caller.id)
