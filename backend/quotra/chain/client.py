@@ -53,7 +53,8 @@ class PaymentArgs:
 
 @dataclass(frozen=True)
 class PermissionArgs:
-    """The escrow's `SpendPermission` struct."""
+    """The escrow's `SpendPermission` struct (`developer` and `max_markup_bps`: the app developer
+    the charges may pay a markup, and its most; the zero address and 0 for none)."""
 
     consumer: str
     spender: str
@@ -61,19 +62,14 @@ class PermissionArgs:
     valid_after: int
     valid_until: int
     salt: int
+    developer: str
+    max_markup_bps: int
 
     def as_tuple(self) -> tuple[Any, ...]:
-        return (self.consumer, self.spender, self.allowance, self.valid_after, self.valid_until, self.salt)
+        return tuple(self.as_message().values())
 
     def as_message(self) -> dict[str, Any]:
-        return {
-            "consumer": self.consumer,
-            "spender": self.spender,
-            "allowance": self.allowance,
-            "valid_after": self.valid_after,
-            "valid_until": self.valid_until,
-            "salt": self.salt,
-        }
+        return {name: getattr(self, name) for name, _ in eip712.TYPES["SpendPermission"]}
 
 
 @dataclass(frozen=True)
@@ -254,11 +250,19 @@ class EscrowClient:
         return self._call(fn, "refund_payment")
 
     def encode_settle_charges(
-        self, permission: PermissionArgs, signature: bytes, reference: bytes, charges: list[int]
+        self,
+        permission: PermissionArgs,
+        signature: bytes,
+        reference: bytes,
+        charges: list[int],
+        markup: int = 0,
     ) -> ChainCall:
-        """`charges` are packed with `quotra.chain.charges.pack_charge` (one per provider); the
-        escrow settles each `reference` once."""
-        fn = self.escrow.functions.settle_charges(permission.as_tuple(), signature, reference, charges)
+        """`charges` are the calls' base cost, packed with `quotra.chain.charges.pack_charge` (one
+        per provider); `markup` the app developer's on top. The escrow settles each `reference`
+        once."""
+        fn = self.escrow.functions.settle_charges(
+            permission.as_tuple(), signature, reference, charges, markup
+        )
         return self._call(fn, f"settle_charges[{len(charges)}]")
 
     def encode_usdc_approve(self, spender: str, amount: int) -> ChainCall:
