@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from quotra import __version__
-from quotra.api import account, auth, chat, claims, health, listings, models, webhooks
+from quotra.api import account, apps, auth, chat, claims, health, listings, models, webhooks
 from quotra.api import calls as calls_api
 from quotra.api.deps import Runtime, SessionTokens
 from quotra.calls.outbox import Outbox
@@ -30,6 +30,7 @@ from quotra.config import Settings
 from quotra.errors import PayloadTooLarge, QuotraError, error_body
 from quotra.metrics import Metrics
 from quotra.netguard import NetGuard
+from quotra.payments.apps import AppService
 from quotra.payments.claims import build_claims, configured_relayer, webhook_verifier
 from quotra.payments.prepaid import PrepaidService, PrepaidSettings
 from quotra.payments.service import Payments, escrow_location, load_operator
@@ -39,6 +40,7 @@ from quotra.services.listings import ListingCache, ListingService
 from quotra.services.relay import Relay
 from quotra.services.upstreams import AdapterFactory, AdapterRegistry
 from quotra.siwe import Erc1271Fn, SiweVerifier, web3_erc1271
+from quotra.store.apps_repo import AppsStore
 from quotra.store.db import create_engine, upgrade
 from quotra.store.prepaid_repo import PrepaidStore
 from quotra.store.repositories import Store
@@ -347,6 +349,7 @@ def create_app(
             relayer=chain_relayer,
             calls=calls,
             prepaid=prepaid,
+            apps=AppService(AppsStore(store), prepaid, escrow),
             claims_repo=claims_repo,
             claims=claim_service,
             webhook_verifier=webhook_verifier(settings, http),
@@ -385,7 +388,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(RelayMiddleware, max_body=settings.max_body_bytes, metrics=metrics)
-    for module in (chat, models, listings, auth, account, calls_api, claims, webhooks, health):
+    for module in (chat, models, listings, auth, account, apps, calls_api, claims, webhooks, health):
         app.include_router(module.router)
     app.state.metrics = metrics
     return app

@@ -308,6 +308,8 @@ async def test_prepaid_charges_settle_per_permission_in_order(kit: Kit) -> None:
         "valid_after": now - 10,
         "valid_until": now + 86_400,
         "salt": secrets.randbits(64),
+        "developer": "0x" + "00" * 20,
+        "max_markup_bps": 0,
     }
     domain = eip712.escrow_domain(84532, onchain.escrow.address)
     digest = "0x" + eip712.digest(domain, "SpendPermission", permission).hex()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from quotra.api.deps import RuntimeDep, bearer_wallet
 from quotra.calls.records import CALL_ID_PATTERN, CallView, payer_ids, summary
@@ -34,6 +34,9 @@ class CallOutcome(BaseModel):
     charged: bool
     amount: str
     amount_atomic: int
+    markup_atomic: int = Field(description="The app developer's part of the amount")
+    app: str | None
+    end_user: str | None
     reserved_atomic: int
     fee_atomic: int | None
     listing: str

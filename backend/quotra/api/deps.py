@@ -20,6 +20,7 @@ from quotra.config import Settings
 from quotra.errors import AuthenticationFailed, NotFound
 from quotra.metrics import Metrics
 from quotra.netguard import NetGuard
+from quotra.payments.apps import AppService
 from quotra.payments.claims import ClaimService
 from quotra.payments.prepaid import KEY_PREFIX, PrepaidService
 from quotra.ratelimit import TokenBucketLimiter
@@ -93,6 +94,7 @@ class Runtime:
     relayer: Relayer | None
     calls: CallStore
     prepaid: PrepaidService
+    apps: AppService
     claims_repo: ClaimsRepo
     claims: ClaimService | None = None  # None without a chain and a relayer
     webhook_verifier: WebhookVerifier | None = None  # None without relayer keys (JWKS or pinned)
@@ -121,7 +123,7 @@ async def get_relayer(runtime: RuntimeDep) -> Relayer:
 RelayerDep = Annotated[Relayer, Depends(get_relayer)]
 
 
-def _bearer(request: Request) -> str | None:
+def bearer_token(request: Request) -> str | None:
     header = request.headers.get("authorization")
     if not header:
         return None
@@ -145,7 +147,7 @@ def client_ip(request: Request, settings: Settings) -> str:
 
 
 async def current_provider(request: Request, runtime: RuntimeDep) -> str:
-    token = _bearer(request)
+    token = bearer_token(request)
     if token is None:
         raise AuthenticationFailed("Sign in with Ethereum first (POST /v1/auth/nonce, then /v1/auth/verify)")
     address = runtime.sessions.verify(token)
@@ -156,7 +158,7 @@ async def current_provider(request: Request, runtime: RuntimeDep) -> str:
 
 async def current_caller(request: Request, runtime: RuntimeDep) -> Caller:
     """A consumer: signed-in wallet, prepaid or sandbox API key, or (no credentials) the client address."""
-    token = _bearer(request)
+    token = bearer_token(request)
     if token is None:
         return Caller("anonymous", f"ip:{client_ip(request, runtime.settings)}")
     if token.startswith(SESSION_PREFIX):
@@ -182,7 +184,7 @@ async def current_caller(request: Request, runtime: RuntimeDep) -> Caller:
 async def bearer_wallet(request: Request, runtime: Runtime) -> str | None:
     """The wallet behind the request's bearer token, a sign-in session or an API key; None
     without one (401 for an invalid one)."""
-    token = _bearer(request)
+    token = bearer_token(request)
     if token is None:
         return None
     if token.startswith(SESSION_PREFIX):

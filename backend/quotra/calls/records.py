@@ -54,10 +54,14 @@ class CallView:
     payer: str
     key_id: str | None
     permission_digest: str | None
+    app_id: str | None
+    end_user: str | None
     model: str
     stream: bool
     reserved: int
     amount: int
+    markup: int
+    granted: int
     fee: int | None
     prompt_tokens: int
     completion_tokens: int
@@ -91,6 +95,12 @@ class CallView:
             and self.amount > 0
         )
 
+    @property
+    def metered(self) -> bool:
+        """Whether the call counts at its amount in usage: charged, or served on a sandbox key
+        (metered against the key's cap in test money, never settled)."""
+        return self.charged or (self.gate == "sandbox" and self.state == "settled")
+
 
 @dataclass(frozen=True)
 class X402Hold:
@@ -111,7 +121,8 @@ class Refused(Exception):
     """A reservation that cannot be made; nothing was written.
 
     reasons: listing_unavailable (paused, expired or no calls left), free_calls_used, key_revoked,
-    key_cap, no_permission, permission, deposit, insufficient_balance (x402), payer_unpaid (x402:
+    key_cap, no_permission, permission, deposit, user_limit (an app's end user's grants and spend
+    limit), insufficient_balance (x402), payer_unpaid (x402:
     an earlier authorization of the payer did not pay), nonce_used (x402: `call` is the call this
     authorization already paid for)."""
 
@@ -131,6 +142,9 @@ def summary(call: CallView) -> dict[str, Any]:
         "charged": call.charged,
         "amount": usdc(call.amount if call.charged else 0),
         "amount_atomic": call.amount if call.charged else 0,
+        "markup_atomic": call.markup if call.charged else 0,
+        "app": call.app_id,
+        "end_user": call.end_user,
         "reserved_atomic": call.reserved,
         "fee_atomic": call.fee,
         "listing": call.listing_id,

@@ -9,7 +9,12 @@ call ends exactly once whoever races for it (the relay, the sweeper, another rep
 Every operation is a synchronous function of a connection, run by
 `quotra.store.transactions.Transactions`: on SQLite by the one writer thread (with group commit),
 on PostgreSQL as its own transaction. Lock order, to rule out deadlocks between replicas:
-listing, then the budget rows (account, key or payer), then the call.
+listing, then the budget rows (account, key or payer, then an app's end user), then the call.
+
+An app key's call costs its base price plus the app's markup (`quotra.money.markup_of`), all of
+it charged to the developer's deposit, under a permission that allows that markup to that
+developer; a call for an end user (`X-Quotra-User`) also reserves within what the user may still
+spend (grants left plus the spend limit left), and its finish spends the user's grants first.
 
 The statements of the call path are built once, with bind parameters (`:b_…`), so SQLAlchemy
 compiles each once and every call only binds values: building and compiling a statement per call
@@ -32,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from quotra.calls.records import PAID_GATES, CallView, Refused, X402Hold, new_call_id
 from quotra.store.models import (
     ApiKeyRecord,
+    AppUser,
     Call,
     ConsumerAccount,
     Listing,
@@ -52,6 +58,7 @@ LISTINGS: Final = table(Listing)
 ACCOUNTS: Final = table(ConsumerAccount)
 KEYS: Final = table(ApiKeyRecord)
 PLAYGROUND: Final = table(PlaygroundUsage)
+USERS: Final = table(AppUser)
 SWEEP_BATCH: Final = 200
 
 
@@ -62,8 +69,11 @@ class Hold:
     payer: str  # the wallet paying (x402 payer, prepaid wallet) or the free caller's id
     listing_id: str
     provider: str
-    amount: int  # the call's maximum cost, reserved
+    amount: int  # the call's maximum cost, reserved (an app's markup included)
     expires_at: datetime  # voided by the sweeper if not finished by then
+    app_id: str | None = None  # an app key's call: its app…
+    markup_bps: int = 0  # …whose markup the payer's permission must allow…
+    end_user: str | None = None  # …and the end user it serves, if any
 
 
 @dataclass(frozen=True)
@@ -127,10 +137,14 @@ def _insert_call(
             "payer": hold.payer,
             "key_id": key_id,
             "permission_digest": permission_digest,
+            "app_id": hold.app_id,
+            "end_user": hold.end_user,
             "model": "",
             "stream": False,
             "reserved": hold.amount,
             "amount": 0,
+            "markup": 0,
+            "granted": 0,
             "prompt_tokens": 0,
             "completion_tokens": 0,
             "expires_at": hold.expires_at,
@@ -190,6 +204,15 @@ _RESERVE_ACCOUNT: Final = (
             _PERMISSION.c.revoked_at.is_(None),
             _PERMISSION.c.valid_after <= _param("b_now_ts"),
             _PERMISSION.c.valid_until > _param("b_valid_until"),
+            # An app's markup goes to the wallet itself (it is the app's developer): the
+            # permission must name it and allow that much, or the escrow would refuse the batch.
+            or_(
+                _param("b_markup_bps") == 0,
+                and_(
+                    _PERMISSION.c.developer == ACCOUNTS.c.wallet,
+                    _PERMISSION.c.max_markup_bps >= _param("b_markup_bps"),
+                ),
+            ),
         ),
         ACCOUNTS.c.deposit - ACCOUNTS.c.pending_withdrawal - ACCOUNTS.c.unsettled - ACCOUNTS.c.reserved
         >= _param("b_amount"),
@@ -216,6 +239,49 @@ _RESERVE_KEY: Final = (
 )
 
 
+@cache
+def _insert_user(dialect: str) -> Any:
+    return insert_ignore(dialect, USERS)
+
+
+_USER: Final = and_(USERS.c.app_id == bindparam("b_app"), USERS.c.external_id == bindparam("b_user"))
+# What an end user may still spend: its grants left, plus its spend limit left (if it has one).
+_RESERVE_USER: Final = (
+    update(USERS)
+    .where(
+        _USER,
+        or_(
+            USERS.c.spend_limit.is_(None),
+            USERS.c.spend_limit - USERS.c.spent + USERS.c.granted - USERS.c.grant_used - USERS.c.reserved
+            >= _param("b_amount"),
+        ),
+    )
+    .values(reserved=USERS.c.reserved + _param("b_amount"))
+)
+
+
+def _reserve_user(connection: Connection, hold: Hold, now: datetime) -> None:
+    """An end user's call: within what the user may still spend (created on its first call)."""
+    connection.execute(
+        _insert_user(connection.dialect.name),
+        {
+            "app_id": hold.app_id,
+            "external_id": hold.end_user,
+            "spend_limit": None,
+            "spent": 0,
+            "reserved": 0,
+            "granted": 0,
+            "grant_used": 0,
+            "created_at": now,
+        },
+    )
+    taken = connection.execute(
+        _RESERVE_USER, {"b_app": hold.app_id, "b_user": hold.end_user, "b_amount": hold.amount}
+    )
+    if _rowcount(taken) != 1:
+        raise Refused("user_limit")
+
+
 def _reserve_key(
     connection: Connection,
     call_id: str,
@@ -226,8 +292,8 @@ def _reserve_key(
     margin: int,
     now: datetime,
 ) -> None:
-    """A prepaid call (live key: the account's deposit and permission, and the key's cap) or a
-    sandbox one (the key's cap only, never settled)."""
+    """A prepaid call (live key: the account's deposit and permission, the key's cap, and an
+    app's end user's limit) or a sandbox one (the key's cap only, never settled)."""
     _take_listing_call(connection, hold.listing_id, now)
     digest = None
     if live:
@@ -238,6 +304,7 @@ def _reserve_key(
                 "b_now_ts": now_ts,
                 "b_valid_until": now_ts + margin,
                 "b_amount": hold.amount,
+                "b_markup_bps": hold.markup_bps,
             },
         ).scalar_one_or_none()
         if digest is None:
@@ -245,6 +312,8 @@ def _reserve_key(
     taken = connection.execute(_RESERVE_KEY, {"b_key": key_id, "b_amount": hold.amount, "b_now": now})
     if _rowcount(taken) != 1:
         raise Refused("key_cap")
+    if live and hold.end_user is not None:
+        _reserve_user(connection, hold, now)
     gate = "prepaid" if live else "sandbox"
     _insert_call(connection, call_id, gate, hold, now, key_id=key_id, permission_digest=digest)
 
@@ -361,7 +430,15 @@ def _rereserve_x402(
 
 # ---- finishing ----------------------------------------------------------------------------------
 
-_RETURNED: Final = (CALLS.c.gate, CALLS.c.payer, CALLS.c.key_id, CALLS.c.reserved, CALLS.c.listing_id)
+_RETURNED: Final = (
+    CALLS.c.gate,
+    CALLS.c.payer,
+    CALLS.c.key_id,
+    CALLS.c.reserved,
+    CALLS.c.listing_id,
+    CALLS.c.app_id,
+    CALLS.c.end_user,
+)
 _FINISH: Final = (
     update(CALLS)
     .where(CALLS.c.id == bindparam("b_call"), CALLS.c.state == "reserved")
@@ -373,6 +450,12 @@ _FINISH: Final = (
             (CALLS.c.gate == "playground", 0),
             (CALLS.c.reserved < _param("b_amount"), CALLS.c.reserved),
             else_=_param("b_amount"),
+        ),
+        # The markup is part of the amount; a charge cut to the reservation carries none.
+        markup=case(
+            (CALLS.c.gate == "playground", 0),
+            (CALLS.c.reserved < _param("b_amount"), 0),
+            else_=_param("b_markup"),
         ),
         model=bindparam("b_model"),
         stream=bindparam("b_stream"),
@@ -397,9 +480,39 @@ _CHARGE_KEY: Final = (
     .where(KEYS.c.id == bindparam("b_key"))
     .values(reserved=KEYS.c.reserved - _param("b_reserved"), spent=KEYS.c.spent + _param("b_amount"))
 )
+_GRANT_LEFT: Final = select(USERS.c.granted - USERS.c.grant_used).where(_USER).with_for_update()
+_CHARGE_USER: Final = (
+    update(USERS)
+    .where(_USER)
+    .values(
+        reserved=USERS.c.reserved - _param("b_reserved"),
+        grant_used=USERS.c.grant_used + _param("b_granted"),
+        spent=USERS.c.spent + _param("b_amount") - _param("b_granted"),
+    )
+)
+_RECORD_GRANTED: Final = (
+    update(CALLS).where(CALLS.c.id == bindparam("b_call")).values(granted=_param("b_granted"))
+)
+_RELEASE_USER: Final = update(USERS).where(_USER).values(reserved=USERS.c.reserved - _param("b_reserved"))
 
 
-def _finish(connection: Connection, call_id: str, amount: int, usage: Served, now: datetime) -> bool:
+def _charge_user(
+    connection: Connection, call_id: str, app_id: str, user: str, reserved: int, charged: int
+) -> None:
+    """An end user's call is charged to its grants first, the rest to its own spending."""
+    keys = {"b_app": app_id, "b_user": user}
+    left = int(connection.execute(_GRANT_LEFT, keys).scalar_one())
+    granted = min(charged, left)
+    connection.execute(
+        _CHARGE_USER, {**keys, "b_reserved": reserved, "b_amount": charged, "b_granted": granted}
+    )
+    if granted:
+        connection.execute(_RECORD_GRANTED, {"b_call": call_id, "b_granted": granted})
+
+
+def _finish(
+    connection: Connection, call_id: str, amount: int, markup: int, usage: Served, now: datetime
+) -> bool:
     """reserved → captured (a paid call that costs something) or settled (free: nothing owed),
     with the usage; the charge is at most what was reserved, and the budgets move from reserved to
     charged. False if the call was no longer reserved."""
@@ -408,6 +521,7 @@ def _finish(connection: Connection, call_id: str, amount: int, usage: Served, no
         {
             "b_call": call_id,
             "b_amount": amount,
+            "b_markup": markup,
             "b_model": usage.model[:200],
             "b_stream": usage.stream,
             "b_prompt_tokens": usage.prompt_tokens,
@@ -419,11 +533,13 @@ def _finish(connection: Connection, call_id: str, amount: int, usage: Served, no
     ).first()
     if row is None:
         return False
-    gate, payer, key_id, reserved, _listing, charged = row
+    gate, payer, key_id, reserved, _listing, app_id, end_user, charged = row
     if gate == "prepaid":
         connection.execute(_CHARGE_ACCOUNT, {"b_wallet": payer, "b_reserved": reserved, "b_amount": charged})
     if gate in ("prepaid", "sandbox"):
         connection.execute(_CHARGE_KEY, {"b_key": key_id, "b_reserved": reserved, "b_amount": charged})
+    if gate == "prepaid" and end_user is not None:
+        _charge_user(connection, call_id, app_id, end_user, reserved, charged)
     return True
 
 
@@ -438,7 +554,7 @@ def _void(connection: Connection, call_id: str, outcome: str, error: str | None,
     ).first()
     if row is None:
         return False
-    gate, payer, key_id, reserved, listing_id = row
+    gate, payer, key_id, reserved, listing_id, app_id, end_user = row
     connection.execute(
         update(LISTINGS)
         .where(LISTINGS.c.id == listing_id, LISTINGS.c.calls_used > 0)
@@ -456,6 +572,8 @@ def _void(connection: Connection, call_id: str, outcome: str, error: str | None,
         connection.execute(
             update(ACCOUNTS).where(ACCOUNTS.c.wallet == payer).values(reserved=ACCOUNTS.c.reserved - reserved)
         )
+        if end_user is not None:
+            connection.execute(_RELEASE_USER, {"b_app": app_id, "b_user": end_user, "b_reserved": reserved})
     elif gate == "x402":
         connection.execute(update(AUTHS).where(AUTHS.c.call_id == call_id).values(pending=False))
     if gate in ("prepaid", "sandbox"):
@@ -544,10 +662,11 @@ class CallStore:
 
     # ---- ending: exactly once, whoever races ---------------------------------------------------------
 
-    async def finish(self, call_id: str, *, amount: int, usage: Served) -> bool:
-        """The call was served: capture `amount` (paid gates) with its usage. False when the call
-        was no longer reserved (swept): then nothing is charged."""
-        finished = bool(await self.transactions.run(_finish, call_id, amount, usage, utcnow()))
+    async def finish(self, call_id: str, *, amount: int, usage: Served, markup: int = 0) -> bool:
+        """The call was served: capture `amount` (paid gates; `markup` of it the app developer's)
+        with its usage. False when the call was no longer reserved (swept): then nothing is
+        charged."""
+        finished = bool(await self.transactions.run(_finish, call_id, amount, markup, usage, utcnow()))
         if finished and amount > 0:
             for listener in self.on_capture:
                 listener()

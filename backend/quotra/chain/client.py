@@ -17,6 +17,7 @@ from typing import Any, Final
 from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 from web3 import AsyncHTTPProvider, AsyncWeb3
+from web3.exceptions import MismatchedABI, TransactionNotFound
 
 from quotra.chain import eip712
 from quotra.chain.merkle import Credit
@@ -230,6 +231,27 @@ class EscrowClient:
 
     async def code_at(self, address: str) -> bytes:
         return bytes(await self.w3.eth.get_code(to_checksum_address(address)))
+
+    async def deposits_in(self, tx_hash: str) -> list[tuple[str, str, int]]:
+        """(sender, beneficiary, amount) of each deposit a mined transaction made into the escrow
+        (none for an unknown, pending or failed one)."""
+        try:
+            receipt = await self.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
+        except TransactionNotFound:
+            return []
+        if receipt["status"] != 1:
+            return []
+        found = []
+        for entry in receipt["logs"]:
+            if to_checksum_address(entry["address"]) != self.escrow_address:
+                continue
+            try:
+                event = self.escrow.events.Deposited().process_log(entry)
+            except MismatchedABI:
+                continue
+            args = event["args"]
+            found.append((args["sender"], args["beneficiary"], int(args["amount"])))
+        return found
 
     # ---- escrow calls, encoded for a relayer ---------------------------------------------------
 

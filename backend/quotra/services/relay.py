@@ -319,7 +319,8 @@ class Relay:
         (nothing charged) when the finish could not be written."""
         listing = prepared.listing
         reservation = prepared.reservation
-        amount = reservation.charge(call_cost(listing, usage.prompt_tokens, usage.completion_tokens))
+        cost = call_cost(listing, usage.prompt_tokens, usage.completion_tokens)
+        amount, markup = reservation.charge(cost), reservation.markup(cost)
         served = Served(
             prepared.model,
             stream,
@@ -329,7 +330,9 @@ class Relay:
             outcome,
         )
         try:
-            finished = await self.calls.finish(reservation.call_id, amount=amount, usage=served)
+            finished = await self.calls.finish(
+                reservation.call_id, amount=amount, markup=markup, usage=served
+            )
         except Exception as exc:
             log.error("finish failed: nothing charged", extra={"call": reservation.call_id})
             await self._void(reservation, "error", "the call could not be recorded")
