@@ -298,6 +298,7 @@ def create_app(
                 refresh_seconds=settings.prepaid_refresh_seconds,
                 permission_margin_seconds=settings.prepaid_permission_margin_seconds,
                 deposit_wait_seconds=settings.prepaid_deposit_wait_seconds,
+                key_rate_per_minute=settings.key_rate_per_minute,
             ),
             chain=escrow,
             relayer=chain_relayer,

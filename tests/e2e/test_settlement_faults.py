@@ -285,7 +285,9 @@ async def prepaid_call(kit: Kit, consumer: str, key_id: str, provider: str, amou
         price_per_call=amount,
     )
     hold = Hold(consumer, listing.id, provider, amount, utcnow() + timedelta(minutes=15))
-    call_id = await kit.calls.reserve_key(hold, key_id=key_id, live=True, now_ts=int(time.time()), margin=60)
+    call_id, _ = await kit.calls.reserve_key(
+        hold, key_id=key_id, live=True, now_ts=int(time.time()), margin=60
+    )
     assert await kit.calls.finish(call_id, amount=amount, usage=Served("sandbox-model", False, 3, 5, 10))
     return call_id
 

@@ -295,10 +295,24 @@ class UserBalance(BaseModel):
     available_atomic: int
 
 
+class KeyMeter(BaseModel):
+    id: str
+    mode: Literal["live", "sandbox"] = Field(description="sandbox: test money, metered here only")
+    spend_cap: str | None
+    spend_cap_atomic: int | None
+    spent: str
+    spent_atomic: int
+    reserved: str
+    reserved_atomic: int
+    remaining: str | None = Field(description="What the key may still spend; null: no cap")
+    remaining_atomic: int | None
+
+
 class BalanceResponse(BaseModel):
     object: str = "balance"
     wallet: str
     app: str | None
+    key: KeyMeter | None = Field(description="The API key asking: its own meter (sandbox keys' test money)")
     available: str = Field(description="What your calls can reserve now (grants included)")
     available_atomic: int
     deposit: str
@@ -325,6 +339,17 @@ def balance_view(raw: dict[str, Any]) -> dict[str, Any]:
             user_out.update(_optional_money(name, user[name]))
         user = user_out
     view["user"] = user
+    key = raw["key"]
+    if key is not None:
+        key = {
+            "id": key.id,
+            "mode": key.mode,
+            **_optional_money("spend_cap", key.spend_cap),
+            **money_fields("spent", key.spent),
+            **money_fields("reserved", key.reserved),
+            **_optional_money("remaining", key.remaining),
+        }
+    view["key"] = key
     return view
 
 
@@ -593,4 +618,6 @@ async def balance(
     app = None if app_id is None else await _readable_app(who, runtime, app_id)
     if end_user is not None and app is None:
         raise BadRequest("An end user's balance needs an app's key (or `app_id`)", param="user")
-    return balance_view(await _apps(runtime).balance(who.wallet, app, end_user))
+    raw = await _apps(runtime).balance(who.wallet, app, end_user)
+    raw["key"] = None if who.key is None else await _apps(runtime).prepaid.repo.key_view(who.key.id)
+    return balance_view(raw)

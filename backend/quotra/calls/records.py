@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any, Final, Literal
 
 from quotra.money import usdc
+from quotra.ratelimit import Decision
 
 Gate = Literal["playground", "x402", "prepaid", "sandbox"]
 State = Literal["reserved", "captured", "settling", "reconciling", "settled", "voided", "failed", "refunded"]
@@ -121,15 +122,16 @@ class Refused(Exception):
     """A reservation that cannot be made; nothing was written.
 
     reasons: listing_unavailable (paused, expired or no calls left), free_calls_used, key_revoked,
-    key_cap, no_permission, permission, deposit, user_limit (an app's end user's grants and spend
-    limit), insufficient_balance (x402), payer_unpaid (x402:
-    an earlier authorization of the payer did not pay), nonce_used (x402: `call` is the call this
-    authorization already paid for)."""
+    rate_limited (the API key's requests per minute: `rate`), key_cap, no_permission, permission,
+    deposit, user_limit (an app's end user's grants and spend limit), insufficient_balance (x402),
+    payer_unpaid (x402: an earlier authorization of the payer did not pay), nonce_used (x402:
+    `call` is the call this authorization already paid for)."""
 
-    def __init__(self, reason: str, call: CallView | None = None) -> None:
+    def __init__(self, reason: str, call: CallView | None = None, rate: Decision | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.call = call
+        self.rate = rate  # rate_limited: the key's limit, for the 429's headers
 
 
 def summary(call: CallView) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quotra.calls.records import PAID_GATES, CallView, Refused, X402Hold, new_call_id
+from quotra.ratelimit import Decision
 from quotra.store.models import (
     ApiKeyRecord,
     AppUser,
@@ -48,6 +49,7 @@ from quotra.store.models import (
     table,
     utcnow,
 )
+from quotra.store.rate_limits import take as take_rate
 from quotra.store.sql import insert_ignore
 from quotra.store.transactions import Transactions
 
@@ -74,6 +76,7 @@ class Hold:
     app_id: str | None = None  # an app key's call: its app…
     markup_bps: int = 0  # …whose markup the payer's permission must allow…
     end_user: str | None = None  # …and the end user it serves, if any
+    rate_per_minute: int | None = None  # an API key's call: the key's limit, shared by the replicas
 
 
 @dataclass(frozen=True)
@@ -291,12 +294,19 @@ def _reserve_key(
     now_ts: int,
     margin: int,
     now: datetime,
-) -> None:
-    """A prepaid call (live key: the account's deposit and permission, the key's cap, and an
-    app's end user's limit) or a sandbox one (the key's cap only, never settled)."""
-    _take_listing_call(connection, hold.listing_id, now)
+) -> Decision | None:
+    """A prepaid call (live key: the listing's quota, the account's deposit and permission, the
+    key's cap, and an app's end user's limit) or a sandbox one (the key's cap only, never settled;
+    answered by the relay's sandbox, so it takes nothing of the listing's quota), first within the
+    key's rate limit (`Refused("rate_limited")` otherwise). Returns the rate limit's decision."""
+    rate = None
+    if hold.rate_per_minute is not None:
+        rate = take_rate(connection, f"key:{key_id}", hold.rate_per_minute, int(now.timestamp() * 1_000_000))
+        if not rate.allowed:
+            raise Refused("rate_limited", rate=rate)
     digest = None
     if live:
+        _take_listing_call(connection, hold.listing_id, now)
         digest = connection.execute(
             _RESERVE_ACCOUNT,
             {
@@ -316,6 +326,7 @@ def _reserve_key(
         _reserve_user(connection, hold, now)
     gate = "prepaid" if live else "sandbox"
     _insert_call(connection, call_id, gate, hold, now, key_id=key_id, permission_digest=digest)
+    return rate
 
 
 _NEWER_SNAPSHOT: Final = _param("b_block") > PAYERS.c.block
@@ -555,11 +566,12 @@ def _void(connection: Connection, call_id: str, outcome: str, error: str | None,
     if row is None:
         return False
     gate, payer, key_id, reserved, listing_id, app_id, end_user = row
-    connection.execute(
-        update(LISTINGS)
-        .where(LISTINGS.c.id == listing_id, LISTINGS.c.calls_used > 0)
-        .values(calls_used=LISTINGS.c.calls_used - 1)
-    )
+    if not (gate == "sandbox" and key_id is not None):  # a sandbox key's call took no listing call
+        connection.execute(
+            update(LISTINGS)
+            .where(LISTINGS.c.id == listing_id, LISTINGS.c.calls_used > 0)
+            .values(calls_used=LISTINGS.c.calls_used - 1)
+        )
     if gate == "playground":
         connection.execute(
             update(PLAYGROUND)
@@ -636,10 +648,15 @@ class CallStore:
         await self.transactions.run(_reserve_playground, call_id, hold, free_calls, utcnow())
         return call_id
 
-    async def reserve_key(self, hold: Hold, *, key_id: str, live: bool, now_ts: int, margin: int) -> str:
+    async def reserve_key(
+        self, hold: Hold, *, key_id: str, live: bool, now_ts: int, margin: int
+    ) -> tuple[str, Decision | None]:
+        """The call's id, and the key's rate-limit decision (for the `RateLimit-*` headers)."""
         call_id = new_call_id()
-        await self.transactions.run(_reserve_key, call_id, hold, key_id, live, now_ts, margin, utcnow())
-        return call_id
+        rate = await self.transactions.run(
+            _reserve_key, call_id, hold, key_id, live, now_ts, margin, utcnow()
+        )
+        return call_id, rate
 
     async def reserve_x402(self, hold: Hold, auth: X402Hold) -> str:
         """Raises `Refused("nonce_used", call)` when the authorization already paid for a call

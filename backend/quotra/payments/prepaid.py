@@ -11,9 +11,12 @@ Rules:
   base price plus the app's markup (`quotra.money.markup_of`), under a permission that names the
   developer and allows that markup; a call for an end user (`X-Quotra-User`) also reserves within
   that user's grants and spend limit (see `quotra.calls.store`).
-- Sandbox keys (`sk-quotra-test-…`) call sandbox listings only. Their calls are metered against
-  the key's spend cap (so a client can exercise the whole flow, 402 included) but never touch
-  the account and are never settled; they need no deposit and no permission.
+- Sandbox keys (`sk-quotra-test-…`) may name any listed model: the relay's sandbox answers
+  (synthetic OpenAI, Anthropic or Gemini shapes by model name, no upstream call), priced as the
+  listing that serves it. Their calls are metered against the key's spend cap (so a client can
+  exercise the whole flow, 402 included) and recorded like any call (usage, an app's end users),
+  but never touch the account or the listing's quota and are never settled; they need no
+  deposit and no permission.
 - Chain reads (account mirror, revocation, nonces) go through the async `EscrowClient`; nothing
   here blocks the event loop. Gasless deposits are put on-chain by any `Relayer`.
 """
@@ -133,6 +136,7 @@ class PrepaidSettings:
     refresh_seconds: float = 30.0
     permission_margin_seconds: int = 600
     deposit_wait_seconds: float = 30.0
+    key_rate_per_minute: int = 100  # unless the key has its own
 
 
 def _uint(value: Any, name: str, maximum: int = 2**256 - 1) -> int:
@@ -252,12 +256,6 @@ class PrepaidService:
         deadline: datetime,
         end_user: str | None = None,
     ) -> Reservation:
-        if not key.live and listing.kind != "sandbox":
-            raise PaymentRequired(
-                f"Sandbox API keys (sk-quotra-test-…) can only call sandbox listings; listing "
-                f"'{listing.id}' is live. Use a live key (sk-quotra-live-…).",
-                code="sandbox_key_live_listing",
-            )
         now = int(time.time())
         base = max(max_cost, 1)
         amount = base + markup_of(base, key.markup_bps)
@@ -270,9 +268,10 @@ class PrepaidService:
             app_id=key.app_id,
             markup_bps=key.markup_bps,
             end_user=end_user,
+            rate_per_minute=key.rate_per_minute or self.settings.key_rate_per_minute,
         )
         try:
-            call_id = await self.calls.reserve_key(
+            call_id, rate = await self.calls.reserve_key(
                 hold, key_id=key.id, live=key.live, now_ts=now, margin=self.settings.permission_margin_seconds
             )
         except Refused as refused:
@@ -280,6 +279,9 @@ class PrepaidService:
                 raise not_servable(listing) from None
             if refused.reason == "user_limit":
                 raise await self._user_limit(key, end_user, amount) from None
+            if refused.reason == "rate_limited":
+                assert refused.rate is not None
+                raise refused.rate.refusal("this API key") from None
             shortfall = await self.repo.diagnose(
                 key,
                 now,
@@ -296,6 +298,7 @@ class PrepaidService:
             amount,
             markup_bps=key.markup_bps,
             base_reserved=base,
+            rate=rate,
         )
 
     async def _user_limit(self, key: KeyRef, end_user: str | None, needed: int) -> QuotraError:

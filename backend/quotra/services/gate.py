@@ -17,6 +17,7 @@ from quotra.calls.records import Refused
 from quotra.calls.store import CallStore, Hold
 from quotra.errors import PaymentRequired, QuotaExhausted
 from quotra.money import markup_of, usdc
+from quotra.ratelimit import Decision
 from quotra.store.models import utcnow
 from quotra.store.prepaid_repo import KeyRef
 from quotra.store.repositories import ListingRecord
@@ -62,6 +63,7 @@ class Reservation:
     answer: PaymentAnswer | None = None
     markup_bps: int = 0
     base_reserved: int | None = None  # with a markup: the most base cost reserved for
+    rate: Decision | None = None  # an API key's rate limit, as this reservation took it
 
     def base(self, cost: int) -> int:
         """The base cost charged for a call that cost `cost` to serve (at most what was reserved)."""

@@ -264,8 +264,11 @@ class Relay:
             self.cache.invalidate()
             raise
         try:
-            api_key = self.listings.api_key(listing)
-            adapter = self.adapters.get(listing.kind, listing.base_url)
+            if reservation.gate == "sandbox":  # test money: the relay's sandbox answers, never upstream
+                api_key, adapter = "", self.adapters.get("sandbox")
+            else:
+                api_key = self.listings.api_key(listing)
+                adapter = self.adapters.get(listing.kind, listing.base_url)
         except BaseException:
             await self._void(reservation, "error", "the listing's key could not be opened")
             raise
@@ -357,7 +360,9 @@ class Relay:
     # ---- the call --------------------------------------------------------------------------------
 
     def _headers(self, prepared: Prepared, consumer_rate: Decision) -> dict[str, str]:
-        headers = consumer_rate.headers()
+        """The answer's headers: `RateLimit-*` of the API key's own limit (shared by the replicas)
+        if it has one, else of the relay's per-consumer limit."""
+        headers = (prepared.reservation.rate or consumer_rate).headers()
         headers[CALL_HEADER] = prepared.reservation.call_id
         headers["X-Quotra-Listing"] = prepared.listing.id
         headers["X-Quotra-Payment"] = prepared.reservation.gate

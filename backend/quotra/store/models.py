@@ -325,7 +325,7 @@ class Grant(Base):
 
 class RateLimit(Base):
     """A rate limit's state, shared by every replica: the generic cell rate algorithm's
-    theoretical arrival time of the next request, in milliseconds since the epoch."""
+    theoretical arrival time of the next request, in microseconds since the epoch."""
 
     __tablename__ = "rate_limits"
 

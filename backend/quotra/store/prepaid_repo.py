@@ -253,6 +253,11 @@ class PrepaidStore:
         async with self.sessions() as session:
             return [ApiKeyView.of(r) for r in (await session.scalars(query)).all()]
 
+    async def key_view(self, key_id: str) -> ApiKeyView | None:
+        async with self.sessions() as session:
+            row = await session.get(ApiKeyRecord, key_id)
+            return None if row is None else ApiKeyView.of(row)
+
     async def count_active_keys(self, wallet: str) -> int:
         query = (
             select(func.count())

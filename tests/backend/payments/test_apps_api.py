@@ -512,6 +512,7 @@ async def test_balance__plain_key_and_session__and_refusals(
     plain = await relay.client.get("/v1/balance", headers={"Authorization": f"Bearer {key['key']}"})
     assert plain.status_code == 200, plain.text
     assert (plain.json()["available_atomic"], plain.json()["app"]) == (2 * USDC, None)
+    assert (plain.json()["key"]["id"], plain.json()["key"]["mode"]) == (key["id"], "live")
     assert (await relay.client.get("/v1/balance", headers=consumer.headers)).json()[
         "available_atomic"
     ] == 2 * USDC
