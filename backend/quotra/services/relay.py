@@ -121,6 +121,12 @@ class Prepared:
     prompt_tokens: int = 0  # estimated from the input: what a stream cut short is charged for
 
 
+def _sandboxed(caller: Caller, listing: ListingRecord) -> bool:
+    """A sandbox key's call on a live listing: the relay's sandbox answers it, so it touches none
+    of the listing's limits (its requests per minute, its cooldown)."""
+    return caller.api_key is not None and not caller.api_key.live and listing.kind != "sandbox"
+
+
 class CallNotRecorded(ServiceUnavailable):
     """The upstream answered, but the call could not be recorded: it is not charged."""
 
@@ -253,7 +259,7 @@ class Relay:
     ) -> Prepared:
         self._check_input(listing, chars, tokens)
         rate = None
-        if listing.rate_per_minute:
+        if listing.rate_per_minute and not _sandboxed(caller, listing):
             rate = self.limiter.check(f"l:{listing.id}", listing.rate_per_minute, f"listing {listing.id}")
         model = target.model or listing.models[0]
         body, max_out = self._build_body(request, listing, model)
@@ -295,7 +301,8 @@ class Relay:
         self.metrics.upstream_errors.labels(listing.kind, type(exc).__name__).inc()
         self.metrics.listing_calls.labels(listing.id, "upstream_error").inc()
         await self._void(prepared.reservation, "upstream_error", type(exc).__name__)
-        if isinstance(exc, UpstreamAuthError | UpstreamRateLimited):
+        simulated = prepared.reservation.gate == "sandbox" and listing.kind != "sandbox"
+        if isinstance(exc, UpstreamAuthError | UpstreamRateLimited) and not simulated:
             self._failing.add(listing.id)
             cooled = await self.store.note_upstream_failure(
                 listing.id, threshold=self.cooldown_after, cooldown=self.cooldown

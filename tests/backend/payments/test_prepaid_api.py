@@ -437,7 +437,11 @@ async def test_sandbox_key__any_listed_model__synthetic_answer_never_upstream(
 
     async with start(adapter_factory=adapters, upstream_check_keys=False) as relay:
         live = await relay.provider_listing(
-            kind="openai", models=["gpt-test", "claude-test"], api_key="sk-upstream", price_per_call="0.002"
+            kind="openai",
+            models=["gpt-test", "claude-test"],
+            api_key="sk-upstream",
+            price_per_call="0.002",
+            rate_per_minute=1,  # the sandbox's calls take none of it: the live call below is its first
         )
         consumer = await relay.consumer(deposit=5 * USDC, allowance=2 * USDC)
         key = await consumer.key(mode="sandbox")
