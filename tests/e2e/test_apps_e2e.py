@@ -96,3 +96,51 @@ async def test_markup_app__settles_markup_to_developer_and_base_90_10(
     onchain.chain.transact(escrow.claim(2 * MARKUP, wallet.address), wallet)
     assert onchain.balance(wallet.address) == 2 * MARKUP
     assert onchain.solvent()
+
+
+async def test_user_billing__end_users_wallet_pays__markup_to_developer(
+    onchain: OnChain, start_relay: Any
+) -> None:
+    escrow = onchain.escrow.functions
+    with start_relay() as served:
+        provider = Account.create()
+        listing = await create_listing(served.url, provider, price_per_call="0.01")
+        async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+            developer, app, key = await developer_with_app(onchain, client, USDC)
+            auth = {"Authorization": f"Bearer {key}"}
+            # The end user deposits itself and signs the permission the app offers it.
+            user: LocalAccount = Account.create()
+            onchain.twin.fund_eth(user.address, 10**18)
+            onchain.twin.mint_usdc(user.address, USDC)
+            onchain.chain.transact(onchain.usdc.functions.approve(onchain.escrow.address, USDC), user)
+            onchain.chain.transact(escrow.deposit(USDC, user.address), user)
+            typed = await client.get(
+                f"/v1/apps/{app['id']}/users/bob/wallet/typed-data",
+                params={"wallet": user.address, "allowance": "0.5"},
+                headers=auth,
+            )
+            signed = Account.sign_typed_data(user.key, full_message=typed.json()["typed_data"])
+            reply = await client.post(
+                f"/v1/apps/{app['id']}/users/bob/wallet",
+                json={
+                    "permission": typed.json()["typed_data"]["message"],
+                    "signature": "0x" + bytes(signed.signature).hex(),
+                },
+                headers=auth,
+            )
+            assert reply.status_code == 200, reply.text
+            body = {"model": f"listing/{listing['id']}", "messages": [{"role": "user", "content": "hi"}]}
+            reply = await client.post("/v1/users/bob/chat/completions", json=body, headers=auth)
+            assert reply.status_code == 200, reply.text
+        outcome = await settled(served.url, reply.headers["quotra-call-id"], auth)
+
+    assert (outcome["state"], outcome["amount_atomic"], outcome["markup_atomic"]) == (
+        "settled",
+        BASE + MARKUP,
+        MARKUP,
+    )
+    assert int(escrow.deposits(user.address).call()) == USDC - BASE - MARKUP
+    assert int(escrow.deposits(developer.address).call()) == USDC
+    assert onchain.earnings(developer.address) == MARKUP
+    assert onchain.earnings(provider.address) == BASE - BASE // 10
+    assert onchain.solvent()

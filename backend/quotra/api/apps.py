@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Final, Literal
 
+from eth_utils import to_checksum_address
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -19,6 +20,8 @@ from quotra.api.account import (
     ApiKeyCreated,
     ApiKeyList,
     RatePerMinute,
+    RegisterPermission,
+    TypedDataResponse,
     UsageList,
     Usdc,
     atomic,
@@ -178,6 +181,7 @@ class AppUserPublic(BaseModel):
     spend_limit_atomic: int | None
     limit_remaining: str | None
     limit_remaining_atomic: int | None
+    wallet: str | None = Field(description="Connected: the user pays from this wallet's deposit")
 
 
 class AppUserList(BaseModel):
@@ -203,6 +207,7 @@ def user_view(user: UserView) -> dict[str, Any]:
         **money_fields("reserved", user.reserved),
         **_optional_money("spend_limit", user.spend_limit),
         **_optional_money("limit_remaining", user.limit_remaining),
+        "wallet": user.wallet,
     }
 
 
@@ -496,6 +501,39 @@ async def set_limit(
     app = await _readable_app(who, runtime, app_id)
     limit = None if body.spend_limit is None else atomic(body.spend_limit)
     return user_view(await _apps(runtime).repo.set_limit(app.id, user_id, limit))
+
+
+@router.get(
+    "/v1/apps/{app_id}/users/{user_id}/wallet/typed-data",
+    response_model=TypedDataResponse,
+    summary="The SpendPermission an end user's wallet signs to pay this app's calls itself",
+)
+async def wallet_typed_data(
+    app_id: AppId,
+    user_id: UserId,
+    who: KeyOrSession,
+    runtime: RuntimeDep,
+    wallet: Annotated[str, Query(pattern=r"^0x[0-9a-fA-F]{40}$", description="The user's wallet")],
+    allowance: Annotated[Usdc, Query(description="Most the app's calls may charge it in total (USDC)")],
+    days: Annotated[int, Query(ge=1, le=365)] = 30,
+) -> dict[str, Any]:
+    app = await _readable_app(who, runtime, app_id)
+    return _apps(runtime).prepaid.permission_typed_data(
+        to_checksum_address(wallet), atomic(allowance), days, app.markup_bps, developer=app.owner
+    )
+
+
+@router.post(
+    "/v1/apps/{app_id}/users/{user_id}/wallet",
+    response_model=AppUserPublic,
+    summary="Connect an end user's wallet: its calls are charged to its own deposit (user billing)",
+)
+async def connect_wallet(
+    app_id: AppId, user_id: UserId, body: RegisterPermission, who: KeyOrSession, runtime: RuntimeDep
+) -> dict[str, Any]:
+    app = await _readable_app(who, runtime, app_id)
+    user = await _apps(runtime).connect_wallet(app, user_id, body.permission.model_dump(), body.signature)
+    return user_view(user)
 
 
 @router.get(

@@ -11,10 +11,12 @@ Every operation is a synchronous function of a connection, run by
 on PostgreSQL as its own transaction. Lock order, to rule out deadlocks between replicas:
 listing, then the budget rows (account, key or payer, then an app's end user), then the call.
 
-An app key's call costs its base price plus the app's markup (`quotra.money.markup_of`), all of
-it charged to the developer's deposit, under a permission that allows that markup to that
-developer; a call for an end user (`X-Quotra-User`) also reserves within what the user may still
-spend (grants left plus the spend limit left), and its finish spends the user's grants first.
+An app key's call costs its base price plus the app's markup (`quotra.money.markup_of`), under a
+permission that allows that markup to the app's developer. It is charged to the developer's
+deposit; a call for a hosted end user (`X-Quotra-User`) also reserves within what the user may
+still spend (grants left plus the spend limit left), and its finish spends the user's grants
+first. An end user who connected its wallet (its own permission for the app) pays from its own
+deposit instead, the markup still the developer's.
 
 The statements of the call path are built once, with bind parameters (`:b_…`), so SQLAlchemy
 compiles each once and every call only binds values: building and compiling a statement per call
@@ -23,6 +25,7 @@ cost about eight times what executing it does.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -207,12 +210,12 @@ _RESERVE_ACCOUNT: Final = (
             _PERMISSION.c.revoked_at.is_(None),
             _PERMISSION.c.valid_after <= _param("b_now_ts"),
             _PERMISSION.c.valid_until > _param("b_valid_until"),
-            # An app's markup goes to the wallet itself (it is the app's developer): the
-            # permission must name it and allow that much, or the escrow would refuse the batch.
+            # An app's markup goes to the app's developer: the permission must name it and allow
+            # that much, or the escrow would refuse the batch.
             or_(
                 _param("b_markup_bps") == 0,
                 and_(
-                    _PERMISSION.c.developer == ACCOUNTS.c.wallet,
+                    _PERMISSION.c.developer == bindparam("b_developer"),
                     _PERMISSION.c.max_markup_bps >= _param("b_markup_bps"),
                 ),
             ),
@@ -249,6 +252,8 @@ def _insert_user(dialect: str) -> Any:
 
 _USER: Final = and_(USERS.c.app_id == bindparam("b_app"), USERS.c.external_id == bindparam("b_user"))
 # What an end user may still spend: its grants left, plus its spend limit left (if it has one).
+_USER_WALLET: Final = select(USERS.c.wallet).where(_USER)
+_KEY_OWNER: Final = select(KEYS.c.wallet).where(KEYS.c.id == bindparam("b_key"))
 _RESERVE_USER: Final = (
     update(USERS)
     .where(
@@ -270,6 +275,7 @@ def _reserve_user(connection: Connection, hold: Hold, now: datetime) -> None:
         {
             "app_id": hold.app_id,
             "external_id": hold.end_user,
+            "wallet": None,
             "spend_limit": None,
             "spent": 0,
             "reserved": 0,
@@ -305,12 +311,20 @@ def _reserve_key(
         if not rate.allowed:
             raise Refused("rate_limited", rate=rate)
     digest = None
+    developer = hold.payer  # the key's owner
     if live:
         _take_listing_call(connection, hold.listing_id, now)
+        if hold.end_user is not None:  # an end user who connected its wallet pays itself
+            wallet = connection.execute(
+                _USER_WALLET, {"b_app": hold.app_id, "b_user": hold.end_user}
+            ).scalar()
+            if wallet is not None:
+                hold = dataclasses.replace(hold, payer=wallet)
         digest = connection.execute(
             _RESERVE_ACCOUNT,
             {
                 "b_wallet": hold.payer,
+                "b_developer": developer,
                 "b_now_ts": now_ts,
                 "b_valid_until": now_ts + margin,
                 "b_amount": hold.amount,
@@ -322,7 +336,7 @@ def _reserve_key(
     taken = connection.execute(_RESERVE_KEY, {"b_key": key_id, "b_amount": hold.amount, "b_now": now})
     if _rowcount(taken) != 1:
         raise Refused("key_cap")
-    if live and hold.end_user is not None:
+    if live and hold.end_user is not None and hold.payer == developer:  # a hosted user
         _reserve_user(connection, hold, now)
     gate = "prepaid" if live else "sandbox"
     _insert_call(connection, call_id, gate, hold, now, key_id=key_id, permission_digest=digest)
@@ -507,6 +521,12 @@ _RECORD_GRANTED: Final = (
 _RELEASE_USER: Final = update(USERS).where(_USER).values(reserved=USERS.c.reserved - _param("b_reserved"))
 
 
+def _hosted(connection: Connection, key_id: str, payer: str) -> bool:
+    """Whether an end user's call was billed to the developer (the key's owner) and so to the
+    user's grants and spend limit; a user who connected its wallet paid it itself."""
+    return bool(connection.execute(_KEY_OWNER, {"b_key": key_id}).scalar() == payer)
+
+
 def _charge_user(
     connection: Connection, call_id: str, app_id: str, user: str, reserved: int, charged: int
 ) -> None:
@@ -549,7 +569,7 @@ def _finish(
         connection.execute(_CHARGE_ACCOUNT, {"b_wallet": payer, "b_reserved": reserved, "b_amount": charged})
     if gate in ("prepaid", "sandbox"):
         connection.execute(_CHARGE_KEY, {"b_key": key_id, "b_reserved": reserved, "b_amount": charged})
-    if gate == "prepaid" and end_user is not None:
+    if gate == "prepaid" and end_user is not None and _hosted(connection, key_id, payer):
         _charge_user(connection, call_id, app_id, end_user, reserved, charged)
     return True
 
@@ -584,7 +604,7 @@ def _void(connection: Connection, call_id: str, outcome: str, error: str | None,
         connection.execute(
             update(ACCOUNTS).where(ACCOUNTS.c.wallet == payer).values(reserved=ACCOUNTS.c.reserved - reserved)
         )
-        if end_user is not None:
+        if end_user is not None and _hosted(connection, key_id, payer):
             connection.execute(_RELEASE_USER, {"b_app": app_id, "b_user": end_user, "b_reserved": reserved})
     elif gate == "x402":
         connection.execute(update(AUTHS).where(AUTHS.c.call_id == call_id).values(pending=False))

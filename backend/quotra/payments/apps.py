@@ -93,6 +93,32 @@ class AppService:
             )
         )
 
+    # ---- user billing ----------------------------------------------------------------------------
+
+    async def connect_wallet(
+        self, app: AppView, external_id: str, message: dict[str, Any], signature: str
+    ) -> UserView:
+        """An end user connects its wallet: its SpendPermission for this app (naming the app's
+        developer and allowing at least the app's markup) becomes the wallet's active one, and the
+        app's calls for that user are charged to the wallet's own deposit from then on."""
+        try:
+            consumer = to_checksum_address(str(message.get("consumer")))
+            developer = to_checksum_address(str(message.get("developer")))
+            max_markup_bps = int(str(message.get("max_markup_bps", 0)), 0)
+        except ValueError:
+            raise BadRequest(
+                "The permission needs a consumer, a developer and max_markup_bps", param="permission"
+            ) from None
+        if developer != app.owner or max_markup_bps < app.markup_bps:
+            raise BadRequest(
+                f"The permission must name this app's developer {app.owner} and allow its markup of "
+                f"{app.markup_bps} basis points (max_markup_bps)",
+                param="permission",
+                code="permission_not_for_app",
+            )
+        await self.prepaid.register_permission(consumer, message, signature)
+        return await self.repo.connect_wallet(app.id, external_id, consumer)
+
     # ---- grants ----------------------------------------------------------------------------------
 
     async def grant_user(
@@ -183,6 +209,8 @@ class AppService:
         if app is not None and end_user is not None:
             user = await self.repo.user(app.id, end_user)
             headroom = user.headroom
+            if user.wallet is not None:  # it pays from its own deposit
+                account, headroom = await self.prepaid.account(user.wallet), None
             view["user"] = {
                 "id": end_user,
                 "granted": user.granted,

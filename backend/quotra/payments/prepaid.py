@@ -279,6 +279,10 @@ class PrepaidService:
                 raise not_servable(listing) from None
             if refused.reason == "user_limit":
                 raise await self._user_limit(key, end_user, amount) from None
+            if refused.reason == "deposit" and key.app_id is not None and end_user is not None:
+                wallet = await self.repo.user_wallet(key.app_id, end_user)
+                if wallet is not None:
+                    raise await self._user_wallet_short(end_user, wallet, amount) from None
             if refused.reason == "rate_limited":
                 assert refused.rate is not None
                 raise refused.rate.refusal("this API key") from None
@@ -299,6 +303,18 @@ class PrepaidService:
             markup_bps=key.markup_bps,
             base_reserved=base,
             rate=rate,
+        )
+
+    async def _user_wallet_short(self, end_user: str, wallet: str, needed: int) -> QuotraError:
+        """402 for an end user paying with its own wallet whose deposit or permission is short."""
+        account = await self.refresh(wallet)
+        return InsufficientBalance(
+            f"End user '{end_user}' pays with its wallet {wallet}, whose deposit or spend permission "
+            f"for this app cannot cover the call: it may cost up to {usdc(needed)} USDC. The user "
+            "deposits more, or signs a new permission for the app "
+            "(POST /v1/apps/{app_id}/users/{user_id}/wallet).",
+            code="user_insufficient_balance",
+            extra={"end_user": {"id": end_user, "wallet": wallet, "deposit": usdc(account.deposit)}},
         )
 
     async def _user_limit(self, key: KeyRef, end_user: str | None, needed: int) -> QuotraError:
@@ -495,11 +511,12 @@ class PrepaidService:
         return self.chain
 
     def permission_typed_data(
-        self, wallet: str, allowance: int, days: int, max_markup_bps: int = 0
+        self, wallet: str, allowance: int, days: int, max_markup_bps: int = 0, developer: str | None = None
     ) -> dict[str, Any]:
-        """The permission for `wallet` to sign. With `max_markup_bps` it also lets the wallet's
-        own apps' markups (up to that rate) be charged on top of the base cost and credited back
-        to it as earnings: what developer billing needs."""
+        """The permission for `wallet` to sign. With `max_markup_bps` it also lets an app's markup
+        (up to that rate) be charged on top of the base cost and credited to the app's
+        `developer`: by default the wallet itself, for its own apps (developer billing), or
+        another developer whose app the wallet pays for (user billing)."""
         chain = self._require_chain()
         now = int(time.time())
         message = {
@@ -509,7 +526,7 @@ class PrepaidService:
             "valid_after": now - _CLOCK_SKEW,
             "valid_until": now + days * 86_400,
             "salt": secrets.randbits(52),  # exact as a JavaScript number
-            "developer": wallet if max_markup_bps else ZERO_ADDRESS,
+            "developer": developer or (wallet if max_markup_bps else ZERO_ADDRESS),
             "max_markup_bps": max_markup_bps,
         }
         digest = eip712.digest(chain.escrow_domain, "SpendPermission", message)

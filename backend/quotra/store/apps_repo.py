@@ -50,6 +50,7 @@ class UserView:
     granted: int
     grant_used: int
     created_at: datetime | None
+    wallet: str | None = None  # connected: the user pays its calls from its own deposit
 
     @classmethod
     def of(cls, row: AppUser) -> UserView:
@@ -62,6 +63,7 @@ class UserView:
             row.granted,
             row.grant_used,
             row.created_at,
+            row.wallet,
         )
 
     @classmethod
@@ -131,6 +133,7 @@ def _new_user(app_id: str, external_id: str) -> dict[str, Any]:
     return {
         "app_id": app_id,
         "external_id": external_id,
+        "wallet": None,
         "spend_limit": None,
         "spent": 0,
         "reserved": 0,
@@ -211,18 +214,27 @@ class AppsStore:
     async def _ensure_user(self, session: AsyncSession, app_id: str, external_id: str) -> None:
         await session.execute(insert_ignore(self.dialect, table(AppUser), _new_user(app_id, external_id)))
 
-    async def set_limit(self, app_id: str, external_id: str, spend_limit: int | None) -> UserView:
-        """Sets (None: removes) the most the user's own money may spend, grants aside. Calls
-        already reserved keep their reservation."""
+    async def _set_user(self, app_id: str, external_id: str, **values: Any) -> UserView:
+        """Sets columns of the end user's row (created if new) and reads it back."""
         async with self.sessions.begin() as session:
             await self._ensure_user(session, app_id, external_id)
             await session.execute(
                 update(AppUser)
                 .where(AppUser.app_id == app_id, AppUser.external_id == external_id)
-                .values(spend_limit=spend_limit)
+                .values(**values)
                 .execution_options(synchronize_session=False)
             )
         return await self.user(app_id, external_id)
+
+    async def set_limit(self, app_id: str, external_id: str, spend_limit: int | None) -> UserView:
+        """Sets (None: removes) the most the user's own money may spend, grants aside. Calls
+        already reserved keep their reservation."""
+        return await self._set_user(app_id, external_id, spend_limit=spend_limit)
+
+    async def connect_wallet(self, app_id: str, external_id: str, wallet: str) -> UserView:
+        """The user pays its calls from `wallet`'s deposit from now on (its permission for the
+        app is the wallet's active one)."""
+        return await self._set_user(app_id, external_id, wallet=wallet)
 
     # ---- grants ----------------------------------------------------------------------------------
 

@@ -282,7 +282,8 @@ class App(Base):
 
 
 class AppUser(Base):
-    """An app's end user (`X-Quotra-User`), billed to the developer's deposit.
+    """An app's end user (`X-Quotra-User`): hosted (billed to the developer's deposit), or, once
+    it connected `wallet` (a spend permission for the app), billed to its own deposit.
 
     `granted` (free balance the developer gave) is spent first: `grant_used` of it so far; what
     grants do not cover is the user's own spending, `spent`, capped by `spend_limit` if set.
@@ -297,6 +298,7 @@ class AppUser(Base):
 
     app_id: Mapped[str] = mapped_column(String(40), ForeignKey("apps.id"), primary_key=True)
     external_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    wallet: Mapped[str | None] = mapped_column(String(42))
     spend_limit: Mapped[int | None] = mapped_column(BigInteger)
     spent: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     reserved: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")

@@ -459,6 +459,12 @@ class PrepaidStore:
                 .execution_options(synchronize_session=False)
             )
 
+    async def user_wallet(self, app_id: str, external_id: str) -> str | None:
+        """The wallet an app's end user pays with (None: the developer pays)."""
+        async with self.sessions() as session:
+            row = await session.get(AppUser, (app_id, external_id))
+        return None if row is None else row.wallet
+
     async def user_headroom(self, app_id: str, external_id: str) -> int:
         """What an app's end user may still reserve: grants left plus spend limit left, less its
         open reservations (only read to explain a refusal)."""

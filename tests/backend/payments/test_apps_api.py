@@ -340,6 +340,72 @@ async def test_end_user_limit__caps_own_spending_in_total(
     assert (erin["spent_atomic"], erin["limit_remaining_atomic"]) == (spent, 0)
 
 
+# ---- user billing: an end user pays with its own wallet ------------------------------------------
+
+
+async def connect(dev: Developer, user: str, wallet: Any, allowance: str = "1", **tamper: Any) -> Any:
+    """The end user's wallet signs the permission the app offers it; the app registers it."""
+    typed = await dev.get(
+        f"/v1/apps/{dev.app['id']}/users/{user}/wallet/typed-data", wallet=wallet.address, allowance=allowance
+    )
+    message = {**typed["typed_data"]["message"], **tamper}
+    signed = Account.sign_typed_data(wallet.key, full_message={**typed["typed_data"], "message": message})
+    return await dev.relay.client.post(
+        f"/v1/apps/{dev.app['id']}/users/{user}/wallet",
+        json={"permission": message, "signature": "0x" + bytes(signed.signature).hex()},
+        headers=dev.auth(),
+    )
+
+
+async def test_user_billing__connected_wallet_pays_its_calls__markup_to_developer(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
+    dev = await developer(relay)
+    wallet = Account.create()
+    relay.chain.deposits[wallet.address] = 2 * USDC
+    reply = await connect(dev, "walt", wallet)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["wallet"] == wallet.address
+
+    completion = await dev.chat("walt")
+    base = base_cost(listing, completion)
+    (call,) = await calls_of(relay, wallet.address)
+    assert (call.payer, call.amount, call.markup, call.end_user) == (
+        wallet.address,
+        base + markup_of(base, 2_000),
+        markup_of(base, 2_000),
+        "walt",
+    )
+    # The user's own deposit pays, under its permission naming the developer; not the developer's.
+    user_account = await relay.prepaid.repo.get_account(wallet.address)
+    assert user_account is not None and user_account.unsettled == call.amount
+    permission = await relay.prepaid.repo.get_permission(call.permission_digest or "")
+    assert permission is not None and (permission.developer, permission.max_markup_bps) == (dev.wallet, 2_000)
+    assert (await dev.consumer.account_state()).unsettled == 0 and await calls_of(relay, dev.wallet) == []
+    walt = await dev.get(f"/v1/apps/{dev.app['id']}/users/walt")
+    assert (walt["spent_atomic"], walt["grant_used_atomic"], walt["reserved_atomic"]) == (0, 0, 0)
+    balance = await dev.get("/v1/balance", user="walt")
+    assert balance["user"]["available_atomic"] == USDC - call.amount  # its allowance left
+
+    # Its deposit spent, the user (not the developer) is told to top up.
+    relay.chain.deposits[wallet.address] = call.amount
+    await relay.prepaid.refresh(wallet.address)
+    with pytest.raises(openai.APIStatusError) as refused:
+        await dev.chat("walt")
+    assert (refused.value.status_code, refused.value.code) == (402, "user_insufficient_balance")
+
+
+async def test_user_billing__permission_not_for_the_app__400(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
+    dev = await developer(relay)
+    wallet = Account.create()
+    for tamper in ({"developer": wallet.address}, {"max_markup_bps": 1_999}):
+        reply = await connect(dev, "walt", wallet, **tamper)
+        assert (reply.status_code, reply.json()["error"]["code"]) == (400, "permission_not_for_app"), tamper
+    assert (await dev.get(f"/v1/apps/{dev.app['id']}/users/walt"))["wallet"] is None
+
+
 # ---- grants ----------------------------------------------------------------------------------------
 
 

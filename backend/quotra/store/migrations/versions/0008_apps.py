@@ -1,6 +1,6 @@
-"""Apps and their billing: apps with a markup, app keys, end users with grants and spend limits,
-grants, the markup and grant part of each call, spend permissions that name a developer, and rate
-limits shared by every replica.
+"""Apps and their billing: apps with a markup, app keys, end users with grants and spend limits (or
+their own wallet), grants, the markup and grant part of each call, spend permissions that name a
+developer, and rate limits shared by every replica.
 
 Spend permissions gain `developer` and `max_markup_bps` (the escrow's `SpendPermission` now signs
 them): the rows kept from before name no developer and allow no markup, which is what they meant,
@@ -38,6 +38,7 @@ def upgrade() -> None:
         "app_users",
         sa.Column("app_id", sa.String(length=40), sa.ForeignKey("apps.id"), primary_key=True),
         sa.Column("external_id", sa.String(length=128), primary_key=True),
+        sa.Column("wallet", sa.String(length=42), nullable=True),
         sa.Column("spend_limit", sa.BigInteger(), nullable=True),
         sa.Column("spent", sa.BigInteger(), nullable=False, server_default="0"),
         sa.Column("reserved", sa.BigInteger(), nullable=False, server_default="0"),
