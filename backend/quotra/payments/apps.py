@@ -6,7 +6,9 @@ and the platform split the base 90/10 and the escrow credits the markup, all of 
 developer's earnings, within what the developer's own SpendPermission allows (it names the
 developer and the most markup). An app identifies its end users (`X-Quotra-User`); the developer
 may limit what each spends and give it grants, spent before the user's own money: off-chain
-sub-budgets of the developer's deposit for hosted users, on-chain deposits for wallets.
+sub-budgets of the developer's deposit for hosted users, on-chain deposits for wallets. An end user
+with a wallet may instead pay itself (user billing): it signs a SpendPermission for the app, which
+names the developer and allows the markup, and its calls are charged to its own deposit.
 """
 
 from __future__ import annotations

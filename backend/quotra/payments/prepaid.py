@@ -9,8 +9,9 @@ Rules:
   against the key's own spend cap, in one transaction (see `quotra.calls.store`).
 - An app's keys are the app owner's (the developer's) and bill its deposit: each call costs the
   base price plus the app's markup (`quotra.money.markup_of`), under a permission that names the
-  developer and allows that markup; a call for an end user (`X-Quotra-User`) also reserves within
-  that user's grants and spend limit (see `quotra.calls.store`).
+  developer and allows that markup; a call for a hosted end user (`X-Quotra-User`) also reserves
+  within that user's grants and spend limit, and one for an end user who connected its wallet is
+  charged to that wallet's deposit instead (see `quotra.calls.store`).
 - Sandbox keys (`sk-quotra-test-…`) may name any listed model: the relay's sandbox answers
   (synthetic OpenAI, Anthropic or Gemini shapes by model name, no upstream call), priced as the
   listing that serves it. Their calls are metered against the key's spend cap (so a client can
