@@ -131,10 +131,11 @@ class Settings(BaseSettings):
     cooldown_seconds: float = Field(default=60.0, ge=0)
 
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    # Requests per minute per consumer without an API key (per process; keys have their own below).
     consumer_rate_per_minute: int = Field(default=120, ge=1)
     # Every API key's requests per minute unless the key has its own (shared by the replicas).
     key_rate_per_minute: int = Field(default=100, ge=1, le=10**9)
-    # Sign-in requests (nonce and verify) per minute per wallet address and per client address.
+    # Sign-in per minute: verified sign-ins per wallet; nonce and verify requests per client address.
     signin_rate_per_minute: int = Field(default=5, ge=1)
     signin_rate_per_minute_ip: int = Field(default=20, ge=1)
     playground_free_calls: int = Field(default=3, ge=0)

@@ -366,10 +366,11 @@ class Relay:
 
     # ---- the call --------------------------------------------------------------------------------
 
-    def _headers(self, prepared: Prepared, consumer_rate: Decision) -> dict[str, str]:
+    def _headers(self, prepared: Prepared, consumer_rate: Decision | None) -> dict[str, str]:
         """The answer's headers: `RateLimit-*` of the API key's own limit (shared by the replicas)
         if it has one, else of the relay's per-consumer limit."""
-        headers = (prepared.reservation.rate or consumer_rate).headers()
+        rate = prepared.reservation.rate or consumer_rate
+        headers = {} if rate is None else rate.headers()
         headers[CALL_HEADER] = prepared.reservation.call_id
         headers["X-Quotra-Listing"] = prepared.listing.id
         headers["X-Quotra-Payment"] = prepared.reservation.gate
@@ -377,11 +378,16 @@ class Relay:
 
     async def _attempts(
         self, caller: Caller, request: dict[str, Any]
-    ) -> AsyncGenerator[tuple[Prepared, Decision, bool]]:
+    ) -> AsyncGenerator[tuple[Prepared, Decision | None, bool]]:
         """Yields prepared (authorized, reserved) attempts in order until one is used."""
         target = Target.parse(str(request["model"]))
         candidates = await self.candidates(target)
-        consumer_rate = self.limiter.check(f"c:{caller.id}", self.consumer_rate, "this consumer")
+        # An API key has its own limit, shared by the replicas (taken with its reservation).
+        consumer_rate = (
+            None
+            if caller.api_key is not None
+            else self.limiter.check(f"c:{caller.id}", self.consumer_rate, "this consumer")
+        )
         messages = request["messages"]
         chars = input_chars(messages)
         tokens = estimate_tokens(chars, len(messages))

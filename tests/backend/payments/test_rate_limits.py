@@ -55,7 +55,8 @@ def start(make_settings: Callable[..., Any]) -> Callable[..., Any]:
 
 
 async def test_api_key__default_and_override__429_with_ratelimit_headers(start: Callable[..., Any]) -> None:
-    async with start(key_rate_per_minute=2) as relay:
+    # The relay's per-consumer limit (in process, 1 a minute here) leaves API keys to their own.
+    async with start(key_rate_per_minute=2, consumer_rate_per_minute=1) as relay:
         await relay.provider_listing(models=["sandbox-model"], price_per_call="0.001")
         consumer = await relay.consumer(deposit=5 * USDC, allowance=2 * USDC)
         key = await consumer.key()
