@@ -52,7 +52,7 @@ from quotra.store.models import (
     table,
     utcnow,
 )
-from quotra.store.rate_limits import take as take_rate
+from quotra.store.rate_limits import WINDOW_US, decision, interval_of, refuses
 from quotra.store.sql import insert_ignore
 from quotra.store.transactions import Transactions
 
@@ -231,6 +231,10 @@ _RESERVE_ACCOUNT: Final = (
     .values(reserved=ACCOUNTS.c.reserved + _param("b_amount"))
     .returning(ACCOUNTS.c.permission_digest)
 )
+# The key's rate limit moves in the same statement (`quotra.store.rate_limits`: `rate_tat` is the
+# theoretical arrival time of its next request; an interval of 0 is no limit).
+_NOW_US: Final = _param("b_now_us")
+_KEY_NEXT: Final = case((KEYS.c.rate_tat > _NOW_US, KEYS.c.rate_tat), else_=_NOW_US) + _param("b_interval")
 _RESERVE_KEY: Final = (
     update(KEYS)
     .where(
@@ -240,9 +244,14 @@ _RESERVE_KEY: Final = (
             KEYS.c.spend_cap.is_(None),
             KEYS.c.spend_cap - KEYS.c.spent - KEYS.c.reserved >= _param("b_amount"),
         ),
+        _KEY_NEXT - _NOW_US <= WINDOW_US,
     )
-    .values(reserved=KEYS.c.reserved + _param("b_amount"), last_used_at=bindparam("b_now"))
+    .values(
+        reserved=KEYS.c.reserved + _param("b_amount"), last_used_at=bindparam("b_now"), rate_tat=_KEY_NEXT
+    )
+    .returning(KEYS.c.rate_tat)
 )
+_KEY_STATE: Final = select(KEYS.c.revoked_at, KEYS.c.rate_tat).where(KEYS.c.id == bindparam("b_key"))
 
 
 @cache
@@ -303,13 +312,8 @@ def _reserve_key(
 ) -> Decision | None:
     """A prepaid call (live key: the listing's quota, the account's deposit and permission, the
     key's cap, and an app's end user's limit) or a sandbox one (the key's cap only, never settled;
-    answered by the relay's sandbox, so it takes nothing of the listing's quota), first within the
-    key's rate limit (`Refused("rate_limited")` otherwise). Returns the rate limit's decision."""
-    rate = None
-    if hold.rate_per_minute is not None:
-        rate = take_rate(connection, f"key:{key_id}", hold.rate_per_minute, int(now.timestamp() * 1_000_000))
-        if not rate.allowed:
-            raise Refused("rate_limited", rate=rate)
+    answered by the relay's sandbox, so it takes nothing of the listing's quota), within the key's
+    rate limit (`Refused("rate_limited")` otherwise). Returns the rate limit's decision."""
     digest = None
     developer = hold.payer  # the key's owner
     if live:
@@ -333,9 +337,19 @@ def _reserve_key(
         ).scalar_one_or_none()
         if digest is None:
             raise Refused("deposit")  # which limit exactly is told by `PrepaidService`
-    taken = connection.execute(_RESERVE_KEY, {"b_key": key_id, "b_amount": hold.amount, "b_now": now})
-    if _rowcount(taken) != 1:
-        raise Refused("key_cap")
+    now_us, per_minute = int(now.timestamp() * 1_000_000), hold.rate_per_minute
+    interval = interval_of(per_minute)
+    tat = connection.execute(
+        _RESERVE_KEY,
+        {"b_key": key_id, "b_amount": hold.amount, "b_now": now, "b_now_us": now_us, "b_interval": interval},
+    ).scalar_one_or_none()
+    if tat is None:
+        state = connection.execute(_KEY_STATE, {"b_key": key_id}).first()
+        if state is not None and state.revoked_at is None and refuses(per_minute, state.rate_tat, now_us):
+            assert per_minute is not None
+            raise Refused("rate_limited", rate=decision(per_minute, interval, state.rate_tat, now_us, False))
+        raise Refused("key_cap")  # or revoked: told apart by `PrepaidService`
+    rate = None if per_minute is None else decision(per_minute, interval, int(tat), now_us, True)
     if live and hold.end_user is not None and hold.payer == developer:  # a hosted user
         _reserve_user(connection, hold, now)
     gate = "prepaid" if live else "sandbox"

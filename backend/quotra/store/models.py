@@ -257,6 +257,8 @@ class ApiKeyRecord(Base):
     wallet: Mapped[str] = mapped_column(String(42), index=True)
     app_id: Mapped[str | None] = mapped_column(String(40), index=True)
     rate_per_minute: Mapped[int | None] = mapped_column(Integer)
+    # Its rate limit's state: the theoretical arrival time of its next request (µs since the epoch).
+    rate_tat: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     name: Mapped[str] = mapped_column(String(100), default="")
     mode: Mapped[str] = mapped_column(String(8), default="live")  # live | sandbox
     spend_cap: Mapped[int | None] = mapped_column(BigInteger)

@@ -74,6 +74,7 @@ def upgrade() -> None:
     with op.batch_alter_table("api_keys") as batch:
         batch.add_column(sa.Column("app_id", sa.String(length=40), nullable=True))
         batch.add_column(sa.Column("rate_per_minute", sa.Integer(), nullable=True))
+        batch.add_column(sa.Column("rate_tat", sa.BigInteger(), nullable=False, server_default="0"))
         batch.create_index("ix_api_keys_app_id", ["app_id"])
     with op.batch_alter_table("spend_permissions") as batch:
         batch.add_column(
@@ -88,6 +89,7 @@ def downgrade() -> None:
         batch.drop_column("developer")
     with op.batch_alter_table("api_keys") as batch:
         batch.drop_index("ix_api_keys_app_id")
+        batch.drop_column("rate_tat")
         batch.drop_column("rate_per_minute")
         batch.drop_column("app_id")
     with op.batch_alter_table("calls") as batch:
