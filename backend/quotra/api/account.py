@@ -12,13 +12,15 @@ from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from quotra.api.deps import CurrentProvider, RuntimeDep
+from quotra.api.routing import BoundedRoute, errors
+from quotra.bounds import Address, Name, Omittable, PageSize, Uint256
 from quotra.calls.records import CALL_ID_PATTERN, CallView, payer_ids
 from quotra.errors import NotFound
 from quotra.money import usdc
 from quotra.payments.prepaid import MAX_MARKUP_BPS, PrepaidService
 from quotra.store.prepaid_repo import ApiKeyView
 
-router = APIRouter(prefix="/v1/account", tags=["account"])
+router = APIRouter(prefix="/v1/account", tags=["account"], route_class=BoundedRoute)
 
 ATOMIC = Decimal(10**6)
 Usdc = Annotated[Decimal, Field(gt=0, le=Decimal(10**9), decimal_places=6, description="USDC")]
@@ -153,7 +155,7 @@ def key_view(view: ApiKeyView) -> dict[str, Any]:
 class CreateKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="", max_length=100)
+    name: Name = ""
     mode: Literal["live", "sandbox"] = "live"
     spend_cap: Usdc | None = Field(default=None, description="Most this key may spend in total (USDC)")
 
@@ -161,7 +163,7 @@ class CreateKey(BaseModel):
 class UpdateKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(default=None, max_length=100)
+    name: Omittable[Name] = None
     spend_cap: Usdc | None = Field(default=None, description="New cap (USDC); null removes the cap")
     rate_per_minute: RatePerMinute | None = Field(
         default=None, description="Requests per minute for this key; null: the relay's default"
@@ -228,19 +230,24 @@ def usage_view(call: CallView) -> dict[str, Any]:
 class SpendPermissionFields(BaseModel):
     """The EIP-712 `SpendPermission` message; uint256 values as integers or decimal/0x strings."""
 
-    consumer: str
-    spender: str
-    allowance: int | str
-    valid_after: int | str
-    valid_until: int | str
-    salt: int | str
-    developer: str = Field(default="0x" + "00" * 20, description="An app developer (zero: none)")
-    max_markup_bps: int | str = Field(default=0, description="The most markup it may be paid")
+    consumer: Address
+    spender: Address
+    allowance: Uint256
+    valid_after: Uint256
+    valid_until: Uint256
+    salt: Uint256
+    developer: Address = Field(default="0x" + "00" * 20, description="An app developer (zero: none)")
+    max_markup_bps: Uint256 = Field(default=0, description="The most markup it may be paid")
+
+
+HexSignature = Annotated[
+    str, Field(min_length=2, max_length=1000, pattern=r"^0x[0-9a-fA-F]*$", description="0x-hex")
+]
 
 
 class RegisterPermission(BaseModel):
     permission: SpendPermissionFields
-    signature: str = Field(min_length=2, max_length=1000, description="0x-hex, at most 65 bytes")
+    signature: HexSignature
 
 
 class TypedDataResponse(BaseModel):
@@ -251,17 +258,17 @@ class TypedDataResponse(BaseModel):
 class Eip3009Fields(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
-    from_: str = Field(alias="from")
-    to: str
-    value: int | str
-    validAfter: int | str  # EIP-3009's spelling
-    validBefore: int | str
-    nonce: str
+    from_: Address = Field(alias="from")
+    to: Address
+    value: Uint256
+    validAfter: Uint256  # EIP-3009's spelling
+    validBefore: Uint256
+    nonce: Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{64}$")]
 
 
 class DepositRequest(BaseModel):
     authorization: Eip3009Fields = Field(description="A ReceiveWithAuthorization to the escrow")
-    signature: str = Field(min_length=2, max_length=200)
+    signature: Annotated[HexSignature, Field(max_length=200)]
 
 
 class DepositResponse(BaseModel):
@@ -280,16 +287,26 @@ def _prepaid(runtime: Any) -> PrepaidService:
     return prepaid
 
 
-@router.get("", response_model=AccountResponse, summary="The prepaid account (refreshed from the chain)")
+@router.get(
+    "",
+    response_model=AccountResponse,
+    summary="The prepaid account (refreshed from the chain)",
+    responses=errors(401),
+)
 async def get_account(wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
     return account_view(await _prepaid(runtime).account(wallet))
 
 
-@router.get("/usage", response_model=UsageList, summary="The wallet's calls (any gate), newest first")
+@router.get(
+    "/usage",
+    response_model=UsageList,
+    summary="The wallet's calls (any gate), newest first",
+    responses=errors(400, 401),
+)
 async def usage(
     wallet: CurrentProvider,
     runtime: RuntimeDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    limit: PageSize = 50,
     before: Annotated[
         str | None, Query(pattern=CALL_ID_PATTERN, description="`next_before` of the previous page")
     ] = None,
@@ -309,6 +326,7 @@ async def usage(
     "/permission/typed-data",
     response_model=TypedDataResponse,
     summary="The SpendPermission to sign (spender = this relay's operator)",
+    responses=errors(400, 401, 404),
 )
 async def permission_typed_data(
     wallet: CurrentProvider,
@@ -333,6 +351,7 @@ async def permission_typed_data(
     "/permission",
     response_model=AccountResponse,
     summary="Register a signed SpendPermission (becomes the active one)",
+    responses=errors(400, 401, 404, 503),
 )
 async def register_permission(
     body: RegisterPermission, wallet: CurrentProvider, runtime: RuntimeDep
@@ -345,7 +364,10 @@ async def register_permission(
     "/deposits",
     response_model=DepositResponse,
     summary="Gasless deposit: the relayer submits your ReceiveWithAuthorization",
-    responses={202: {"model": DepositResponse, "description": "Submitted, not yet confirmed"}},
+    responses={
+        202: {"model": DepositResponse, "description": "Submitted, not yet confirmed"},
+        **errors(400, 401, 404, 503),
+    },
 )
 async def deposit(
     body: DepositRequest, wallet: CurrentProvider, runtime: RuntimeDep, response: Response
@@ -363,13 +385,21 @@ async def deposit(
     }
 
 
-@router.get("/keys", response_model=ApiKeyList, summary="Your API keys (never their secrets)")
+@router.get(
+    "/keys", response_model=ApiKeyList, summary="Your API keys (never their secrets)", responses=errors(401)
+)
 async def list_keys(wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
     keys = await _prepaid(runtime).repo.list_keys(wallet)
     return {"object": "list", "data": [key_view(k) for k in keys]}
 
 
-@router.post("/keys", response_model=ApiKeyCreated, status_code=201, summary="Create an API key (shown once)")
+@router.post(
+    "/keys",
+    response_model=ApiKeyCreated,
+    status_code=201,
+    summary="Create an API key (shown once)",
+    responses=errors(400, 401),
+)
 async def create_key(body: CreateKey, wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
     view, secret = await _prepaid(runtime).create_key(
         wallet,
@@ -380,7 +410,12 @@ async def create_key(body: CreateKey, wallet: CurrentProvider, runtime: RuntimeD
     return {**key_view(view), "key": secret}
 
 
-@router.patch("/keys/{key_id}", response_model=ApiKeyPublic, summary="Rename a key or change its spend cap")
+@router.patch(
+    "/keys/{key_id}",
+    response_model=ApiKeyPublic,
+    summary="Rename a key or change its spend cap",
+    responses=errors(400, 401, 404),
+)
 async def update_key(
     key_id: KeyId, body: UpdateKey, wallet: CurrentProvider, runtime: RuntimeDep
 ) -> dict[str, Any]:
@@ -394,7 +429,12 @@ async def update_key(
     return key_view(view)
 
 
-@router.delete("/keys/{key_id}", response_model=ApiKeyPublic, summary="Revoke an API key (at once)")
+@router.delete(
+    "/keys/{key_id}",
+    response_model=ApiKeyPublic,
+    summary="Revoke an API key (at once)",
+    responses=errors(400, 401, 404),
+)
 async def revoke_key(key_id: KeyId, wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
     try:
         view = await _prepaid(runtime).revoke_key(wallet, key_id)

@@ -30,6 +30,7 @@ from quotra.api.account import (
     usage_view,
 )
 from quotra.api.deps import SESSION_PREFIX, CurrentProvider, RuntimeDep, bearer_token
+from quotra.api.routing import BoundedRoute, errors
 from quotra.calls.records import CALL_ID_PATTERN
 from quotra.errors import AuthenticationFailed, BadRequest, NotFound
 from quotra.payments.apps import AppService
@@ -37,7 +38,7 @@ from quotra.payments.prepaid import KEY_PREFIX, MAX_MARKUP_BPS
 from quotra.store.apps_repo import AppView, GrantView, Totals, UserView
 from quotra.store.prepaid_repo import KeyRef
 
-router = APIRouter(tags=["apps"])
+router = APIRouter(tags=["apps"], route_class=BoundedRoute)
 
 # An end user's id as the app knows it: what `X-Quotra-User` and `/v1/users/{id}/…` carry.
 USER_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:@+=\-]{0,127}$"
@@ -401,14 +402,20 @@ def totals_view(totals: Totals) -> dict[str, Any]:
 # ---- apps and their keys (the developer, signed in) ---------------------------------------------
 
 
-@router.post("/v1/apps", response_model=AppPublic, status_code=201, summary="Create an app with a markup")
+@router.post(
+    "/v1/apps",
+    response_model=AppPublic,
+    status_code=201,
+    summary="Create an app with a markup",
+    responses=errors(400, 401),
+)
 async def create_app(body: CreateApp, wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
     service = _apps(runtime)
     app = await service.create_app(wallet, name=body.name, markup_bps=_bps(body.markup_percent))
     return await app_view(service, app)
 
 
-@router.get("/v1/apps", response_model=AppList, summary="Your apps")
+@router.get("/v1/apps", response_model=AppList, summary="Your apps", responses=errors(401))
 async def list_apps(wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
     service = _apps(runtime)
     return {
@@ -417,12 +424,19 @@ async def list_apps(wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, A
     }
 
 
-@router.get("/v1/apps/{app_id}", response_model=AppPublic, summary="One of your apps")
+@router.get(
+    "/v1/apps/{app_id}", response_model=AppPublic, summary="One of your apps", responses=errors(400, 401, 404)
+)
 async def get_app(app_id: AppId, who: KeyOrSession, runtime: RuntimeDep) -> dict[str, Any]:
     return await app_view(_apps(runtime), await _readable_app(who, runtime, app_id))
 
 
-@router.patch("/v1/apps/{app_id}", response_model=AppPublic, summary="Rename an app or change its markup")
+@router.patch(
+    "/v1/apps/{app_id}",
+    response_model=AppPublic,
+    summary="Rename an app or change its markup",
+    responses=errors(400, 401, 404),
+)
 async def update_app(
     app_id: AppId, body: UpdateApp, wallet: CurrentProvider, runtime: RuntimeDep
 ) -> dict[str, Any]:
@@ -440,6 +454,7 @@ async def update_app(
     response_model=ApiKeyCreated,
     status_code=201,
     summary="Create an app key (shown once): its calls bill your deposit with the app's markup",
+    responses=errors(400, 401, 404),
 )
 async def create_app_key(
     app_id: AppId, body: CreateAppKey, wallet: CurrentProvider, runtime: RuntimeDep
@@ -455,7 +470,12 @@ async def create_app_key(
     return {**key_view(view), "key": secret}
 
 
-@router.get("/v1/apps/{app_id}/keys", response_model=ApiKeyList, summary="An app's keys (never secrets)")
+@router.get(
+    "/v1/apps/{app_id}/keys",
+    response_model=ApiKeyList,
+    summary="An app's keys (never secrets)",
+    responses=errors(400, 401, 404),
+)
 async def list_app_keys(app_id: AppId, wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
     keys = await _apps(runtime).keys(wallet, app_id)
     return {"object": "list", "data": [key_view(k) for k in keys]}
@@ -464,7 +484,12 @@ async def list_app_keys(app_id: AppId, wallet: CurrentProvider, runtime: Runtime
 # ---- end users (the developer, or the app's key) ------------------------------------------------
 
 
-@router.get("/v1/apps/{app_id}/users", response_model=AppUserList, summary="An app's end users")
+@router.get(
+    "/v1/apps/{app_id}/users",
+    response_model=AppUserList,
+    summary="An app's end users",
+    responses=errors(400, 401, 404),
+)
 async def list_users(
     app_id: AppId,
     who: KeyOrSession,
@@ -484,7 +509,12 @@ async def list_users(
     }
 
 
-@router.get("/v1/apps/{app_id}/users/{user_id}", response_model=AppUserPublic, summary="One end user")
+@router.get(
+    "/v1/apps/{app_id}/users/{user_id}",
+    response_model=AppUserPublic,
+    summary="One end user",
+    responses=errors(400, 401, 404),
+)
 async def get_user(app_id: AppId, user_id: UserId, who: KeyOrSession, runtime: RuntimeDep) -> dict[str, Any]:
     app = await _readable_app(who, runtime, app_id)
     return user_view(await _apps(runtime).repo.user(app.id, user_id))
@@ -494,6 +524,7 @@ async def get_user(app_id: AppId, user_id: UserId, who: KeyOrSession, runtime: R
     "/v1/apps/{app_id}/users/{user_id}/limit",
     response_model=AppUserPublic,
     summary="Set (or, with null, remove) an end user's spend limit",
+    responses=errors(400, 401, 404),
 )
 async def set_limit(
     app_id: AppId, user_id: UserId, body: SetLimit, who: KeyOrSession, runtime: RuntimeDep
@@ -507,6 +538,7 @@ async def set_limit(
     "/v1/apps/{app_id}/users/{user_id}/wallet/typed-data",
     response_model=TypedDataResponse,
     summary="The SpendPermission an end user's wallet signs to pay this app's calls itself",
+    responses=errors(400, 401, 404, 503),
 )
 async def wallet_typed_data(
     app_id: AppId,
@@ -527,6 +559,7 @@ async def wallet_typed_data(
     "/v1/apps/{app_id}/users/{user_id}/wallet",
     response_model=AppUserPublic,
     summary="Connect an end user's wallet: its calls are charged to its own deposit (user billing)",
+    responses=errors(400, 401, 404, 503),
 )
 async def connect_wallet(
     app_id: AppId, user_id: UserId, body: RegisterPermission, who: KeyOrSession, runtime: RuntimeDep
@@ -540,6 +573,7 @@ async def connect_wallet(
     "/v1/apps/{app_id}/users/{user_id}/usage",
     response_model=UsageList,
     summary="An end user's calls, newest first (grants' part and markup included)",
+    responses=errors(400, 401, 404),
 )
 async def user_usage(
     app_id: AppId,
@@ -561,7 +595,12 @@ async def user_usage(
     }
 
 
-@router.get("/v1/apps/{app_id}/grants", response_model=GrantList, summary="An app's grants, newest first")
+@router.get(
+    "/v1/apps/{app_id}/grants",
+    response_model=GrantList,
+    summary="An app's grants, newest first",
+    responses=errors(400, 401, 404),
+)
 async def list_grants(
     app_id: AppId,
     who: KeyOrSession,
@@ -579,6 +618,7 @@ async def list_grants(
     "/v1/apps/{app_id}/analytics",
     response_model=Analytics,
     summary="Usage, cost and markup revenue of an app and of each end user over a time range",
+    responses=errors(400, 401, 404),
 )
 async def analytics(
     app_id: AppId,
@@ -622,6 +662,7 @@ def _aware(moment: datetime) -> datetime:
     response_model=GrantPublic,
     status_code=201,
     summary="Give an end user free balance, spent before its own money",
+    responses=errors(400, 401, 402, 404, 503),
 )
 async def grant(body: GrantRequest, who: KeyOrSession, runtime: RuntimeDep) -> dict[str, Any]:
     app_id = body.app_id or (who.key.app_id if who.key is not None else None)
@@ -641,6 +682,7 @@ async def grant(body: GrantRequest, who: KeyOrSession, runtime: RuntimeDep) -> d
     "/v1/balance",
     response_model=BalanceResponse,
     summary="Your balance with an API key (and an end user's, with `user` or X-Quotra-User)",
+    responses=errors(400, 401, 404),
 )
 async def balance(
     who: KeyOrSession,

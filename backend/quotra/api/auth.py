@@ -12,11 +12,12 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from quotra.api.deps import CurrentProvider, Runtime, RuntimeDep, client_ip
+from quotra.api.routing import BoundedRoute, errors
 from quotra.errors import AuthenticationFailed
 from quotra.siwe import SiweError, SiweMessage, format_time
 from quotra.store.rate_limits import take
 
-router = APIRouter(prefix="/v1/auth", tags=["auth"])
+router = APIRouter(prefix="/v1/auth", tags=["auth"], route_class=BoundedRoute)
 STATEMENT = "Sign in to Quotra."
 
 
@@ -41,7 +42,7 @@ class NonceResponse(BaseModel):
 
 class VerifyRequest(BaseModel):
     message: str = Field(min_length=1, max_length=8192)
-    signature: str = Field(min_length=2, max_length=8192)
+    signature: str = Field(min_length=2, max_length=8192, pattern=r"^0x[0-9a-fA-F]*$")
 
 
 class SessionResponse(BaseModel):
@@ -77,7 +78,13 @@ async def _limit_wallet(runtime: Runtime, address: str) -> None:
     )
 
 
-@router.post("/nonce", response_model=NonceResponse, status_code=201, summary="Get a single-use SIWE nonce")
+@router.post(
+    "/nonce",
+    response_model=NonceResponse,
+    status_code=201,
+    summary="Get a single-use SIWE nonce",
+    responses=errors(400, 429),
+)
 async def nonce(request: Request, runtime: RuntimeDep, body: NonceRequest | None = None) -> dict[str, Any]:
     await _limit_client(runtime, request)
     settings = runtime.settings
@@ -109,7 +116,10 @@ async def nonce(request: Request, runtime: RuntimeDep, body: NonceRequest | None
 
 
 @router.post(
-    "/verify", response_model=SessionResponse, summary="Exchange a signed SIWE message for a session"
+    "/verify",
+    response_model=SessionResponse,
+    summary="Exchange a signed SIWE message for a session",
+    responses=errors(400, 401, 429),
 )
 async def verify(body: VerifyRequest, request: Request, runtime: RuntimeDep) -> dict[str, Any]:
     await _limit_client(runtime, request)
@@ -127,6 +137,6 @@ async def verify(body: VerifyRequest, request: Request, runtime: RuntimeDep) -> 
     return {"access_token": token, "token_type": "bearer", "address": message.address, "expires_at": expires}
 
 
-@router.get("/session", response_model=WhoAmI, summary="The signed-in wallet")
+@router.get("/session", response_model=WhoAmI, summary="The signed-in wallet", responses=errors(401))
 async def session(address: CurrentProvider) -> dict[str, str]:
     return {"address": address}

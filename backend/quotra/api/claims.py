@@ -11,36 +11,23 @@ from decimal import Decimal
 from typing import Annotated, Any
 
 from eth_utils import to_checksum_address
-from fastapi import APIRouter, Depends, Path, Query
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from fastapi import APIRouter, Depends, Path
+from pydantic import BaseModel, ConfigDict, Field
 
 from quotra.api.deps import CurrentProvider, RuntimeDep
+from quotra.api.routing import BoundedRoute, errors
+from quotra.bounds import Address, Offset, PageSize, Uint256
 from quotra.chain.client import DelegationArgs
-from quotra.errors import BadRequest, NotFound
-from quotra.payments.claims import UINT256_MAX, ClaimService
-from quotra.store.claims_repo import ClaimView, RevocationView
+from quotra.errors import NotFound
+from quotra.payments.claims import ClaimService
+from quotra.store.claims_repo import CLAIM_ID_PATTERN, REVOCATION_ID_PATTERN, ClaimView, RevocationView
 
-router = APIRouter(tags=["claims"])
+router = APIRouter(tags=["claims"], route_class=BoundedRoute)
 
 ATOMIC = Decimal(10**6)
-AddressStr = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{40}$")]
 SignatureStr = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{130}$", description="65-byte signature, 0x-hex")]
 Bytes32Str = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{64}$")]
 UsdcAmount = Annotated[Decimal, Field(gt=0, le=Decimal(10**12), decimal_places=6, description="USDC")]
-
-
-def _uint256(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("must be an unsigned integer")
-    if isinstance(value, str):
-        text = value.strip()
-        value = int(text, 16) if text.lower().startswith("0x") else int(text)
-    if not isinstance(value, int) or not 0 <= value <= UINT256_MAX:
-        raise ValueError("must be an unsigned 256-bit integer")
-    return value
-
-
-Uint256 = Annotated[int, BeforeValidator(_uint256)]
 
 
 def usdc_text(atomic: int) -> str:
@@ -77,9 +64,9 @@ ClaimsDep = Annotated[ClaimService, Depends(claims_service)]
 class DelegationIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    provider: AddressStr
-    delegate: AddressStr
-    payee: AddressStr
+    provider: Address
+    delegate: Address
+    payee: Address
     max_amount: Uint256
     relayer_fee: Uint256
     valid_until: Uint256
@@ -161,7 +148,7 @@ class EarningsOut(BaseModel):
 class RevocationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    account: AddressStr
+    account: Address
     item: Bytes32Str = Field(description="EIP-712 digest of the delegation or spend permission")
     signature: SignatureStr = Field(
         description="The account's EIP-712 signature of Revocation(account, item)"
@@ -218,12 +205,13 @@ def revocation_out(revocation: RevocationView) -> dict[str, Any]:
     "/v1/provider/claims/typed-data",
     response_model=TypedDataOut,
     summary="A Delegation to sign for one claim, with the relayer's current fee",
+    responses=errors(400, 401, 404, 409, 503),
 )
 async def claim_typed_data(
     provider: CurrentProvider,
     claims: ClaimsDep,
-    amount: Annotated[UsdcAmount, Query(description="USDC to claim, relayer fee included")],
-    payee: Annotated[str | None, Query(pattern=r"^0x[0-9a-fA-F]{40}$")] = None,
+    amount: Annotated[UsdcAmount, Field(description="USDC to claim, relayer fee included")],
+    payee: Address | None = None,
 ) -> dict[str, Any]:
     result = await claims.typed_data(provider, to_atomic(amount), payee)
     typed = result["typed_data"]
@@ -250,29 +238,35 @@ async def claim_typed_data(
     response_model=ClaimOut,
     status_code=202,
     summary="Claim earnings without ETH: a signed Delegation, submitted by the relayer",
+    responses=errors(400, 401, 403, 404, 409, 503),
 )
 async def create_claim(body: ClaimRequest, provider: CurrentProvider, claims: ClaimsDep) -> dict[str, Any]:
     delegation = body.delegation.args()
     amount = to_atomic(body.amount) if body.amount is not None else delegation.max_amount
-    if amount > UINT256_MAX:  # pragma: no cover - bounded by the model
-        raise BadRequest("amount too large")
     return claim_out(await claims.submit(provider, delegation, body.signature, amount))
 
 
-@router.get("/v1/provider/claims", response_model=ClaimList, summary="The signed-in provider's claims")
+@router.get(
+    "/v1/provider/claims",
+    response_model=ClaimList,
+    summary="The signed-in provider's claims",
+    responses=errors(400, 401),
+)
 async def list_claims(
-    provider: CurrentProvider,
-    runtime: RuntimeDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    provider: CurrentProvider, runtime: RuntimeDep, limit: PageSize = 50, offset: Offset = 0
 ) -> dict[str, Any]:
     rows = await runtime.claims_repo.list_claims(to_checksum_address(provider), limit=limit, offset=offset)
     return {"object": "list", "data": [claim_out(c) for c in rows]}
 
 
-@router.get("/v1/provider/claims/{claim_id}", response_model=ClaimOut, summary="One claim")
+@router.get(
+    "/v1/provider/claims/{claim_id}",
+    response_model=ClaimOut,
+    summary="One claim",
+    responses=errors(400, 401, 404),
+)
 async def get_claim(
-    provider: CurrentProvider, runtime: RuntimeDep, claim_id: Annotated[str, Path(max_length=40)]
+    provider: CurrentProvider, runtime: RuntimeDep, claim_id: Annotated[str, Path(pattern=CLAIM_ID_PATTERN)]
 ) -> dict[str, Any]:
     claim = await runtime.claims_repo.get_claim(claim_id)
     if claim is None or claim.provider != to_checksum_address(provider):
@@ -284,6 +278,7 @@ async def get_claim(
     "/v1/provider/earnings",
     response_model=EarningsOut,
     summary="Claimable on-chain, claimed, and earned per listing (from the ledger)",
+    responses=errors(401, 404, 503),
 )
 async def earnings(provider: CurrentProvider, claims: ClaimsDep) -> dict[str, Any]:
     result = await claims.earnings(provider)
@@ -308,6 +303,7 @@ async def earnings(provider: CurrentProvider, claims: ClaimsDep) -> dict[str, An
     response_model=RevocationOut,
     status_code=202,
     summary="Revoke a delegation or spend permission without ETH (a signed Revocation)",
+    responses=errors(400, 404, 503),
 )
 async def create_revocation(body: RevocationRequest, claims: ClaimsDep) -> dict[str, Any]:
     # The signature is the authority: no session is needed to revoke one's own grant.
@@ -315,9 +311,14 @@ async def create_revocation(body: RevocationRequest, claims: ClaimsDep) -> dict[
     return revocation_out(await claims.revoke(to_checksum_address(body.account), item, body.signature))
 
 
-@router.get("/v1/revocations/{revocation_id}", response_model=RevocationOut, summary="One revocation")
+@router.get(
+    "/v1/revocations/{revocation_id}",
+    response_model=RevocationOut,
+    summary="One revocation",
+    responses=errors(400, 404),
+)
 async def get_revocation(
-    runtime: RuntimeDep, revocation_id: Annotated[str, Path(max_length=40)]
+    runtime: RuntimeDep, revocation_id: Annotated[str, Path(pattern=REVOCATION_ID_PATTERN)]
 ) -> dict[str, Any]:
     revocation = await runtime.claims_repo.get_revocation(revocation_id)
     if revocation is None:

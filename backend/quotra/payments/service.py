@@ -115,6 +115,7 @@ class Payments:
         if client is not None and self.location is None:
             start = settings.escrow_start_block or 0
             self.location = EscrowLocation(client.escrow_address, client.usdc_address, start)
+        self.gate.offered = self.configured
         self.client: EscrowClient | None = None
         self.operator: LocalAccount | None = None
         self.relayer: Relayer | None = None
