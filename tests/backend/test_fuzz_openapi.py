@@ -159,6 +159,8 @@ def test_sequences_of_calls_along_the_links_answer_as_documented(make_settings: 
                 suppress_health_check=list(HealthCheck),
             )
         )
-        # The links were followed: a key a call created, a later one changed (any name will do, so
-        # some sequence always gets there; a listing that validates is rarer).
-        assert ("PATCH /v1/account/keys/{key_id}", 200) in calls
+        # The links were followed: a key a call created was then changed or revoked by a later
+        # call (an id the fuzzer makes up is a 400 or a 404). Which of the two gets there varies
+        # with the answers of a server under load, so either counts.
+        keyed = {"PATCH /v1/account/keys/{key_id}", "DELETE /v1/account/keys/{key_id}"}
+        assert any(label in keyed and status in (200, 204) for label, status in calls), sorted(set(calls))
