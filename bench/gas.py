@@ -134,7 +134,9 @@ class Bench:
         auth = sign_authorization(payer, self.usdc_domain, self.escrow.address, amount)
         return auth.payment(provider.address)
 
-    def permission(self, consumer: LocalAccount, allowance: int) -> tuple[tuple[Any, ...], bytes]:
+    def permission(
+        self, consumer: LocalAccount, allowance: int, developer: str = ZERO_ADDRESS, max_markup_bps: int = 0
+    ) -> tuple[tuple[Any, ...], bytes]:
         now = self.w3.eth.get_block("latest")["timestamp"]
         message = {
             "consumer": consumer.address,
@@ -143,6 +145,8 @@ class Bench:
             "valid_after": now - 60,
             "valid_until": now + 86_400,
             "salt": secrets.randbits(64),
+            "developer": developer,
+            "max_markup_bps": max_markup_bps,
         }
         signature = eip712.sign(consumer.key, self.escrow_domain, "SpendPermission", message)
         return permission_tuple(message), signature.raw
@@ -195,7 +199,9 @@ class Bench:
         permission, signature = self.permission(consumer, 40 * USDC)
 
         def settle(calls: list[tuple[LocalAccount, int]], packed: list[int]) -> TxReceipt:
-            return self.transact(f.settle_charges(permission, signature, secrets.token_bytes(32), packed), op)
+            return self.transact(
+                f.settle_charges(permission, signature, secrets.token_bytes(32), packed, 0), op
+            )
 
         one = [(providers[0], 1_000)]
         settle(one, [pack_charge(p.address, a) for p, a in one])  # the permission's first batch
@@ -213,6 +219,28 @@ class Bench:
         receipt = settle(calls, aggregate((p.address, a) for p, a in calls))
         self.measure(
             f"settle_charges ({PREPAID_BATCH} calls aggregated into {N_PROVIDERS} charges)",
+            PREPAID_BATCH,
+            receipt,
+            "prepaid batched",
+        )
+
+        # An app's calls: 20 % markup on top, credited whole to the developer the permission names.
+        developer = payers[X402_BATCH + 1]
+        app_permission, app_signature = self.permission(consumer, 5 * USDC, developer.address, 2_000)
+
+        def settle_app(packed: list[int], markup: int) -> TxReceipt:
+            reference = secrets.token_bytes(32)
+            return self.transact(
+                f.settle_charges(app_permission, app_signature, reference, packed, markup), op
+            )
+
+        settle_app([pack_charge(providers[0].address, 1_000)], 200)  # the permission's first batch
+        receipt = settle_app([pack_charge(providers[1].address, 1_000)], 200)
+        self.measure("settle_charges (1 call, 1 charge, with an app's markup)", 1, receipt)
+        receipt = settle_app(aggregate((p.address, a) for p, a in calls), sum(a for _, a in calls) // 5)
+        self.measure(
+            f"settle_charges ({PREPAID_BATCH} calls aggregated into {N_PROVIDERS} charges, "
+            "with an app's markup)",
             PREPAID_BATCH,
             receipt,
             "prepaid batched",

@@ -140,6 +140,7 @@ def start_relay(
             "QUOTRA_UPSTREAM_ALLOW_PRIVATE": "true",
             "QUOTRA_PLAYGROUND_FREE_CALLS": str(10**9),
             "QUOTRA_CONSUMER_RATE_PER_MINUTE": str(10**9),
+            "QUOTRA_KEY_RATE_PER_MINUTE": str(10**9),
         }
     )
     env.update(extra_env or {})

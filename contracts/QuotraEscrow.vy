@@ -9,14 +9,16 @@
         to this contract) or from a prepaid deposit under an EIP-712
         `SpendPermission` settled in batches. Every credited payment is split
         exactly: `fee = amount * fee_bps // 10_000` to the platform, the rest to
-        the provider whose key served the call. Providers claim their earnings
+        the provider whose key served the call. A prepaid charge may add an app
+        developer's markup on top, all of it credited to the developer the
+        payer's permission names, never above the markup rate it allows. Providers claim their earnings
         themselves or through a signed, revocable `Delegation` that any relayer
         may submit for a USDC fee bounded by what the provider signed (the
         ERC-7710 idea, written for this escrow).
 @dev Trust model: consumer deposits move only back to the consumer or, under a
-     consumer-signed permission, to providers and the platform (never above its
-     allowance, outside its window, after revocation, or twice for one batch
-     reference). Provider earnings move only to the provider or to the payee of a
+     consumer-signed permission, to providers, the platform and the developer
+     it names (never above its allowance or markup rate, outside its window,
+     after revocation, or twice for one batch reference). Provider earnings move only to the provider or to the payee of a
      provider-signed delegation (never above its cap, after expiry or
      revocation; the relayer's fee is the signed fee pro rata of the amount
      claimed, so splitting a claim never raises it). Every credit is backed by
@@ -111,7 +113,7 @@ _CHARGE_AMOUNT_MASK: constant(uint256) = (1 << _CHARGE_AMOUNT_BITS) - 1
 
 # @dev EIP-712 type hashes. Field names and order match `quotra.chain.eip712`.
 SPEND_PERMISSION_TYPEHASH: public(constant(bytes32)) = keccak256(
-    "SpendPermission(address consumer,address spender,uint256 allowance,uint256 valid_after,uint256 valid_until,uint256 salt)"
+    "SpendPermission(address consumer,address spender,uint256 allowance,uint256 valid_after,uint256 valid_until,uint256 salt,address developer,uint256 max_markup_bps)"
 )
 DELEGATION_TYPEHASH: public(constant(bytes32)) = keccak256(
     "Delegation(address provider,address delegate,address payee,uint256 max_amount,uint256 relayer_fee,uint256 valid_until,uint256 salt)"
@@ -158,6 +160,8 @@ struct Payment:
 
 # @dev A consumer's grant to `spender` (an operator) to charge up to
 # `allowance` of their deposit for calls, within [valid_after, valid_until).
+# The charges may pay `developer` (an app's owner) a markup of at most
+# `max_markup_bps` of the calls' base cost on top; zero allows none.
 struct SpendPermission:
     consumer: address
     spender: address
@@ -165,6 +169,8 @@ struct SpendPermission:
     valid_after: uint256
     valid_until: uint256
     salt: uint256
+    developer: address
+    max_markup_bps: uint256
 
 
 # @dev An x402 payment as this escrow credited it: the leaf of a settlement's
@@ -190,6 +196,7 @@ struct ChargeBatch:
     signature: Bytes[65]
     reference: bytes32
     charges: DynArray[uint256, MAX_BATCH_CHARGES]
+    markup: uint256
 
 
 # @dev A provider's grant letting `delegate` (anyone if empty) claim up to
@@ -298,6 +305,7 @@ event ChargesSettled:
     reference: indexed(bytes32)
     amount: uint256
     fee: uint256
+    markup: uint256
     count: uint256
     fee_bps: uint256
 
@@ -631,6 +639,7 @@ def settle_charges(
     signature: Bytes[65],
     reference: bytes32,
     charges: DynArray[uint256, MAX_CHARGES],
+    markup: uint256,
 ):
     """
     @dev Settles captured charges of prepaid calls under a consumer-signed
@@ -639,21 +648,20 @@ def settle_charges(
     @notice Idempotent: each `reference` settles once, so a retry after a crash
             is refused with "escrow: reference already settled" once the first
             attempt landed. Consecutive charges to one provider are booked
-            together, with one `Credited` event per run.
+            together, with one `Credited` event per run. The consumer pays the
+            charges plus `markup`, which is credited whole (no platform fee) to
+            the permission's developer, with its own `Credited` event.
     @param permission The consumer's spend permission.
     @param signature The consumer's EIP-712 signature of it (EOA or ERC-1271).
     @param reference The relay's id of this batch, unique, echoed in the events.
-    @param charges The charges, each `provider << 96 | amount`: the amount for
+    @param charges The charges, each `provider << 96 | amount`: the base cost of
            calls served by that provider (the relay sums a provider's calls).
+    @param markup The developer's markup on these calls, at most
+           `permission.max_markup_bps` of the charges' sum.
     """
     self._check_operator()
     pausable._require_not_paused()
-    digest: bytes32 = self._check_permission(permission, signature)
-    self._take_reference(reference)
-    total: uint256 = 0
-    total_fee: uint256 = 0
-    total, total_fee = self._credit_charges(charges, reference)
-    self._debit_permission(permission, digest, reference, total, total_fee, len(charges))
+    self._settle(permission, signature, reference, charges, markup)
 
 
 @external
@@ -666,14 +674,7 @@ def settle_charges_batch(batches: DynArray[ChargeBatch, MAX_CHARGE_BATCHES]):
     self._check_operator()
     pausable._require_not_paused()
     for batch: ChargeBatch in batches:
-        digest: bytes32 = self._check_permission(batch.permission, batch.signature)
-        self._take_reference(batch.reference)
-        total: uint256 = 0
-        total_fee: uint256 = 0
-        total, total_fee = self._credit_charges(batch.charges, batch.reference)
-        self._debit_permission(
-            batch.permission, digest, batch.reference, total, total_fee, len(batch.charges)
-        )
+        self._settle(batch.permission, batch.signature, batch.reference, batch.charges, batch.markup)
 
 
 # ################################################################
@@ -1257,19 +1258,30 @@ def _credit_charges(charges: DynArray[uint256, MAX_CHARGES], reference: bytes32)
 
 
 @internal
-def _debit_permission(
+def _settle(
     permission: SpendPermission,
-    digest: bytes32,
+    signature: Bytes[65],
     reference: bytes32,
-    total: uint256,
-    total_fee: uint256,
-    count: uint256,
+    charges: DynArray[uint256, MAX_CHARGES],
+    markup: uint256,
 ):
     """
-    @dev Debits a settled batch from the consumer's deposit and permission and
-         books it in the totals.
+    @dev Settles one permission's batch: credits the providers' shares and the
+         developer's markup, debits the whole from the consumer's deposit and
+         permission, and books it in the totals. The markup is bounded by the
+         rate the consumer signed, over the batch's base total.
     """
+    digest: bytes32 = self._check_permission(permission, signature)
+    self._take_reference(reference)
+    total: uint256 = 0
+    total_fee: uint256 = 0
+    total, total_fee = self._credit_charges(charges, reference)
     assert total > 0, "escrow: zero amount"
+    if markup > 0:
+        assert markup * MAX_BPS <= total * permission.max_markup_bps, "escrow: markup above permission"
+        assert permission.developer not in [empty(address), self], "escrow: invalid developer"
+        self._credit(permission.developer, reference, markup, 0)
+        total += markup
     spent: uint256 = self.permission_spent[digest] + total
     assert spent <= permission.allowance, "escrow: allowance exceeded"
     assert total <= self.deposits[permission.consumer], "escrow: deposit exceeded"
@@ -1282,7 +1294,8 @@ def _debit_permission(
         reference=reference,
         amount=total,
         fee=total_fee,
-        count=count,
+        markup=markup,
+        count=len(charges),
         fee_bps=self.fee_bps,
     )
 
@@ -1330,6 +1343,8 @@ def _hash_permission(permission: SpendPermission) -> bytes32:
                 permission.valid_after,
                 permission.valid_until,
                 permission.salt,
+                permission.developer,
+                permission.max_markup_bps,
             )
         )
     )

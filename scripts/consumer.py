@@ -1,8 +1,8 @@
 """Consumer's commands: `ape run consumer <command> --network ... --account <alias>`.
 
 deposit AMOUNT [--for ADDR] | request-withdrawal AMOUNT | cancel-withdrawal | withdraw |
-sign-permission --allowance 5.00 --days 30 [--spender OPERATOR] | revoke (--permission-file F | --digest D) |
-balance
+sign-permission --allowance 5.00 --days 30 [--spender OPERATOR] [--developer ADDR --max-markup-bps N] |
+revoke (--permission-file F | --digest D) | balance
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 from ape.cli import ConnectedProviderCommand, account_option
-from quotra_dev.chain import permission_tuple
+from quotra_dev.chain import ZERO_ADDRESS, permission_tuple
 
 from scripts._common import (
     ADDRESS,
@@ -132,11 +132,30 @@ def balance(account: Any) -> None:
 @click.option(
     "--spender", type=ADDRESS, default=None, help="The relay operator (default: the first recorded)."
 )
+@click.option(
+    "--developer", type=ADDRESS, default=None, help="An app developer the charges may pay a markup."
+)
+@click.option(
+    "--max-markup-bps",
+    type=click.IntRange(0, 100_000),
+    default=0,
+    show_default=True,
+    help="The most markup, in basis points of the calls' base cost (2000 = 20%).",
+)
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def sign_permission(
-    account: Any, allowance: int, duration: int, spender: str | None, output: Path | None
+    account: Any,
+    allowance: int,
+    duration: int,
+    spender: str | None,
+    developer: str | None,
+    max_markup_bps: int,
+    output: Path | None,
 ) -> None:
-    """Sign a SpendPermission (no transaction) and print it as JSON for the relay."""
+    """Sign a SpendPermission (no transaction) and print it as JSON for the relay. With
+    --developer and --max-markup-bps it lets that app developer's markup be charged on top."""
+    if max_markup_bps and developer is None:
+        raise click.BadOptionUsage("--developer", "a markup needs the --developer it is paid to")
     deployment = load_deployment()
     if spender is None:
         if not deployment.operators:
@@ -152,6 +171,8 @@ def sign_permission(
         "valid_after": now,
         "valid_until": now + duration,
         "salt": new_salt(),
+        "developer": developer or ZERO_ADDRESS,
+        "max_markup_bps": max_markup_bps,
     }
     signature = sign_typed(account, deployment.escrow_domain, "SpendPermission", message)
     echo_json(signed_item(deployment, "SpendPermission", message, signature), output)

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from quotra import __version__, web
-from quotra.api import account, auth, chat, claims, health, listings, market, models, webhooks
+from quotra.api import account, apps, auth, chat, claims, health, listings, market, models, webhooks
 from quotra.api import calls as calls_api
 from quotra.api.deps import Runtime, SessionTokens
 from quotra.api.routing import openapi_document
@@ -31,6 +31,7 @@ from quotra.config import Settings
 from quotra.errors import HeadersTooLarge, PayloadTooLarge, QuotraError, error_body
 from quotra.metrics import Metrics
 from quotra.netguard import NetGuard
+from quotra.payments.apps import AppService
 from quotra.payments.claims import build_claims, configured_relayer, webhook_verifier
 from quotra.payments.prepaid import PrepaidService, PrepaidSettings
 from quotra.payments.service import Payments, escrow_location, load_operator
@@ -40,6 +41,7 @@ from quotra.services.listings import ListingCache, ListingService
 from quotra.services.relay import Relay
 from quotra.services.upstreams import AdapterFactory, AdapterRegistry
 from quotra.siwe import Erc1271Fn, SiweVerifier, web3_erc1271
+from quotra.store.apps_repo import AppsStore
 from quotra.store.db import create_engine, upgrade
 from quotra.store.prepaid_repo import PrepaidStore
 from quotra.store.repositories import Store
@@ -311,6 +313,7 @@ def create_app(
                 refresh_seconds=settings.prepaid_refresh_seconds,
                 permission_margin_seconds=settings.prepaid_permission_margin_seconds,
                 deposit_wait_seconds=settings.prepaid_deposit_wait_seconds,
+                key_rate_per_minute=settings.key_rate_per_minute,
             ),
             chain=escrow,
             relayer=chain_relayer,
@@ -363,6 +366,7 @@ def create_app(
             relayer=chain_relayer,
             calls=calls,
             prepaid=prepaid,
+            apps=AppService(AppsStore(store), prepaid, escrow),
             claims_repo=claims_repo,
             claims=claim_service,
             webhook_verifier=webhook_verifier(settings, http),
@@ -408,7 +412,7 @@ def create_app(
         max_headers=settings.max_header_bytes,
         metrics=metrics,
     )
-    for module in (chat, models, listings, auth, account, calls_api, claims, webhooks, health, market):
+    for module in (chat, models, listings, auth, account, apps, calls_api, claims, webhooks, health, market):
         app.include_router(module.router)
     app.openapi = openapi_document(app)  # type: ignore[method-assign]
     app.include_router(web.router)  # the marketplace pages

@@ -137,7 +137,13 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(default=1_000_000, ge=1024, le=100_000_000)
     max_header_bytes: int = Field(default=32_768, ge=1024, le=1_048_576)
+    # Requests per minute per consumer without an API key (per process; keys have their own below).
     consumer_rate_per_minute: int = Field(default=120, ge=1)
+    # Every API key's requests per minute unless the key has its own (shared by the replicas).
+    key_rate_per_minute: int = Field(default=100, ge=1, le=10**9)
+    # Sign-in per minute: verified sign-ins per wallet; nonce and verify requests per client address.
+    signin_rate_per_minute: int = Field(default=5, ge=1)
+    signin_rate_per_minute_ip: int = Field(default=20, ge=1)
     # Free playground calls: per consumer and listing, and per listing and UTC day across all
     # consumers (a listing may set its own `free_calls_per_day`; 0: none).
     playground_free_calls: int = Field(default=3, ge=0, le=1_000)

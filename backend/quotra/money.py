@@ -2,7 +2,7 @@
 
 Amounts are integers of atomic units (USDC has 6 decimals) everywhere; text appears only at the
 edges (the API, the CLI, messages). The split is the escrow's: `fee = amount * fee_bps // 10_000`,
-the provider gets the rest.
+the provider gets the rest; an app's markup comes on top and is the developer's alone.
 """
 
 from __future__ import annotations
@@ -51,6 +51,14 @@ def format_usdc(atomic: int) -> str:
 def split_fee(amount: int, fee_bps: int) -> int:
     """The platform's fee of one payment; the provider gets `amount - fee`."""
     return amount * fee_bps // MAX_BPS
+
+
+def markup_of(base: int, markup_bps: int) -> int:
+    """An app developer's markup on a call's base cost, rounded down: the payer is charged
+    `base + markup`, the developer credited all of the markup (the escrow checks it against the
+    rate the payer's permission allows over each batch, which per-call rounding down never
+    exceeds)."""
+    return base * markup_bps // MAX_BPS
 
 
 def allocate_fees(amounts: list[int], total_fee: int, fee_bps: int) -> list[int]:

@@ -31,6 +31,16 @@ class Decision:
             "RateLimit": f"limit={self.limit}, remaining={self.remaining}, reset={self.reset_seconds}",
         }
 
+    def refusal(self, what: str) -> RateLimited:
+        """The 429 of a refused request (`what`: whose limit), with its headers and `Retry-After`."""
+        headers = self.headers()
+        headers["Retry-After"] = str(self.retry_after)
+        return RateLimited(
+            f"Rate limit reached for {what}: {self.limit} requests per minute. "
+            f"Retry after {self.retry_after} s.",
+            headers=headers,
+        )
+
 
 class TokenBucketLimiter:
     """`per_minute` requests per minute, bursts up to the same amount; bounded memory (LRU)."""
@@ -62,11 +72,5 @@ class TokenBucketLimiter:
     def check(self, key: str, per_minute: int, what: str) -> Decision:
         decision = self.hit(key, per_minute)
         if not decision.allowed:
-            headers = decision.headers()
-            headers["Retry-After"] = str(decision.retry_after)
-            raise RateLimited(
-                f"Rate limit reached for {what}: {per_minute} requests per minute. "
-                f"Retry after {decision.retry_after} s.",
-                headers=headers,
-            )
+            raise decision.refusal(what)
         return decision

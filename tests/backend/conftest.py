@@ -87,6 +87,9 @@ def make_settings(tmp_path: Any, sqlite_url: str) -> Callable[..., Settings]:
             "sandbox_api_keys": [SANDBOX_KEY],
             "log_json": False,
             "listing_cache_ttl_seconds": 0.0,
+            # Tests sign many wallets in from one client address (test_rate_limits sets its own).
+            "signin_rate_per_minute": 10_000,
+            "signin_rate_per_minute_ip": 10_000,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -137,6 +137,8 @@ def test_deploy__writes_the_deployment_file(deployment: Deployment, web3_chain: 
         "valid_after": 0,
         "valid_until": 1,
         "salt": 7,
+        "developer": PAYEE.address,
+        "max_markup_bps": 2_000,
     }
     assert escrow.functions.hash_permission(permission_tuple(permission)).call() == eip712.digest(
         deployment.escrow_domain, "SpendPermission", permission
@@ -245,7 +247,7 @@ def test_signed_permission__settles__provider_claims_exact_amounts(
     charges = [pack_charge(PROVIDER.address, 3 * USDC)]
     web3_chain.transact(
         escrow.functions.settle_charges(
-            permission_tuple(message), signature, secrets.token_bytes(32), charges
+            permission_tuple(message), signature, secrets.token_bytes(32), charges, 0
         ),
         account_from_key(OPERATOR.private_key),
     )

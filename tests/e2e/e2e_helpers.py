@@ -120,6 +120,8 @@ def relay_settings(
         "settlement_retry_max_seconds": 0.5,
         "indexer_poll_seconds": 0.2,
         "prepaid_refresh_seconds": 0,
+        "signin_rate_per_minute": 10_000,
+        "signin_rate_per_minute_ip": 10_000,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

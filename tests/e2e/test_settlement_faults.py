@@ -285,7 +285,9 @@ async def prepaid_call(kit: Kit, consumer: str, key_id: str, provider: str, amou
         price_per_call=amount,
     )
     hold = Hold(consumer, listing.id, provider, amount, utcnow() + timedelta(minutes=15))
-    call_id = await kit.calls.reserve_key(hold, key_id=key_id, live=True, now_ts=int(time.time()), margin=60)
+    call_id, _ = await kit.calls.reserve_key(
+        hold, key_id=key_id, live=True, now_ts=int(time.time()), margin=60
+    )
     assert await kit.calls.finish(call_id, amount=amount, usage=Served("sandbox-model", False, 3, 5, 10))
     return call_id
 
@@ -308,6 +310,8 @@ async def test_prepaid_charges_settle_per_permission_in_order(kit: Kit) -> None:
         "valid_after": now - 10,
         "valid_until": now + 86_400,
         "salt": secrets.randbits(64),
+        "developer": "0x" + "00" * 20,
+        "max_markup_bps": 0,
     }
     domain = eip712.escrow_domain(84532, onchain.escrow.address)
     digest = "0x" + eip712.digest(domain, "SpendPermission", permission).hex()

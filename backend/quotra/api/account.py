@@ -17,22 +17,25 @@ from quotra.bounds import Address, Name, Omittable, PageSize, Uint256
 from quotra.calls.records import CALL_ID_PATTERN, CallView, payer_ids
 from quotra.errors import NotFound
 from quotra.money import usdc
-from quotra.payments.prepaid import PrepaidService
+from quotra.payments.prepaid import MAX_MARKUP_BPS, PrepaidService
 from quotra.store.prepaid_repo import ApiKeyView
 
 router = APIRouter(prefix="/v1/account", tags=["account"], route_class=BoundedRoute)
 
 ATOMIC = Decimal(10**6)
 Usdc = Annotated[Decimal, Field(gt=0, le=Decimal(10**9), decimal_places=6, description="USDC")]
+RatePerMinute = Annotated[int, Field(ge=1, le=100_000)]
 KeyId = Annotated[str, Path(pattern=r"^key_[0-9a-f]{16}$")]
 
 
-def _atomic(value: Decimal) -> int:
+def atomic(value: Decimal) -> int:
+    """USDC as the API takes it (a decimal) in atomic units."""
     return int(value * ATOMIC)
 
 
-def _money(name: str, atomic: int) -> dict[str, Any]:
-    return {name: usdc(atomic), f"{name}_atomic": atomic}
+def money_fields(name: str, amount: int) -> dict[str, Any]:
+    """An amount as the API answers it: USDC text beside its atomic integer (`name_atomic`)."""
+    return {name: usdc(amount), f"{name}_atomic": amount}
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -41,6 +44,8 @@ def _money(name: str, atomic: int) -> dict[str, Any]:
 class PermissionState(BaseModel):
     digest: str
     spender: str
+    developer: str = Field(description="The app developer its charges may pay a markup (zero: none)")
+    max_markup_bps: int
     allowance: str
     allowance_atomic: int
     spent: str
@@ -91,13 +96,13 @@ def account_view(raw: dict[str, Any]) -> dict[str, Any]:
         "remaining_allowance",
         "available",
     ):
-        view.update(_money(name, raw[name]))
+        view.update(money_fields(name, raw[name]))
     permission = raw["permission"]
     if permission is not None:
         permission = {
             **{k: v for k, v in permission.items() if k not in ("allowance", "spent")},
-            **_money("allowance", permission["allowance"]),
-            **_money("spent", permission["spent"]),
+            **money_fields("allowance", permission["allowance"]),
+            **money_fields("spent", permission["spent"]),
         }
     view["permission"] = permission
     return view
@@ -108,6 +113,8 @@ class ApiKeyPublic(BaseModel):
     object: str = "api_key"
     name: str
     mode: Literal["live", "sandbox"]
+    app_id: str | None = Field(description="The app this key belongs to (its calls carry its markup)")
+    rate_per_minute: int | None = Field(description="This key's rate limit; null: the relay's default")
     spend_cap: str | None
     spend_cap_atomic: int | None
     spent: str
@@ -138,10 +145,12 @@ def key_view(view: ApiKeyView) -> dict[str, Any]:
         "object": "api_key",
         "name": view.name,
         "mode": view.mode,
+        "app_id": view.app_id,
+        "rate_per_minute": view.rate_per_minute,
         "spend_cap": None if view.spend_cap is None else usdc(view.spend_cap),
         "spend_cap_atomic": view.spend_cap,
-        **_money("spent", view.spent),
-        **_money("reserved", view.reserved),
+        **money_fields("spent", view.spent),
+        **money_fields("reserved", view.reserved),
         "remaining": None if remaining is None else usdc(remaining),
         "remaining_atomic": remaining,
         "revoked": view.revoked_at is not None,
@@ -164,6 +173,9 @@ class UpdateKey(BaseModel):
 
     name: Omittable[Name] = None
     spend_cap: Usdc | None = Field(default=None, description="New cap (USDC); null removes the cap")
+    rate_per_minute: RatePerMinute | None = Field(
+        default=None, description="Requests per minute for this key; null: the relay's default"
+    )
 
 
 class UsageEntry(BaseModel):
@@ -171,6 +183,8 @@ class UsageEntry(BaseModel):
     object: str = "quotra.call"
     gate: str = Field(description="prepaid | sandbox | x402 | playground")
     api_key_id: str | None
+    app_id: str | None
+    end_user: str | None
     listing_id: str
     provider: str
     model: str
@@ -180,6 +194,10 @@ class UsageEntry(BaseModel):
     reserved_atomic: int
     price: str
     price_atomic: int
+    markup: str = Field(description="The app developer's part of the price")
+    markup_atomic: int
+    granted: str = Field(description="The part of the price the end user's grants paid")
+    granted_atomic: int
     status: str = Field(
         description="reserved | captured | settling | reconciling | settled | voided | failed | refunded"
     )
@@ -200,13 +218,17 @@ def usage_view(call: CallView) -> dict[str, Any]:
         "object": "quotra.call",
         "gate": call.gate,
         "api_key_id": call.key_id,
+        "app_id": call.app_id,
+        "end_user": call.end_user,
         "listing_id": call.listing_id,
         "provider": call.provider,
         "model": call.model,
         "prompt_tokens": call.prompt_tokens,
         "completion_tokens": call.completion_tokens,
-        **_money("reserved", call.reserved),
-        **_money("price", call.amount if call.charged else 0),
+        **money_fields("reserved", call.reserved),
+        **money_fields("price", call.amount if call.metered else 0),
+        **money_fields("markup", call.markup if call.metered else 0),
+        **money_fields("granted", call.granted if call.metered else 0),
         "status": call.state,
         "settlement_tx": call.tx_hash if call.state == "settled" else None,
         "created_at": call.created_at,
@@ -222,6 +244,8 @@ class SpendPermissionFields(BaseModel):
     valid_after: Uint256
     valid_until: Uint256
     salt: Uint256
+    developer: Address = Field(default="0x" + "00" * 20, description="An app developer (zero: none)")
+    max_markup_bps: Uint256 = Field(default=0, description="The most markup it may be paid")
 
 
 HexSignature = Annotated[
@@ -317,8 +341,18 @@ async def permission_typed_data(
     runtime: RuntimeDep,
     allowance: Annotated[Usdc, Query(description="Most the relay may charge in total (USDC)")],
     days: Annotated[int, Query(ge=1, le=365)] = 30,
+    max_markup_bps: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            le=MAX_MARKUP_BPS,
+            description="The most markup of your own apps it may pay you (default: your apps' highest)",
+        ),
+    ] = None,
 ) -> dict[str, Any]:
-    return _prepaid(runtime).permission_typed_data(wallet, _atomic(allowance), days)
+    if max_markup_bps is None:
+        max_markup_bps = await runtime.apps.repo.highest_markup(wallet)
+    return _prepaid(runtime).permission_typed_data(wallet, atomic(allowance), days, max_markup_bps)
 
 
 @router.post(
@@ -355,7 +389,7 @@ async def deposit_typed_data(
     runtime: RuntimeDep,
     amount: Annotated[Usdc, Query(description="USDC to deposit")],
 ) -> dict[str, Any]:
-    return await _prepaid(runtime).deposit_typed_data(wallet, _atomic(amount))
+    return await _prepaid(runtime).deposit_typed_data(wallet, atomic(amount))
 
 
 @router.post(
@@ -378,7 +412,7 @@ async def deposit(
     return {
         "status": result["status"],
         "tx_hash": result["tx_hash"],
-        **_money("amount", result["amount"]),
+        **money_fields("amount", result["amount"]),
         "account": None if account is None else account_view(account),
     }
 
@@ -403,7 +437,7 @@ async def create_key(body: CreateKey, wallet: CurrentProvider, runtime: RuntimeD
         wallet,
         name=body.name,
         mode=body.mode,
-        spend_cap=None if body.spend_cap is None else _atomic(body.spend_cap),
+        spend_cap=None if body.spend_cap is None else atomic(body.spend_cap),
     )
     return {**key_view(view), "key": secret}
 
@@ -419,7 +453,7 @@ async def update_key(
 ) -> dict[str, Any]:
     values = body.model_dump(exclude_unset=True)
     if "spend_cap" in values and values["spend_cap"] is not None:
-        values["spend_cap"] = _atomic(values["spend_cap"])
+        values["spend_cap"] = atomic(values["spend_cap"])
     try:
         view = await _prepaid(runtime).repo.update_key(wallet, key_id, **values)
     except KeyError:

@@ -13,10 +13,11 @@ from eth_utils import to_checksum_address
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
-from quotra.api.deps import SESSION_COOKIE, WEB_HEADER, CurrentProvider, RuntimeDep
+from quotra.api.deps import SESSION_COOKIE, WEB_HEADER, CurrentProvider, Runtime, RuntimeDep, client_ip
 from quotra.api.routing import BoundedRoute, errors
 from quotra.errors import AuthenticationFailed
 from quotra.siwe import SiweError, SiweMessage, format_time
+from quotra.store.rate_limits import take
 
 router = APIRouter(prefix="/v1/auth", tags=["auth"], route_class=BoundedRoute)
 STATEMENT = "Sign in to Quotra."
@@ -59,14 +60,37 @@ class WhoAmI(BaseModel):
     address: str
 
 
+async def _limit(runtime: Runtime, key: str, per_minute: int, what: str) -> None:
+    """Sign-in is limited per client address (nonces and verifications) and per wallet (verified
+    sign-ins), in the database: every replica takes from the same limit."""
+    now_us = int(datetime.now(UTC).timestamp() * 1_000_000)
+    decision = await runtime.calls.transactions.run(take, key, per_minute, now_us)
+    if not decision.allowed:
+        raise decision.refusal(what)
+
+
+async def _limit_client(runtime: Runtime, request: Request) -> None:
+    ip = client_ip(request, runtime.settings)
+    await _limit(
+        runtime, f"signin:ip:{ip}", runtime.settings.signin_rate_per_minute_ip, "sign-in from this address"
+    )
+
+
+async def _limit_wallet(runtime: Runtime, address: str) -> None:
+    await _limit(
+        runtime, f"signin:wallet:{address}", runtime.settings.signin_rate_per_minute, "sign-in of this wallet"
+    )
+
+
 @router.post(
     "/nonce",
     response_model=NonceResponse,
     status_code=201,
     summary="Get a single-use SIWE nonce",
-    responses=errors(400),
+    responses=errors(400, 429),
 )
-async def nonce(runtime: RuntimeDep, body: NonceRequest | None = None) -> dict[str, Any]:
+async def nonce(request: Request, runtime: RuntimeDep, body: NonceRequest | None = None) -> dict[str, Any]:
+    await _limit_client(runtime, request)
     settings = runtime.settings
     value = secrets.token_hex(16)
     now = datetime.now(UTC).replace(microsecond=0)
@@ -99,15 +123,17 @@ async def nonce(runtime: RuntimeDep, body: NonceRequest | None = None) -> dict[s
     "/verify",
     response_model=SessionResponse,
     summary="Exchange a signed SIWE message for a session",
-    responses=errors(400, 401),
+    responses=errors(400, 401, 429),
 )
 async def verify(
     body: VerifyRequest, runtime: RuntimeDep, request: Request, response: Response
 ) -> dict[str, Any]:
+    await _limit_client(runtime, request)
     try:
         message = await runtime.siwe.verify(body.message, body.signature)
     except SiweError as exc:
         raise AuthenticationFailed(f"Sign-in refused: {exc}", code="invalid_siwe") from exc
+    await _limit_wallet(runtime, message.address)
     if not await runtime.store.consume_nonce(message.nonce):
         raise AuthenticationFailed(
             "Sign-in refused: unknown, expired or already used nonce", code="invalid_nonce"

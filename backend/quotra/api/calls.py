@@ -4,7 +4,8 @@ Every answer of `POST /v1/chat/completions` names its call (`Quotra-Call-Id`, an
 `PAYMENT-RESPONSE`), so a client whose connection dropped can learn the outcome. Asked with the
 payer's sign-in session or one of its API keys, or — for an x402 call — with the same
 `PAYMENT-SIGNATURE` (or `X-PAYMENT`) that paid for it: holding the payer's signed authorization is
-the proof. Anyone else is told the call does not exist.
+the proof. An app's calls are also its developer's to ask about (an end user paying with its own
+wallet is their payer). Anyone else is told the call does not exist.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from quotra.api.deps import RuntimeDep, bearer_wallet
 from quotra.api.routing import BoundedRoute, errors
@@ -35,6 +36,9 @@ class CallOutcome(BaseModel):
     charged: bool
     amount: str
     amount_atomic: int
+    markup_atomic: int = Field(description="The app developer's part of the amount")
+    app: str | None
+    end_user: str | None
     reserved_atomic: int
     fee_atomic: int | None
     listing: str
@@ -50,9 +54,15 @@ class CallOutcome(BaseModel):
 
 
 async def _is_payer(request: Request, runtime: Any, call: CallView) -> bool:
+    """The call's payer, or the developer of the app it was made by (an end user paying with its
+    own wallet is the payer of its app's calls)."""
     wallet = await bearer_wallet(request, runtime)
     if wallet is not None and call.payer in payer_ids(wallet):
         return True
+    if wallet is not None and call.app_id is not None:
+        app = await runtime.apps.repo.get_app(call.app_id)
+        if app is not None and app.owner == wallet:
+            return True
     if call.gate == "x402" and runtime.payments is not None:
         auth = runtime.payments.gate.payer_of(request.headers)
         if auth is not None:
@@ -64,7 +74,7 @@ async def _is_payer(request: Request, runtime: Any, call: CallView) -> bool:
 @router.get(
     "/{call_id}",
     response_model=CallOutcome,
-    summary="What happened to a call, for its payer",
+    summary="What happened to a call, for its payer or its app's developer",
     responses=errors(400, 401, 404),
 )
 async def get_call(

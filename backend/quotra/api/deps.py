@@ -21,6 +21,7 @@ from quotra.config import Settings
 from quotra.errors import AuthenticationFailed, Forbidden, NotFound
 from quotra.metrics import Metrics
 from quotra.netguard import NetGuard
+from quotra.payments.apps import AppService
 from quotra.payments.claims import ClaimService
 from quotra.payments.prepaid import KEY_PREFIX, PrepaidService
 from quotra.ratelimit import TokenBucketLimiter
@@ -101,6 +102,7 @@ class Runtime:
     relayer: Relayer | None
     calls: CallStore
     prepaid: PrepaidService
+    apps: AppService
     claims_repo: ClaimsRepo
     claims: ClaimService | None = None  # None without a chain and a relayer
     webhook_verifier: WebhookVerifier | None = None  # None without relayer keys (JWKS or pinned)
@@ -129,7 +131,7 @@ async def get_relayer(runtime: RuntimeDep) -> Relayer:
 RelayerDep = Annotated[Relayer, Depends(get_relayer)]
 
 
-def _bearer(request: Request) -> str | None:
+def bearer_token(request: Request) -> str | None:
     header = request.headers.get("authorization")
     if not header:
         return None
@@ -150,7 +152,7 @@ def from_own_page(request: Request, settings: Settings) -> bool:
 
 def _credential(request: Request, settings: Settings) -> str | None:
     """The bearer token, else the session cookie (CSRF-checked on state-changing requests)."""
-    token = _bearer(request)
+    token = bearer_token(request)
     if token is not None:
         return token
     cookie = request.cookies.get(SESSION_COOKIE)

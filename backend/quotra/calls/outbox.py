@@ -88,7 +88,8 @@ _X402_COLUMNS: Final = (
 
 @dataclass(frozen=True)
 class Charge:
-    """A captured prepaid call, as the settlement worker batches it."""
+    """A captured prepaid call, as the settlement worker batches it: `amount` charged, `markup`
+    of it the app developer's, the rest (`base`) the provider's and the platform's."""
 
     call_id: str
     consumer: str
@@ -96,8 +97,13 @@ class Charge:
     listing_id: str
     provider: str
     amount: int
+    markup: int
     state: str
     batch_id: int | None
+
+    @property
+    def base(self) -> int:
+        return self.amount - self.markup
 
 
 @dataclass(frozen=True)
@@ -325,8 +331,9 @@ def _settle_charges(
     total_fee: int,
     now: datetime,
 ) -> bool:
-    """A `settle_charges` batch landed: its calls are settled with their fees (allocated so that
-    each provider's add up to the escrow's), and the consumer's mirror moves from unsettled to spent."""
+    """A `settle_charges` batch landed: its calls are settled with their fees (allocated over their
+    base cost, without the markup, so that each provider's add up to the escrow's), and the
+    consumer's mirror moves from unsettled to spent (markups included)."""
     closed = connection.execute(
         update(BATCHES)
         .where(BATCHES.c.id == batch_id, BATCHES.c.status.in_(OPEN_BATCH))
@@ -335,7 +342,7 @@ def _settle_charges(
     if int(closed.rowcount) != 1:
         return False
     rows = connection.execute(
-        select(CALLS.c.id, CALLS.c.payer, CALLS.c.provider, CALLS.c.amount)
+        select(CALLS.c.id, CALLS.c.payer, CALLS.c.provider, CALLS.c.amount, CALLS.c.markup)
         .where(CALLS.c.batch_id == batch_id, CALLS.c.state == "settling")
         .order_by(CALLS.c.created_at, CALLS.c.id)
     ).all()
@@ -345,7 +352,7 @@ def _settle_charges(
     fees_left = total_fee
     groups = list(by_provider.values())
     for index, group in enumerate(groups):
-        amounts = [r.amount for r in group]
+        amounts = [r.amount - r.markup for r in group]
         group_fee = fees_left if index == len(groups) - 1 else split_fee(sum(amounts), fee_bps)
         fees_left -= group_fee
         for row, fee in zip(group, allocate_fees(amounts, group_fee, fee_bps), strict=True):
@@ -458,6 +465,7 @@ class Outbox:
                 CALLS.c.listing_id,
                 CALLS.c.provider,
                 CALLS.c.amount,
+                CALLS.c.markup,
                 CALLS.c.state,
                 CALLS.c.batch_id,
             )
@@ -618,18 +626,31 @@ class Outbox:
 
     async def credited_by_provider(self) -> dict[str, tuple[int, int]]:
         """provider → (amount, fee) of its calls the escrow credited and did not refund (x402 and
-        prepaid): what its `Credited` events must add up to."""
+        prepaid; a call's base cost, without an app's markup), and app developer → (markups, 0)
+        (credited to the developer its charges' permission names): what each one's `Credited`
+        events must add up to."""
         settled = CALLS.c.state == "settled"
         rows = await self._read(
             select(
                 CALLS.c.provider,
-                func.coalesce(func.sum(case((settled, CALLS.c.amount), else_=0)), 0),
+                func.coalesce(func.sum(case((settled, CALLS.c.amount - CALLS.c.markup), else_=0)), 0),
                 func.coalesce(func.sum(case((settled, CALLS.c.fee), else_=0)), 0),
             )
             .where(CALLS.c.gate.in_(("x402", "prepaid")), CALLS.c.state.in_(("settled", "refunded")))
             .group_by(CALLS.c.provider)
         )
-        return {str(p): (int(a), int(f)) for p, a, f in rows}
+        books = {str(p): (int(a), int(f)) for p, a, f in rows}
+        permissions = table(SpendPermissionRecord)
+        markups = await self._read(
+            select(permissions.c.developer, func.sum(CALLS.c.markup))
+            .join(permissions, permissions.c.digest == CALLS.c.permission_digest)
+            .where(CALLS.c.gate == "prepaid", settled, CALLS.c.markup > 0)
+            .group_by(permissions.c.developer)
+        )
+        for developer, markup in markups:
+            amount, fee = books.get(str(developer), (0, 0))
+            books[str(developer)] = (amount + int(markup), fee)
+        return books
 
     async def calls_in(
         self, states: Iterable[str], gates: Iterable[str]

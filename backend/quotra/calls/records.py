@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any, Final, Literal
 
 from quotra.money import usdc
+from quotra.ratelimit import Decision
 
 Gate = Literal["playground", "x402", "prepaid", "sandbox"]
 State = Literal["reserved", "captured", "settling", "reconciling", "settled", "voided", "failed", "refunded"]
@@ -54,10 +55,14 @@ class CallView:
     payer: str
     key_id: str | None
     permission_digest: str | None
+    app_id: str | None
+    end_user: str | None
     model: str
     stream: bool
     reserved: int
     amount: int
+    markup: int
+    granted: int
     fee: int | None
     prompt_tokens: int
     completion_tokens: int
@@ -91,6 +96,12 @@ class CallView:
             and self.amount > 0
         )
 
+    @property
+    def metered(self) -> bool:
+        """Whether the call counts at its amount in usage: charged, or served on a sandbox key
+        (metered against the key's cap in test money, never settled)."""
+        return self.charged or (self.gate == "sandbox" and self.state == "settled")
+
 
 @dataclass(frozen=True)
 class X402Hold:
@@ -112,14 +123,16 @@ class Refused(Exception):
 
     reasons: listing_unavailable (paused, expired or no calls left), daily_free_calls_used (the
     listing's free calls today), free_calls_used (the consumer's on the listing), key_revoked,
-    key_cap, no_permission, permission, deposit, insufficient_balance (x402), payer_unpaid (x402:
-    an earlier authorization of the payer did not pay), nonce_used (x402: `call` is the call this
-    authorization already paid for)."""
+    rate_limited (the API key's requests per minute: `rate`), key_cap, no_permission, permission,
+    deposit, user_limit (an app's end user's grants and spend limit), insufficient_balance (x402),
+    payer_unpaid (x402: an earlier authorization of the payer did not pay), nonce_used (x402:
+    `call` is the call this authorization already paid for)."""
 
-    def __init__(self, reason: str, call: CallView | None = None) -> None:
+    def __init__(self, reason: str, call: CallView | None = None, rate: Decision | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.call = call
+        self.rate = rate  # rate_limited: the key's limit, for the 429's headers
 
 
 def summary(call: CallView) -> dict[str, Any]:
@@ -132,6 +145,9 @@ def summary(call: CallView) -> dict[str, Any]:
         "charged": call.charged,
         "amount": usdc(call.amount if call.charged else 0),
         "amount_atomic": call.amount if call.charged else 0,
+        "markup_atomic": call.markup if call.charged else 0,
+        "app": call.app_id,
+        "end_user": call.end_user,
         "reserved_atomic": call.reserved,
         "fee_atomic": call.fee,
         "listing": call.listing_id,

@@ -10,7 +10,14 @@ races for it (the relay, the sweeper, another replica).
 Every operation is a synchronous function of a connection, run by
 `quotra.store.transactions.Transactions`: on SQLite by the one writer thread (with group commit),
 on PostgreSQL as its own transaction. Lock order, to rule out deadlocks between replicas:
-listing, then the budget rows (account, key or payer), then the call.
+listing, then the budget rows (account, key or payer, then an app's end user), then the call.
+
+An app key's call costs its base price plus the app's markup (`quotra.money.markup_of`), under a
+permission that allows that markup to the app's developer. It is charged to the developer's
+deposit; a call for a hosted end user (`X-Quotra-User`) also reserves within what the user may
+still spend (grants left plus the spend limit left), and its finish spends the user's grants
+first. An end user who connected its wallet (its own permission for the app) pays from its own
+deposit instead, the markup still the developer's.
 
 The statements of the call path are built once, with bind parameters (`:b_…`), so SQLAlchemy
 compiles each once and every call only binds values: building and compiling a statement per call
@@ -19,6 +26,7 @@ cost about eight times what executing it does.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,8 +39,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quotra.calls.records import PAID_GATES, CallView, Refused, X402Hold, new_call_id
+from quotra.ratelimit import Decision
 from quotra.store.models import (
     ApiKeyRecord,
+    AppUser,
     Call,
     ConsumerAccount,
     Listing,
@@ -44,6 +54,7 @@ from quotra.store.models import (
     utc_day,
     utcnow,
 )
+from quotra.store.rate_limits import WINDOW_US, decision, interval_of, refuses
 from quotra.store.sql import insert_ignore
 from quotra.store.transactions import Transactions
 
@@ -54,6 +65,7 @@ LISTINGS: Final = table(Listing)
 ACCOUNTS: Final = table(ConsumerAccount)
 KEYS: Final = table(ApiKeyRecord)
 PLAYGROUND: Final = table(PlaygroundUsage)
+USERS: Final = table(AppUser)
 SWEEP_BATCH: Final = 200
 
 
@@ -64,8 +76,12 @@ class Hold:
     payer: str  # the wallet paying (x402 payer, prepaid wallet) or the free caller's id
     listing_id: str
     provider: str
-    amount: int  # the call's maximum cost, reserved
+    amount: int  # the call's maximum cost, reserved (an app's markup included)
     expires_at: datetime  # voided by the sweeper if not finished by then
+    app_id: str | None = None  # an app key's call: its app…
+    markup_bps: int = 0  # …whose markup the payer's permission must allow…
+    end_user: str | None = None  # …and the end user it serves, if any
+    rate_per_minute: int | None = None  # an API key's call: the key's limit, shared by the replicas
 
 
 @dataclass(frozen=True)
@@ -129,10 +145,14 @@ def _insert_call(
             "payer": hold.payer,
             "key_id": key_id,
             "permission_digest": permission_digest,
+            "app_id": hold.app_id,
+            "end_user": hold.end_user,
             "model": "",
             "stream": False,
             "reserved": hold.amount,
             "amount": 0,
+            "markup": 0,
+            "granted": 0,
             "prompt_tokens": 0,
             "completion_tokens": 0,
             "expires_at": hold.expires_at,
@@ -224,6 +244,15 @@ _RESERVE_ACCOUNT: Final = (
             _PERMISSION.c.revoked_at.is_(None),
             _PERMISSION.c.valid_after <= _param("b_now_ts"),
             _PERMISSION.c.valid_until > _param("b_valid_until"),
+            # An app's markup goes to the app's developer: the permission must name it and allow
+            # that much, or the escrow would refuse the batch.
+            or_(
+                _param("b_markup_bps") == 0,
+                and_(
+                    _PERMISSION.c.developer == bindparam("b_developer"),
+                    _PERMISSION.c.max_markup_bps >= _param("b_markup_bps"),
+                ),
+            ),
         ),
         ACCOUNTS.c.deposit - ACCOUNTS.c.pending_withdrawal - ACCOUNTS.c.unsettled - ACCOUNTS.c.reserved
         >= _param("b_amount"),
@@ -236,6 +265,10 @@ _RESERVE_ACCOUNT: Final = (
     .values(reserved=ACCOUNTS.c.reserved + _param("b_amount"))
     .returning(ACCOUNTS.c.permission_digest)
 )
+# The key's rate limit moves in the same statement (`quotra.store.rate_limits`: `rate_tat` is the
+# theoretical arrival time of its next request; an interval of 0 is no limit).
+_NOW_US: Final = _param("b_now_us")
+_KEY_NEXT: Final = case((KEYS.c.rate_tat > _NOW_US, KEYS.c.rate_tat), else_=_NOW_US) + _param("b_interval")
 _RESERVE_KEY: Final = (
     update(KEYS)
     .where(
@@ -245,9 +278,60 @@ _RESERVE_KEY: Final = (
             KEYS.c.spend_cap.is_(None),
             KEYS.c.spend_cap - KEYS.c.spent - KEYS.c.reserved >= _param("b_amount"),
         ),
+        _KEY_NEXT - _NOW_US <= WINDOW_US,
     )
-    .values(reserved=KEYS.c.reserved + _param("b_amount"), last_used_at=bindparam("b_now"))
+    .values(
+        reserved=KEYS.c.reserved + _param("b_amount"), last_used_at=bindparam("b_now"), rate_tat=_KEY_NEXT
+    )
+    .returning(KEYS.c.rate_tat)
 )
+_KEY_STATE: Final = select(KEYS.c.revoked_at, KEYS.c.rate_tat).where(KEYS.c.id == bindparam("b_key"))
+
+
+@cache
+def _insert_user(dialect: str) -> Any:
+    return insert_ignore(dialect, USERS)
+
+
+_USER: Final = and_(USERS.c.app_id == bindparam("b_app"), USERS.c.external_id == bindparam("b_user"))
+# What an end user may still spend: its grants left, plus its spend limit left (if it has one).
+_USER_WALLET: Final = select(USERS.c.wallet).where(_USER)
+_KEY_OWNER: Final = select(KEYS.c.wallet).where(KEYS.c.id == bindparam("b_key"))
+_RESERVE_USER: Final = (
+    update(USERS)
+    .where(
+        _USER,
+        or_(
+            USERS.c.spend_limit.is_(None),
+            USERS.c.spend_limit - USERS.c.spent + USERS.c.granted - USERS.c.grant_used - USERS.c.reserved
+            >= _param("b_amount"),
+        ),
+    )
+    .values(reserved=USERS.c.reserved + _param("b_amount"))
+)
+
+
+def _reserve_user(connection: Connection, hold: Hold, now: datetime) -> None:
+    """An end user's call: within what the user may still spend (created on its first call)."""
+    connection.execute(
+        _insert_user(connection.dialect.name),
+        {
+            "app_id": hold.app_id,
+            "external_id": hold.end_user,
+            "wallet": None,
+            "spend_limit": None,
+            "spent": 0,
+            "reserved": 0,
+            "granted": 0,
+            "grant_used": 0,
+            "created_at": now,
+        },
+    )
+    taken = connection.execute(
+        _RESERVE_USER, {"b_app": hold.app_id, "b_user": hold.end_user, "b_amount": hold.amount}
+    )
+    if _rowcount(taken) != 1:
+        raise Refused("user_limit")
 
 
 def _reserve_key(
@@ -259,28 +343,52 @@ def _reserve_key(
     now_ts: int,
     margin: int,
     now: datetime,
-) -> None:
-    """A prepaid call (live key: the account's deposit and permission, and the key's cap) or a
-    sandbox one (the key's cap only, never settled)."""
-    _take_listing_call(connection, hold.listing_id, now)
+) -> Decision | None:
+    """A prepaid call (live key: the listing's quota, the account's deposit and permission, the
+    key's cap, and an app's end user's limit) or a sandbox one (the key's cap only, never settled;
+    answered by the relay's sandbox, so it takes nothing of the listing's quota), within the key's
+    rate limit (`Refused("rate_limited")` otherwise). Returns the rate limit's decision."""
     digest = None
+    developer = hold.payer  # the key's owner
     if live:
+        _take_listing_call(connection, hold.listing_id, now)
+        if hold.end_user is not None:  # an end user who connected its wallet pays itself
+            wallet = connection.execute(
+                _USER_WALLET, {"b_app": hold.app_id, "b_user": hold.end_user}
+            ).scalar()
+            if wallet is not None:
+                hold = dataclasses.replace(hold, payer=wallet)
         digest = connection.execute(
             _RESERVE_ACCOUNT,
             {
                 "b_wallet": hold.payer,
+                "b_developer": developer,
                 "b_now_ts": now_ts,
                 "b_valid_until": now_ts + margin,
                 "b_amount": hold.amount,
+                "b_markup_bps": hold.markup_bps,
             },
         ).scalar_one_or_none()
         if digest is None:
             raise Refused("deposit")  # which limit exactly is told by `PrepaidService`
-    taken = connection.execute(_RESERVE_KEY, {"b_key": key_id, "b_amount": hold.amount, "b_now": now})
-    if _rowcount(taken) != 1:
-        raise Refused("key_cap")
+    now_us, per_minute = int(now.timestamp() * 1_000_000), hold.rate_per_minute
+    interval = interval_of(per_minute)
+    tat = connection.execute(
+        _RESERVE_KEY,
+        {"b_key": key_id, "b_amount": hold.amount, "b_now": now, "b_now_us": now_us, "b_interval": interval},
+    ).scalar_one_or_none()
+    if tat is None:
+        state = connection.execute(_KEY_STATE, {"b_key": key_id}).first()
+        if state is not None and state.revoked_at is None and refuses(per_minute, state.rate_tat, now_us):
+            assert per_minute is not None
+            raise Refused("rate_limited", rate=decision(per_minute, interval, state.rate_tat, now_us, False))
+        raise Refused("key_cap")  # or revoked: told apart by `PrepaidService`
+    rate = None if per_minute is None else decision(per_minute, interval, int(tat), now_us, True)
+    if live and hold.end_user is not None and hold.payer == developer:  # a hosted user
+        _reserve_user(connection, hold, now)
     gate = "prepaid" if live else "sandbox"
     _insert_call(connection, call_id, gate, hold, now, key_id=key_id, permission_digest=digest)
+    return rate
 
 
 _NEWER_SNAPSHOT: Final = _param("b_block") > PAYERS.c.block
@@ -395,7 +503,15 @@ def _rereserve_x402(
 
 # ---- finishing ----------------------------------------------------------------------------------
 
-_RETURNED: Final = (CALLS.c.gate, CALLS.c.payer, CALLS.c.key_id, CALLS.c.reserved, CALLS.c.listing_id)
+_RETURNED: Final = (
+    CALLS.c.gate,
+    CALLS.c.payer,
+    CALLS.c.key_id,
+    CALLS.c.reserved,
+    CALLS.c.listing_id,
+    CALLS.c.app_id,
+    CALLS.c.end_user,
+)
 _FINISH: Final = (
     update(CALLS)
     .where(CALLS.c.id == bindparam("b_call"), CALLS.c.state == "reserved")
@@ -407,6 +523,12 @@ _FINISH: Final = (
             (CALLS.c.gate == "playground", 0),
             (CALLS.c.reserved < _param("b_amount"), CALLS.c.reserved),
             else_=_param("b_amount"),
+        ),
+        # The markup is part of the amount; a charge cut to the reservation carries none.
+        markup=case(
+            (CALLS.c.gate == "playground", 0),
+            (CALLS.c.reserved < _param("b_amount"), 0),
+            else_=_param("b_markup"),
         ),
         model=bindparam("b_model"),
         stream=bindparam("b_stream"),
@@ -431,9 +553,45 @@ _CHARGE_KEY: Final = (
     .where(KEYS.c.id == bindparam("b_key"))
     .values(reserved=KEYS.c.reserved - _param("b_reserved"), spent=KEYS.c.spent + _param("b_amount"))
 )
+_GRANT_LEFT: Final = select(USERS.c.granted - USERS.c.grant_used).where(_USER).with_for_update()
+_CHARGE_USER: Final = (
+    update(USERS)
+    .where(_USER)
+    .values(
+        reserved=USERS.c.reserved - _param("b_reserved"),
+        grant_used=USERS.c.grant_used + _param("b_granted"),
+        spent=USERS.c.spent + _param("b_amount") - _param("b_granted"),
+    )
+)
+_RECORD_GRANTED: Final = (
+    update(CALLS).where(CALLS.c.id == bindparam("b_call")).values(granted=_param("b_granted"))
+)
+_RELEASE_USER: Final = update(USERS).where(_USER).values(reserved=USERS.c.reserved - _param("b_reserved"))
 
 
-def _finish(connection: Connection, call_id: str, amount: int, usage: Served, now: datetime) -> bool:
+def _hosted(connection: Connection, key_id: str, payer: str) -> bool:
+    """Whether an end user's call was billed to the developer (the key's owner) and so to the
+    user's grants and spend limit; a user who connected its wallet paid it itself."""
+    return bool(connection.execute(_KEY_OWNER, {"b_key": key_id}).scalar() == payer)
+
+
+def _charge_user(
+    connection: Connection, call_id: str, app_id: str, user: str, reserved: int, charged: int
+) -> None:
+    """An end user's call is charged to its grants first, the rest to its own spending."""
+    keys = {"b_app": app_id, "b_user": user}
+    left = int(connection.execute(_GRANT_LEFT, keys).scalar_one())
+    granted = min(charged, left)
+    connection.execute(
+        _CHARGE_USER, {**keys, "b_reserved": reserved, "b_amount": charged, "b_granted": granted}
+    )
+    if granted:
+        connection.execute(_RECORD_GRANTED, {"b_call": call_id, "b_granted": granted})
+
+
+def _finish(
+    connection: Connection, call_id: str, amount: int, markup: int, usage: Served, now: datetime
+) -> bool:
     """reserved → captured (a paid call that costs something) or settled (free: nothing owed),
     with the usage; the charge is at most what was reserved, and the budgets move from reserved to
     charged. False if the call was no longer reserved."""
@@ -442,6 +600,7 @@ def _finish(connection: Connection, call_id: str, amount: int, usage: Served, no
         {
             "b_call": call_id,
             "b_amount": amount,
+            "b_markup": markup,
             "b_model": usage.model[:200],
             "b_stream": usage.stream,
             "b_prompt_tokens": usage.prompt_tokens,
@@ -453,11 +612,13 @@ def _finish(connection: Connection, call_id: str, amount: int, usage: Served, no
     ).first()
     if row is None:
         return False
-    gate, payer, key_id, reserved, _listing, charged = row
+    gate, payer, key_id, reserved, _listing, app_id, end_user, charged = row
     if gate == "prepaid":
         connection.execute(_CHARGE_ACCOUNT, {"b_wallet": payer, "b_reserved": reserved, "b_amount": charged})
     if gate in ("prepaid", "sandbox"):
         connection.execute(_CHARGE_KEY, {"b_key": key_id, "b_reserved": reserved, "b_amount": charged})
+    if gate == "prepaid" and end_user is not None and _hosted(connection, key_id, payer):
+        _charge_user(connection, call_id, app_id, end_user, reserved, charged)
     return True
 
 
@@ -472,12 +633,13 @@ def _void(connection: Connection, call_id: str, outcome: str, error: str | None,
     ).first()
     if row is None:
         return False
-    gate, payer, key_id, reserved, listing_id, created_at = row
-    connection.execute(
-        update(LISTINGS)
-        .where(LISTINGS.c.id == listing_id, LISTINGS.c.calls_used > 0)
-        .values(calls_used=LISTINGS.c.calls_used - 1)
-    )
+    gate, payer, key_id, reserved, listing_id, app_id, end_user, created_at = row
+    if not (gate == "sandbox" and key_id is not None):  # a sandbox key's call took no listing call
+        connection.execute(
+            update(LISTINGS)
+            .where(LISTINGS.c.id == listing_id, LISTINGS.c.calls_used > 0)
+            .values(calls_used=LISTINGS.c.calls_used - 1)
+        )
     if gate == "playground":
         connection.execute(
             _GIVE_BACK_DAILY_FREE_CALL, {"b_listing": listing_id, "b_day": utc_day(created_at)}
@@ -493,6 +655,8 @@ def _void(connection: Connection, call_id: str, outcome: str, error: str | None,
         connection.execute(
             update(ACCOUNTS).where(ACCOUNTS.c.wallet == payer).values(reserved=ACCOUNTS.c.reserved - reserved)
         )
+        if end_user is not None and _hosted(connection, key_id, payer):
+            connection.execute(_RELEASE_USER, {"b_app": app_id, "b_user": end_user, "b_reserved": reserved})
     elif gate == "x402":
         connection.execute(update(AUTHS).where(AUTHS.c.call_id == call_id).values(pending=False))
     if gate in ("prepaid", "sandbox"):
@@ -557,10 +721,15 @@ class CallStore:
         await self.transactions.run(_reserve_playground, call_id, hold, free_calls, daily_default, utcnow())
         return call_id
 
-    async def reserve_key(self, hold: Hold, *, key_id: str, live: bool, now_ts: int, margin: int) -> str:
+    async def reserve_key(
+        self, hold: Hold, *, key_id: str, live: bool, now_ts: int, margin: int
+    ) -> tuple[str, Decision | None]:
+        """The call's id, and the key's rate-limit decision (for the `RateLimit-*` headers)."""
         call_id = new_call_id()
-        await self.transactions.run(_reserve_key, call_id, hold, key_id, live, now_ts, margin, utcnow())
-        return call_id
+        rate = await self.transactions.run(
+            _reserve_key, call_id, hold, key_id, live, now_ts, margin, utcnow()
+        )
+        return call_id, rate
 
     async def reserve_x402(self, hold: Hold, auth: X402Hold) -> str:
         """Raises `Refused("nonce_used", call)` when the authorization already paid for a call
@@ -583,10 +752,11 @@ class CallStore:
 
     # ---- ending: exactly once, whoever races ---------------------------------------------------------
 
-    async def finish(self, call_id: str, *, amount: int, usage: Served) -> bool:
-        """The call was served: capture `amount` (paid gates) with its usage. False when the call
-        was no longer reserved (swept): then nothing is charged."""
-        finished = bool(await self.transactions.run(_finish, call_id, amount, usage, utcnow()))
+    async def finish(self, call_id: str, *, amount: int, usage: Served, markup: int = 0) -> bool:
+        """The call was served: capture `amount` (paid gates; `markup` of it the app developer's)
+        with its usage. False when the call was no longer reserved (swept): then nothing is
+        charged."""
+        finished = bool(await self.transactions.run(_finish, call_id, amount, markup, usage, utcnow()))
         if finished and amount > 0:
             for listener in self.on_capture:
                 listener()

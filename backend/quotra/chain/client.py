@@ -19,6 +19,7 @@ from eth_abi import encode as abi_encode
 from eth_utils import function_abi_to_4byte_selector, get_abi_input_types, to_checksum_address
 from hexbytes import HexBytes
 from web3 import AsyncHTTPProvider, AsyncWeb3
+from web3.exceptions import MismatchedABI, TransactionNotFound
 
 from quotra.chain import eip712
 from quotra.chain.merkle import Credit
@@ -55,7 +56,8 @@ class PaymentArgs:
 
 @dataclass(frozen=True)
 class PermissionArgs:
-    """The escrow's `SpendPermission` struct."""
+    """The escrow's `SpendPermission` struct (`developer` and `max_markup_bps`: the app developer
+    the charges may pay a markup, and its most; the zero address and 0 for none)."""
 
     consumer: str
     spender: str
@@ -63,19 +65,14 @@ class PermissionArgs:
     valid_after: int
     valid_until: int
     salt: int
+    developer: str
+    max_markup_bps: int
 
     def as_tuple(self) -> tuple[Any, ...]:
-        return (self.consumer, self.spender, self.allowance, self.valid_after, self.valid_until, self.salt)
+        return tuple(self.as_message().values())
 
     def as_message(self) -> dict[str, Any]:
-        return {
-            "consumer": self.consumer,
-            "spender": self.spender,
-            "allowance": self.allowance,
-            "valid_after": self.valid_after,
-            "valid_until": self.valid_until,
-            "salt": self.salt,
-        }
+        return {name: getattr(self, name) for name, _ in eip712.TYPES["SpendPermission"]}
 
 
 @dataclass(frozen=True)
@@ -256,6 +253,27 @@ class EscrowClient:
     async def code_at(self, address: str) -> bytes:
         return bytes(await self.w3.eth.get_code(to_checksum_address(address)))
 
+    async def deposits_in(self, tx_hash: str) -> list[tuple[str, str, int]]:
+        """(sender, beneficiary, amount) of each deposit a mined transaction made into the escrow
+        (none for an unknown, pending or failed one)."""
+        try:
+            receipt = await self.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
+        except TransactionNotFound:
+            return []
+        if receipt["status"] != 1:
+            return []
+        found = []
+        for entry in receipt["logs"]:
+            if to_checksum_address(entry["address"]) != self.escrow_address:
+                continue
+            try:
+                event = self.escrow.events.Deposited().process_log(entry)
+            except MismatchedABI:
+                continue
+            args = event["args"]
+            found.append((args["sender"], args["beneficiary"], int(args["amount"])))
+        return found
+
     # ---- escrow calls, encoded for a relayer ---------------------------------------------------
 
     def _call(self, fn: Any, label: str) -> ChainCall:
@@ -284,11 +302,19 @@ class EscrowClient:
         return self._call(fn, "refund_payment")
 
     def encode_settle_charges(
-        self, permission: PermissionArgs, signature: bytes, reference: bytes, charges: list[int]
+        self,
+        permission: PermissionArgs,
+        signature: bytes,
+        reference: bytes,
+        charges: list[int],
+        markup: int = 0,
     ) -> ChainCall:
-        """`charges` are packed with `quotra.chain.charges.pack_charge` (one per provider); the
-        escrow settles each `reference` once."""
-        fn = self.escrow.functions.settle_charges(permission.as_tuple(), signature, reference, charges)
+        """`charges` are the calls' base cost, packed with `quotra.chain.charges.pack_charge` (one
+        per provider); `markup` the app developer's on top. The escrow settles each `reference`
+        once."""
+        fn = self.escrow.functions.settle_charges(
+            permission.as_tuple(), signature, reference, charges, markup
+        )
         return self._call(fn, f"settle_charges[{len(charges)}]")
 
     def encode_usdc_approve(self, spender: str, amount: int) -> ChainCall:

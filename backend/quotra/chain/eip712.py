@@ -32,6 +32,8 @@ TYPES: Final[dict[str, tuple[tuple[str, str], ...]]] = {
         ("valid_after", "uint256"),
         ("valid_until", "uint256"),
         ("salt", "uint256"),
+        ("developer", "address"),
+        ("max_markup_bps", "uint256"),
     ),
     "Delegation": (
         ("provider", "address"),

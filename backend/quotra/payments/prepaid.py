@@ -7,9 +7,17 @@ Rules:
   deposit under its active SpendPermission: each call reserves against
   min(deposit - pending withdrawal, allowance - permission spent) - unsettled - reserved, and
   against the key's own spend cap, in one transaction (see `quotra.calls.store`).
-- Sandbox keys (`sk-quotra-test-…`) call sandbox listings only. Their calls are metered against
-  the key's spend cap (so a client can exercise the whole flow, 402 included) but never touch
-  the account and are never settled; they need no deposit and no permission.
+- An app's keys are the app owner's (the developer's) and bill its deposit: each call costs the
+  base price plus the app's markup (`quotra.money.markup_of`), under a permission that names the
+  developer and allows that markup; a call for a hosted end user (`X-Quotra-User`) also reserves
+  within that user's grants and spend limit, and one for an end user who connected its wallet is
+  charged to that wallet's deposit instead (see `quotra.calls.store`).
+- Sandbox keys (`sk-quotra-test-…`) may name any listed model: the relay's sandbox answers
+  (synthetic OpenAI, Anthropic or Gemini shapes by model name, no upstream call), priced as the
+  listing that serves it. Their calls are metered against the key's spend cap (so a client can
+  exercise the whole flow, 402 included) and recorded like any call (usage, an app's end users),
+  but never touch the account or the listing's quota and are never settled; they need no
+  deposit and no permission.
 - Chain reads (account mirror, revocation, nonces) go through the async `EscrowClient`; nothing
   here blocks the event loop. Gasless deposits are put on-chain by any `Relayer`.
 """
@@ -40,7 +48,7 @@ from quotra.errors import (
     QuotraError,
     ServiceUnavailable,
 )
-from quotra.money import usdc
+from quotra.money import MAX_BPS, markup_of, usdc
 from quotra.services.gate import Reservation, not_servable
 from quotra.store.prepaid_repo import (
     AccountView,
@@ -61,6 +69,9 @@ _KEY_MODE_PREFIX: Final[dict[KeyMode, str]] = {"live": "sk-quotra-live-", "sandb
 _MAX_CACHED_KEYS: Final = 10_000
 _MAX_AMOUNT: Final = 2**63 - 1  # BIGINT columns
 _CLOCK_SKEW: Final = 60
+# The most markup an app may add, and so a permission allow: 1,000% of the base cost.
+MAX_MARKUP_BPS: Final = 100_000
+ZERO_ADDRESS: Final = "0x0000000000000000000000000000000000000000"
 Erc1271Check = Callable[[str, bytes, bytes], Awaitable[bool]]
 
 
@@ -126,6 +137,7 @@ class PrepaidSettings:
     refresh_seconds: float = 30.0
     permission_margin_seconds: int = 600
     deposit_wait_seconds: float = 30.0
+    key_rate_per_minute: int = 100  # unless the key has its own
 
 
 def _uint(value: Any, name: str, maximum: int = 2**256 - 1) -> int:
@@ -200,9 +212,17 @@ class PrepaidService:
         return key
 
     async def create_key(
-        self, wallet: str, *, name: str, mode: KeyMode, spend_cap: int | None
+        self,
+        wallet: str,
+        *,
+        name: str,
+        mode: KeyMode,
+        spend_cap: int | None,
+        app_id: str | None = None,
+        rate_per_minute: int | None = None,
     ) -> tuple[ApiKeyView, str]:
-        """A new key and its secret (shown once; only its SHA-256 is stored)."""
+        """A new key (of an app of `wallet`'s, if `app_id`) and its secret (shown once; only its
+        SHA-256 is stored)."""
         if await self.repo.count_active_keys(wallet) >= self.settings.max_keys_per_wallet:
             raise BadRequest(
                 f"A wallet may hold at most {self.settings.max_keys_per_wallet} active keys; "
@@ -217,6 +237,8 @@ class PrepaidService:
             name=name,
             mode=mode,
             spend_cap=spend_cap,
+            app_id=app_id,
+            rate_per_minute=rate_per_minute,
         )
         return view, secret
 
@@ -228,24 +250,43 @@ class PrepaidService:
     # ---- the gate ----------------------------------------------------------------------------------
 
     async def reserve(
-        self, key: KeyRef, listing: ListingRecord, max_cost: int, deadline: datetime
+        self,
+        key: KeyRef,
+        listing: ListingRecord,
+        max_cost: int,
+        deadline: datetime,
+        end_user: str | None = None,
     ) -> Reservation:
-        if not key.live and listing.kind != "sandbox":
-            raise PaymentRequired(
-                f"Sandbox API keys (sk-quotra-test-…) can only call sandbox listings; listing "
-                f"'{listing.id}' is live. Use a live key (sk-quotra-live-…).",
-                code="sandbox_key_live_listing",
-            )
         now = int(time.time())
-        amount = max(max_cost, 1)
-        hold = Hold(key.wallet, listing.id, listing.owner, amount, deadline)
+        base = max(max_cost, 1)
+        amount = base + markup_of(base, key.markup_bps)
+        hold = Hold(
+            key.wallet,
+            listing.id,
+            listing.owner,
+            amount,
+            deadline,
+            app_id=key.app_id,
+            markup_bps=key.markup_bps,
+            end_user=end_user,
+            rate_per_minute=key.rate_per_minute or self.settings.key_rate_per_minute,
+        )
         try:
-            call_id = await self.calls.reserve_key(
+            call_id, rate = await self.calls.reserve_key(
                 hold, key_id=key.id, live=key.live, now_ts=now, margin=self.settings.permission_margin_seconds
             )
         except Refused as refused:
             if refused.reason == "listing_unavailable":
                 raise not_servable(listing) from None
+            if refused.reason == "user_limit":
+                raise await self._user_limit(key, end_user, amount) from None
+            if refused.reason == "deposit" and key.app_id is not None and end_user is not None:
+                wallet = await self.repo.user_wallet(key.app_id, end_user)
+                if wallet is not None:
+                    raise await self._user_wallet_short(end_user, wallet, amount) from None
+            if refused.reason == "rate_limited":
+                assert refused.rate is not None
+                raise refused.rate.refusal("this API key") from None
             shortfall = await self.repo.diagnose(
                 key,
                 now,
@@ -255,8 +296,40 @@ class PrepaidService:
             if shortfall == "key_revoked":
                 self._keys = {h: v for h, v in self._keys.items() if v[0] is None or v[0].id != key.id}
                 raise AuthenticationFailed("This API key has been revoked") from None
-            raise await self._insufficient(key, max_cost, shortfall) from None
-        return Reservation(call_id, "prepaid" if key.live else "sandbox", amount)
+            raise await self._insufficient(key, amount, shortfall) from None
+        return Reservation(
+            call_id,
+            "prepaid" if key.live else "sandbox",
+            amount,
+            markup_bps=key.markup_bps,
+            base_reserved=base,
+            rate=rate,
+        )
+
+    async def _user_wallet_short(self, end_user: str, wallet: str, needed: int) -> QuotraError:
+        """402 for an end user paying with its own wallet whose deposit or permission is short."""
+        account = await self.refresh(wallet)
+        return InsufficientBalance(
+            f"End user '{end_user}' pays with its wallet {wallet}, whose deposit or spend permission "
+            f"for this app cannot cover the call: it may cost up to {usdc(needed)} USDC. The user "
+            "deposits more, or signs a new permission for the app "
+            "(POST /v1/apps/{app_id}/users/{user_id}/wallet).",
+            code="user_insufficient_balance",
+            extra={"end_user": {"id": end_user, "wallet": wallet, "deposit": usdc(account.deposit)}},
+        )
+
+    async def _user_limit(self, key: KeyRef, end_user: str | None, needed: int) -> QuotraError:
+        """402 for an end user whose grants and spend limit cannot cover the call."""
+        assert key.app_id is not None and end_user is not None
+        left = await self.repo.user_headroom(key.app_id, end_user)
+        return InsufficientBalance(
+            f"End user '{end_user}' has reached its spend limit: the call may cost up to "
+            f"{usdc(needed)} USDC and {usdc(max(0, left))} USDC is left of its grants and limit. "
+            f"Raise the limit (PUT /v1/apps/{key.app_id}/users/{{user}}/limit) or grant it more "
+            "(POST /v1/funding/grant).",
+            code="user_spend_limit_reached",
+            extra={"end_user": {"id": end_user, "needed": usdc(needed), "left": usdc(max(0, left))}},
+        )
 
     async def _insufficient(self, key: KeyRef, needed: int, shortfall: Shortfall) -> QuotraError:
         account = await self.repo.get_account(key.wallet) or AccountView.empty(key.wallet)
@@ -272,6 +345,11 @@ class PrepaidService:
             "/v1/account/permission/typed-data?allowance=<USDC>&days=<days>, sign it "
             "(eth_signTypedData_v4) and POST it to /v1/account/permission."
         )
+        markup_how = (
+            f"Sign a new SpendPermission that allows your app's markup of {key.markup_bps} basis "
+            f"points: GET /v1/account/permission/typed-data?allowance=<USDC>&max_markup_bps="
+            f"{key.markup_bps}, sign it (eth_signTypedData_v4) and POST it to /v1/account/permission."
+        )
         if shortfall == "key_cap":
             reason = (
                 f"This API key's spend cap is reached: the call may cost up to {usdc(needed)} USDC and "
@@ -285,6 +363,12 @@ class PrepaidService:
                 f"{self.settings.permission_margin_seconds} s, or revoked). {permission_how}"
             )
             code = "no_spend_permission"
+        elif shortfall == "markup":
+            reason = (
+                f"Your spend permission does not allow this app's markup "
+                f"({key.markup_bps * 100 / MAX_BPS:g}%) to be paid to you. {markup_how}"
+            )
+            code = "markup_not_permitted"
         elif shortfall == "permission":
             reason = (
                 f"Your spend permission is used up: the call may cost up to {usdc(needed)} USDC and "
@@ -407,6 +491,8 @@ class PrepaidService:
             else {
                 "digest": permission.digest,
                 "spender": permission.spender,
+                "developer": permission.developer,
+                "max_markup_bps": permission.max_markup_bps,
                 "allowance": permission.allowance,
                 "spent": view.permission_spent,
                 "valid_after": permission.valid_after,
@@ -431,7 +517,13 @@ class PrepaidService:
             )
         return self.chain
 
-    def permission_typed_data(self, wallet: str, allowance: int, days: int) -> dict[str, Any]:
+    def permission_typed_data(
+        self, wallet: str, allowance: int, days: int, max_markup_bps: int = 0, developer: str | None = None
+    ) -> dict[str, Any]:
+        """The permission for `wallet` to sign. With `max_markup_bps` it also lets an app's markup
+        (up to that rate) be charged on top of the base cost and credited to the app's
+        `developer`: by default the wallet itself, for its own apps (developer billing), or
+        another developer whose app the wallet pays for (user billing)."""
         chain = self._require_chain()
         now = int(time.time())
         message = {
@@ -441,6 +533,8 @@ class PrepaidService:
             "valid_after": now - _CLOCK_SKEW,
             "valid_until": now + days * 86_400,
             "salt": secrets.randbits(52),  # exact as a JavaScript number
+            "developer": developer or (wallet if max_markup_bps else ZERO_ADDRESS),
+            "max_markup_bps": max_markup_bps,
         }
         digest = eip712.digest(chain.escrow_domain, "SpendPermission", message)
         return {
@@ -495,6 +589,8 @@ class PrepaidService:
         valid_after = _uint(message.get("valid_after"), "permission.valid_after", _MAX_AMOUNT)
         valid_until = _uint(message.get("valid_until"), "permission.valid_until", _MAX_AMOUNT)
         salt = _uint(message.get("salt"), "permission.salt")
+        developer = _address(message.get("developer", ZERO_ADDRESS), "permission.developer")
+        max_markup_bps = _uint(message.get("max_markup_bps", 0), "permission.max_markup_bps")
         if consumer != wallet:
             raise InvalidPermission(
                 f"The permission's consumer {consumer} is not the signed-in wallet {wallet}",
@@ -508,6 +604,15 @@ class PrepaidService:
         if not 0 < allowance <= _MAX_AMOUNT:
             raise InvalidPermission(
                 "The allowance must be positive and below 2**63", param="permission.allowance"
+            )
+        if max_markup_bps > MAX_MARKUP_BPS:
+            raise InvalidPermission(
+                f"max_markup_bps must be at most {MAX_MARKUP_BPS}", param="permission.max_markup_bps"
+            )
+        if max_markup_bps and developer == ZERO_ADDRESS:
+            raise InvalidPermission(
+                "A permission that allows a markup must name the developer it is paid to",
+                param="permission.developer",
             )
         now = int(time.time())
         if valid_until <= now + self.settings.permission_margin_seconds:
@@ -525,6 +630,8 @@ class PrepaidService:
             "valid_after": valid_after,
             "valid_until": valid_until,
             "salt": salt,
+            "developer": developer,
+            "max_markup_bps": max_markup_bps,
         }
         digest = eip712.digest(chain.escrow_domain, "SpendPermission", fields)
         signature = _bytes(signature_hex, "signature")
@@ -559,6 +666,8 @@ class PrepaidService:
                 f"0x{salt:064x}",
                 "0x" + signature.hex(),
                 None,
+                developer,
+                max_markup_bps,
             ),
             spent,
         )

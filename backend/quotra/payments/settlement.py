@@ -286,11 +286,18 @@ class SettlementWorker:
                 valid_after=permission.valid_after,
                 valid_until=permission.valid_until,
                 salt=int(permission.salt, 0),
+                developer=permission.developer,
+                max_markup_bps=permission.max_markup_bps,
             )
-            packed = aggregate((c.provider, c.amount) for c in charges if c.state == "settling")
+            settling = [c for c in charges if c.state == "settling"]
+            packed = aggregate((c.provider, c.base) for c in settling)
             signature = bytes.fromhex(permission.signature.removeprefix("0x"))
             call = self.client.encode_settle_charges(
-                args, signature, bytes.fromhex(batch.reference.removeprefix("0x")), packed
+                args,
+                signature,
+                bytes.fromhex(batch.reference.removeprefix("0x")),
+                packed,
+                sum(c.markup for c in settling),
             )
             await self.outbox.start_attempt(batch.id)
         submission = await self.relayer.send(call, memo=batch.reference)

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from quotra.calls.records import Refused
 from quotra.calls.store import CallStore, Hold
 from quotra.errors import PaymentRequired, QuotaExhausted
-from quotra.money import usdc
+from quotra.money import markup_of, usdc
+from quotra.ratelimit import Decision
 from quotra.store.models import utcnow
 from quotra.store.prepaid_repo import KeyRef
 from quotra.store.repositories import ListingRecord
@@ -37,6 +38,7 @@ class Caller:
     id: str
     api_key: KeyRef | None = None  # kind "api_key": the prepaid key (quotra.payments.prepaid)
     payment: X402Attempt | None = None  # an x402 payment header (quotra.payments.x402_gate)
+    end_user: str | None = None  # an app key's end user (`X-Quotra-User`, /v1/users/{id}/…)
 
 
 class PaymentAnswer(Protocol):
@@ -50,21 +52,35 @@ class PaymentAnswer(Protocol):
 
 @dataclass(frozen=True)
 class Reservation:
-    """A reserved call: its id, the gate that pays, and what it charges for a given cost."""
+    """A reserved call: its id, the gate that pays, and what it charges for a given cost. An app
+    key's call is charged its base cost plus the app's markup, reserved for its most base cost
+    (`base_reserved`) with that base's markup."""
 
     call_id: str
     gate: str
     reserved: int
     fixed_price: int | None = None  # x402 `exact`: the signed amount, whatever the usage
     answer: PaymentAnswer | None = None
+    markup_bps: int = 0
+    base_reserved: int | None = None  # with a markup: the most base cost reserved for
+    rate: Decision | None = None  # an API key's rate limit, as this reservation took it
 
-    def charge(self, cost: int) -> int:
-        """What the payer is charged for a call that cost `cost` to serve."""
+    def base(self, cost: int) -> int:
+        """The base cost charged for a call that cost `cost` to serve (at most what was reserved)."""
         if self.gate == "playground":
             return 0
         if self.fixed_price is not None:
             return self.fixed_price
-        return max(0, min(cost, self.reserved))
+        cap = self.reserved if self.base_reserved is None else self.base_reserved
+        return max(0, min(cost, cap))
+
+    def markup(self, cost: int) -> int:
+        """The app developer's markup on a call that cost `cost` to serve."""
+        return markup_of(self.base(cost), self.markup_bps)
+
+    def charge(self, cost: int) -> int:
+        """What the payer is charged for a call that cost `cost` to serve, markup included."""
+        return self.base(cost) + self.markup(cost)
 
 
 def not_servable(listing: ListingRecord) -> QuotaExhausted:
@@ -97,7 +113,9 @@ class PaymentGate:
 
     async def reserve(self, caller: Caller, listing: ListingRecord, max_cost: int) -> Reservation:
         if caller.api_key is not None and self.prepaid is not None:
-            return await self.prepaid.reserve(caller.api_key, listing, max_cost, self.deadline())
+            return await self.prepaid.reserve(
+                caller.api_key, listing, max_cost, self.deadline(), end_user=caller.end_user
+            )
         if caller.kind == "sandbox_key":
             if listing.kind != "sandbox":
                 raise self._payment_required(

@@ -121,6 +121,12 @@ class Prepared:
     prompt_tokens: int = 0  # estimated from the input: what a stream cut short is charged for
 
 
+def _sandboxed(caller: Caller, listing: ListingRecord) -> bool:
+    """A sandbox key's call on a live listing: the relay's sandbox answers it, so it touches none
+    of the listing's limits (its requests per minute, its cooldown)."""
+    return caller.api_key is not None and not caller.api_key.live and listing.kind != "sandbox"
+
+
 class CallNotRecorded(ServiceUnavailable):
     """The upstream answered, but the call could not be recorded: it is not charged."""
 
@@ -253,7 +259,7 @@ class Relay:
     ) -> Prepared:
         self._check_input(listing, chars, tokens)
         rate = None
-        if listing.rate_per_minute:
+        if listing.rate_per_minute and not _sandboxed(caller, listing):
             rate = self.limiter.check(f"l:{listing.id}", listing.rate_per_minute, f"listing {listing.id}")
         model = target.model or listing.models[0]
         body, max_out = self._build_body(request, listing, model)
@@ -264,8 +270,11 @@ class Relay:
             self.cache.invalidate()
             raise
         try:
-            api_key = self.listings.api_key(listing)
-            adapter = self.adapters.get(listing.kind, listing.base_url)
+            if reservation.gate == "sandbox":  # test money: the relay's sandbox answers, never upstream
+                api_key, adapter = "", self.adapters.get("sandbox")
+            else:
+                api_key = self.listings.api_key(listing)
+                adapter = self.adapters.get(listing.kind, listing.base_url)
         except BaseException:
             await self._void(reservation, "error", "the listing's key could not be opened")
             raise
@@ -292,7 +301,8 @@ class Relay:
         self.metrics.upstream_errors.labels(listing.kind, type(exc).__name__).inc()
         self.metrics.listing_calls.labels(listing.id, "upstream_error").inc()
         await self._void(prepared.reservation, "upstream_error", type(exc).__name__)
-        if isinstance(exc, UpstreamAuthError | UpstreamRateLimited):
+        simulated = prepared.reservation.gate == "sandbox" and listing.kind != "sandbox"
+        if isinstance(exc, UpstreamAuthError | UpstreamRateLimited) and not simulated:
             self._failing.add(listing.id)
             cooled = await self.store.note_upstream_failure(
                 listing.id, threshold=self.cooldown_after, cooldown=self.cooldown
@@ -319,7 +329,8 @@ class Relay:
         (nothing charged) when the finish could not be written."""
         listing = prepared.listing
         reservation = prepared.reservation
-        amount = reservation.charge(call_cost(listing, usage.prompt_tokens, usage.completion_tokens))
+        cost = call_cost(listing, usage.prompt_tokens, usage.completion_tokens)
+        amount, markup = reservation.charge(cost), reservation.markup(cost)
         served = Served(
             prepared.model,
             stream,
@@ -329,7 +340,9 @@ class Relay:
             outcome,
         )
         try:
-            finished = await self.calls.finish(reservation.call_id, amount=amount, usage=served)
+            finished = await self.calls.finish(
+                reservation.call_id, amount=amount, markup=markup, usage=served
+            )
         except Exception as exc:
             log.error("finish failed: nothing charged", extra={"call": reservation.call_id})
             await self._void(reservation, "error", "the call could not be recorded")
@@ -353,8 +366,11 @@ class Relay:
 
     # ---- the call --------------------------------------------------------------------------------
 
-    def _headers(self, prepared: Prepared, consumer_rate: Decision) -> dict[str, str]:
-        headers = consumer_rate.headers()
+    def _headers(self, prepared: Prepared, consumer_rate: Decision | None) -> dict[str, str]:
+        """The answer's headers: `RateLimit-*` of the API key's own limit (shared by the replicas)
+        if it has one, else of the relay's per-consumer limit."""
+        rate = prepared.reservation.rate or consumer_rate
+        headers = {} if rate is None else rate.headers()
         headers[CALL_HEADER] = prepared.reservation.call_id
         headers["X-Quotra-Listing"] = prepared.listing.id
         headers["X-Quotra-Payment"] = prepared.reservation.gate
@@ -362,11 +378,16 @@ class Relay:
 
     async def _attempts(
         self, caller: Caller, request: dict[str, Any]
-    ) -> AsyncGenerator[tuple[Prepared, Decision, bool]]:
+    ) -> AsyncGenerator[tuple[Prepared, Decision | None, bool]]:
         """Yields prepared (authorized, reserved) attempts in order until one is used."""
         target = Target.parse(str(request["model"]))
         candidates = await self.candidates(target)
-        consumer_rate = self.limiter.check(f"c:{caller.id}", self.consumer_rate, "this consumer")
+        # An API key has its own limit, shared by the replicas (taken with its reservation).
+        consumer_rate = (
+            None
+            if caller.api_key is not None
+            else self.limiter.check(f"c:{caller.id}", self.consumer_rate, "this consumer")
+        )
         messages = request["messages"]
         chars = input_chars(messages)
         tokens = estimate_tokens(chars, len(messages))

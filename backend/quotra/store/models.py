@@ -61,6 +61,7 @@ def table(model: type[Base]) -> Table:
 
 
 BigId = BigInteger().with_variant(Integer, "sqlite")
+ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
 
 
 class Listing(Base):
@@ -132,6 +133,7 @@ class Call(Base):
         Index("ix_calls_state_expires", "state", "expires_at"),
         Index("ix_calls_payer_created", "payer", "created_at"),
         Index("ix_calls_listing_created", "listing_id", "created_at"),
+        Index("ix_calls_app_created", "app_id", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -142,10 +144,17 @@ class Call(Base):
     payer: Mapped[str] = mapped_column(String(128))
     key_id: Mapped[str | None] = mapped_column(String(40))
     permission_digest: Mapped[str | None] = mapped_column(String(66))
+    # An app key's call: its app and the end user it was made for (`X-Quotra-User`), if any.
+    app_id: Mapped[str | None] = mapped_column(String(40))
+    end_user: Mapped[str | None] = mapped_column(String(128))
     model: Mapped[str] = mapped_column(String(200), default="")
     stream: Mapped[bool] = mapped_column(default=False)
     reserved: Mapped[int] = mapped_column(BigInteger)
+    # What the payer is charged: the base cost plus `markup`, the app developer's (all of it).
     amount: Mapped[int] = mapped_column(BigInteger, default=0)
+    markup: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The part of `amount` an end user's grants paid (the rest was the user's own spending).
+    granted: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     fee: Mapped[int | None] = mapped_column(BigInteger)
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
@@ -237,13 +246,18 @@ class SpendPermissionRecord(Base):
     valid_after: Mapped[int] = mapped_column(BigInteger)
     valid_until: Mapped[int] = mapped_column(BigInteger)
     salt: Mapped[str] = mapped_column(String(66))
+    # The app developer its charges may pay a markup (the zero address: none), and the most.
+    developer: Mapped[str] = mapped_column(String(42), default=ZERO_ADDRESS, server_default=ZERO_ADDRESS)
+    max_markup_bps: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     signature: Mapped[str] = mapped_column(Text)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class ApiKeyRecord(Base):
-    """A prepaid API key `sk-quotra-…`: only its SHA-256 is stored; shown once at creation."""
+    """A prepaid API key `sk-quotra-…`: only its SHA-256 is stored; shown once at creation. An
+    app's key (`app_id`) charges its calls to the app owner's (`wallet`) deposit with the app's
+    markup. `rate_per_minute` overrides the relay's default rate limit for keys."""
 
     __tablename__ = "api_keys"
     __table_args__ = (CheckConstraint("reserved >= 0", name="ck_api_keys_reserved_nonnegative"),)
@@ -251,6 +265,10 @@ class ApiKeyRecord(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     wallet: Mapped[str] = mapped_column(String(42), index=True)
+    app_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    rate_per_minute: Mapped[int | None] = mapped_column(Integer)
+    # Its rate limit's state: the theoretical arrival time of its next request (µs since the epoch).
+    rate_tat: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     name: Mapped[str] = mapped_column(String(100), default="")
     mode: Mapped[str] = mapped_column(String(8), default="live")  # live | sandbox
     spend_cap: Mapped[int | None] = mapped_column(BigInteger)
@@ -259,6 +277,74 @@ class ApiKeyRecord(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class App(Base):
+    """A developer's app: its keys' calls cost the base price plus `markup_bps` of it, and the
+    markup is the developer's, all of it (the escrow credits it to `owner`)."""
+
+    __tablename__ = "apps"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(42), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    markup_bps: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class AppUser(Base):
+    """An app's end user (`X-Quotra-User`): hosted (billed to the developer's deposit), or, once
+    it connected `wallet` (a spend permission for the app), billed to its own deposit.
+
+    `granted` (free balance the developer gave) is spent first: `grant_used` of it so far; what
+    grants do not cover is the user's own spending, `spent`, capped by `spend_limit` if set.
+    `reserved` holds the user's open calls: a call may reserve while
+    reserved + amount <= (granted - grant_used) + (spend_limit - spent)."""
+
+    __tablename__ = "app_users"
+    __table_args__ = (
+        CheckConstraint("reserved >= 0", name="ck_app_users_reserved_nonnegative"),
+        CheckConstraint("grant_used <= granted", name="ck_app_users_grant_within"),
+    )
+
+    app_id: Mapped[str] = mapped_column(String(40), ForeignKey("apps.id"), primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    wallet: Mapped[str | None] = mapped_column(String(42))
+    spend_limit: Mapped[int | None] = mapped_column(BigInteger)
+    spent: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    reserved: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    granted: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    grant_used: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Grant(Base):
+    """Free balance a developer gave: to a hosted end user (an off-chain sub-budget of the
+    developer's deposit) or to a wallet (a `deposit(amount, wallet)` the developer made on-chain,
+    `tx_hash`)."""
+
+    __tablename__ = "grants"
+    __table_args__ = (Index("ix_grants_app_created", "app_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    app_id: Mapped[str] = mapped_column(String(40), ForeignKey("apps.id"))
+    external_user_id: Mapped[str | None] = mapped_column(String(128))
+    wallet: Mapped[str | None] = mapped_column(String(42))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    description: Mapped[str] = mapped_column(String(300), default="", server_default="")
+    tx_hash: Mapped[str | None] = mapped_column(String(66), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class RateLimit(Base):
+    """A rate limit's state, shared by every replica: the generic cell rate algorithm's
+    theoretical arrival time of the next request, in microseconds since the epoch."""
+
+    __tablename__ = "rate_limits"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    tat: Mapped[int] = mapped_column(BigInteger)
 
 
 class SettlementBatch(Base):

@@ -23,7 +23,10 @@ from typing import Any, Literal
 from sqlalchemy import func, select, update
 
 from quotra.store.models import (
+    ZERO_ADDRESS,
     ApiKeyRecord,
+    App,
+    AppUser,
     Call,
     ConsumerAccount,
     SpendPermissionRecord,
@@ -34,7 +37,7 @@ from quotra.store.repositories import Store
 from quotra.store.sql import insert_ignore
 
 KeyMode = Literal["live", "sandbox"]
-Shortfall = Literal["key_revoked", "key_cap", "no_permission", "permission", "deposit"]
+Shortfall = Literal["key_revoked", "key_cap", "no_permission", "markup", "permission", "deposit"]
 
 
 def hash_key(secret: str) -> str:
@@ -43,11 +46,15 @@ def hash_key(secret: str) -> str:
 
 @dataclass(frozen=True)
 class KeyRef:
-    """What the hot path needs of an API key (cached briefly by the service)."""
+    """What the hot path needs of an API key (cached briefly by the service): an app's key also
+    carries its app and the app's markup."""
 
     id: str
     wallet: str
     mode: KeyMode
+    app_id: str | None = None
+    markup_bps: int = 0
+    rate_per_minute: int | None = None  # None: the relay's default for keys
 
     @property
     def live(self) -> bool:
@@ -66,6 +73,8 @@ class ApiKeyView:
     revoked_at: datetime | None
     last_used_at: datetime | None
     created_at: datetime
+    app_id: str | None = None
+    rate_per_minute: int | None = None
 
     @classmethod
     def of(cls, row: ApiKeyRecord) -> ApiKeyView:
@@ -80,6 +89,8 @@ class ApiKeyView:
             row.revoked_at,
             row.last_used_at,
             row.created_at,
+            row.app_id,
+            row.rate_per_minute,
         )
 
     @property
@@ -98,6 +109,8 @@ class PermissionView:
     salt: str
     signature: str
     revoked_at: datetime | None
+    developer: str = ZERO_ADDRESS  # the app developer its charges may pay a markup (none)…
+    max_markup_bps: int = 0  # …and the most, in basis points of the base cost
 
     @classmethod
     def of(cls, row: SpendPermissionRecord) -> PermissionView:
@@ -111,6 +124,8 @@ class PermissionView:
             row.salt,
             row.signature,
             row.revoked_at,
+            row.developer,
+            row.max_markup_bps,
         )
 
 
@@ -173,13 +188,24 @@ class PrepaidStore:
     # ---- API keys ------------------------------------------------------------------------------
 
     async def create_key(
-        self, *, key_id: str, secret_hash: str, wallet: str, name: str, mode: KeyMode, spend_cap: int | None
+        self,
+        *,
+        key_id: str,
+        secret_hash: str,
+        wallet: str,
+        name: str,
+        mode: KeyMode,
+        spend_cap: int | None,
+        app_id: str | None = None,
+        rate_per_minute: int | None = None,
     ) -> ApiKeyView:
         async with self.sessions.begin() as session:
             row = ApiKeyRecord(
                 id=key_id,
                 key_hash=secret_hash,
                 wallet=wallet,
+                app_id=app_id,
+                rate_per_minute=rate_per_minute,
                 name=name,
                 mode=mode,
                 spend_cap=spend_cap,
@@ -192,15 +218,31 @@ class PrepaidStore:
             return ApiKeyView.of(row)
 
     async def key_by_hash(self, secret_hash: str) -> KeyRef | None:
-        """The key, unless unknown or revoked."""
-        query = select(ApiKeyRecord.id, ApiKeyRecord.wallet, ApiKeyRecord.mode).where(
-            ApiKeyRecord.key_hash == secret_hash, ApiKeyRecord.revoked_at.is_(None)
+        """The key (with its app's markup), unless unknown or revoked."""
+        query = (
+            select(
+                ApiKeyRecord.id,
+                ApiKeyRecord.wallet,
+                ApiKeyRecord.mode,
+                ApiKeyRecord.app_id,
+                ApiKeyRecord.rate_per_minute,
+                App.markup_bps,
+            )
+            .outerjoin(App, App.id == ApiKeyRecord.app_id)
+            .where(ApiKeyRecord.key_hash == secret_hash, ApiKeyRecord.revoked_at.is_(None))
         )
         async with self.sessions() as session:
             row = (await session.execute(query)).first()
         if row is None:
             return None
-        return KeyRef(row.id, row.wallet, "sandbox" if row.mode == "sandbox" else "live")
+        return KeyRef(
+            row.id,
+            row.wallet,
+            "sandbox" if row.mode == "sandbox" else "live",
+            row.app_id,
+            row.markup_bps or 0,
+            row.rate_per_minute,
+        )
 
     async def list_keys(self, wallet: str) -> list[ApiKeyView]:
         query = (
@@ -210,6 +252,11 @@ class PrepaidStore:
         )
         async with self.sessions() as session:
             return [ApiKeyView.of(r) for r in (await session.scalars(query)).all()]
+
+    async def key_view(self, key_id: str) -> ApiKeyView | None:
+        async with self.sessions() as session:
+            row = await session.get(ApiKeyRecord, key_id)
+            return None if row is None else ApiKeyView.of(row)
 
     async def count_active_keys(self, wallet: str) -> int:
         query = (
@@ -234,8 +281,9 @@ class PrepaidStore:
             return ApiKeyView.of(row), row.key_hash
 
     async def update_key(self, wallet: str, key_id: str, **values: Any) -> ApiKeyView:
-        """Changes `name` and/or `spend_cap` of one of `wallet`'s keys. KeyError if not theirs."""
-        unknown = set(values) - {"name", "spend_cap"}
+        """Changes `name`, `spend_cap` and/or `rate_per_minute` of one of `wallet`'s keys. KeyError
+        if not theirs."""
+        unknown = set(values) - {"name", "spend_cap", "rate_per_minute"}
         if unknown:
             raise TypeError(f"unknown key fields {sorted(unknown)}")
         async with self.sessions.begin() as session:
@@ -267,6 +315,10 @@ class PrepaidStore:
             or not permission.valid_after <= now_ts < permission.valid_until - margin
         ):
             return "no_permission"
+        if key.markup_bps and (
+            permission.developer != key.wallet or permission.max_markup_bps < key.markup_bps
+        ):
+            return "markup"
         view = AccountView.of(account_row)  # the tighter of the two is the one to raise
         return "permission" if view.permission_remaining <= view.deposit_available else "deposit"
 
@@ -359,6 +411,8 @@ class PrepaidStore:
                         "valid_after": permission.valid_after,
                         "valid_until": permission.valid_until,
                         "salt": permission.salt,
+                        "developer": permission.developer,
+                        "max_markup_bps": permission.max_markup_bps,
                         "signature": permission.signature,
                         "created_at": utcnow(),
                     },
@@ -404,6 +458,21 @@ class PrepaidStore:
                 .values(revoked_at=now or utcnow())
                 .execution_options(synchronize_session=False)
             )
+
+    async def user_wallet(self, app_id: str, external_id: str) -> str | None:
+        """The wallet an app's end user pays with (None: the developer pays)."""
+        async with self.sessions() as session:
+            row = await session.get(AppUser, (app_id, external_id))
+        return None if row is None else row.wallet
+
+    async def user_headroom(self, app_id: str, external_id: str) -> int:
+        """What an app's end user may still reserve: grants left plus spend limit left, less its
+        open reservations (only read to explain a refusal)."""
+        async with self.sessions() as session:
+            row = await session.get(AppUser, (app_id, external_id))
+        if row is None or row.spend_limit is None:
+            return 0 if row is None else 2**63 - 1
+        return row.spend_limit - row.spent + row.granted - row.grant_used - row.reserved
 
     # ---- history ---------------------------------------------------------------------------------
 

@@ -191,6 +191,8 @@ class Story:
             "valid_after": now,
             "valid_until": now + 30 * 86_400,
             "salt": secrets.randbits(52),
+            "developer": ZERO_ADDRESS,  # no app: no markup
+            "max_markup_bps": 0,
         }
         signature = eip712.sign(self.alice.key, d.escrow_domain, "SpendPermission", permission)
         self.say(
@@ -203,7 +205,9 @@ class Story:
         )
         receipt = self.send(
             "settle_charges",
-            f.settle_charges(permission_tuple(permission), signature.raw, secrets.token_bytes(32), charges),
+            f.settle_charges(
+                permission_tuple(permission), signature.raw, secrets.token_bytes(32), charges, 0
+            ),
             self.operator,
         )
         for provider, amount in calls:

@@ -38,6 +38,8 @@ class FakeChain:
     withdrawals: dict[str, int] = field(default_factory=dict)
     spent: dict[bytes, int] = field(default_factory=dict)
     revoked: set[tuple[str, bytes]] = field(default_factory=set)
+    # (sender, beneficiary, amount) of the deposits each mined transaction made.
+    receipts: dict[str, list[tuple[str, str, int]]] = field(default_factory=dict)
     fail: bool = False
 
     @property
@@ -73,6 +75,10 @@ class FakeChain:
 
     async def authorization_used(self, payer: str, nonce: bytes, block: int | None = None) -> bool:
         return False
+
+    async def deposits_in(self, tx_hash: str) -> list[tuple[str, str, int]]:
+        self._check()
+        return self.receipts.get(tx_hash, [])
 
     def encode_deposit_with_authorization(self, *args: Any) -> ChainCall:
         raise AssertionError("the fake chain takes no deposits")
@@ -136,10 +142,10 @@ class Consumer:
     def wallet(self) -> str:
         return str(self.account.address)
 
-    async def typed_data(self, allowance: int, days: int = 30) -> dict[str, Any]:
+    async def typed_data(self, allowance: int, days: int = 30, **params: Any) -> dict[str, Any]:
         reply = await self.relay.client.get(
             "/v1/account/permission/typed-data",
-            params={"allowance": usdc(allowance), "days": days},
+            params={"allowance": usdc(allowance), "days": days, **params},
             headers=self.headers,
         )
         assert reply.status_code == 200, reply.text
@@ -147,10 +153,15 @@ class Consumer:
         return typed
 
     async def sign_permission(
-        self, allowance: int, days: int = 30, *, tamper: Callable[[dict[str, Any]], None] | None = None
+        self,
+        allowance: int,
+        days: int = 30,
+        *,
+        tamper: Callable[[dict[str, Any]], None] | None = None,
+        **params: Any,
     ) -> httpx.Response:
         """Fetch the typed data, sign it as a wallet does (eth_signTypedData_v4), register it."""
-        typed = await self.typed_data(allowance, days)
+        typed = await self.typed_data(allowance, days, **params)
         if tamper is not None:
             tamper(typed["message"])
         signed = Account.sign_typed_data(self.account.key, full_message=typed)
@@ -203,6 +214,7 @@ def prepaid_relay_factory(make_settings: Callable[..., Any]) -> Callable[..., An
             prepaid: PrepaidService = app.state.runtime.prepaid
             prepaid.chain = chain
             prepaid.operator = OPERATOR.address
+            app.state.runtime.apps.chain = chain
             transport = httpx.ASGITransport(
                 app=app, raise_app_exceptions=False, client=("203.0.113.9", 40000)
             )

@@ -383,7 +383,7 @@ async def consumer(books: Books, deposit: int = 10**6) -> tuple[KeyRef, str]:
 
 async def charge(books: Books, key: KeyRef, amount: int, provider: str = PROVIDER) -> str:
     hold = Hold(key.wallet, LISTING, provider, amount + 50, utcnow() + timedelta(minutes=15))
-    call_id = await books.calls.reserve_key(
+    call_id, _ = await books.calls.reserve_key(
         hold, key_id=key.id, live=True, now_ts=int(time.time()), margin=600
     )
     assert await books.calls.finish(call_id, amount=amount, usage=SERVED)

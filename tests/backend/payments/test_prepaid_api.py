@@ -30,6 +30,7 @@ from quotra.chain import eip712
 from quotra.money import allocate_fees
 from quotra.services.relay import estimate_tokens
 from quotra.store.models import ApiKeyRecord, Call, table
+from quotra.upstream import get_adapter
 from relay_helpers import FakeUpstream
 from sqlalchemy import select
 
@@ -430,16 +431,53 @@ async def test_sandbox_key__metered_on_sandbox_listings__account_untouched(
     assert error_of(capped.value)["code"] == "key_spend_cap_reached"
 
 
-async def test_sandbox_key__cannot_call_live_listings(start: Callable[..., Any]) -> None:
-    async with start(adapter_factory=FakeUpstream().factory, upstream_check_keys=False) as relay:
-        live = await relay.provider_listing(kind="openai", models=["gpt-test"], api_key="sk-upstream")
+async def test_sandbox_key__any_listed_model__synthetic_answer_never_upstream(
+    start: Callable[..., Any],
+) -> None:
+    # The live listings' upstreams are fakes that record every call; the sandbox is the real one.
+    upstream = FakeUpstream()
+
+    def adapters(kind: str, *, session: Any, base_url: str | None = None) -> Any:
+        if kind == "sandbox":
+            return get_adapter(kind, session=session)
+        return upstream.factory(kind, session=session, base_url=base_url)
+
+    async with start(adapter_factory=adapters, upstream_check_keys=False) as relay:
+        live = await relay.provider_listing(
+            kind="openai",
+            models=["gpt-test", "claude-test"],
+            api_key="sk-upstream",
+            price_per_call="0.002",
+            rate_per_minute=1,  # the sandbox's calls take none of it: the live call below is its first
+        )
         consumer = await relay.consumer(deposit=5 * USDC, allowance=2 * USDC)
-        sandbox = relay.openai((await consumer.key(mode="sandbox"))["key"])
-        with pytest.raises(openai.APIStatusError) as refused:
-            await chat(sandbox, f"listing/{live['id']}")
-        assert refused.value.status_code == 402
-        assert error_of(refused.value)["code"] == "sandbox_key_live_listing"
+        key = await consumer.key(mode="sandbox")
+        sandbox = relay.openai(key["key"])
+        openai_shaped = await chat(sandbox, "gpt-test")
+        anthropic_shaped = await chat(sandbox, f"listing/{live['id']}/claude-test")
+
+        assert upstream.calls == [] and upstream.keys_seen == []  # never upstream
+        for answer in (openai_shaped, anthropic_shaped):
+            assert answer.choices[0].message.content.startswith("Sandbox reply to")
+        assert anthropic_shaped.id.startswith("msg_sandbox_")  # synthesized as Anthropic, translated
+        # Metered at the listing's price: usage and the key, never the account or the listing.
+        rows = await charges(relay, consumer.wallet)
+        assert [(c.gate, c.state, c.amount, c.model) for c in rows] == [
+            ("sandbox", "settled", 2_000, "gpt-test"),
+            ("sandbox", "settled", 2_000, "claude-test"),
+        ]
+        assert (await consumer.key_state(key["id"])).spent == 4_000
+        assert await calls_used(relay, live) == 0
+        account = await consumer.account_state()
+        assert (account.reserved, account.unsettled) == (0, 0)
+        usage = await relay.client.get("/v1/account/usage", headers=consumer.headers)
+        assert [u["price_atomic"] for u in usage.json()["data"]] == [2_000, 2_000]
+        balance = await relay.client.get("/v1/balance", headers={"Authorization": f"Bearer {key['key']}"})
+        meter = balance.json()["key"]
+        assert (meter["mode"], meter["spent_atomic"], meter["spent"]) == ("sandbox", 4_000, "0.004000")
+        # A live key calls the upstream.
         assert (await chat(relay.openai((await consumer.key())["key"]), "gpt-test")).choices
+        assert len(upstream.calls) == 1
 
 
 # ---- the spend permission ------------------------------------------------------------------------

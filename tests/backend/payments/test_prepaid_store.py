@@ -98,9 +98,10 @@ def hold(key: KeyRef, amount: int, expires_in: float = 900) -> Hold:
 
 
 async def reserve(books: Books, key: KeyRef, amount: int, now: int = NOW, expires_in: float = 900) -> str:
-    return await books.calls.reserve_key(
+    call_id, _ = await books.calls.reserve_key(
         hold(key, amount, expires_in), key_id=key.id, live=key.live, now_ts=now, margin=MARGIN
     )
+    return call_id
 
 
 async def refused(books: Books, key: KeyRef, amount: int) -> Shortfall:

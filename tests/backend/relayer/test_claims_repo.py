@@ -259,7 +259,7 @@ async def test_listing_earnings__the_providers_share_of_its_settled_calls(repo: 
             key_id="key_2", secret_hash="h2", wallet=CONSUMER, name="", mode="sandbox", spend_cap=None
         )
         for key_id, live, amount in (("key_1", True, 600), ("key_2", False, 700)):
-            call_id = await calls.reserve_key(
+            call_id, _ = await calls.reserve_key(
                 Hold(CONSUMER, "lst_b", PROVIDER, 1_000, deadline),
                 key_id=key_id,
                 live=live,

@@ -104,6 +104,8 @@ charges_lists = st.lists(
     min_size=1,
     max_size=4,
 )
+# A charge batch's developer markup: none, the most its permission allows, one unit over, or any.
+markups = st.sampled_from(("none", "none", "max", "max", "over", "random"))
 
 
 def first(*checks: tuple[bool, str]) -> str | None:
@@ -174,7 +176,8 @@ class Perm:
         m = self.message
         return (
             f"<{self.label} {m['consumer_name']} spender={m['spender_name']} allowance={m['allowance']} "
-            f"window=[{m['valid_after']},{m['valid_until']}){' forged' if self.forged else ''}>"
+            f"window=[{m['valid_after']},{m['valid_until']}) developer={m['developer_name']} "
+            f"markup<={m['max_markup_bps']}bps{' forged' if self.forged else ''}>"
         )
 
 
@@ -392,23 +395,39 @@ class EscrowMachine(RuleBasedStateMachine):
         deposits=st.lists(st.one_of(st.just(0), st.integers(1, 3_000_000)), min_size=3, max_size=3),
         allowances=st.lists(st.integers(0, 4_000_000), min_size=3, max_size=3),
         charges=st.lists(charges_lists, min_size=3, max_size=3),
+        apps=st.lists(
+            st.tuples(
+                st.sampled_from(("zero", *PROVIDERS, "escrow")), st.sampled_from((0, 500, 2_000, 10_000))
+            ),
+            min_size=3,
+            max_size=3,
+        ),
     )
     def setup_consumers(
-        self, deposits: list[int], allowances: list[int], charges: list[list[tuple[str, int]]]
+        self,
+        deposits: list[int],
+        allowances: list[int],
+        charges: list[list[tuple[str, int]]],
+        apps: list[tuple[str, int]],
     ):
-        """Each consumer deposits, signs a long permission for the operator, and is charged once
-        (so that providers start with earnings and the platform with fees)."""
+        """Each consumer deposits, signs a long permission for the operator (most of them for an
+        app: naming a developer, a provider here, and its most markup), and is charged once (so
+        that providers start with earnings and the platform with fees)."""
         perms = []
-        for consumer, amount, allowance, batch in zip(CONSUMERS, deposits, allowances, charges, strict=True):
+        for consumer, amount, allowance, batch, (developer, markup_bps) in zip(
+            CONSUMERS, deposits, allowances, charges, apps, strict=True
+        ):
             if amount:
                 self.escrow_tx(consumer, "deposit", (amount, self.a(consumer)), None)
                 self.move(self.a(consumer), self.d.escrow, amount)
                 self.deposits[consumer] += amount
-            perm = self._permission(consumer, "operator", allowance, 0, self.now + 10**6, forged=False)
+            perm = self._permission(
+                consumer, "operator", allowance, 0, self.now + 10**6, False, developer, markup_bps
+            )
             perms.append(perm)
             batch = [(p, a) for p, a in batch if p != "zero"]
             if 0 < sum(a for _, a in batch) <= min(amount, allowance):
-                self._settle_charges("operator", perm, batch, keccak(text=consumer))
+                self._settle_charges("operator", perm, batch, "none", keccak(text=consumer))
         return multiple(*perms)
 
     # ------------------------------------------------------------ deposits and withdrawals
@@ -855,7 +874,15 @@ class EscrowMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ prepaid: permissions and charges
 
     def _permission(
-        self, consumer: str, spender: str, allowance: int, valid_after: int, valid_until: int, forged: bool
+        self,
+        consumer: str,
+        spender: str,
+        allowance: int,
+        valid_after: int,
+        valid_until: int,
+        forged: bool,
+        developer: str = "zero",
+        max_markup_bps: int = 0,
     ) -> Perm:
         message = {
             "consumer": self.a(consumer),
@@ -864,11 +891,13 @@ class EscrowMachine(RuleBasedStateMachine):
             "valid_after": valid_after,
             "valid_until": valid_until,
             "salt": next(self.counter),
+            "developer": self.d.escrow if developer == "escrow" else self.a(developer),
+            "max_markup_bps": max_markup_bps,
         }
         signer = CONSUMERS[(CONSUMERS.index(consumer) + 1) % 3] if forged else consumer
         sig = self.sign(signer, self.d.escrow_domain, "SpendPermission", message)
         digest = eip712.digest(self.d.escrow_domain, "SpendPermission", message)
-        message |= {"consumer_name": consumer, "spender_name": spender}
+        message |= {"consumer_name": consumer, "spender_name": spender, "developer_name": developer}
         perm = Perm(f"perm{len(self.all_perms)}", message, sig.raw, digest, forged)
         self.all_perms.append(perm)
         self.spent[digest] = 0
@@ -883,26 +912,47 @@ class EscrowMachine(RuleBasedStateMachine):
         start=st.sampled_from(("zero", "now", "now", "later")),
         length=st.sampled_from(("seconds", "hour", "hour", "long")),
         forged=rarely,
+        developer=st.sampled_from(("zero",) * 3 + PROVIDERS + ("escrow",)),
+        max_markup_bps=st.sampled_from((0, 1, 500, 2_000, 10_000)),
     )
     def sign_permission(
-        self, consumer: str, spender: str, allowance: int, start: str, length: str, forged: bool
+        self,
+        consumer: str,
+        spender: str,
+        allowance: int,
+        start: str,
+        length: str,
+        forged: bool,
+        developer: str,
+        max_markup_bps: int,
     ) -> Perm:
+        """A consumer's permission; most name an app developer (a provider here, whose earnings
+        the model follows) that the charges may pay a markup, some an invalid one."""
         valid_after = {"zero": 0, "now": self.now, "later": self.now + 600}[start]
         valid_until = {"seconds": self.now + 5, "hour": self.now + 3_600, "long": 2**40}[length]
-        return self._permission(consumer, spender, allowance, valid_after, valid_until, forged)
+        return self._permission(
+            consumer, spender, allowance, valid_after, valid_until, forged, developer, max_markup_bps
+        )
 
     def permission_struct(self, perm: Perm) -> tuple[Any, ...]:
         m = perm.message
-        return (m["consumer"], m["spender"], m["allowance"], m["valid_after"], m["valid_until"], m["salt"])
+        return tuple(m[name] for name, _ in eip712.TYPES["SpendPermission"])
+
+    def markup(self, perm: Perm, charges: list[tuple[str, int]], kind: str) -> int:
+        """A batch's markup of `kind` for its base total under `perm`."""
+        most = sum(amount for _, amount in charges) * perm.message["max_markup_bps"] // MAX_BPS
+        return {"none": 0, "max": most, "over": most + 1, "random": 1 + most // 3 + len(charges)}[kind]
 
     def apply_charges(
-        self, perm: Perm, ref: bytes, charges: list[tuple[str, int]], caller: str, bps: int
+        self, perm: Perm, ref: bytes, charges: list[tuple[str, int]], markup: int, caller: str, bps: int
     ) -> tuple[str | None, int, int]:
         """Checks one permission's charges in the contract's order and applies them to the model
-        (the caller restores the model on a predicted revert). Returns (reason, total, total_fee)."""
+        (the caller restores the model on a predicted revert). Returns (reason, total paid with
+        the markup, total_fee)."""
         m = perm.message
         consumer = m["consumer_name"]
         total = sum(amount for _, amount in charges)
+        paid = total + markup
         reason = first(
             (m["spender_name"] != caller, "escrow: caller is not the spender"),
             (self.now < m["valid_after"], "escrow: permission not yet valid"),
@@ -912,8 +962,10 @@ class EscrowMachine(RuleBasedStateMachine):
             (ref in self.references, "escrow: reference already settled"),
             (any(p == "zero" for p, _ in charges), "escrow: zero provider"),
             (total == 0, ZERO_AMOUNT),
-            (self.spent[perm.digest] + total > m["allowance"], "escrow: allowance exceeded"),
-            (total > self.deposits[consumer], "escrow: deposit exceeded"),
+            (markup * MAX_BPS > total * m["max_markup_bps"], "escrow: markup above permission"),
+            (markup > 0 and m["developer_name"] in ("zero", "escrow"), "escrow: invalid developer"),
+            (self.spent[perm.digest] + paid > m["allowance"], "escrow: allowance exceeded"),
+            (paid > self.deposits[consumer], "escrow: deposit exceeded"),
         )
         if reason is not None:
             return reason, 0, 0
@@ -922,11 +974,13 @@ class EscrowMachine(RuleBasedStateMachine):
             fee, share = self.split(amount, bps)
             self.earnings[provider] += share
             total_fee += fee
+        if markup:
+            self.earnings[m["developer_name"]] += markup  # all of it, no platform fee
         self.platform_fees += total_fee
-        self.deposits[consumer] -= total
-        self.spent[perm.digest] += total
+        self.deposits[consumer] -= paid
+        self.spent[perm.digest] += paid
         self.references.add(ref)
-        return None, total, total_fee
+        return None, paid, total_fee
 
     def _model_state(self) -> tuple[Any, ...]:
         return copy.deepcopy((self.earnings, self.platform_fees, self.deposits, self.spent, self.references))
@@ -938,8 +992,11 @@ class EscrowMachine(RuleBasedStateMachine):
         """Each charge packed as `provider << 96 | amount`."""
         return [(int(self.a(p), 16) << CHARGE_AMOUNT_BITS) | amount for p, amount in charges]
 
-    def charge_runs(self, charges: list[tuple[str, int]], ref: bytes, bps: int) -> list[tuple[Any, ...]]:
-        """The `Credited` events of one permission's charges: one per run of a provider."""
+    def charge_runs(
+        self, perm: Perm, charges: list[tuple[str, int]], markup: int, ref: bytes, bps: int
+    ) -> list[tuple[Any, ...]]:
+        """The `Credited` events of one permission's charges: one per run of a provider, then the
+        developer's markup."""
         runs: list[list[Any]] = []
         for provider, amount in charges:
             fee, _ = self.split(amount, bps)
@@ -948,13 +1005,15 @@ class EscrowMachine(RuleBasedStateMachine):
                 runs[-1][3] += fee
             else:
                 runs.append([self.a(provider), ref, amount, fee])
+        if markup:
+            runs.append([perm.message["developer"], ref, markup, 0])
         return [tuple(run) for run in runs]
 
     def charge_events(self, r: Receipt) -> list[tuple[Any, ...]]:
         out: list[tuple[Any, ...]] = []
         for n, e in self.events(r):
             if n == "ChargesSettled":
-                out.append((e["permission"], e["reference"], e["amount"], e["fee"], e["count"]))
+                out.append((e["permission"], e["reference"], e["amount"], e["fee"], e["markup"], e["count"]))
             else:
                 assert n == "Credited", n
                 out.append((e["provider"], e["settlement"], e["amount"], e["fee"]))
@@ -966,9 +1025,11 @@ class EscrowMachine(RuleBasedStateMachine):
             return sorted(self.references)[0]
         return keccak(text=f"reference-{next(self.counter)}")
 
-    @rule(perm=perms, charges=charges_lists, reuse=rarely, caller=operator_or_stranger)
-    def settle_charges(self, perm: Perm, charges: list[tuple[str, int]], reuse: bool, caller: str) -> None:
-        self._settle_charges(caller, perm, charges, self.reference(reuse))
+    @rule(perm=perms, charges=charges_lists, markup=markups, reuse=rarely, caller=operator_or_stranger)
+    def settle_charges(
+        self, perm: Perm, charges: list[tuple[str, int]], markup: str, reuse: bool, caller: str
+    ) -> None:
+        self._settle_charges(caller, perm, charges, markup, self.reference(reuse))
 
     @precondition(lambda self: self.last_charges is not None)
     @rule()
@@ -976,42 +1037,46 @@ class EscrowMachine(RuleBasedStateMachine):
         """The relay retries a batch that already landed (a crash between send and record)."""
         self._settle_charges(*self.last_charges)
 
-    def _settle_charges(self, caller: str, perm: Perm, charges: list[tuple[str, int]], ref: bytes) -> None:
+    def _settle_charges(
+        self, caller: str, perm: Perm, charges: list[tuple[str, int]], markup_kind: str, ref: bytes
+    ) -> None:
         saved = self._model_state()
         expect = first((caller != "operator", NOT_OPERATOR), (self.paused, PAUSED))
         total = total_fee = 0
         bps = self.fee_bps
+        markup = self.markup(perm, charges, markup_kind)
         if expect is None:
-            expect, total, total_fee = self.apply_charges(perm, ref, charges, caller, bps)
+            expect, total, total_fee = self.apply_charges(perm, ref, charges, markup, caller, bps)
         if expect is not None:
             self._restore(saved)
-        args = (self.permission_struct(perm), perm.signature, ref, self.charges_arg(charges))
+        args = (self.permission_struct(perm), perm.signature, ref, self.charges_arg(charges), markup)
         r = self.escrow_tx(caller, "settle_charges", args, expect)
         if expect is None:
-            self.last_charges = (caller, perm, charges, ref)
+            self.last_charges = (caller, perm, charges, markup_kind, ref)
             assert self.charge_events(r) == [
-                *self.charge_runs(charges, ref, bps),
-                (perm.digest, ref, total, total_fee, len(charges)),
+                *self.charge_runs(perm, charges, markup, ref, bps),
+                (perm.digest, ref, total, total_fee, markup, len(charges)),
             ]
 
     @rule(
-        batches=st.lists(st.tuples(perms, charges_lists, rarely), min_size=1, max_size=3),
+        batches=st.lists(st.tuples(perms, charges_lists, markups, rarely), min_size=1, max_size=3),
         caller=operator_or_stranger,
     )
     def settle_charges_batch(
-        self, batches: list[tuple[Perm, list[tuple[str, int]], bool]], caller: str
+        self, batches: list[tuple[Perm, list[tuple[str, int]], str, bool]], caller: str
     ) -> None:
         saved = self._model_state()
         bps = self.fee_bps
         expect = first((caller != "operator", NOT_OPERATOR), (self.paused, PAUSED))
         arg, expected_events = [], []
-        for perm, charges, reuse in batches:
+        for perm, charges, markup_kind, reuse in batches:
             ref = self.reference(reuse)
-            arg.append((self.permission_struct(perm), perm.signature, ref, self.charges_arg(charges)))
+            markup = self.markup(perm, charges, markup_kind)
+            arg.append((self.permission_struct(perm), perm.signature, ref, self.charges_arg(charges), markup))
             if expect is None:
-                expect, total, total_fee = self.apply_charges(perm, ref, charges, caller, bps)
-                expected_events += self.charge_runs(charges, ref, bps)
-                expected_events.append((perm.digest, ref, total, total_fee, len(charges)))
+                expect, total, total_fee = self.apply_charges(perm, ref, charges, markup, caller, bps)
+                expected_events += self.charge_runs(perm, charges, markup, ref, bps)
+                expected_events.append((perm.digest, ref, total, total_fee, markup, len(charges)))
         if expect is not None:
             self._restore(saved)
         r = self.escrow_tx(caller, "settle_charges_batch", (arg,), expect)

@@ -176,7 +176,8 @@ def sign_payment(chain, escrow, usdc_eip712) -> Callable[..., Payment]:
 
 @pytest.fixture(scope="session")
 def sign_permission(chain, operator, escrow_domain) -> Callable[..., tuple[SpendPermission, bytes]]:
-    """A consumer's SpendPermission and its signature (by `signer`, default the consumer)."""
+    """A consumer's SpendPermission and its signature (by `signer`, default the consumer); with
+    `developer` and `max_markup_bps`, an app's permission that may pay that developer a markup."""
 
     def _sign_permission(
         consumer: Any,
@@ -186,6 +187,8 @@ def sign_permission(chain, operator, escrow_domain) -> Callable[..., tuple[Spend
         valid_after: int = 0,
         valid_until: int | None = None,
         salt: int | None = None,
+        developer: Any = ZERO_ADDRESS,
+        max_markup_bps: int = 0,
         domain: eip712.Domain | None = None,
         signer: Any = None,
     ) -> tuple[SpendPermission, bytes]:
@@ -196,6 +199,8 @@ def sign_permission(chain, operator, escrow_domain) -> Callable[..., tuple[Spend
             valid_after,
             chain.pending_timestamp + 86_400 if valid_until is None else valid_until,
             secrets.randbits(256) if salt is None else salt,
+            address_of(developer),
+            max_markup_bps,
         )
         sig = eip712.sign(
             (signer or consumer).private_key, domain or escrow_domain, "SpendPermission", permission._asdict()
@@ -355,13 +360,14 @@ def cancel_authorization(usdc, relayer, sign_usdc_typed) -> Callable[[Any, Payme
 
 @pytest.fixture(scope="session")
 def settle_charges(escrow, operator) -> Callable[..., Any]:
-    """`settle_charges` under a fresh reference unless given."""
+    """`settle_charges` under a fresh reference unless given, with no markup unless given."""
 
     def _settle_charges(
         permission: SpendPermission,
         signature: bytes,
         charges: list[int],
         *,
+        markup: int = 0,
         reference: bytes | None = None,
         sender: Any = None,
     ) -> Any:
@@ -370,6 +376,7 @@ def settle_charges(escrow, operator) -> Callable[..., Any]:
             signature,
             secrets.token_bytes(32) if reference is None else reference,
             charges,
+            markup,
             sender=sender or operator,
         )
 

@@ -67,6 +67,8 @@ class SpendPermission(NamedTuple):
     valid_after: int
     valid_until: int
     salt: int
+    developer: str = ZERO_ADDRESS  # an app developer the charges may pay a markup…
+    max_markup_bps: int = 0  # …of at most this rate on top of the calls' base cost
 
 
 class Delegation(NamedTuple):
@@ -107,6 +109,11 @@ def charge(provider: Any, amount: int) -> int:
 def raw_charge(provider: Any, amount: int) -> int:
     """A packed charge the relay's packer would refuse (zero provider, zero amount)."""
     return int(address_of(provider), 16) << 96 | amount
+
+
+def markup_of(base: int, markup_bps: int) -> int:
+    """A developer's markup on `base`, rounded down as the relay charges it."""
+    return base * markup_bps // MAX_BPS
 
 
 def split(amount: int, fee_bps: int = FEE_BPS) -> tuple[int, int]:

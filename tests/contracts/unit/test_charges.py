@@ -27,7 +27,7 @@ def test_settle_charges__debits_deposit_credits_split(
     reference = secrets.token_bytes(32)
     charges = [charge(provider, 3 * USDC + 7), charge(provider2, 1 * USDC + 9)]
 
-    tx = escrow.settle_charges(permission, signature, reference, charges, sender=operator)
+    tx = escrow.settle_charges(permission, signature, reference, charges, 0, sender=operator)
 
     (share1, fee1), (share2, fee2) = split(3 * USDC + 7), split(1 * USDC + 9)
     total = 4 * USDC + 16
@@ -45,7 +45,13 @@ def test_settle_charges__debits_deposit_credits_split(
     ]
     assert events(tx, escrow.ChargesSettled) == [
         escrow.ChargesSettled(
-            consumer=consumer, permission=digest, reference=reference, amount=total, fee=fee1 + fee2, count=2
+            consumer=consumer,
+            permission=digest,
+            reference=reference,
+            amount=total,
+            fee=fee1 + fee2,
+            markup=0,
+            count=2,
         )
     ]
     assert_solvent()
@@ -96,7 +102,7 @@ def test_settle_charges__successive_batches(escrow, consumer, provider, sign_per
 
 def test_settle_charges__batch_replayed__reverts(escrow, operator, consumer, provider, sign_permission):
     permission, signature = sign_permission(consumer)
-    args = (permission, signature, secrets.token_bytes(32), [charge(provider, USDC)])
+    args = (permission, signature, secrets.token_bytes(32), [charge(provider, USDC)], 0)
     escrow.settle_charges(*args, sender=operator)
     with ape.reverts("escrow: reference already settled"):
         escrow.settle_charges(*args, sender=operator)
@@ -228,7 +234,9 @@ def test_settle_charges__other_escrow_permission__reverts(
     other.set_operator(operator, True, sender=owner)
     permission, signature = sign_permission(consumer)  # signed for the session escrow
     with ape.reverts("escrow: invalid signature"):
-        other.settle_charges(permission, signature, b"\x00" * 32, [charge(provider, USDC)], sender=operator)
+        other.settle_charges(
+            permission, signature, b"\x00" * 32, [charge(provider, USDC)], 0, sender=operator
+        )
 
 
 def test_settle_charges__zero_total__reverts(consumer, provider, sign_permission, settle_charges):
@@ -346,10 +354,10 @@ def test_settle_charges_batch__several_permissions(
     p2, s2 = sign_permission(consumer2, 20 * USDC)
     p3, s3 = sign_permission(consumer, 5 * USDC)  # a second permission of the same consumer
     batches = [
-        (p1, s1, b"\x01" * 32, [charge(provider, 2 * USDC), charge(provider2, 3 * USDC)]),
-        (p2, s2, b"\x02" * 32, [charge(provider2, 7 * USDC + 1)]),
-        (p3, s3, b"\x03" * 32, [charge(provider, 1 * USDC)]),
-        (p1, s1, b"\x04" * 32, [charge(provider, 1)]),  # p1 again, after its first batch
+        (p1, s1, b"\x01" * 32, [charge(provider, 2 * USDC), charge(provider2, 3 * USDC)], 0),
+        (p2, s2, b"\x02" * 32, [charge(provider2, 7 * USDC + 1)], 0),
+        (p3, s3, b"\x03" * 32, [charge(provider, 1 * USDC)], 0),
+        (p1, s1, b"\x04" * 32, [charge(provider, 1)], 0),  # p1 again, after its first batch
     ]
 
     tx = escrow.settle_charges_batch(batches, sender=operator)
@@ -375,8 +383,8 @@ def test_settle_charges_batch__one_bad__reverts_all(
     p1, s1 = sign_permission(consumer, 10 * USDC)
     p2, s2 = sign_permission(consumer2, USDC)
     batches = [
-        (p1, s1, b"\x01" * 32, [charge(provider, USDC)]),
-        (p2, s2, b"\x02" * 32, [charge(provider, 2 * USDC)]),
+        (p1, s1, b"\x01" * 32, [charge(provider, USDC)], 0),
+        (p2, s2, b"\x02" * 32, [charge(provider, 2 * USDC)], 0),
     ]
     with ape.reverts("escrow: allowance exceeded"):
         escrow.settle_charges_batch(batches, sender=operator)
@@ -387,7 +395,7 @@ def test_settle_charges_batch__same_batch_twice__reverts(
     escrow, operator, consumer, provider, sign_permission
 ):
     p1, s1 = sign_permission(consumer, 10 * USDC)
-    batch = (p1, s1, b"\x01" * 32, [charge(provider, USDC)])
+    batch = (p1, s1, b"\x01" * 32, [charge(provider, USDC)], 0)
     with ape.reverts("escrow: reference already settled"):
         escrow.settle_charges_batch([batch, batch], sender=operator)
 
@@ -402,14 +410,14 @@ def test_settle_charges_batch__empty(escrow, operator):
 def test_settle_charges_batch__not_operator__reverts(escrow, stranger, consumer, provider, sign_permission):
     p1, s1 = sign_permission(consumer, spender=stranger)
     with ape.reverts("escrow: caller is not an operator"):
-        escrow.settle_charges_batch([(p1, s1, b"\x01" * 32, [charge(provider, USDC)])], sender=stranger)
+        escrow.settle_charges_batch([(p1, s1, b"\x01" * 32, [charge(provider, USDC)], 0)], sender=stranger)
 
 
 def test_settle_charges_batch__paused__reverts(escrow, owner, operator, consumer, provider, sign_permission):
     p1, s1 = sign_permission(consumer)
     escrow.pause(sender=owner)
     with ape.reverts("pausable: contract is paused"):
-        escrow.settle_charges_batch([(p1, s1, b"\x01" * 32, [charge(provider, USDC)])], sender=operator)
+        escrow.settle_charges_batch([(p1, s1, b"\x01" * 32, [charge(provider, USDC)], 0)], sender=operator)
 
 
 # ---------------------------------------------------------------- permission_remaining
@@ -433,5 +441,5 @@ def test_permission_remaining(chain, escrow, consumer, provider, sign_permission
 
 def test_permission_remaining__does_not_check_signature(escrow, consumer):
     # A view over any permission: it says what the allowance would allow, not that it is signed.
-    permission = (consumer.address, consumer.address, 7, 0, 2**64, 1)
+    permission = (consumer.address, consumer.address, 7, 0, 2**64, 1, ZERO_ADDRESS, 0)
     assert escrow.permission_remaining(permission) == 7

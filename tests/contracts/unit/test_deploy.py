@@ -106,9 +106,16 @@ HASH_SETTINGS = settings(max_examples=25, deadline=None)
 
 
 @HASH_SETTINGS
-@given(consumer=ADDRESSES, spender=ADDRESSES, values=st.tuples(UINT256, UINT256, UINT256, UINT256))
-def test_hash_permission__matches_python_module(escrow, escrow_domain, consumer, spender, values):
-    permission = SpendPermission(consumer, spender, *values)
+@given(
+    parties=st.tuples(ADDRESSES, ADDRESSES),
+    values=st.tuples(UINT256, UINT256, UINT256, UINT256),
+    developer=ADDRESSES,
+    markup_bps=UINT256,
+)
+def test_hash_permission__matches_python_module(
+    escrow, escrow_domain, parties, values, developer, markup_bps
+):
+    permission = SpendPermission(*parties, *values, developer, markup_bps)
     expected = eip712.digest(escrow_domain, "SpendPermission", permission._asdict())
     assert escrow.hash_permission(permission) == expected
 
