@@ -113,7 +113,9 @@ def chain_state(web3_chain: Chain) -> tuple[int, ...]:
     return (w3.eth.block_number, *(w3.eth.get_transaction_count(to_checksum_address(a.address)) for a in DEV))
 
 
-def test_deploy__writes_the_deployment_file(deployment: Deployment, web3_chain: Chain, escrow: Any) -> None:
+def test_deploy__writes_the_deployment_file(
+    chain_: twin.Twin, deployment: Deployment, web3_chain: Chain, escrow: Any
+) -> None:
     w3 = web3_chain.w3
     receipt = w3.eth.get_transaction_receipt(HexStr(deployment.tx_hash))
     assert receipt["contractAddress"] == deployment.escrow
@@ -129,6 +131,9 @@ def test_deploy__writes_the_deployment_file(deployment: Deployment, web3_chain: 
     assert deployment.fee_bps == 1_000
     assert (deployment.withdrawal_delay, deployment.refund_window) == (3_600, 2 * 86_400)
     assert int(deployment.deployed_at.timestamp()) == w3.eth.get_block(deployment.block)["timestamp"]
+    # MetaMask's Delegation Framework, recorded where the twin has it: Base Sepolia's addresses.
+    assert deployment.delegation_framework == chain_.framework
+    assert deployment.delegation_framework.delegation_manager == "0xdb9B1e94B5b69Df7e401DDbedE43491141047dB3"
     # The escrow's EIP-712 domain in the record is the one the contract hashes with.
     permission = {
         "consumer": CONSUMER.address,
