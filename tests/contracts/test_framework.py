@@ -226,7 +226,7 @@ class Claim:
 
     def with_execution(self, execution: dlg.Execution) -> list[dlg.Redemption]:
         """The claim delegation redeemed for some other call."""
-        return [dlg.Redemption(dlg.encode_context([self.claim]), execution.single())]
+        return [dlg.Redemption(dlg.encode_context([self.claim]), (execution,))]
 
 
 def test_erc7710_claim__redeemed_by_relayer__provider_pays_no_gas(world: World) -> None:
@@ -293,7 +293,7 @@ def test_erc7710_claim__caveats_hold(world: World, case: str, expected: str) -> 
         entries, sender = claim.entries(USDC), world.operator
     else:
         forged = world.sign(world.wallet(), claim.claim)
-        entries = [dlg.Redemption(dlg.encode_context([forged]), claim.entries(USDC)[0].execution)]
+        entries = [dlg.Redemption(dlg.encode_context([forged]), claim.entries(USDC)[0].executions)]
     assert world.revert(entries, sender) == expected
 
 

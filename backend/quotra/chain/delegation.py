@@ -290,12 +290,21 @@ def batch(executions: Iterable[Execution]) -> bytes:
 
 @dataclass(frozen=True)
 class Redemption:
-    """One entry of `redeemDelegations`: the permission context (empty: the caller's own account
-    runs it), the mode, and the execution calldata for that mode."""
+    """One entry of `redeemDelegations`: a permission context (`encode_context([])`: the caller's
+    own account runs it) and what the account runs, one execution (single mode) or several
+    (batch mode)."""
 
     context: bytes
-    execution: bytes
-    mode: bytes = MODE_SINGLE
+    executions: tuple[Execution, ...]
+
+    @property
+    def mode(self) -> bytes:
+        return MODE_SINGLE if len(self.executions) == 1 else MODE_BATCH
+
+    @property
+    def execution(self) -> bytes:
+        """The execution calldata for `mode`."""
+        return self.executions[0].single() if len(self.executions) == 1 else batch(self.executions)
 
 
 def encode_redeem(entries: Sequence[Redemption]) -> bytes:
@@ -547,10 +556,10 @@ def claim_redemptions(
     fee_amount: int,
 ) -> list[Redemption]:
     """The claim, then the relayer's fee, as `redeemDelegations` entries run by the provider's account."""
-    entries = [Redemption(encode_context([claim]), Execution(escrow, escrow_claim(amount, payee)).single())]
+    entries = [Redemption(encode_context([claim]), (Execution(escrow, escrow_claim(amount, payee)),))]
     if fee is not None and fee_amount > 0:
         transfer = Execution(usdc, erc20_transfer(fee_collector, fee_amount))
-        entries.append(Redemption(encode_context([fee]), transfer.single()))
+        entries.append(Redemption(encode_context([fee]), (transfer,)))
     return entries
 
 
@@ -574,8 +583,7 @@ def disable_delegation(
 
 def disable_redemption(off: Delegation, target: Delegation, delegation_manager: str) -> Redemption:
     """The `redeemDelegations` entry that runs a signed `disable_delegation` grant."""
-    call = Execution(delegation_manager, encode_disable(target))
-    return Redemption(encode_context([off]), call.single())
+    return Redemption(encode_context([off]), (Execution(delegation_manager, encode_disable(target)),))
 
 
 def periodic_allowance(
@@ -692,7 +700,4 @@ def top_up_redemptions(
         Execution(usdc, erc20_approve(escrow, amount)),
         Execution(escrow, escrow_deposit(amount, consumer)),
     )
-    return [
-        Redemption(allowance_context, pull.single()),
-        Redemption(encode_context([]), batch(deposit), MODE_BATCH),
-    ]
+    return [Redemption(allowance_context, (pull,)), Redemption(encode_context([]), deposit)]

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Any, Protocol
@@ -25,6 +26,8 @@ from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from web3 import AsyncWeb3
 from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
+
+from quotra.chain.delegation import Redemption, SetCodeAuthorization, describe_revert, encode_redeem
 
 log = logging.getLogger("quotra.relayer")
 
@@ -43,12 +46,36 @@ class TxState(IntEnum):
 
 @dataclass(frozen=True)
 class ChainCall:
-    """A contract call to put on-chain: target, calldata, and a label for logs."""
+    """A contract call to put on-chain: target, calldata, and a label for logs.
+
+    An ERC-7710 redemption (`DelegationManager.redeemDelegations`) also carries its entries, which
+    a 1Shot-style relayer takes as `{permissionContext, executions}` transactions, and any EIP-7702
+    authorizations to apply first (a type-4 transaction: an account becomes a smart account).
+    """
 
     to: str
     data: bytes
     label: str = ""
     gas: int | None = None
+    redemptions: tuple[Redemption, ...] = ()
+    authorizations: tuple[SetCodeAuthorization, ...] = ()
+
+    @classmethod
+    def redeem(
+        cls,
+        delegation_manager: str,
+        entries: Sequence[Redemption],
+        *,
+        label: str,
+        authorizations: Sequence[SetCodeAuthorization] = (),
+    ) -> ChainCall:
+        return cls(
+            to=delegation_manager,
+            data=encode_redeem(entries),
+            label=label,
+            redemptions=tuple(entries),
+            authorizations=tuple(authorizations),
+        )
 
 
 @dataclass(frozen=True)
@@ -89,7 +116,11 @@ async def wait_final(
 
 
 def revert_reason(exc: BaseException) -> str:
-    """The contract's revert string when the node gave one, else the error text."""
+    """The contract's revert string when the node gave one (a custom error of the Delegation
+    Framework by its name), else the error text."""
+    data = getattr(exc, "data", None)
+    if isinstance(data, str) and data.startswith("0x") and len(data) >= 10:
+        return describe_revert(data)
     if isinstance(exc, ContractLogicError) and exc.message:
         return exc.message.removeprefix("execution reverted: ")
     return str(exc) or type(exc).__name__
@@ -142,6 +173,8 @@ class DirectRelayer:
     async def send(self, call: ChainCall, *, memo: str | None = None) -> Submission:
         sub_id = uuid.uuid4().hex
         tx: dict[str, Any] = {"from": self.address, "to": call.to, "data": HexBytes(call.data), "value": 0}
+        if call.authorizations:
+            tx["authorizationList"] = [a.as_tx() for a in call.authorizations]
         try:
             gas = call.gas or int(await self.w3.eth.estimate_gas(tx) * self.gas_margin)  # type: ignore[arg-type]
         except (ContractLogicError, Web3RPCError, ValueError) as exc:
@@ -159,7 +192,7 @@ class DirectRelayer:
                 maxPriorityFeePerGas=tip,
                 nonce=self._nonce,
                 chainId=self.chain_id,
-                type=2,
+                type=4 if call.authorizations else 2,
             )
             try:
                 tx_hash = await self._broadcast(tx)
