@@ -371,32 +371,10 @@ class RelayerCore:
         tx = transactions[0]
         if not isinstance(tx, dict) or not isinstance(tx.get("executions"), list):
             raise invalid_params("a transaction is {permissionContext, executions}")
-        if tx.get("permissionContext"):
-            raise RpcError(
-                4209,
-                "Unsupported Capability",
-                "ERC-7710 delegation chains are not redeemed here: the escrow call carries its own grant",
-            )
         if len(tx["executions"]) != 1:
             raise RpcError(4207, "Transaction Too Large", "this relayer takes one execution per task")
-        execution = tx["executions"][0]
-        if not isinstance(execution, dict):
-            raise invalid_params("an execution is {target, value, data}")
-        target, value, data = execution.get("target"), execution.get("value", "0"), execution.get("data")
-        if not isinstance(target, str) or not _is_hex(target, 20):
-            raise invalid_params("execution target must be an address")
-        if str(value) not in ("0", "0x0", "0x"):
-            raise RpcError(4209, "Unsupported Capability", "this relayer sends no value")
-        if not isinstance(data, str) or not data.startswith("0x") or len(data) < 10:
-            raise invalid_params("execution data must be 0x-hex calldata")
-        try:
-            calldata = bytes.fromhex(data[2:])
-        except ValueError as exc:
-            raise invalid_params("execution data must be 0x-hex calldata") from exc
-        target = to_checksum_address(target)
-        if target not in self.targets:
-            raise RpcError(4209, "Unsupported Capability", f"this relayer does not relay calls to {target}")
-        return target, calldata
+        execution = self._execution(tx["executions"][0], self.targets)
+        return execution.target, execution.data
 
     @staticmethod
     def _redeems(transactions: list[Any]) -> bool:
