@@ -563,6 +563,82 @@ def claim_redemptions(
     return entries
 
 
+def _terms(fw: DelegationFramework, delegation: Delegation) -> dict[str, bytes]:
+    """A delegation's caveat terms by enforcer name (`DelegationError` for an unknown enforcer)."""
+    names = {to_checksum_address(a): n for n, a in fw.contracts.items()}
+    out: dict[str, bytes] = {}
+    for caveat in delegation.caveats:
+        name = names.get(to_checksum_address(caveat.enforcer))
+        if name is None:
+            raise DelegationError(f"unsupported caveat enforcer {caveat.enforcer}")
+        out[name] = caveat.terms
+    return out
+
+
+def _same(delegation: Delegation, expected: Delegation, what: str) -> None:
+    if delegation.authority != ROOT_AUTHORITY or delegation.hash != expected.hash:
+        raise DelegationError(
+            f"the {what} delegation is not one this relay redeems: its caveats must be exactly the "
+            "ones the relay proposes (the typed data endpoint)"
+        )
+
+
+@dataclass(frozen=True)
+class ClaimGrant:
+    """What a provider's claim delegation (`claim_delegation`) allows."""
+
+    payee: str
+    cap: int
+    valid_until: int
+
+
+def read_claim(fw: DelegationFramework, delegation: Delegation, *, escrow: str, usdc: str) -> ClaimGrant:
+    """The payee, cap and expiry of a claim delegation, which must be exactly `claim_delegation`'s
+    shape for this escrow; `DelegationError` otherwise."""
+    terms = _terms(fw, delegation)
+    try:
+        payee = to_checksum_address(terms["AllowedCalldataEnforcer"][-20:])
+        cap = int.from_bytes(terms["ERC20BalanceChangeEnforcer"][-32:], "big")
+        valid_until = timestamp_bounds(terms["TimestampEnforcer"])[1]
+    except KeyError as exc:
+        raise DelegationError(f"the claim delegation has no {exc.args[0]} caveat") from None
+    expected = claim_delegation(
+        fw,
+        provider=delegation.delegator,
+        delegate=delegation.delegate,
+        escrow=escrow,
+        usdc=usdc,
+        payee=payee,
+        cap=cap,
+        valid_until=valid_until,
+        salt=delegation.salt,
+    )
+    _same(delegation, expected, "claim")
+    return ClaimGrant(payee, cap, valid_until)
+
+
+def read_fee(fw: DelegationFramework, delegation: Delegation, *, usdc: str, fee_collector: str) -> int:
+    """The fee a relayer-fee delegation (`fee_delegation`, paying `fee_collector`) allows."""
+    terms = _terms(fw, delegation)
+    try:
+        fee = int.from_bytes(terms["ERC20TransferAmountEnforcer"][-32:], "big")
+        valid_until = timestamp_bounds(terms["TimestampEnforcer"])[1]
+    except KeyError as exc:
+        raise DelegationError(f"the fee delegation has no {exc.args[0]} caveat") from None
+    expected = fee_delegation(
+        fw,
+        provider=delegation.delegator,
+        delegate=delegation.delegate,
+        usdc=usdc,
+        fee_collector=fee_collector,
+        fee=fee,
+        valid_until=valid_until,
+        salt=delegation.salt,
+    )
+    _same(delegation, expected, "fee")
+    return fee
+
+
 def disable_delegation(
     fw: DelegationFramework, *, delegator: str, delegate: str, target: Delegation, salt: int
 ) -> Delegation:
@@ -579,6 +655,16 @@ def disable_delegation(
         ),
         salt=salt,
     )
+
+
+def check_disable(fw: DelegationFramework, grant: Delegation, target: Delegation) -> None:
+    """`grant` must be exactly `disable_delegation(target)` from the target's delegator."""
+    expected = disable_delegation(
+        fw, delegator=target.delegator, delegate=grant.delegate, target=target, salt=grant.salt
+    )
+    if grant.delegator != target.delegator:
+        raise DelegationError("only the delegation's delegator can disable it")
+    _same(grant, expected, "disableDelegation")
 
 
 def disable_redemption(off: Delegation, target: Delegation, delegation_manager: str) -> Redemption:

@@ -14,6 +14,7 @@ Status codes follow the 1Shot relayer's: 100 pending, 110 submitted, 200 confirm
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -27,7 +28,13 @@ from hexbytes import HexBytes
 from web3 import AsyncWeb3
 from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
 
-from quotra.chain.delegation import Redemption, SetCodeAuthorization, describe_revert, encode_redeem
+from quotra.chain.delegation import (
+    Execution,
+    Redemption,
+    SetCodeAuthorization,
+    describe_revert,
+    encode_redeem,
+)
 
 log = logging.getLogger("quotra.relayer")
 
@@ -76,6 +83,31 @@ class ChainCall:
             redemptions=tuple(entries),
             authorizations=tuple(authorizations),
         )
+
+    def redemption_json(self) -> str:
+        """A redemption as JSON (its entries and authorizations), to resend exactly what was signed."""
+        entries = [
+            {"context": "0x" + e.context.hex(), "executions": [x.as_json() for x in e.executions]}
+            for e in self.redemptions
+        ]
+        return json.dumps({"entries": entries, "authorizations": [a.as_json() for a in self.authorizations]})
+
+    @classmethod
+    def from_redemption_json(cls, delegation_manager: str, text: str, *, label: str) -> ChainCall:
+        """The call `redemption_json` wrote."""
+        raw = json.loads(text)
+        entries = [
+            Redemption(
+                bytes.fromhex(e["context"][2:]),
+                tuple(
+                    Execution(x["target"], bytes.fromhex(x["data"][2:]), int(x["value"]))
+                    for x in e["executions"]
+                ),
+            )
+            for e in raw["entries"]
+        ]
+        auths = [SetCodeAuthorization.from_json(a) for a in raw["authorizations"]]
+        return cls.redeem(delegation_manager, entries, label=label, authorizations=auths)
 
 
 @dataclass(frozen=True)

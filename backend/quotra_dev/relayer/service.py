@@ -179,7 +179,7 @@ class RelayerCore:
             replace_after=self.config.replace_after,
         )
         self.escrow_abi = self.w3.eth.contract(abi=abi("QuotraEscrow"))
-        self.targets = {to_checksum_address(t) for t in self.config.targets}
+        self.targets: set[str] = {to_checksum_address(t) for t in self.config.targets}
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
