@@ -31,6 +31,7 @@ from quotra.errors import PayloadTooLarge, QuotraError, error_body
 from quotra.metrics import Metrics
 from quotra.netguard import NetGuard
 from quotra.payments.claims import build_claims, configured_relayer, webhook_verifier
+from quotra.payments.exits import Exits
 from quotra.payments.prepaid import PrepaidService, PrepaidSettings
 from quotra.payments.service import Payments, escrow_location, load_operator
 from quotra.ratelimit import TokenBucketLimiter
@@ -351,6 +352,9 @@ def create_app(
             claims=claim_service,
             webhook_verifier=webhook_verifier(settings, http),
             payments=payments,
+            exits=None
+            if claim_service is None
+            else Exits(claim_service.escrow, claim_service.relayer, claim_service.quote),
         )
         await payments.start()  # x402 on (USDC's domain read once), settlement worker, indexer
         background = [asyncio.create_task(sweep_calls(calls, settings.sweep_seconds), name="call-sweeper")]

@@ -599,3 +599,53 @@ async def test_disable_delegation__gasless__then_claims_refused(
     with pytest.raises(ContractCustomError) as caught:
         world.chain.w3.eth.call(call)  # type: ignore[arg-type]
     assert dlg.describe_revert(caught.value.data) == "CannotUseADisabledDelegation"  # type: ignore[arg-type]
+
+
+# ---- ETH-free exits (last: it moves the twin's clock past the withdrawal delay) -----------------
+
+
+async def test_withdrawal__signed_steps_through_the_relayer__no_eth(world: World, client: httpx.AsyncClient):
+    consumer = new_account()
+    headers = await sign_in(client, consumer)
+    usdc = world.chain.contract("MockUSDC", world.deployment.usdc)
+    world.twin.mint_usdc(world.operator.address, 3 * USDC)
+    world.chain.transact(usdc.functions.approve(world.deployment.escrow, 3 * USDC), world.operator)
+    world.chain.transact(world.escrow.functions.deposit(3 * USDC, consumer.address), world.operator)
+
+    async def step(name: str, **params: str) -> dict[str, Any]:
+        query = {"step": name, **params}
+        reply = await client.get("/v1/account/withdrawals/typed-data", params=query, headers=headers)
+        assert reply.status_code == 200, reply.text
+        typed = reply.json()["typed_data"]
+        body = {"step": name, "message": typed["message"], "signature": wallet_sign(consumer, typed)}
+        reply = await client.post("/v1/account/withdrawals", json=body, headers=headers)
+        assert reply.status_code in (200, 202), reply.text
+
+        async def done() -> dict[str, Any] | None:
+            task = reply.json()["task_id"]
+            seen = (await client.get(f"/v1/account/withdrawals/{task}", headers=headers)).json()
+            return seen if seen["status"] != "submitted" else None
+
+        result = await wait_for(done)
+        assert result["status"] == "confirmed", result
+        return result
+
+    await step("request", amount="2")
+    assert world.escrow.functions.withdrawals(consumer.address).call()[0] == 2 * USDC
+    await step("cancel")
+    assert world.escrow.functions.withdrawals(consumer.address).call()[0] == 0
+    await step("request", amount="3")
+    early = await client.get(
+        "/v1/account/withdrawals/typed-data", params={"step": "withdraw"}, headers=headers
+    )
+    assert early.status_code == 409 and early.json()["error"]["code"] == "withdrawal_locked"
+
+    world.twin.rpc("evm_increaseTime", hex(world.deployment.withdrawal_delay))
+    world.twin.rpc("evm_mine")
+    relayer_before = world.balance(world.gas.address)
+    await step("withdraw")
+    assert world.balance(consumer.address) == 3 * USDC - FEE
+    assert world.balance(world.gas.address) - relayer_before == FEE
+    assert world.escrow.functions.deposits(consumer.address).call() == 0
+    assert world.eth(consumer.address) == 0
+    assert world.balance(world.deployment.escrow) == world.escrow.functions.liabilities().call()

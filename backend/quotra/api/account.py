@@ -15,6 +15,7 @@ from quotra.api.deps import CurrentProvider, RuntimeDep
 from quotra.calls.records import CALL_ID_PATTERN, CallView, payer_ids
 from quotra.errors import NotFound
 from quotra.money import usdc
+from quotra.payments.exits import Exits
 from quotra.payments.prepaid import PrepaidService
 from quotra.store.prepaid_repo import ApiKeyView
 
@@ -367,3 +368,81 @@ async def revoke_key(key_id: KeyId, wallet: CurrentProvider, runtime: RuntimeDep
     except KeyError:
         raise NotFound(f"No API key '{key_id}' in this account") from None
     return key_view(view)
+
+
+# ---- ETH-free withdrawals -----------------------------------------------------------------------
+
+WithdrawalStep = Literal["request", "cancel", "withdraw"]
+
+
+class WithdrawalTypedData(BaseModel):
+    step: str
+    typed_data: dict[str, Any]
+    now: int
+    deposit: int
+    pending: int
+    unlock_at: int
+    nonce: int
+
+
+class WithdrawalRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    step: WithdrawalStep
+    message: dict[str, str | int] = Field(description="The signed message, as the typed data gave it")
+    signature: str = Field(pattern=r"^0x([0-9a-fA-F]{2}){65,2048}$")
+
+
+class WithdrawalStatus(BaseModel):
+    step: str | None = None
+    task_id: str
+    status: str
+    tx_hash: str | None
+    error: str | None
+
+
+def _exits(runtime: Any) -> Exits:
+    if runtime.exits is None:
+        raise NotFound(
+            "ETH-free withdrawals need the chain and a relayer on this relay", code="withdrawals_unavailable"
+        )
+    exits: Exits = runtime.exits
+    return exits
+
+
+@router.get(
+    "/withdrawals/typed-data",
+    response_model=WithdrawalTypedData,
+    summary="A withdrawal step to sign (request, cancel, or withdraw at the relayer's fee): no ETH needed",
+)
+async def withdrawal_typed_data(
+    wallet: CurrentProvider,
+    runtime: RuntimeDep,
+    step: WithdrawalStep,
+    amount: Annotated[Usdc | None, Query(description="USDC to request (step=request)")] = None,
+) -> dict[str, Any]:
+    return await _exits(runtime).typed_data(wallet, step, None if amount is None else _atomic(amount))
+
+
+@router.post(
+    "/withdrawals",
+    response_model=WithdrawalStatus,
+    summary="Submit a signed withdrawal step through the relayer (ETH-free exit)",
+    responses={202: {"model": WithdrawalStatus, "description": "Submitted, not yet confirmed"}},
+)
+async def submit_withdrawal(
+    body: WithdrawalRequest, wallet: CurrentProvider, runtime: RuntimeDep, response: Response
+) -> dict[str, Any]:
+    result = await _exits(runtime).submit(wallet, body.step, dict(body.message), body.signature)
+    if result["status"] == "submitted":
+        response.status_code = 202
+    else:
+        _prepaid(runtime).refresh_soon(wallet)
+    return result
+
+
+@router.get("/withdrawals/{task_id}", response_model=WithdrawalStatus, summary="A withdrawal step's status")
+async def withdrawal_status(
+    task_id: Annotated[str, Path(max_length=100)], wallet: CurrentProvider, runtime: RuntimeDep
+) -> dict[str, Any]:
+    return await _exits(runtime).status(task_id)

@@ -21,6 +21,7 @@ from quotra.errors import AuthenticationFailed, NotFound
 from quotra.metrics import Metrics
 from quotra.netguard import NetGuard
 from quotra.payments.claims import ClaimService
+from quotra.payments.exits import Exits
 from quotra.payments.prepaid import KEY_PREFIX, PrepaidService
 from quotra.ratelimit import TokenBucketLimiter
 from quotra.services.gate import Caller, PaymentGate
@@ -97,6 +98,7 @@ class Runtime:
     claims: ClaimService | None = None  # None without a chain and a relayer
     webhook_verifier: WebhookVerifier | None = None  # None without relayer keys (JWKS or pinned)
     payments: Payments | None = None  # x402, settlement, indexer (quotra.payments.service)
+    exits: Exits | None = None  # ETH-free withdrawals; None without a chain and a relayer
 
 
 async def get_runtime(request: Request) -> Runtime:

@@ -80,6 +80,20 @@ def _hex(raw: bytes) -> str:
     return "0x" + bytes(raw).hex()
 
 
+def check_signature(digest: bytes, signature: str, signer: str, has_code: bool) -> None:
+    """`signer`'s ECDSA signature of `digest`; an account with code (a smart account, ERC-1271) is
+    left to the contract, which checks it when the relayer simulates."""
+    try:
+        sig = eip712.Signature.from_bytes(signature)
+        recovered = eip712.recover(digest, sig)
+    except (eip712.InvalidSignature, ValueError) as exc:
+        if has_code:
+            return
+        raise BadRequest(f"Invalid signature: {exc}", code="invalid_signature") from exc
+    if recovered != signer and not has_code:
+        raise BadRequest(f"The signature is not {signer}'s", code="invalid_signature")
+
+
 def _check_offer(amount: int, quote: RelayerQuote, earnings: int) -> None:
     """A claim of `amount` the relay offers to sign for: above the relayer's fee, within earnings."""
     if amount <= quote.fee:
@@ -178,17 +192,6 @@ class ClaimService:
 
     # ---- claims --------------------------------------------------------------------------------
 
-    def _check_signature(self, digest: bytes, signature: str, signer: str, has_code: bool) -> None:
-        try:
-            sig = eip712.Signature.from_bytes(signature)
-            recovered = eip712.recover(digest, sig)
-        except (eip712.InvalidSignature, ValueError) as exc:
-            if has_code:
-                return  # a contract wallet (ERC-1271): the escrow checks it when the relayer simulates
-            raise BadRequest(f"Invalid signature: {exc}", code="invalid_signature") from exc
-        if recovered != signer and not has_code:
-            raise BadRequest(f"The signature is not {signer}'s", code="invalid_signature")
-
     async def submit(
         self, provider: str, delegation: DelegationArgs, signature: str, amount: int
     ) -> ClaimView:
@@ -219,7 +222,7 @@ class ClaimService:
             self.escrow.delegation_claimed(digest),
             self.escrow.earnings_of(provider),
         )
-        self._check_signature(digest, signature, provider, bool(code))
+        check_signature(digest, signature, provider, bool(code))
         delegate = to_checksum_address(delegation.delegate)
         # Without a quote (relayer unreachable) the claim is recorded and sent when the relayer is
         # back; the relayer then checks its delegate and fee itself.
@@ -338,7 +341,7 @@ class ClaimService:
         code, already = await asyncio.gather(
             self.escrow.code_at(account), self.escrow.is_revoked(account, item)
         )
-        self._check_signature(digest, signature, account, bool(code))
+        check_signature(digest, signature, account, bool(code))
         sig_hex = "0x" + bytes.fromhex(signature.removeprefix("0x")).hex()
         call = self.escrow.encode_revoke_with_signature(account, item, bytes.fromhex(sig_hex[2:]))
         return await self._record_revocation(account, item, sig_hex, already, call)
@@ -513,15 +516,17 @@ class ClaimService:
             self.disabled(claim.hash),
             self.escrow.earnings_of(provider),
         )
-        if authorization is None and not dlg.is_delegated_to(code, fw.stateless_delegator) and not code:
+        if authorization is None and not code:
             raise BadRequest(
                 "The account is not a smart account: sign the EIP-7702 authorization the typed data "
                 "endpoint returns (it makes the account MetaMask's stateless DeleGator)",
                 code="not_a_smart_account",
             )
-        self._check_signature(digest, _hex(claim.signature), provider, bool(code))
+        # MetaMask's stateless DeleGator checks its EOA key's ECDSA signature: so does the relay.
+        contract_wallet = bool(code) and not dlg.is_delegated_to(code, fw.stateless_delegator)
+        check_signature(digest, _hex(claim.signature), provider, contract_wallet)
         if fee is not None:
-            self._check_signature(fee.digest(self._dm_domain()), _hex(fee.signature), provider, bool(code))
+            check_signature(fee.digest(self._dm_domain()), _hex(fee.signature), provider, contract_wallet)
         if now >= grant.valid_until:
             raise BadRequest("The delegation has expired", code="delegation_expired")
         digest_hex = _hex(claim.hash)
@@ -590,7 +595,7 @@ class ClaimService:
                 f"{account} is not a MetaMask smart account: its delegations cannot be redeemed anyway",
                 code="not_a_smart_account",
             )
-        self._check_signature(grant.digest(self._dm_domain()), _hex(grant.signature), account, True)
+        check_signature(grant.digest(self._dm_domain()), _hex(grant.signature), account, False)
         call = ChainCall.redeem(
             fw.delegation_manager,
             [dlg.disable_redemption(grant, target, fw.delegation_manager)],
