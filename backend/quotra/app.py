@@ -30,6 +30,7 @@ from quotra.config import Settings
 from quotra.errors import PayloadTooLarge, QuotraError, error_body
 from quotra.metrics import Metrics
 from quotra.netguard import NetGuard
+from quotra.payments.allowances import AllowanceService
 from quotra.payments.claims import build_claims, configured_relayer, webhook_verifier
 from quotra.payments.exits import Exits
 from quotra.payments.prepaid import PrepaidService, PrepaidSettings
@@ -40,6 +41,7 @@ from quotra.services.listings import ListingCache, ListingService
 from quotra.services.relay import Relay
 from quotra.services.upstreams import AdapterFactory, AdapterRegistry
 from quotra.siwe import Erc1271Fn, SiweVerifier, web3_erc1271
+from quotra.store.allowances_repo import AllowancesRepo
 from quotra.store.db import create_engine, upgrade
 from quotra.store.prepaid_repo import PrepaidStore
 from quotra.store.repositories import Store
@@ -357,11 +359,26 @@ def create_app(
             else Exits(claim_service.escrow, claim_service.relayer, claim_service.quote),
         )
         await payments.start()  # x402 on (USDC's domain read once), settlement worker, indexer
+        runtime: Runtime = app.state.runtime
+        if claim_service is not None and claim_service.framework is not None and operator is not None:
+            runtime.allowances = AllowanceService(
+                AllowancesRepo(store),
+                claim_service.escrow,
+                claim_service.framework,
+                operator,
+                lambda: payments.relayer,
+                low_water=int(settings.allowance_low_water_usdc * 10**6),
+                poll_seconds=settings.allowance_poll_seconds,
+            )
         background = [asyncio.create_task(sweep_calls(calls, settings.sweep_seconds), name="call-sweeper")]
         if settings.prepaid_refresh_seconds > 0:
             background.append(asyncio.create_task(prepaid.run_background(), name="prepaid-refresher"))
         if claim_service is not None:
             background.append(asyncio.create_task(claim_service.run(asyncio.Event()), name="claims-poller"))
+        if runtime.allowances is not None and settings.allowance_poll_seconds > 0:
+            background.append(
+                asyncio.create_task(runtime.allowances.run(asyncio.Event()), name="allowance-top-ups")
+            )
         log.info(
             "relay started",
             extra={"env": settings.env, "database": store.dialect, "version": __version__},

@@ -38,6 +38,7 @@ from quotra_dev.relayer.local import ThreadedServer, deploy_escrow
 from web3.exceptions import ContractCustomError
 
 USDC = 10**6
+DAY = 86_400
 FEE = 10_000  # the local relayer's fee: 0.01 USDC
 MASTER_KEY = "5e" * 32
 
@@ -162,6 +163,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 claims_poll_seconds=0.1,
                 claims_stale_seconds=0.3,
                 prepaid_refresh_seconds=0,
+                operator_key=operator.key.hex(),
+                allowance_poll_seconds=0.2,
             )
             with ThreadedServer(create_app(settings), relay_port) as relay:
                 yield World(
@@ -601,7 +604,83 @@ async def test_disable_delegation__gasless__then_claims_refused(
     assert dlg.describe_revert(caught.value.data) == "CannotUseADisabledDelegation"  # type: ignore[arg-type]
 
 
-# ---- ETH-free exits (last: it moves the twin's clock past the withdrawal delay) -----------------
+# ---- last, as they move the twin's clock: periodic allowances, ETH-free exits --------------------
+
+
+async def test_allowance__auto_top_up__at_most_the_period_amount_per_period(
+    world: World, client: httpx.AsyncClient
+):
+    consumer = new_account()
+    world.twin.mint_usdc(consumer.address, 50 * USDC)
+    world.chain.upgrade(consumer, world.fw.stateless_delegator, world.gas)  # sponsored: no ETH
+    headers = await sign_in(client, consumer)
+    start = int(world.chain.w3.eth.get_block("latest")["timestamp"])
+    grant = dlg.periodic_allowance(
+        world.fw,
+        consumer=consumer.address,
+        delegate=world.operator.address,
+        usdc=world.deployment.usdc,
+        period_amount=5 * USDC,
+        period_duration=DAY,
+        start=start,
+        expiry=start + 30 * DAY,
+        salt=7,
+    )
+    typed = grant.typed_data(dlg.domain(world.deployment.chain_id, world.fw.delegation_manager))
+    signature = bytes.fromhex(wallet_sign(consumer, typed)[2:])
+    context = "0x" + dlg.encode_context([grant.signed(signature)]).hex()
+    # What MetaMask's wallet_grantPermissions answered (older shape): the context is what counts.
+    response = {
+        "chainId": hex(world.deployment.chain_id),
+        "context": context,
+        "expiry": start + 30 * DAY,
+        "signerMeta": {"delegationManager": world.fw.delegation_manager},
+        "permission": {"type": "erc20-token-periodic", "data": {"periodAmount": hex(5 * USDC)}},
+    }
+    reply = await client.post("/v1/account/allowances", json=response, headers=headers)
+    assert reply.status_code == 201, reply.text
+    assert (reply.json()["period_amount_atomic"], reply.json()["available_now_atomic"]) == (
+        5 * USDC,
+        5 * USDC,
+    )
+    forged = grant.signed(bytes.fromhex(wallet_sign(new_account(), typed)[2:]))
+    bad = {"context": "0x" + dlg.encode_context([forged]).hex()}
+    reply = await client.post("/v1/account/allowances", json=bad, headers=headers)
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_signature"
+
+    def deposit() -> int:
+        return int(world.escrow.functions.deposits(consumer.address).call())
+
+    async def deposited(amount: int) -> bool:
+        return deposit() == amount
+
+    await wait_for(lambda: deposited(5 * USDC))
+    # The deposit drops below the low-water mark (a withdrawal is requested): the period is spent,
+    # so nothing more until the next period, which adds the period amount once.
+    body_typed = (
+        await client.get(
+            "/v1/account/withdrawals/typed-data", params={"step": "request", "amount": "5"}, headers=headers
+        )
+    ).json()["typed_data"]
+    body = {
+        "step": "request",
+        "message": body_typed["message"],
+        "signature": wallet_sign(consumer, body_typed),
+    }
+    assert (await client.post("/v1/account/withdrawals", json=body, headers=headers)).status_code in (
+        200,
+        202,
+    )
+    listed = (await client.get("/v1/account/allowances", headers=headers)).json()["data"]
+    assert [a["available_now_atomic"] for a in listed] == [0]
+    world.twin.rpc("evm_setNextBlockTimestamp", hex(start + DAY))
+    world.twin.rpc("evm_mine")
+    await wait_for(lambda: deposited(10 * USDC))
+    listed = (await client.get("/v1/account/allowances", headers=headers)).json()["data"]
+    assert listed[0]["available_now_atomic"] == 0 and listed[0]["last_error"] is None
+    assert world.balance(consumer.address) == 40 * USDC
+    assert world.eth(consumer.address) == 0
+    assert world.balance(world.deployment.escrow) == world.escrow.functions.liabilities().call()
 
 
 async def test_withdrawal__signed_steps_through_the_relayer__no_eth(world: World, client: httpx.AsyncClient):

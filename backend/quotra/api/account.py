@@ -13,10 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from quotra.api.deps import CurrentProvider, RuntimeDep
 from quotra.calls.records import CALL_ID_PATTERN, CallView, payer_ids
-from quotra.errors import NotFound
+from quotra.errors import BadRequest, NotFound
 from quotra.money import usdc
+from quotra.payments.allowances import AllowanceService
 from quotra.payments.exits import Exits
 from quotra.payments.prepaid import PrepaidService
+from quotra.store.allowances_repo import AllowanceView
 from quotra.store.prepaid_repo import ApiKeyView
 
 router = APIRouter(prefix="/v1/account", tags=["account"])
@@ -446,3 +448,99 @@ async def withdrawal_status(
     task_id: Annotated[str, Path(max_length=100)], wallet: CurrentProvider, runtime: RuntimeDep
 ) -> dict[str, Any]:
     return await _exits(runtime).status(task_id)
+
+
+# ---- periodic allowances (ERC-7715 `erc20-token-periodic`) and auto top-ups --------------------
+
+
+class SignerMeta(BaseModel):
+    delegationManager: str | None = None
+
+
+class PermissionResponse(BaseModel):
+    """A `wallet_requestExecutionPermissions` (or the older `wallet_grantPermissions`) response
+    entry, or just its `context`: other fields are accepted and not needed."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    context: str = Field(pattern=r"^0x([0-9a-fA-F]{2}){64,32768}$", description="abi.encode(Delegation[])")
+    chainId: str | int | None = None
+    delegationManager: str | None = None
+    signerMeta: SignerMeta | None = None
+
+
+class AllowanceOut(BaseModel):
+    object: str = "allowance"
+    hash: str
+    wallet: str
+    period_amount: str
+    period_amount_atomic: int
+    period_seconds: int
+    start: int
+    expiry: int | None
+    available_now_atomic: int | None
+    revoked: bool
+    last_top_up_at: datetime | None
+    last_error: str | None
+
+
+class AllowanceList(BaseModel):
+    object: str = "list"
+    data: list[AllowanceOut]
+
+
+def allowance_view(view: AllowanceView, available: int | None) -> dict[str, Any]:
+    return {
+        "hash": view.hash,
+        "wallet": view.wallet,
+        "period_amount": usdc(view.period_amount),
+        "period_amount_atomic": view.period_amount,
+        "period_seconds": view.period_duration,
+        "start": view.start_date,
+        "expiry": view.expiry,
+        "available_now_atomic": available,
+        "revoked": view.revoked_at is not None,
+        "last_top_up_at": view.last_top_up_at,
+        "last_error": view.last_error,
+    }
+
+
+def _allowances(runtime: Any) -> AllowanceService:
+    if runtime.allowances is None:
+        raise NotFound(
+            "Periodic allowances need MetaMask's Delegation Framework on this chain and the operator's key",
+            code="allowances_unavailable",
+        )
+    service: AllowanceService = runtime.allowances
+    return service
+
+
+@router.post(
+    "/allowances",
+    response_model=AllowanceOut,
+    status_code=201,
+    summary="Register a periodic USDC allowance (ERC-7715 permission context) for automatic top-ups",
+)
+async def register_allowance(
+    body: PermissionResponse, wallet: CurrentProvider, runtime: RuntimeDep
+) -> dict[str, Any]:
+    service = _allowances(runtime)
+    manager = body.delegationManager or (body.signerMeta.delegationManager if body.signerMeta else None)
+    if manager is not None and manager.lower() != service.framework.delegation_manager.lower():
+        raise BadRequest(
+            f"The permission is for DelegationManager {manager}, not {service.framework.delegation_manager}",
+            code="wrong_delegation_manager",
+        )
+    if body.chainId is not None and str(body.chainId) not in (
+        str(service.escrow.chain_id),
+        hex(service.escrow.chain_id),
+    ):
+        raise BadRequest(f"The permission is for chain {body.chainId}", code="wrong_chain")
+    view = await service.register(wallet, bytes.fromhex(body.context[2:]))
+    return allowance_view(view, await service.available(view))
+
+
+@router.get("/allowances", response_model=AllowanceList, summary="Your periodic allowances")
+async def list_allowances(wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
+    rows = await _allowances(runtime).of_wallet(wallet)
+    return {"object": "list", "data": [allowance_view(r["allowance"], r["available"]) for r in rows]}

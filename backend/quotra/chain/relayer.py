@@ -238,6 +238,39 @@ class DirectRelayer:
         log.info("relayer.submitted", extra={"label": call.label, "tx": tx_hash})
         return sub
 
+    async def upgrade_self(self, implementation: str) -> Submission:
+        """Make this relayer's own account an EIP-7702 smart account delegating to `implementation`
+        (a type-4 transaction to itself; a self-sent authorization carries the next nonce but one)."""
+        max_fee, tip = await self._fees()
+        async with self._lock:
+            if self._nonce is None:
+                self._nonce = await self.w3.eth.get_transaction_count(self.address, "pending")
+            signed = self.account.sign_authorization(
+                {"chainId": self.chain_id, "address": implementation, "nonce": self._nonce + 1}
+            )
+            tx: dict[str, Any] = {
+                "from": self.address,
+                "to": self.address,
+                "data": b"",
+                "value": 0,
+                "gas": 100_000,
+                "maxFeePerGas": max_fee,
+                "maxPriorityFeePerGas": tip,
+                "nonce": self._nonce,
+                "chainId": self.chain_id,
+                "type": 4,
+                "authorizationList": [signed],
+            }
+            try:
+                tx_hash = await self._broadcast(tx)
+            except (Web3RPCError, ValueError) as exc:
+                self._nonce = None
+                raise RelayerError(f"could not broadcast the EIP-7702 upgrade: {exc}") from exc
+            self._nonce += 1
+        sub = Submission(uuid.uuid4().hex, TxState.SUBMITTED, tx_hash=tx_hash, memo="eip7702-upgrade")
+        self._subs[sub.id] = _Pending(sub, tx, hashes=[tx_hash])
+        return sub
+
     async def _broadcast(self, tx: dict[str, Any]) -> str:
         signed = self.account.sign_transaction(tx)
         return "0x" + bytes(await self.w3.eth.send_raw_transaction(signed.raw_transaction)).hex()

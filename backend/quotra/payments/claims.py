@@ -25,6 +25,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final
@@ -80,6 +81,20 @@ def _hex(raw: bytes) -> str:
     return "0x" + bytes(raw).hex()
 
 
+async def poll_forever(
+    once: Callable[[], Awaitable[Any]], every: float, stop: asyncio.Event, failure: str
+) -> None:
+    """Run `once` every `every` seconds until `stop` is set; a failed round is logged as `failure`."""
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            await once()
+        except Exception:
+            log.exception(failure)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(0.0, every - (time.monotonic() - started)))
+
+
 def check_signature(digest: bytes, signature: str, signer: str, has_code: bool) -> None:
     """`signer`'s ECDSA signature of `digest`; an account with code (a smart account, ERC-1271) is
     left to the contract, which checks it when the relayer simulates."""
@@ -92,6 +107,13 @@ def check_signature(digest: bytes, signature: str, signer: str, has_code: bool) 
         raise BadRequest(f"Invalid signature: {exc}", code="invalid_signature") from exc
     if recovered != signer and not has_code:
         raise BadRequest(f"The signature is not {signer}'s", code="invalid_signature")
+
+
+async def delegation_disabled(escrow: EscrowClient, fw: DelegationFramework, delegation_hash: bytes) -> bool:
+    """Whether the framework's DelegationManager has the delegation disabled."""
+    data = dlg.DISABLED_DELEGATIONS + delegation_hash
+    raw = await escrow.w3.eth.call({"to": fw.delegation_manager, "data": HexBytes(data)})
+    return int.from_bytes(bytes(raw)[-32:] or b"\0", "big") != 0
 
 
 def _check_offer(amount: int, quote: RelayerQuote, earnings: int) -> None:
@@ -393,10 +415,7 @@ class ClaimService:
         return dlg.domain(self.escrow.chain_id, self._fw().delegation_manager)
 
     async def disabled(self, delegation_hash: bytes) -> bool:
-        """Whether the DelegationManager has the delegation disabled."""
-        data = dlg.DISABLED_DELEGATIONS + delegation_hash
-        raw = await self.escrow.w3.eth.call({"to": self._fw().delegation_manager, "data": HexBytes(data)})
-        return int.from_bytes(bytes(raw)[-32:] or b"\0", "big") != 0
+        return await delegation_disabled(self.escrow, self._fw(), delegation_hash)
 
     async def _upgrade_needed(self, account: str) -> dict[str, Any] | None:
         """The EIP-7702 authorization `account` must sign to become MetaMask's stateless DeleGator
@@ -730,16 +749,7 @@ class ClaimService:
 
     async def run(self, stop: asyncio.Event) -> None:
         """The poller: every `poll_seconds`, until `stop` is set."""
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                await self.poll_once()
-            except Exception:
-                log.exception("claims.poll_failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    stop.wait(), max(0.0, self.poll_seconds - (time.monotonic() - started))
-                )
+        await poll_forever(self.poll_once, self.poll_seconds, stop, "claims.poll_failed")
 
     # ---- earnings ------------------------------------------------------------------------------
 
