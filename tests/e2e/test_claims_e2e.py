@@ -679,6 +679,17 @@ async def test_allowance__auto_top_up__at_most_the_period_amount_per_period(
     listed = (await client.get("/v1/account/allowances", headers=headers)).json()["data"]
     assert listed[0]["available_now_atomic"] == 0 and listed[0]["last_error"] is None
     assert world.balance(consumer.address) == 40 * USDC
+
+    # Revoked any time without ETH: disableDelegation through the relayer; no more top-ups.
+    offer = (
+        await client.post("/v1/delegations/disable/typed-data", json={"delegation": typed["message"]})
+    ).json()
+    body = {"delegation": typed["message"], "grant": signed(consumer, offer["typed_data"])}
+    reply = await client.post("/v1/delegations/disable", json=body)
+    assert reply.status_code == 202 and reply.json()["kind"] == "allowance", reply.text
+    assert (await final_revocation(client, reply.json()["id"]))["status"] == "confirmed"
+    listed = (await client.get("/v1/account/allowances", headers=headers)).json()["data"]
+    assert listed[0]["revoked"] is True
     assert world.eth(consumer.address) == 0
     assert world.balance(world.deployment.escrow) == world.escrow.functions.liabilities().call()
 

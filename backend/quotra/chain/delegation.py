@@ -316,8 +316,10 @@ def encode_redeem(entries: Sequence[Redemption]) -> bytes:
 
 
 def encode_disable(delegation: Delegation) -> bytes:
-    """`DelegationManager.disableDelegation(delegation)` calldata (the delegator must send it)."""
-    return DISABLE_DELEGATION + abi_encode([DELEGATION_TUPLE], [delegation.as_tuple()])
+    """`DelegationManager.disableDelegation(delegation)` calldata (the delegator must send it).
+    The signature is left out (the manager only hashes the rest), so the calldata is the same
+    whoever holds the signed copy: what a disable grant's `ExactCalldataEnforcer` pins."""
+    return DISABLE_DELEGATION + abi_encode([DELEGATION_TUPLE], [delegation.signed(b"").as_tuple()])
 
 
 def erc20_transfer(to: str, amount: int) -> bytes:
