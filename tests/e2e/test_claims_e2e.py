@@ -30,6 +30,7 @@ from quotra.chain import delegation as dlg
 from quotra.chain import eip712
 from quotra.chain.deployment import DelegationFramework, Deployment
 from quotra.config import Settings
+from quotra.money import format_usdc
 from quotra.webhooks import Ed25519Signer
 from quotra_dev import framework, twin
 from quotra_dev.chain import Chain, account_from_key, new_account, sign_authorization
@@ -558,6 +559,37 @@ async def test_erc7710_claim__refusals__nothing_sent(world: World, client: httpx
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_signature"
     listed = (await client.get("/v1/provider/claims", headers=headers)).json()
     assert listed["data"] == []
+    assert world.eth(provider.address) == 0
+
+
+async def test_erc7710_claim__relayer_down__pending_then_redeemed_once(
+    world: World, client: httpx.AsyncClient
+):
+    provider = new_account()
+    earned = world.fund(provider.address, USDC)
+    headers = await sign_in(client, provider)
+    terms = await offer(client, headers, format_usdc(earned))
+    body = {
+        "claim": signed(provider, terms["claim"]),
+        "fee": signed(provider, terms["fee"]),
+        "authorization": authorize(provider, terms["authorization"]),
+    }
+    world.relayer.stop()
+    try:
+        reply = await client.post("/v1/provider/claims/erc7710", json=body, headers=headers)
+        assert reply.status_code == 202, reply.text
+        assert reply.json()["status"] == "requested"
+        claim_id = reply.json()["id"]
+    finally:
+        world.relayer.start()
+
+    claim = await final_claim(client, headers, claim_id)
+    assert claim["status"] == "confirmed", claim
+    claimed = world.escrow.events.Claimed.get_logs(
+        argument_filters={"provider": provider.address}, from_block=world.deployment.block
+    )
+    assert [e["args"]["amount"] for e in claimed] == [earned]  # resent as signed, redeemed once
+    assert world.balance(provider.address) == earned - FEE
     assert world.eth(provider.address) == 0
 
 
