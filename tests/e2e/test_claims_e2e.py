@@ -639,9 +639,19 @@ async def test_disable_delegation__gasless__then_claims_refused(
 # ---- last, as they move the twin's clock: periodic allowances, ETH-free exits --------------------
 
 
-async def test_allowance__auto_top_up__at_most_the_period_amount_per_period(
-    world: World, client: httpx.AsyncClient
-):
+@dataclass
+class Granted:
+    """A consumer smart account (no ETH) and its signed periodic allowance to the operator."""
+
+    consumer: LocalAccount
+    headers: dict[str, str]
+    grant: dlg.Delegation
+    typed: dict[str, Any]
+    start: int
+    context: str
+
+
+async def grant_allowance(world: World, client: httpx.AsyncClient) -> Granted:
     consumer = new_account()
     world.twin.mint_usdc(consumer.address, 50 * USDC)
     world.chain.upgrade(consumer, world.fw.stateless_delegator, world.gas)  # sponsored: no ETH
@@ -661,6 +671,26 @@ async def test_allowance__auto_top_up__at_most_the_period_amount_per_period(
     typed = grant.typed_data(dlg.domain(world.deployment.chain_id, world.fw.delegation_manager))
     signature = bytes.fromhex(wallet_sign(consumer, typed)[2:])
     context = "0x" + dlg.encode_context([grant.signed(signature)]).hex()
+    return Granted(consumer, headers, grant.signed(signature), typed, start, context)
+
+
+async def request_withdrawal(client: httpx.AsyncClient, granted: Granted, amount: str) -> None:
+    """The consumer's signed RequestWithdrawal, relayed: its available deposit drops."""
+    query = {"step": "request", "amount": amount}
+    reply = await client.get("/v1/account/withdrawals/typed-data", params=query, headers=granted.headers)
+    typed = reply.json()["typed_data"]
+    body = {"step": "request", "message": typed["message"], "signature": wallet_sign(granted.consumer, typed)}
+    reply = await client.post("/v1/account/withdrawals", json=body, headers=granted.headers)
+    assert reply.status_code in (200, 202), reply.text
+
+
+async def test_allowance__auto_top_up__at_most_the_period_amount_per_period(
+    world: World, client: httpx.AsyncClient
+):
+    granted = await grant_allowance(world, client)
+    consumer, headers, grant, typed, start, context = (
+        granted.consumer, granted.headers, granted.grant, granted.typed, granted.start, granted.context,
+    )  # fmt: skip
     # What MetaMask's wallet_grantPermissions answered (older shape): the context is what counts.
     response = {
         "chainId": hex(world.deployment.chain_id),
@@ -689,20 +719,7 @@ async def test_allowance__auto_top_up__at_most_the_period_amount_per_period(
     await wait_for(lambda: deposited(5 * USDC))
     # The deposit drops below the low-water mark (a withdrawal is requested): the period is spent,
     # so nothing more until the next period, which adds the period amount once.
-    body_typed = (
-        await client.get(
-            "/v1/account/withdrawals/typed-data", params={"step": "request", "amount": "5"}, headers=headers
-        )
-    ).json()["typed_data"]
-    body = {
-        "step": "request",
-        "message": body_typed["message"],
-        "signature": wallet_sign(consumer, body_typed),
-    }
-    assert (await client.post("/v1/account/withdrawals", json=body, headers=headers)).status_code in (
-        200,
-        202,
-    )
+    await request_withdrawal(client, granted, "5")
     listed = (await client.get("/v1/account/allowances", headers=headers)).json()["data"]
     assert [a["available_now_atomic"] for a in listed] == [0]
     world.twin.rpc("evm_setNextBlockTimestamp", hex(start + DAY))
@@ -724,6 +741,46 @@ async def test_allowance__auto_top_up__at_most_the_period_amount_per_period(
     assert listed[0]["revoked"] is True
     assert world.eth(consumer.address) == 0
     assert world.balance(world.deployment.escrow) == world.escrow.functions.liabilities().call()
+
+
+async def test_allowance__disabled_from_the_wallet__top_up_refused_and_allowance_dropped(
+    world: World, client: httpx.AsyncClient
+):
+    granted = await grant_allowance(world, client)
+    reply = await client.post(
+        "/v1/account/allowances", json={"context": granted.context}, headers=granted.headers
+    )
+    assert reply.status_code == 201, reply.text
+    deposits = world.escrow.functions.deposits
+
+    async def topped_up() -> bool:
+        return bool(deposits(granted.consumer.address).call() == 5 * USDC)
+
+    await wait_for(topped_up)
+    # The consumer disables it without the relay (a grant any relayer redeems), then needs more.
+    off = dlg.disable_delegation(
+        world.fw,
+        delegator=granted.consumer.address,
+        delegate=world.gas.address,
+        target=granted.grant,
+        salt=11,
+    )
+    domain = dlg.domain(world.deployment.chain_id, world.fw.delegation_manager)
+    off = off.signed(bytes.fromhex(wallet_sign(granted.consumer, off.typed_data(domain))[2:]))
+    redemption = dlg.disable_redemption(off, granted.grant, world.fw.delegation_manager)
+    world.chain.send(world.fw.delegation_manager, dlg.encode_redeem([redemption]), world.gas)
+    await request_withdrawal(client, granted, "5")
+    world.twin.rpc("evm_setNextBlockTimestamp", hex(granted.start + DAY))
+    world.twin.rpc("evm_mine")
+
+    async def dropped() -> dict[str, Any] | None:
+        listed = (await client.get("/v1/account/allowances", headers=granted.headers)).json()["data"]
+        return listed[0] if listed[0]["revoked"] else None
+
+    allowance = await wait_for(dropped)
+    assert allowance["last_error"] == "CannotUseADisabledDelegation"
+    assert deposits(granted.consumer.address).call() == 5 * USDC
+    assert world.eth(granted.consumer.address) == 0
 
 
 async def test_withdrawal__signed_steps_through_the_relayer__no_eth(world: World, client: httpx.AsyncClient):

@@ -157,6 +157,8 @@ class AllowanceService:
         final = sub if sub.state.final else await wait_final(operator, sub.id, within=self.wait_seconds)
         if final.state is not TxState.CONFIRMED:
             await self.repo.outcome(allowance.hash, error=final.error or f"top-up {final.state.name.lower()}")
+            if await delegation_disabled(self.escrow, self.framework, bytes.fromhex(allowance.hash[2:])):
+                await self.repo.revoke(allowance.hash)  # disabled from the wallet: stop trying
             return 0
         await self.repo.outcome(allowance.hash, error=None)
         log.info("allowances.topped_up", extra={"wallet": wallet, "amount": amount, "tx": final.tx_hash})

@@ -501,6 +501,11 @@ class ClaimService:
                 f"amount {amount} must be positive and at most the delegation's cap {grant.cap}",
                 code="delegation_cap_exceeded",
             )
+        if amount <= fee_amount:
+            raise BadRequest(
+                f"amount must be above the relayer fee ({fee_amount} atomic USDC)",
+                code="amount_not_above_fee",
+            )
         if quote is not None and claim.delegate != quote.delegate:
             raise BadRequest(
                 f"The delegation names delegate {claim.delegate}, but the relayer submits from "
