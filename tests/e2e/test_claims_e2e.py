@@ -542,6 +542,9 @@ async def test_erc7710_claim__refusals__nothing_sent(world: World, client: httpx
     body: dict[str, Any] = {"claim": claim, "fee": fee, "authorization": upgrade, "amount": "0.6"}
     reply = await client.post("/v1/provider/claims/erc7710", json=body, headers=headers)
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "delegation_cap_exceeded"
+    # Not above the relayer's fee (it would cost the provider more than it claims).
+    reply = await client.post("/v1/provider/claims/erc7710", json=body | {"amount": "0.01"}, headers=headers)
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "amount_not_above_fee"
     # Caveats other than the relay's (another target): refused before anything reaches the relayer.
     tampered = dict(terms["claim"]["message"])
     tampered["caveats"] = [dict(c) for c in tampered["caveats"]]
