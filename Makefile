@@ -13,6 +13,8 @@ FUZZ_EXAMPLES ?= 150
 all: setup
 
 $(BIN)/.installed: requirements.lock pyproject.toml
+	@echo "setup: a virtual environment in $(VENV) with the pinned packages of requirements.lock"
+	@echo "       (web3, ape, Vyper, FastAPI, SQLAlchemy...; a few minutes the first time)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.lock
@@ -20,6 +22,7 @@ $(BIN)/.installed: requirements.lock pyproject.toml
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
+	@echo "setup: anvil (Foundry's local chain) from npm, pinned in package-lock.json"
 	# `npm install --no-save` honours the lock file; `npm ci` refuses a lock that, as npm 11
 	# writes it, only lists this platform's anvil binary.
 	npm install --no-save --no-audit --no-fund --loglevel=error

@@ -22,12 +22,13 @@ from quotra import __version__
 from quotra.api import account, auth, chat, claims, health, listings, models, webhooks
 from quotra.api import calls as calls_api
 from quotra.api.deps import Runtime, SessionTokens
+from quotra.api.routing import openapi_document
 from quotra.calls.outbox import Outbox
 from quotra.calls.store import CallStore
 from quotra.chain.client import EscrowClient
 from quotra.chain.relayer import DirectRelayer, Relayer
 from quotra.config import Settings
-from quotra.errors import PayloadTooLarge, QuotraError, error_body
+from quotra.errors import HeadersTooLarge, PayloadTooLarge, QuotraError, error_body
 from quotra.metrics import Metrics
 from quotra.netguard import NetGuard
 from quotra.payments.allowances import AllowanceService
@@ -83,12 +84,14 @@ def _json_response_parts(
 
 
 class RelayMiddleware:
-    """Counts requests and latency per route, limits the request body while it is read (413),
-    and turns anything unhandled into a bare OpenAI-shaped 500 (never a traceback)."""
+    """Counts requests and latency per route, limits the request's headers (431) and its body
+    while it is read (413), and turns anything unhandled into a bare OpenAI-shaped 500 (never a
+    traceback)."""
 
-    def __init__(self, app: ASGIApp, *, max_body: int, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, max_body: int, max_headers: int, metrics: Metrics) -> None:
         self.app = app
         self.max_body = max_body
+        self.max_headers = max_headers
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -111,12 +114,17 @@ class RelayMiddleware:
                 self.metrics.latency.labels(route_name()).observe(time.perf_counter() - started)
             await send(message)
 
+        refusal: QuotraError | None = None
         length = _content_length(scope)
-        if length is not None and length > self.max_body:
-            error = PayloadTooLarge(f"The request body is larger than {self.max_body} bytes")
-            for message in _json_response_parts(413, error.body(), {"connection": "close"}):
+        if sum(len(name) + len(value) for name, value in scope["headers"]) > self.max_headers:
+            refusal = HeadersTooLarge(f"The request headers are larger than {self.max_headers} bytes")
+        elif length is not None and length > self.max_body:
+            refusal = PayloadTooLarge(f"The request body is larger than {self.max_body} bytes")
+        if refusal is not None:
+            parts = _json_response_parts(refusal.status_code, refusal.body(), {"connection": "close"})
+            for message in parts:
                 await send_wrapper(message)
-            self.metrics.requests.labels(scope["method"], route_name(), "413").inc()
+            self.metrics.requests.labels(scope["method"], route_name(), str(refusal.status_code)).inc()
             return
 
         received = 0
@@ -171,11 +179,18 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            context = first.get("ctx")
+            reason = context.get("error", "") if isinstance(context, dict) else ""
+            message = f"The request body is not valid JSON: {reason}".rstrip(": ")
+            return JSONResponse(
+                error_body(400, message, type_="invalid_request_error", code="invalid_json"), status_code=400
+            )
         param = _validation_param(tuple(first.get("loc", ())))
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_request"
         return JSONResponse(
-            error_body(400, message, type_="invalid_request_error", code=code, param=param), status_code=400
+            error_body(400, message, type_="invalid_request_error", code="invalid_request", param=param),
+            status_code=400,
         )
 
     @app.exception_handler(StarletteHTTPException)
@@ -311,6 +326,7 @@ def create_app(
         gate = PaymentGate(
             calls,
             free_calls=settings.playground_free_calls,
+            daily_free_calls=settings.playground_free_calls_per_day,
             call_timeout=settings.call_timeout_seconds,
             prepaid=prepaid,
             x402=payments.gate,
@@ -405,8 +421,14 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(RelayMiddleware, max_body=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(
+        RelayMiddleware,
+        max_body=settings.max_body_bytes,
+        max_headers=settings.max_header_bytes,
+        metrics=metrics,
+    )
     for module in (chat, models, listings, auth, account, calls_api, claims, webhooks, health):
         app.include_router(module.router)
+    app.openapi = openapi_document(app)  # type: ignore[method-assign]
     app.state.metrics = metrics
     return app

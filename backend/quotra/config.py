@@ -135,9 +135,13 @@ class Settings(BaseSettings):
     cooldown_after_failures: int = Field(default=3, ge=1)
     cooldown_seconds: float = Field(default=60.0, ge=0)
 
-    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    max_body_bytes: int = Field(default=1_000_000, ge=1024, le=100_000_000)
+    max_header_bytes: int = Field(default=32_768, ge=1024, le=1_048_576)
     consumer_rate_per_minute: int = Field(default=120, ge=1)
-    playground_free_calls: int = Field(default=3, ge=0)
+    # Free playground calls: per consumer and listing, and per listing and UTC day across all
+    # consumers (a listing may set its own `free_calls_per_day`; 0: none).
+    playground_free_calls: int = Field(default=3, ge=0, le=1_000)
+    playground_free_calls_per_day: int = Field(default=20, ge=0, le=1_000_000)
     sandbox_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     # Behind reverse proxies: the client is the address the outermost trusted proxy saw, the
     # `trusted_proxy_hops`-th entry of X-Forwarded-For from the right (each proxy appends the peer

@@ -81,6 +81,12 @@ class PayloadTooLarge(QuotraError):
     code = "request_too_large"
 
 
+class HeadersTooLarge(QuotraError):
+    status_code = 431
+    type = "invalid_request_error"
+    code = "request_headers_too_large"
+
+
 class RateLimited(QuotraError):
     status_code = 429
     type = "rate_limit_error"

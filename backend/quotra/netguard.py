@@ -95,13 +95,16 @@ class NetGuard:
         loop = asyncio.get_running_loop()
         try:
             infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout=5.0)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, UnicodeError) as exc:  # UnicodeError: not a valid host name (IDNA)
             raise UnsafeUpstream(f"base_url host {host} does not resolve", param="base_url") from exc
         return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
 
     async def check_url(self, url: str) -> str:
         """Returns the normalised URL or raises `UnsafeUpstream`."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+            raise UnsafeUpstream("base_url is not a URL", param="base_url") from exc
         if parts.scheme not in ("http", "https"):
             raise UnsafeUpstream("base_url must be http(s)", param="base_url")
         if self.require_https and parts.scheme != "https":

@@ -133,8 +133,12 @@ class SiweMessage:
                 raise SiweError(f"missing field {required}")
         if values["version"] != "1":
             raise SiweError("unsupported version")
-        if not values["chain_id"].isdigit():
+        if not re.fullmatch(r"[0-9]{1,20}", values["chain_id"]):  # ASCII digits, within uint64
             raise SiweError("bad chain id")
+        try:
+            _origin(values["uri"])
+        except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+            raise SiweError("bad URI") from exc
         if not _NONCE.match(values["nonce"]):
             raise SiweError("bad nonce")
         for key in ("issued_at", "expiration_time", "not_before"):

@@ -38,6 +38,8 @@ import httpx
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from quotra import bounds
+
 log = logging.getLogger("quotra.webhooks")
 
 DEFAULT_TOLERANCE: Final = 300
@@ -299,9 +301,9 @@ def _parse_body(body: bytes) -> dict[str, Any]:
     if len(body) > MAX_BODY:
         raise _malformed(f"webhook body larger than {MAX_BODY} bytes")
     try:
-        parsed = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _malformed("webhook body is not valid UTF-8 JSON") from exc
+        parsed = bounds.loads(body)
+    except ValueError as exc:
+        raise _malformed(f"webhook body is not valid JSON within bounds: {exc}") from exc
     if not isinstance(parsed, dict):
         raise _malformed("webhook body must be a JSON object")
     return parsed
@@ -321,8 +323,10 @@ def _check_envelope(body: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
     data = body.get("data")
     if not isinstance(data, dict):
         raise _malformed("webhook field `data` must be an object")
-    if not isinstance(data.get("id"), str) or not data["id"]:
-        raise _malformed("webhook field `data.id` must be a non-empty string")
+    if not data.get("id") or not bounds.printable(data["id"], 100):
+        raise _malformed("webhook field `data.id` must be a task id of 1 to 100 printable characters")
+    if data.get("memo") is not None and not bounds.printable(data["memo"], 256):
+        raise _malformed("webhook field `data.memo` must be at most 256 printable characters")
     return event_type, data
 
 

@@ -157,7 +157,9 @@ async def test_update_validations(relay) -> None:
         f"/v1/listings/{lid}", json={"base_url": "https://93.184.216.34"}, headers=headers
     )
     assert base.status_code == 400
-    missing = await relay.client.patch("/v1/listings/lst_nope", json={"max_calls": 9}, headers=headers)
+    missing = await relay.client.patch(
+        "/v1/listings/lst_0000000000000000", json={"max_calls": 9}, headers=headers
+    )
     assert missing.status_code == 404
 
 

@@ -59,12 +59,14 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
     """A database at revision 0004, with one listing."""
     engine = create_engine(db_url)
     await upgrade(engine, "0004")
-    await Store(engine).create_listing(
+    listing = dict(
         id=LISTING, owner=OWNER, kind="sandbox", base_url=None, models=["m"], api_key_sealed="sealed",
         price_per_call=1_000, price_input_per_mtok=None, price_output_per_mtok=None, max_calls=None,
         calls_used=12, max_input_chars=None, max_input_tokens=None, max_output_tokens=None,
         rate_per_minute=None, expires_at=None, status="active", failure_streak=0, cooldown_until=None,
+        created_at=T0, updated_at=T0,
     )  # fmt: skip
+    await insert(engine, "listings", [listing])
     try:
         yield engine
     finally:

@@ -45,6 +45,9 @@ async def test_internal_addresses_are_refused(url: str) -> None:
         "http://user:pw@93.184.216.34/",
         "http:///v1",
         "http://93.184.216.34:99999/",
+        "http://[::1/v1",  # urlsplit raises
+        "http://a..example/v1",  # an empty label: IDNA refuses it before any lookup
+        "http://" + "a" * 64 + ".example/v1",  # a label longer than 63
     ],
 )
 async def test_malformed_or_credentialed_urls_are_refused(url: str) -> None:

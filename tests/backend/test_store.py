@@ -16,7 +16,7 @@ from quotra.calls.records import Refused
 from quotra.calls.store import CallStore, Hold, Served
 from quotra.config import master_key_id
 from quotra.store.db import create_engine, head_revision, upgrade
-from quotra.store.models import Base, utcnow
+from quotra.store.models import Base, utc_day, utcnow
 from quotra.store.repositories import Store
 from quotra.store.transactions import Transactions
 from quotra.vault import Vault
@@ -192,7 +192,7 @@ async def test_calls_are_refused_on_paused_and_expired_listings(store: Store, ca
             await calls.reserve_open(hold(listing_id), gate="sandbox")
         assert refused.value.reason == "listing_unavailable"
         with pytest.raises(Refused):
-            await calls.reserve_playground(hold(listing_id, "ip:1.2.3.4"), free_calls=3)
+            await calls.reserve_playground(hold(listing_id, "ip:1.2.3.4"), free_calls=3, daily_default=100)
     assert await calls.reserve_open(hold("lst_expiring"), gate="sandbox")
     for listing_id in ("lst_paused", "lst_expired"):
         listing = await store.get_listing(listing_id)
@@ -207,7 +207,7 @@ async def test_playground_calls_are_counted_atomically_per_listing_and_consumer(
     await make(store, "lst_b")
 
     def free(listing_id: str, consumer: str) -> Coroutine[Any, Any, str]:
-        return calls.reserve_playground(hold(listing_id, consumer), free_calls=3)
+        return calls.reserve_playground(hold(listing_id, consumer), free_calls=3, daily_default=100)
 
     ids = await taken([free("lst_a", "ip:1.2.3.4") for _ in range(20)])
     assert len(ids) == 3
@@ -240,6 +240,46 @@ async def test_playground_calls_are_counted_atomically_per_listing_and_consumer(
         3,
         "cancelled",
     )
+
+
+async def test_a_listings_free_calls_a_day_are_shared_by_all_consumers(
+    store: Store, calls: CallStore
+) -> None:
+    await make(store, "lst_own", free_calls_per_day=2)
+    await make(store, "lst_default")  # the relay's default (here 3)
+    await make(store, "lst_none", free_calls_per_day=0)
+
+    def free(listing_id: str, consumer: str) -> Coroutine[Any, Any, str]:
+        return calls.reserve_playground(hold(listing_id, consumer), free_calls=3, daily_default=3)
+
+    # Ten fresh consumers (new wallets, new addresses) race for the listing's free calls.
+    ids = await taken([free("lst_own", f"ip:10.0.0.{n}") for n in range(10)])
+    assert len(ids) == 2
+    listing = await store.get_listing("lst_own")
+    assert listing is not None
+    assert (listing.free_calls_today, listing.calls_used) == (2, 2)  # a refusal takes no quota
+    assert listing.free_calls_left(utcnow(), 3) == 0
+    with pytest.raises(Refused) as refused:
+        await free("lst_own", "ip:10.0.0.99")
+    assert refused.value.reason == "daily_free_calls_used"
+    assert await calls.void(ids[0], outcome="upstream_error")  # a failed free call is given back
+    assert await free("lst_own", "ip:10.0.0.99")
+
+    assert len(await taken([free("lst_default", f"ip:10.0.1.{n}") for n in range(10)])) == 3
+    with pytest.raises(Refused) as refused:
+        await free("lst_none", "ip:10.0.0.1")
+    assert refused.value.reason == "daily_free_calls_used"
+
+    # A new UTC day starts the count again; a call of an earlier day, voided, gives nothing back.
+    today = utc_day(utcnow())
+    await store.update_listing("lst_own", free_calls_day=today - 1)
+    assert await free("lst_own", "ip:10.0.2.1")
+    listing = await store.get_listing("lst_own")
+    assert listing is not None and (listing.free_calls_day, listing.free_calls_today) == (today, 1)
+    await store.update_listing("lst_own", free_calls_day=today + 1)  # as if ids[1] were yesterday's
+    assert await calls.void(ids[1], outcome="upstream_error")
+    listing = await store.get_listing("lst_own")
+    assert listing is not None and listing.free_calls_today == 1
 
 
 async def test_count_calls_counts_the_calls_a_listing_served(store: Store, calls: CallStore) -> None:

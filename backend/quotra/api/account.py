@@ -12,6 +12,8 @@ from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from quotra.api.deps import CurrentProvider, RuntimeDep
+from quotra.api.routing import BoundedRoute, errors
+from quotra.bounds import Address, Name, Omittable, PageSize, Uint256
 from quotra.calls.records import CALL_ID_PATTERN, CallView, payer_ids
 from quotra.errors import BadRequest, NotFound
 from quotra.money import usdc
@@ -21,7 +23,7 @@ from quotra.payments.prepaid import PrepaidService
 from quotra.store.allowances_repo import AllowanceView
 from quotra.store.prepaid_repo import ApiKeyView
 
-router = APIRouter(prefix="/v1/account", tags=["account"])
+router = APIRouter(prefix="/v1/account", tags=["account"], route_class=BoundedRoute)
 
 ATOMIC = Decimal(10**6)
 Usdc = Annotated[Decimal, Field(gt=0, le=Decimal(10**9), decimal_places=6, description="USDC")]
@@ -147,7 +149,7 @@ def key_view(view: ApiKeyView) -> dict[str, Any]:
 class CreateKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="", max_length=100)
+    name: Name = ""
     mode: Literal["live", "sandbox"] = "live"
     spend_cap: Usdc | None = Field(default=None, description="Most this key may spend in total (USDC)")
 
@@ -155,7 +157,7 @@ class CreateKey(BaseModel):
 class UpdateKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(default=None, max_length=100)
+    name: Omittable[Name] = None
     spend_cap: Usdc | None = Field(default=None, description="New cap (USDC); null removes the cap")
 
 
@@ -209,17 +211,22 @@ def usage_view(call: CallView) -> dict[str, Any]:
 class SpendPermissionFields(BaseModel):
     """The EIP-712 `SpendPermission` message; uint256 values as integers or decimal/0x strings."""
 
-    consumer: str
-    spender: str
-    allowance: int | str
-    valid_after: int | str
-    valid_until: int | str
-    salt: int | str
+    consumer: Address
+    spender: Address
+    allowance: Uint256
+    valid_after: Uint256
+    valid_until: Uint256
+    salt: Uint256
+
+
+HexSignature = Annotated[
+    str, Field(min_length=2, max_length=1000, pattern=r"^0x[0-9a-fA-F]*$", description="0x-hex")
+]
 
 
 class RegisterPermission(BaseModel):
     permission: SpendPermissionFields
-    signature: str = Field(min_length=2, max_length=1000, description="0x-hex, at most 65 bytes")
+    signature: HexSignature
 
 
 class TypedDataResponse(BaseModel):
@@ -230,17 +237,17 @@ class TypedDataResponse(BaseModel):
 class Eip3009Fields(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
-    from_: str = Field(alias="from")
-    to: str
-    value: int | str
-    validAfter: int | str  # EIP-3009's spelling
-    validBefore: int | str
-    nonce: str
+    from_: Address = Field(alias="from")
+    to: Address
+    value: Uint256
+    validAfter: Uint256  # EIP-3009's spelling
+    validBefore: Uint256
+    nonce: Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{64}$")]
 
 
 class DepositRequest(BaseModel):
     authorization: Eip3009Fields = Field(description="A ReceiveWithAuthorization to the escrow")
-    signature: str = Field(min_length=2, max_length=200)
+    signature: Annotated[HexSignature, Field(max_length=200)]
 
 
 class DepositResponse(BaseModel):
@@ -259,16 +266,26 @@ def _prepaid(runtime: Any) -> PrepaidService:
     return prepaid
 
 
-@router.get("", response_model=AccountResponse, summary="The prepaid account (refreshed from the chain)")
+@router.get(
+    "",
+    response_model=AccountResponse,
+    summary="The prepaid account (refreshed from the chain)",
+    responses=errors(401),
+)
 async def get_account(wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
     return account_view(await _prepaid(runtime).account(wallet))
 
 
-@router.get("/usage", response_model=UsageList, summary="The wallet's calls (any gate), newest first")
+@router.get(
+    "/usage",
+    response_model=UsageList,
+    summary="The wallet's calls (any gate), newest first",
+    responses=errors(400, 401),
+)
 async def usage(
     wallet: CurrentProvider,
     runtime: RuntimeDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    limit: PageSize = 50,
     before: Annotated[
         str | None, Query(pattern=CALL_ID_PATTERN, description="`next_before` of the previous page")
     ] = None,
@@ -288,6 +305,7 @@ async def usage(
     "/permission/typed-data",
     response_model=TypedDataResponse,
     summary="The SpendPermission to sign (spender = this relay's operator)",
+    responses=errors(400, 401, 404),
 )
 async def permission_typed_data(
     wallet: CurrentProvider,
@@ -302,6 +320,7 @@ async def permission_typed_data(
     "/permission",
     response_model=AccountResponse,
     summary="Register a signed SpendPermission (becomes the active one)",
+    responses=errors(400, 401, 404, 503),
 )
 async def register_permission(
     body: RegisterPermission, wallet: CurrentProvider, runtime: RuntimeDep
@@ -314,7 +333,10 @@ async def register_permission(
     "/deposits",
     response_model=DepositResponse,
     summary="Gasless deposit: the relayer submits your ReceiveWithAuthorization",
-    responses={202: {"model": DepositResponse, "description": "Submitted, not yet confirmed"}},
+    responses={
+        202: {"model": DepositResponse, "description": "Submitted, not yet confirmed"},
+        **errors(400, 401, 404, 503),
+    },
 )
 async def deposit(
     body: DepositRequest, wallet: CurrentProvider, runtime: RuntimeDep, response: Response
@@ -332,13 +354,21 @@ async def deposit(
     }
 
 
-@router.get("/keys", response_model=ApiKeyList, summary="Your API keys (never their secrets)")
+@router.get(
+    "/keys", response_model=ApiKeyList, summary="Your API keys (never their secrets)", responses=errors(401)
+)
 async def list_keys(wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
     keys = await _prepaid(runtime).repo.list_keys(wallet)
     return {"object": "list", "data": [key_view(k) for k in keys]}
 
 
-@router.post("/keys", response_model=ApiKeyCreated, status_code=201, summary="Create an API key (shown once)")
+@router.post(
+    "/keys",
+    response_model=ApiKeyCreated,
+    status_code=201,
+    summary="Create an API key (shown once)",
+    responses=errors(400, 401),
+)
 async def create_key(body: CreateKey, wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
     view, secret = await _prepaid(runtime).create_key(
         wallet,
@@ -349,7 +379,12 @@ async def create_key(body: CreateKey, wallet: CurrentProvider, runtime: RuntimeD
     return {**key_view(view), "key": secret}
 
 
-@router.patch("/keys/{key_id}", response_model=ApiKeyPublic, summary="Rename a key or change its spend cap")
+@router.patch(
+    "/keys/{key_id}",
+    response_model=ApiKeyPublic,
+    summary="Rename a key or change its spend cap",
+    responses=errors(400, 401, 404),
+)
 async def update_key(
     key_id: KeyId, body: UpdateKey, wallet: CurrentProvider, runtime: RuntimeDep
 ) -> dict[str, Any]:
@@ -363,7 +398,12 @@ async def update_key(
     return key_view(view)
 
 
-@router.delete("/keys/{key_id}", response_model=ApiKeyPublic, summary="Revoke an API key (at once)")
+@router.delete(
+    "/keys/{key_id}",
+    response_model=ApiKeyPublic,
+    summary="Revoke an API key (at once)",
+    responses=errors(400, 401, 404),
+)
 async def revoke_key(key_id: KeyId, wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
     try:
         view = await _prepaid(runtime).revoke_key(wallet, key_id)
@@ -387,11 +427,23 @@ class WithdrawalTypedData(BaseModel):
     nonce: int
 
 
+class WithdrawalMessage(BaseModel):
+    """A signed RequestWithdrawal / CancelWithdrawal (`amount`) or Withdraw (`relayer_fee`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    consumer: Address
+    amount: Uint256 | None = None
+    relayer_fee: Uint256 | None = None
+    nonce: Uint256
+    deadline: Uint256
+
+
 class WithdrawalRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     step: WithdrawalStep
-    message: dict[str, str | int] = Field(description="The signed message, as the typed data gave it")
+    message: WithdrawalMessage = Field(description="The signed message, as the typed data gave it")
     signature: str = Field(pattern=r"^0x([0-9a-fA-F]{2}){65,2048}$")
 
 
@@ -416,6 +468,7 @@ def _exits(runtime: Any) -> Exits:
     "/withdrawals/typed-data",
     response_model=WithdrawalTypedData,
     summary="A withdrawal step to sign (request, cancel, or withdraw at the relayer's fee): no ETH needed",
+    responses=errors(400, 401, 404, 409, 503),
 )
 async def withdrawal_typed_data(
     wallet: CurrentProvider,
@@ -430,12 +483,16 @@ async def withdrawal_typed_data(
     "/withdrawals",
     response_model=WithdrawalStatus,
     summary="Submit a signed withdrawal step through the relayer (ETH-free exit)",
-    responses={202: {"model": WithdrawalStatus, "description": "Submitted, not yet confirmed"}},
+    responses={
+        202: {"model": WithdrawalStatus, "description": "Submitted, not yet confirmed"},
+        **errors(400, 401, 403, 404, 409, 503),
+    },
 )
 async def submit_withdrawal(
     body: WithdrawalRequest, wallet: CurrentProvider, runtime: RuntimeDep, response: Response
 ) -> dict[str, Any]:
-    result = await _exits(runtime).submit(wallet, body.step, dict(body.message), body.signature)
+    message = body.message.model_dump(exclude_none=True)
+    result = await _exits(runtime).submit(wallet, body.step, message, body.signature)
     if result["status"] == "submitted":
         response.status_code = 202
     else:
@@ -443,7 +500,12 @@ async def submit_withdrawal(
     return result
 
 
-@router.get("/withdrawals/{task_id}", response_model=WithdrawalStatus, summary="A withdrawal step's status")
+@router.get(
+    "/withdrawals/{task_id}",
+    response_model=WithdrawalStatus,
+    summary="A withdrawal step's status",
+    responses=errors(400, 401, 404, 503),
+)
 async def withdrawal_status(
     task_id: Annotated[str, Path(max_length=100)], wallet: CurrentProvider, runtime: RuntimeDep
 ) -> dict[str, Any]:
@@ -520,6 +582,7 @@ def _allowances(runtime: Any) -> AllowanceService:
     response_model=AllowanceOut,
     status_code=201,
     summary="Register a periodic USDC allowance (ERC-7715 permission context) for automatic top-ups",
+    responses=errors(400, 401, 404, 409, 503),
 )
 async def register_allowance(
     body: PermissionResponse, wallet: CurrentProvider, runtime: RuntimeDep
@@ -540,7 +603,12 @@ async def register_allowance(
     return allowance_view(view, await service.available(view))
 
 
-@router.get("/allowances", response_model=AllowanceList, summary="Your periodic allowances")
+@router.get(
+    "/allowances",
+    response_model=AllowanceList,
+    summary="Your periodic allowances",
+    responses=errors(401, 404, 503),
+)
 async def list_allowances(wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
     rows = await _allowances(runtime).of_wallet(wallet)
     return {"object": "list", "data": [allowance_view(r["allowance"], r["available"]) for r in rows]}

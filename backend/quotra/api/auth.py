@@ -12,10 +12,11 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from quotra.api.deps import CurrentProvider, RuntimeDep
+from quotra.api.routing import BoundedRoute, errors
 from quotra.errors import AuthenticationFailed
 from quotra.siwe import SiweError, SiweMessage, format_time
 
-router = APIRouter(prefix="/v1/auth", tags=["auth"])
+router = APIRouter(prefix="/v1/auth", tags=["auth"], route_class=BoundedRoute)
 STATEMENT = "Sign in to Quotra."
 
 
@@ -40,7 +41,7 @@ class NonceResponse(BaseModel):
 
 class VerifyRequest(BaseModel):
     message: str = Field(min_length=1, max_length=8192)
-    signature: str = Field(min_length=2, max_length=8192)
+    signature: str = Field(min_length=2, max_length=8192, pattern=r"^0x[0-9a-fA-F]*$")
 
 
 class SessionResponse(BaseModel):
@@ -54,7 +55,13 @@ class WhoAmI(BaseModel):
     address: str
 
 
-@router.post("/nonce", response_model=NonceResponse, status_code=201, summary="Get a single-use SIWE nonce")
+@router.post(
+    "/nonce",
+    response_model=NonceResponse,
+    status_code=201,
+    summary="Get a single-use SIWE nonce",
+    responses=errors(400),
+)
 async def nonce(runtime: RuntimeDep, body: NonceRequest | None = None) -> dict[str, Any]:
     settings = runtime.settings
     value = secrets.token_hex(16)
@@ -85,7 +92,10 @@ async def nonce(runtime: RuntimeDep, body: NonceRequest | None = None) -> dict[s
 
 
 @router.post(
-    "/verify", response_model=SessionResponse, summary="Exchange a signed SIWE message for a session"
+    "/verify",
+    response_model=SessionResponse,
+    summary="Exchange a signed SIWE message for a session",
+    responses=errors(400, 401),
 )
 async def verify(body: VerifyRequest, runtime: RuntimeDep) -> dict[str, Any]:
     try:
@@ -101,6 +111,6 @@ async def verify(body: VerifyRequest, runtime: RuntimeDep) -> dict[str, Any]:
     return {"access_token": token, "token_type": "bearer", "address": message.address, "expires_at": expires}
 
 
-@router.get("/session", response_model=WhoAmI, summary="The signed-in wallet")
+@router.get("/session", response_model=WhoAmI, summary="The signed-in wallet", responses=errors(401))
 async def session(address: CurrentProvider) -> dict[str, str]:
     return {"address": address}

@@ -15,10 +15,11 @@ from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel
 
 from quotra.api.deps import RuntimeDep, bearer_wallet
+from quotra.api.routing import BoundedRoute, errors
 from quotra.calls.records import CALL_ID_PATTERN, CallView, payer_ids, summary
 from quotra.errors import NotFound
 
-router = APIRouter(prefix="/v1/calls", tags=["calls"])
+router = APIRouter(prefix="/v1/calls", tags=["calls"], route_class=BoundedRoute)
 
 
 class CallUsage(BaseModel):
@@ -60,7 +61,12 @@ async def _is_payer(request: Request, runtime: Any, call: CallView) -> bool:
     return False
 
 
-@router.get("/{call_id}", response_model=CallOutcome, summary="What happened to a call, for its payer")
+@router.get(
+    "/{call_id}",
+    response_model=CallOutcome,
+    summary="What happened to a call, for its payer",
+    responses=errors(400, 401, 404),
+)
 async def get_call(
     request: Request,
     runtime: RuntimeDep,

@@ -14,9 +14,11 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from quotra.api.deps import CurrentCaller, RuntimeDep
+from quotra.api.routing import BoundedRoute, errors
+from quotra.bounds import ModelRef, TokenCount
 from quotra.payments.x402_gate import X402Attempt
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], route_class=BoundedRoute)
 
 
 class ChatMessage(BaseModel):
@@ -38,12 +40,12 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1, max_length=300)
+    model: ModelRef
     messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: TokenCount | None = None
+    max_completion_tokens: TokenCount | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     n: int | None = Field(default=None, ge=1, le=1)
@@ -82,7 +84,10 @@ class DisconnectAwareStream(StreamingResponse):
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletion,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        **errors(400, 401, 402, 404, 409, 429, 502, 503),
+    },
     summary="Create a chat completion (OpenAI-compatible)",
 )
 async def chat_completions(

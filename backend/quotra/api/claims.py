@@ -12,38 +12,25 @@ from decimal import Decimal
 from typing import Annotated, Any
 
 from eth_utils import to_checksum_address
-from fastapi import APIRouter, Depends, Path, Query
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from fastapi import APIRouter, Depends, Path
+from pydantic import BaseModel, ConfigDict, Field
 
 from quotra.api.deps import CurrentProvider, RuntimeDep
+from quotra.api.routing import BoundedRoute, errors
+from quotra.bounds import Address, Offset, PageSize, Uint256
 from quotra.chain import delegation as dlg
 from quotra.chain.client import DelegationArgs
 from quotra.errors import BadRequest, NotFound
-from quotra.payments.claims import UINT256_MAX, ClaimService
-from quotra.store.claims_repo import ClaimView, RevocationView
+from quotra.payments.claims import ClaimService
+from quotra.store.claims_repo import CLAIM_ID_PATTERN, REVOCATION_ID_PATTERN, ClaimView, RevocationView
 
-router = APIRouter(tags=["claims"])
+router = APIRouter(tags=["claims"], route_class=BoundedRoute)
 
 ATOMIC = Decimal(10**6)
-AddressStr = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{40}$")]
 SignatureStr = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{130}$", description="65-byte signature, 0x-hex")]
 Bytes32Str = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{64}$")]
 HexBytesStr = Annotated[str, Field(pattern=r"^0x([0-9a-fA-F]{2}){1,2048}$")]
 UsdcAmount = Annotated[Decimal, Field(gt=0, le=Decimal(10**12), decimal_places=6, description="USDC")]
-
-
-def _uint256(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("must be an unsigned integer")
-    if isinstance(value, str):
-        text = value.strip()
-        value = int(text, 16) if text.lower().startswith("0x") else int(text)
-    if not isinstance(value, int) or not 0 <= value <= UINT256_MAX:
-        raise ValueError("must be an unsigned 256-bit integer")
-    return value
-
-
-Uint256 = Annotated[int, BeforeValidator(_uint256)]
 
 
 def usdc_text(atomic: int) -> str:
@@ -80,9 +67,9 @@ ClaimsDep = Annotated[ClaimService, Depends(claims_service)]
 class DelegationIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    provider: AddressStr
-    delegate: AddressStr
-    payee: AddressStr
+    provider: Address
+    delegate: Address
+    payee: Address
     max_amount: Uint256
     relayer_fee: Uint256
     valid_until: Uint256
@@ -108,10 +95,53 @@ class ClaimRequest(BaseModel):
     amount: UsdcAmount | None = Field(default=None, description="Defaults to the delegation's max_amount")
 
 
+class ClaimOut(BaseModel):
+    id: str
+    object: str = "claim"
+    kind: str
+    status: str
+    provider: str
+    payee: str
+    amount: str
+    amount_atomic: int
+    relayer_fee: str
+    relayer_fee_atomic: int
+    delegation_digest: str
+    relayer: str
+    task_id: str | None
+    tx_hash: str | None
+    block_number: int | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class ClaimList(BaseModel):
+    object: str = "list"
+    data: list[ClaimOut]
+
+
+class RelayerQuoteOut(BaseModel):
+    relayer: str
+    address: str
+    fee: str
+    fee_atomic: int
+    quote_expires_at: int | None
+
+
+class TypedDataOut(BaseModel):
+    typed_data: dict[str, Any]
+    digest: str
+    amount: str
+    amount_atomic: int
+    claimable: str
+    relayer: RelayerQuoteOut
+
+
 class FrameworkCaveatIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    enforcer: AddressStr
+    enforcer: Address
     terms: Annotated[str, Field(pattern=r"^0x([0-9a-fA-F]{2}){0,4096}$")]
 
 
@@ -120,8 +150,8 @@ class FrameworkDelegationIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    delegate: AddressStr
-    delegator: AddressStr
+    delegate: Address
+    delegator: Address
     authority: Bytes32Str = "0x" + "f" * 64
     caveats: list[FrameworkCaveatIn] = Field(max_length=16)
     salt: Uint256
@@ -148,7 +178,7 @@ class AuthorizationIn(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     chain_id: Uint256 = Field(alias="chainId")
-    address: AddressStr
+    address: Address
     nonce: Uint256
     y_parity: Annotated[int, Field(ge=0, le=1)] = Field(alias="yParity")
     r: Uint256
@@ -205,49 +235,6 @@ class DisableRequest(BaseModel):
     grant: SignedFrameworkDelegation = Field(description="The signed one-use disableDelegation grant")
 
 
-class ClaimOut(BaseModel):
-    id: str
-    object: str = "claim"
-    kind: str
-    status: str
-    provider: str
-    payee: str
-    amount: str
-    amount_atomic: int
-    relayer_fee: str
-    relayer_fee_atomic: int
-    delegation_digest: str
-    relayer: str
-    task_id: str | None
-    tx_hash: str | None
-    block_number: int | None
-    error: str | None
-    created_at: datetime
-    updated_at: datetime
-
-
-class ClaimList(BaseModel):
-    object: str = "list"
-    data: list[ClaimOut]
-
-
-class RelayerQuoteOut(BaseModel):
-    relayer: str
-    address: str
-    fee: str
-    fee_atomic: int
-    quote_expires_at: int | None
-
-
-class TypedDataOut(BaseModel):
-    typed_data: dict[str, Any]
-    digest: str
-    amount: str
-    amount_atomic: int
-    claimable: str
-    relayer: RelayerQuoteOut
-
-
 class EarningsOut(BaseModel):
     provider: str
     claimable: str
@@ -262,7 +249,7 @@ class EarningsOut(BaseModel):
 class RevocationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    account: AddressStr
+    account: Address
     item: Bytes32Str = Field(description="EIP-712 digest of the delegation or spend permission")
     signature: SignatureStr = Field(
         description="The account's EIP-712 signature of Revocation(account, item)"
@@ -320,12 +307,13 @@ def revocation_out(revocation: RevocationView) -> dict[str, Any]:
     "/v1/provider/claims/typed-data",
     response_model=TypedDataOut,
     summary="A Delegation to sign for one claim, with the relayer's current fee",
+    responses=errors(400, 401, 404, 409, 503),
 )
 async def claim_typed_data(
     provider: CurrentProvider,
     claims: ClaimsDep,
-    amount: Annotated[UsdcAmount, Query(description="USDC to claim, relayer fee included")],
-    payee: Annotated[str | None, Query(pattern=r"^0x[0-9a-fA-F]{40}$")] = None,
+    amount: Annotated[UsdcAmount, Field(description="USDC to claim, relayer fee included")],
+    payee: Address | None = None,
 ) -> dict[str, Any]:
     result = await claims.typed_data(provider, to_atomic(amount), payee)
     typed = result["typed_data"]
@@ -354,12 +342,11 @@ def _offer(amount: Decimal, result: dict[str, Any]) -> dict[str, Any]:
     response_model=ClaimOut,
     status_code=202,
     summary="Claim earnings without ETH: a signed Delegation, submitted by the relayer",
+    responses=errors(400, 401, 403, 404, 409, 503),
 )
 async def create_claim(body: ClaimRequest, provider: CurrentProvider, claims: ClaimsDep) -> dict[str, Any]:
     delegation = body.delegation.args()
     amount = to_atomic(body.amount) if body.amount is not None else delegation.max_amount
-    if amount > UINT256_MAX:  # pragma: no cover - bounded by the model
-        raise BadRequest("amount too large")
     return claim_out(await claims.submit(provider, delegation, body.signature, amount))
 
 
@@ -367,12 +354,13 @@ async def create_claim(body: ClaimRequest, provider: CurrentProvider, claims: Cl
     "/v1/provider/claims/erc7710/typed-data",
     response_model=RedemptionTypedDataOut,
     summary="ERC-7710 Delegations (MetaMask's Delegation Framework) to sign for one claim and its fee",
+    responses=errors(400, 401, 404, 409, 503),
 )
 async def redemption_typed_data(
     provider: CurrentProvider,
     claims: ClaimsDep,
-    amount: Annotated[UsdcAmount, Query(description="USDC to claim, relayer fee included")],
-    payee: Annotated[str | None, Query(pattern=r"^0x[0-9a-fA-F]{40}$")] = None,
+    amount: Annotated[UsdcAmount, Field(description="USDC to claim, relayer fee included")],
+    payee: Address | None = None,
 ) -> dict[str, Any]:
     result = await claims.redemption_typed_data(provider, to_atomic(amount), payee)
     return {
@@ -388,6 +376,7 @@ async def redemption_typed_data(
     response_model=ClaimOut,
     status_code=202,
     summary="Claim earnings from a smart account without ETH: ERC-7710 delegations the relayer redeems",
+    responses=errors(400, 401, 403, 404, 409, 503),
 )
 async def create_redemption_claim(
     body: RedemptionClaimRequest, provider: CurrentProvider, claims: ClaimsDep
@@ -402,20 +391,27 @@ async def create_redemption_claim(
     return claim_out(await claims.submit_redemption(provider, claim, fee, amount, authorization))
 
 
-@router.get("/v1/provider/claims", response_model=ClaimList, summary="The signed-in provider's claims")
+@router.get(
+    "/v1/provider/claims",
+    response_model=ClaimList,
+    summary="The signed-in provider's claims",
+    responses=errors(400, 401),
+)
 async def list_claims(
-    provider: CurrentProvider,
-    runtime: RuntimeDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    provider: CurrentProvider, runtime: RuntimeDep, limit: PageSize = 50, offset: Offset = 0
 ) -> dict[str, Any]:
     rows = await runtime.claims_repo.list_claims(to_checksum_address(provider), limit=limit, offset=offset)
     return {"object": "list", "data": [claim_out(c) for c in rows]}
 
 
-@router.get("/v1/provider/claims/{claim_id}", response_model=ClaimOut, summary="One claim")
+@router.get(
+    "/v1/provider/claims/{claim_id}",
+    response_model=ClaimOut,
+    summary="One claim",
+    responses=errors(400, 401, 404),
+)
 async def get_claim(
-    provider: CurrentProvider, runtime: RuntimeDep, claim_id: Annotated[str, Path(max_length=40)]
+    provider: CurrentProvider, runtime: RuntimeDep, claim_id: Annotated[str, Path(pattern=CLAIM_ID_PATTERN)]
 ) -> dict[str, Any]:
     claim = await runtime.claims_repo.get_claim(claim_id)
     if claim is None or claim.provider != to_checksum_address(provider):
@@ -427,6 +423,7 @@ async def get_claim(
     "/v1/provider/earnings",
     response_model=EarningsOut,
     summary="Claimable on-chain, claimed, and earned per listing (from the ledger)",
+    responses=errors(401, 404, 503),
 )
 async def earnings(provider: CurrentProvider, claims: ClaimsDep) -> dict[str, Any]:
     result = await claims.earnings(provider)
@@ -451,6 +448,7 @@ async def earnings(provider: CurrentProvider, claims: ClaimsDep) -> dict[str, An
     response_model=RevocationOut,
     status_code=202,
     summary="Revoke a delegation or spend permission without ETH (a signed Revocation)",
+    responses=errors(400, 404, 503),
 )
 async def create_revocation(body: RevocationRequest, claims: ClaimsDep) -> dict[str, Any]:
     # The signature is the authority: no session is needed to revoke one's own grant.
@@ -458,9 +456,14 @@ async def create_revocation(body: RevocationRequest, claims: ClaimsDep) -> dict[
     return revocation_out(await claims.revoke(to_checksum_address(body.account), item, body.signature))
 
 
-@router.get("/v1/revocations/{revocation_id}", response_model=RevocationOut, summary="One revocation")
+@router.get(
+    "/v1/revocations/{revocation_id}",
+    response_model=RevocationOut,
+    summary="One revocation",
+    responses=errors(400, 404),
+)
 async def get_revocation(
-    runtime: RuntimeDep, revocation_id: Annotated[str, Path(max_length=40)]
+    runtime: RuntimeDep, revocation_id: Annotated[str, Path(pattern=REVOCATION_ID_PATTERN)]
 ) -> dict[str, Any]:
     revocation = await runtime.claims_repo.get_revocation(revocation_id)
     if revocation is None:
@@ -472,6 +475,7 @@ async def get_revocation(
     "/v1/delegations/disable/typed-data",
     response_model=DisableTypedDataOut,
     summary="The one-use grant to sign so the relayer disables a framework delegation for free",
+    responses=errors(400, 404, 503),
 )
 async def disable_typed_data(body: DisableTypedDataRequest, claims: ClaimsDep) -> dict[str, Any]:
     try:
@@ -486,6 +490,7 @@ async def disable_typed_data(body: DisableTypedDataRequest, claims: ClaimsDep) -
     response_model=RevocationOut,
     status_code=202,
     summary="Disable an ERC-7710 delegation (DelegationManager.disableDelegation) without ETH",
+    responses=errors(400, 404, 503),
 )
 async def disable_delegation(body: DisableRequest, claims: ClaimsDep) -> dict[str, Any]:
     # The delegator's signature of the grant is the authority, as for /v1/revocations.

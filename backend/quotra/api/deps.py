@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import time
 from dataclasses import dataclass
@@ -139,13 +140,17 @@ def _bearer(request: Request) -> str | None:
 def client_ip(request: Request, settings: Settings) -> str:
     """The client's address: the peer's, or behind `trusted_proxy_hops` proxies the one the
     outermost of them saw (counted from the right of X-Forwarded-For; never the client-written
-    left end). With fewer entries than proxies the header is not trusted."""
+    left end). With fewer entries than proxies, or an entry that is no IP address, the header is
+    not trusted."""
     peer = request.client.host if request.client else "unknown"
     if settings.trust_forwarded_for:
         entries = [e.strip() for e in ",".join(request.headers.getlist("x-forwarded-for")).split(",")]
         entries = [e for e in entries if e]
         if len(entries) >= settings.trusted_proxy_hops:
-            return entries[-settings.trusted_proxy_hops]
+            try:
+                return str(ipaddress.ip_address(entries[-settings.trusted_proxy_hops]))
+            except ValueError:
+                pass
     return peer
 
 

@@ -20,8 +20,9 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from quotra.api.deps import Runtime, RuntimeDep
+from quotra.api.routing import BoundedRoute
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=BoundedRoute)
 
 
 class Health(BaseModel):

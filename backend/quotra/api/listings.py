@@ -8,31 +8,23 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from quotra.api.deps import CurrentProvider, RuntimeDep
+from quotra.api.routing import BoundedRoute, errors
+from quotra.bounds import ModelName, ModelRef, Offset, Omittable, PageSize, Secret, TokenCount, UrlText
 from quotra.errors import BadRequest, NotFound
 from quotra.services.gate import usdc
+from quotra.services.listings import LISTING_ID_PATTERN
 from quotra.store.models import utcnow
 from quotra.store.repositories import ListingRecord
 
-router = APIRouter(prefix="/v1/listings", tags=["listings"])
+router = APIRouter(prefix="/v1/listings", tags=["listings"], route_class=BoundedRoute)
 
 UpstreamKind = Literal["openai", "anthropic", "gemini", "openai-compatible", "sandbox"]
 ATOMIC = Decimal(10**6)
 MIN_PRICE, MAX_PRICE = Decimal("0.0001"), Decimal("1.00")
-
-
-# "listing/…" is how a call names one listing, so no model may be called that.
-def _not_a_listing_name(name: str) -> str:
-    if name.startswith("listing/"):
-        raise ValueError("model names may not start with 'listing/'")
-    return name
-
-
-ModelName = Annotated[
-    str, Field(min_length=1, max_length=200, pattern=r"^[^\s/][^\s]*$"), AfterValidator(_not_a_listing_name)
-]
+ListingId = Annotated[str, Path(pattern=LISTING_ID_PATTERN)]
 Price = Annotated[Decimal, Field(ge=MIN_PRICE, le=MAX_PRICE, decimal_places=6, description="USDC per call")]
 TokenPrice = Annotated[
     Decimal, Field(ge=0, le=Decimal(1000), decimal_places=6, description="USDC per 1M tokens")
@@ -46,9 +38,16 @@ def to_atomic(value: Decimal) -> int:
 class ListingLimits(BaseModel):
     max_calls: int | None = Field(default=None, ge=1, le=10**12)
     max_input_chars: int | None = Field(default=None, ge=1, le=10**8)
-    max_input_tokens: int | None = Field(default=None, ge=1, le=10**7)
-    max_output_tokens: int | None = Field(default=None, ge=1, le=10**7)
+    max_input_tokens: TokenCount | None = None
+    max_output_tokens: TokenCount | None = None
     rate_per_minute: int | None = Field(default=None, ge=1, le=100_000)
+    free_calls_per_day: int | None = Field(
+        default=None,
+        ge=0,
+        le=1_000_000,
+        description="Free playground calls a UTC day, across all consumers (0: none; null: the "
+        "relay's default)",
+    )
     expires_at: datetime | None = None
 
     @field_validator("expires_at")
@@ -68,8 +67,8 @@ class ListingCreate(ListingLimits):
     model_config = ConfigDict(extra="forbid")
 
     kind: UpstreamKind
-    api_key: str = Field(default="", max_length=4096, description="Write-only; never returned")
-    base_url: str | None = Field(default=None, max_length=2048)
+    api_key: Secret | None = Field(default=None, description="Write-only; never returned")
+    base_url: UrlText | None = None
     models: list[ModelName] = Field(min_length=1, max_length=100)
     price_per_call: Price
     price_input_per_mtok: TokenPrice | None = None
@@ -82,7 +81,7 @@ class ListingCreate(ListingLimits):
             raise ValueError("openai-compatible listings need a base_url")
         if self.kind != "openai-compatible" and self.base_url:
             raise ValueError("base_url applies only to openai-compatible listings")
-        if self.kind != "sandbox" and not self.api_key.strip():
+        if self.kind != "sandbox" and self.api_key is None:
             raise ValueError("api_key is required")
         return self
 
@@ -90,10 +89,10 @@ class ListingCreate(ListingLimits):
 class ListingUpdate(ListingLimits):
     model_config = ConfigDict(extra="forbid")
 
-    api_key: str | None = Field(default=None, min_length=1, max_length=4096)
-    base_url: str | None = Field(default=None, max_length=2048)
-    models: list[ModelName] | None = Field(default=None, min_length=1, max_length=100)
-    price_per_call: Price | None = None
+    api_key: Omittable[Secret] = None
+    base_url: Omittable[UrlText] = None
+    models: Omittable[Annotated[list[ModelName], Field(min_length=1, max_length=100)]] = None
+    price_per_call: Omittable[Price] = None
     price_input_per_mtok: TokenPrice | None = None
     price_output_per_mtok: TokenPrice | None = None
     active: bool | None = None
@@ -117,6 +116,8 @@ class ListingPublic(BaseModel):
     max_input_tokens: int | None
     max_output_tokens: int | None
     rate_per_minute: int | None
+    free_calls_per_day: int = Field(description="Free playground calls a UTC day, across all consumers")
+    free_calls_left_today: int
     expires_at: datetime | None
     status: str
     healthy: bool
@@ -139,7 +140,8 @@ class ListingPrivateList(BaseModel):
     data: list[ListingPrivate]
 
 
-def public_view(record: ListingRecord) -> dict[str, Any]:
+def public_view(record: ListingRecord, daily_free_calls: int) -> dict[str, Any]:
+    """The listing as anyone sees it; `daily_free_calls`: the relay's default daily free calls."""
     now = utcnow()
     return {
         "id": record.id,
@@ -163,6 +165,8 @@ def public_view(record: ListingRecord) -> dict[str, Any]:
         "max_input_tokens": record.max_input_tokens,
         "max_output_tokens": record.max_output_tokens,
         "rate_per_minute": record.rate_per_minute,
+        "free_calls_per_day": record.free_calls_budget(daily_free_calls),
+        "free_calls_left_today": record.free_calls_left(now, daily_free_calls),
         "expires_at": record.expires_at,
         "status": record.status,
         "healthy": not record.in_cooldown(now),
@@ -170,8 +174,8 @@ def public_view(record: ListingRecord) -> dict[str, Any]:
     }
 
 
-def private_view(record: ListingRecord) -> dict[str, Any]:
-    view = public_view(record)
+def private_view(record: ListingRecord, daily_free_calls: int) -> dict[str, Any]:
+    view = public_view(record, daily_free_calls)
     view.update(base_url=record.base_url, cooldown_until=record.cooldown_until, updated_at=record.updated_at)
     return view
 
@@ -184,15 +188,15 @@ def _fields(model: BaseModel, *, only_set: bool) -> dict[str, Any]:
     return values
 
 
-@router.get("", response_model=ListingList, summary="Search live listings")
+@router.get("", response_model=ListingList, summary="Search live listings", responses=errors(400))
 async def search(
     runtime: RuntimeDep,
-    model: Annotated[str | None, Query(max_length=200)] = None,
+    model: ModelRef | None = None,
     max_price: Annotated[Decimal | None, Query(ge=0, le=MAX_PRICE, description="USDC per call")] = None,
     min_remaining_calls: Annotated[int | None, Query(ge=0, le=10**12)] = None,
     sort: Literal["price", "-price", "remaining", "-remaining", "newest", "oldest"] = "price",
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0, le=100_000)] = 0,
+    limit: PageSize = 50,
+    offset: Offset = 0,
 ) -> dict[str, Any]:
     records = await runtime.store.search_listings(
         model=model,
@@ -202,59 +206,92 @@ async def search(
         limit=limit,
         offset=offset,
     )
-    return {"object": "list", "data": [public_view(r) for r in records]}
-
-
-@router.post("", response_model=ListingPrivate, status_code=201, summary="Create a listing")
-async def create(body: ListingCreate, owner: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
-    fields = _fields(body, only_set=False)
-    if body.kind == "sandbox" and not fields["api_key"]:
-        fields["api_key"] = "sandbox"
-    record = await runtime.listings.create(owner, fields)
-    return private_view(record)
-
-
-@router.get("/mine", response_model=ListingPrivateList, summary="The signed-in provider's listings")
-async def mine(owner: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
-    records = await runtime.store.search_listings(owner=owner, live_only=False, sort="newest", limit=10_000)
-    return {"object": "list", "data": [private_view(r) for r in records]}
-
-
-@router.get("/{listing_id}", response_model=ListingPublic, summary="One listing")
-async def get_one(listing_id: Annotated[str, Path(max_length=64)], runtime: RuntimeDep) -> dict[str, Any]:
-    record = await runtime.store.get_listing(listing_id)
-    if record is None or record.status == "revoked":
-        raise NotFound(f"No listing {listing_id}", code="listing_not_found")
-    return public_view(record)
-
-
-@router.patch("/{listing_id}", response_model=ListingPrivate, summary="Change a listing (owner only)")
-async def update(
-    listing_id: str, body: ListingUpdate, owner: CurrentProvider, runtime: RuntimeDep
-) -> dict[str, Any]:
-    changes = _fields(body, only_set=True)
-    for key in ("models", "price_per_call", "api_key"):
-        if key in changes and changes[key] is None:
-            raise BadRequest(f"{key} cannot be null", param=key)
-    if not changes:
-        raise BadRequest("Nothing to change")
-    return private_view(await runtime.listings.update(owner, listing_id, changes))
-
-
-@router.post("/{listing_id}/pause", response_model=ListingPrivate, summary="Pause a listing (owner only)")
-async def pause(listing_id: str, owner: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
-    return private_view(await runtime.listings.set_status(owner, listing_id, "paused"))
+    daily = runtime.settings.playground_free_calls_per_day
+    return {"object": "list", "data": [public_view(r, daily) for r in records]}
 
 
 @router.post(
-    "/{listing_id}/resume", response_model=ListingPrivate, summary="Resume a paused listing (owner only)"
+    "",
+    response_model=ListingPrivate,
+    status_code=201,
+    summary="Create a listing",
+    responses=errors(400, 401, 502),
 )
-async def resume(listing_id: str, owner: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
-    return private_view(await runtime.listings.set_status(owner, listing_id, "active"))
+async def create(body: ListingCreate, owner: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
+    fields = _fields(body, only_set=False)
+    if fields["api_key"] is None:  # a sandbox listing calls no upstream
+        fields["api_key"] = "sandbox"
+    record = await runtime.listings.create(owner, fields)
+    return private_view(record, runtime.settings.playground_free_calls_per_day)
+
+
+@router.get(
+    "/mine",
+    response_model=ListingPrivateList,
+    summary="The signed-in provider's listings",
+    responses=errors(401),
+)
+async def mine(owner: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
+    records = await runtime.store.search_listings(owner=owner, live_only=False, sort="newest", limit=10_000)
+    daily = runtime.settings.playground_free_calls_per_day
+    return {"object": "list", "data": [private_view(r, daily) for r in records]}
+
+
+@router.get("/{listing_id}", response_model=ListingPublic, summary="One listing", responses=errors(400, 404))
+async def get_one(listing_id: ListingId, runtime: RuntimeDep) -> dict[str, Any]:
+    record = await runtime.store.get_listing(listing_id)
+    if record is None or record.status == "revoked":
+        raise NotFound(f"No listing {listing_id}", code="listing_not_found")
+    return public_view(record, runtime.settings.playground_free_calls_per_day)
+
+
+_OWNER_ONLY = errors(400, 401, 403, 404)
+
+
+@router.patch(
+    "/{listing_id}",
+    response_model=ListingPrivate,
+    summary="Change a listing (owner only)",
+    responses=errors(400, 401, 403, 404, 502),
+)
+async def update(
+    listing_id: ListingId, body: ListingUpdate, owner: CurrentProvider, runtime: RuntimeDep
+) -> dict[str, Any]:
+    changes = _fields(body, only_set=True)
+    if not changes:
+        raise BadRequest("Nothing to change")
+    record = await runtime.listings.update(owner, listing_id, changes)
+    return private_view(record, runtime.settings.playground_free_calls_per_day)
+
+
+@router.post(
+    "/{listing_id}/pause",
+    response_model=ListingPrivate,
+    summary="Pause a listing (owner only)",
+    responses=_OWNER_ONLY,
+)
+async def pause(listing_id: ListingId, owner: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
+    record = await runtime.listings.set_status(owner, listing_id, "paused")
+    return private_view(record, runtime.settings.playground_free_calls_per_day)
+
+
+@router.post(
+    "/{listing_id}/resume",
+    response_model=ListingPrivate,
+    summary="Resume a paused listing (owner only)",
+    responses=_OWNER_ONLY,
+)
+async def resume(listing_id: ListingId, owner: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
+    record = await runtime.listings.set_status(owner, listing_id, "active")
+    return private_view(record, runtime.settings.playground_free_calls_per_day)
 
 
 @router.delete(
-    "/{listing_id}", response_model=ListingPrivate, summary="Revoke a listing for good (owner only)"
+    "/{listing_id}",
+    response_model=ListingPrivate,
+    summary="Revoke a listing for good (owner only)",
+    responses=_OWNER_ONLY,
 )
-async def revoke(listing_id: str, owner: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
-    return private_view(await runtime.listings.set_status(owner, listing_id, "revoked"))
+async def revoke(listing_id: ListingId, owner: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
+    record = await runtime.listings.set_status(owner, listing_id, "revoked")
+    return private_view(record, runtime.settings.playground_free_calls_per_day)

@@ -8,9 +8,10 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
 
 from quotra.api.deps import RuntimeDep
+from quotra.api.routing import BoundedRoute
 from quotra.services.gate import usdc
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], route_class=BoundedRoute)
 
 
 class ModelObject(BaseModel):

@@ -12,12 +12,19 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from quotra.api.deps import RuntimeDep
+from quotra.api.routing import BoundedRoute, errors
 from quotra.chain.oneshot import submission_from_status
 from quotra.chain.relayer import RelayerError
 from quotra.errors import NotFound, ServiceUnavailable, error_body
 from quotra.webhooks import JwksUnavailable, WebhookRejected
 
-router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], route_class=BoundedRoute)
+
+
+_BODY = (
+    "A 1Shot status event ({signature, keyId, apiVersion, timestamp, type, data}), or with a "
+    "webhook-signature header a Standard Webhooks event ({type, timestamp, data})"
+)
 
 
 class WebhookAck(BaseModel):
@@ -35,8 +42,15 @@ def _refusal(status: int, code: str, message: str) -> JSONResponse:
 @router.post(
     "/relayer",
     response_model=WebhookAck,
-    responses={400: {"description": "Malformed webhook"}, 401: {"description": "Not authentic"}},
+    responses=errors(400, 401, 404, 503),
     summary="Relayer status webhook (Ed25519-signed)",
+    # Read raw (the signature covers the bytes), so FastAPI cannot say what it takes.
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object", "description": _BODY}}},
+        }
+    },
 )
 async def relayer_webhook(request: Request, runtime: RuntimeDep) -> JSONResponse:
     verifier = runtime.webhook_verifier

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from sqlalchemy import case, exists, func, insert, or_, select, update
+from sqlalchemy import BigInteger, bindparam, case, exists, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -235,22 +235,33 @@ def _claim_charges(connection: Connection, digest: str, limit: int, now: datetim
 # ---- outcomes -------------------------------------------------------------------------------------
 
 
+# A landed batch settles up to 64 calls, two statements each: built once.
+_SETTLE_X402 = (
+    update(CALLS)
+    .where(CALLS.c.id == bindparam("b_call"), CALLS.c.state.in_(("captured", "settling", "reconciling")))
+    .values(
+        state="settled",
+        tx_hash=bindparam("b_tx"),
+        fee=bindparam("b_fee", type_=BigInteger),
+        error=None,
+        updated_at=bindparam("b_now"),
+    )
+)
+_SETTLED_BLOCK = (
+    update(AUTHS)
+    .where(AUTHS.c.call_id == bindparam("b_call"))
+    .values(settled_block=bindparam("b_block", type_=BigInteger))
+)
+
+
 def _settle_x402(
     connection: Connection, call_id: str, tx_hash: str, fee: int, block: int, reconciled: bool, now: datetime
 ) -> bool:
-    if not _move(
-        connection,
-        call_id,
-        ["captured", "settling", "reconciling"],
-        state="settled",
-        tx_hash=tx_hash,
-        fee=fee,
-        error=None,
-        updated_at=now,
-    ):
+    moved = connection.execute(_SETTLE_X402, {"b_call": call_id, "b_tx": tx_hash, "b_fee": fee, "b_now": now})
+    if int(moved.rowcount) != 1:
         return False
     if not reconciled:  # the payer's USDC left in `block` (a reconciled one's left when front-run)
-        connection.execute(update(AUTHS).where(AUTHS.c.call_id == call_id).values(settled_block=block))
+        connection.execute(_SETTLED_BLOCK, {"b_call": call_id, "b_block": block})
     return True
 
 

@@ -110,7 +110,8 @@ class X402Hold:
 class Refused(Exception):
     """A reservation that cannot be made; nothing was written.
 
-    reasons: listing_unavailable (paused, expired or no calls left), free_calls_used, key_revoked,
+    reasons: listing_unavailable (paused, expired or no calls left), daily_free_calls_used (the
+    listing's free calls today), free_calls_used (the consumer's on the listing), key_revoked,
     key_cap, no_permission, permission, deposit, insufficient_balance (x402), payer_unpaid (x402:
     an earlier authorization of the payer did not pay), nonce_used (x402: `call` is the call this
     authorization already paid for)."""

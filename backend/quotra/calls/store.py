@@ -1,10 +1,11 @@
 """The call store: reserve a call, finish or void it, sweep what never finished.
 
 Reserving is one transaction that takes, all or nothing, one call of the listing's quota, the
-gate's budget (a free call; the prepaid account and key; the x402 payer's balance and nonce) and
-writes the call's row. Finishing (capture with usage and outcome) and voiding are one
-transaction each, and each is a conditional UPDATE of the row (`WHERE state = 'reserved'`), so a
-call ends exactly once whoever races for it (the relay, the sweeper, another replica).
+gate's budget (a free call: of the listing's daily budget and of the consumer's allowance; the
+prepaid account and key; the x402 payer's balance and nonce) and writes the call's row.
+Finishing (capture with usage and outcome) and voiding are one transaction each, and each is a
+conditional UPDATE of the row (`WHERE state = 'reserved'`), so a call ends exactly once whoever
+races for it (the relay, the sweeper, another replica).
 
 Every operation is a synchronous function of a connection, run by
 `quotra.store.transactions.Transactions`: on SQLite by the one writer thread (with group commit),
@@ -40,6 +41,7 @@ from quotra.store.models import (
     X402Authorization,
     X402Payer,
     table,
+    utc_day,
     utcnow,
 )
 from quotra.store.sql import insert_ignore
@@ -149,6 +151,31 @@ def _reserve_open(connection: Connection, call_id: str, hold: Hold, gate: str, n
     _insert_call(connection, call_id, gate, hold, now)
 
 
+# The listing's free calls today, shared by all consumers: on a new UTC day the count starts again.
+_DAILY_FREE_CALLS: Final = func.coalesce(LISTINGS.c.free_calls_per_day, _param("b_default"))
+_TAKE_DAILY_FREE_CALL: Final = (
+    update(LISTINGS)
+    .where(
+        LISTINGS.c.id == bindparam("b_listing"),
+        _DAILY_FREE_CALLS > 0,
+        or_(LISTINGS.c.free_calls_day != _param("b_day"), LISTINGS.c.free_calls_today < _DAILY_FREE_CALLS),
+    )
+    .values(
+        free_calls_today=case(
+            (LISTINGS.c.free_calls_day == _param("b_day"), LISTINGS.c.free_calls_today + 1), else_=1
+        ),
+        free_calls_day=_param("b_day"),
+    )
+)
+_GIVE_BACK_DAILY_FREE_CALL: Final = (
+    update(LISTINGS)
+    .where(
+        LISTINGS.c.id == bindparam("b_listing"),
+        LISTINGS.c.free_calls_day == _param("b_day"),
+        LISTINGS.c.free_calls_today > 0,
+    )
+    .values(free_calls_today=LISTINGS.c.free_calls_today - 1)
+)
 _TAKE_FREE_CALL: Final = (
     update(PLAYGROUND)
     .where(
@@ -165,8 +192,15 @@ def _insert_playground(dialect: str) -> Any:
     return insert_ignore(dialect, PLAYGROUND)
 
 
-def _reserve_playground(connection: Connection, call_id: str, hold: Hold, limit: int, now: datetime) -> None:
+def _reserve_playground(
+    connection: Connection, call_id: str, hold: Hold, limit: int, daily_default: int, now: datetime
+) -> None:
+    """A free call: one of the listing's free calls today (`daily_default` unless the listing sets
+    its own) and one of the consumer's `limit` on the listing."""
     _take_listing_call(connection, hold.listing_id, now)
+    day = {"b_listing": hold.listing_id, "b_day": utc_day(now), "b_default": daily_default}
+    if _rowcount(connection.execute(_TAKE_DAILY_FREE_CALL, day)) != 1:
+        raise Refused("daily_free_calls_used")
     connection.execute(
         _insert_playground(connection.dialect.name),
         {"listing_id": hold.listing_id, "consumer": hold.payer, "calls": 0},
@@ -434,17 +468,20 @@ def _void(connection: Connection, call_id: str, outcome: str, error: str | None,
         update(CALLS)
         .where(CALLS.c.id == call_id, CALLS.c.state == "reserved")
         .values(state="voided", outcome=outcome, error=None if error is None else error[:300], updated_at=now)
-        .returning(*_RETURNED)
+        .returning(*_RETURNED, CALLS.c.created_at)
     ).first()
     if row is None:
         return False
-    gate, payer, key_id, reserved, listing_id = row
+    gate, payer, key_id, reserved, listing_id, created_at = row
     connection.execute(
         update(LISTINGS)
         .where(LISTINGS.c.id == listing_id, LISTINGS.c.calls_used > 0)
         .values(calls_used=LISTINGS.c.calls_used - 1)
     )
     if gate == "playground":
+        connection.execute(
+            _GIVE_BACK_DAILY_FREE_CALL, {"b_listing": listing_id, "b_day": utc_day(created_at)}
+        )
         connection.execute(
             update(PLAYGROUND)
             .where(
@@ -513,9 +550,11 @@ class CallStore:
         await self.transactions.run(_reserve_open, call_id, hold, gate, utcnow())
         return call_id
 
-    async def reserve_playground(self, hold: Hold, *, free_calls: int) -> str:
+    async def reserve_playground(self, hold: Hold, *, free_calls: int, daily_default: int) -> str:
+        """A free call: `free_calls` per consumer and listing, and the listing's daily budget
+        (`daily_default` unless it sets its own) across consumers."""
         call_id = new_call_id()
-        await self.transactions.run(_reserve_playground, call_id, hold, free_calls, utcnow())
+        await self.transactions.run(_reserve_playground, call_id, hold, free_calls, daily_default, utcnow())
         return call_id
 
     async def reserve_key(self, hold: Hold, *, key_id: str, live: bool, now_ts: int, margin: int) -> str:

@@ -14,7 +14,9 @@ from functools import cache
 from importlib import resources
 from typing import Any, Final
 
-from eth_utils import to_checksum_address
+from eth_abi import decode as abi_decode
+from eth_abi import encode as abi_encode
+from eth_utils import function_abi_to_4byte_selector, get_abi_input_types, to_checksum_address
 from hexbytes import HexBytes
 from web3 import AsyncHTTPProvider, AsyncWeb3
 
@@ -116,6 +118,23 @@ class DelegationArgs:
 ZERO_ADDRESS: Final = "0x0000000000000000000000000000000000000000"
 
 
+class Calldata:
+    """One contract function's calldata, encoded and decoded by eth_abi from its ABI entry."""
+
+    def __init__(self, contract_abi: list[dict[str, Any]], name: str) -> None:
+        (entry,) = [e for e in contract_abi if e.get("type") == "function" and e.get("name") == name]
+        self.types = get_abi_input_types(entry)  # type: ignore[arg-type]
+        self.selector = function_abi_to_4byte_selector(entry)  # type: ignore[arg-type]
+
+    def encode(self, *args: Any) -> bytes:
+        return self.selector + abi_encode(self.types, args)
+
+    def decode(self, data: bytes) -> tuple[Any, ...]:
+        if bytes(data[:4]) != self.selector:
+            raise ValueError("calldata of another function")
+        return tuple(abi_decode(self.types, bytes(data[4:])))
+
+
 @cache
 def abi(name: str) -> list[dict[str, Any]]:
     """A contract ABI shipped with the package: `QuotraEscrow` or `FiatToken` (USDC)."""
@@ -138,7 +157,9 @@ class EscrowClient:
         self.chain_id = chain_id
         self.escrow_address = to_checksum_address(escrow)
         self.usdc_address = to_checksum_address(usdc)
-        self.escrow = w3.eth.contract(address=self.escrow_address, abi=abi("QuotraEscrow"))
+        escrow_abi = abi("QuotraEscrow")
+        self.escrow = w3.eth.contract(address=self.escrow_address, abi=escrow_abi)
+        self._settle = Calldata(escrow_abi, "settle_authorizations")
         self.usdc = w3.eth.contract(address=self.usdc_address, abi=abi("FiatToken"))
         self.escrow_domain = eip712.escrow_domain(chain_id, self.escrow_address)
 
@@ -245,8 +266,17 @@ class EscrowClient:
         return ChainCall(to=self.escrow_address, data=HexBytes(fn._encode_transaction_data()), label=label)
 
     def encode_settle_authorizations(self, payments: list[PaymentArgs]) -> ChainCall:
-        fn = self.escrow.functions.settle_authorizations([p.as_tuple() for p in payments])
-        return self._call(fn, f"settle_authorizations[{len(payments)}]")
+        # A batch is encoded (and read back by the indexer) by eth_abi straight from the ABI's
+        # types: web3's argument normalisation cost ~100 ms of CPU per batch of 64.
+        data = self._settle.encode([p.as_tuple() for p in payments])
+        return ChainCall(
+            to=self.escrow_address, data=HexBytes(data), label=f"settle_authorizations[{len(payments)}]"
+        )
+
+    def decode_settle_authorizations(self, data: bytes) -> list[tuple[Any, ...]]:
+        """The `Payment` tuples of a `settle_authorizations` transaction's input."""
+        (payments,) = self._settle.decode(data)
+        return list(payments)
 
     def encode_reconcile_authorization(self, payment: PaymentArgs) -> ChainCall:
         fn = self.escrow.functions.reconcile_authorization(payment.as_tuple())

@@ -121,6 +121,9 @@ class Submission:
     gas_used: int | None = None
     error: str | None = None
     memo: str | None = None
+    # The mined transaction's receipt, when the relayer read it itself (the direct relayer does):
+    # whoever follows the submission need not read it again.
+    receipt: Any = field(default=None, repr=False, compare=False)
 
 
 class RelayerError(Exception):
@@ -301,6 +304,7 @@ class DirectRelayer:
             block_number=receipt["blockNumber"],
             gas_used=receipt["gasUsed"],
             error=None if state is TxState.CONFIRMED else "reverted",
+            receipt=receipt,
         )
         pending.submission = sub
         return sub

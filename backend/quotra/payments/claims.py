@@ -57,7 +57,6 @@ from quotra.webhooks import JwksCache, WebhookVerifier, parse_jwks
 
 log = logging.getLogger("quotra.claims")
 
-UINT256_MAX: Final = 2**256 - 1
 MAX_BACKOFF: Final = 300.0
 
 

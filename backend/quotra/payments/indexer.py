@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -133,9 +134,15 @@ class EscrowEvents:
     transaction's input, and those USDC executed (its `AuthorizationUsed` log in the same
     transaction) are the credited ones, in the order of the root's leaves."""
 
+    # The worker reads a landed batch's credits from its receipt and the indexer meets the same
+    # transaction moments later: the credits of the last few transactions are kept, by block (a
+    # transaction mined again in another block is read again).
+    RECENT: Final = 32
+
     def __init__(self, client: EscrowClient, start_block: int = 0) -> None:
         self.client = client
         self.start_block = start_block
+        self._recent: OrderedDict[str, tuple[int, list[Credit]]] = OrderedDict()
         abis: dict[str, Any] = {
             str(item.get("name")): item for item in client.escrow.abi if item.get("type") == "event"
         }
@@ -171,10 +178,25 @@ class EscrowEvents:
                 used.add((to_checksum_address("0x" + _hex(topics[1])[-40:]), _hex(topics[2]).lower()))
         return used
 
-    async def credits_in(self, tx_hash: str, receipt: Any = None) -> list[Credit]:
-        """The payments the escrow credited or refunded in one transaction."""
+    async def credits_in(
+        self, tx_hash: str, receipt: Any = None, *, block: int | None = None
+    ) -> list[Credit]:
+        """The payments the escrow credited or refunded in one transaction (mined in `block`, if
+        the caller knows it from the transaction's event)."""
+        key = _hex(tx_hash).lower()
+        recent = self._recent.get(key)
+        if receipt is None and recent is not None and recent[0] == block:
+            return list(recent[1])
         if receipt is None:
             receipt = await self.client.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
+        credits = await self._credits_in(tx_hash, receipt)
+        self._recent[key] = (int(receipt["blockNumber"]), credits)
+        self._recent.move_to_end(key)
+        while len(self._recent) > self.RECENT:
+            self._recent.popitem(last=False)
+        return list(credits)
+
+    async def _credits_in(self, tx_hash: str, receipt: Any) -> list[Credit]:
         credits: list[Credit] = []
         events = self.from_receipt(receipt)
         for event in events:
@@ -190,12 +212,10 @@ class EscrowEvents:
     async def _batch_credits(self, tx_hash: str, receipt: Any, summary: EscrowEvent) -> list[Credit]:
         """The payments one `settle_authorizations` credited, each with its proof in the root."""
         tx = await self.client.w3.eth.get_transaction(HexBytes(tx_hash))
-        _, args = self.client.escrow.decode_function_input(tx["input"])
         used = self.authorizations_used(receipt)
         bps = int(summary.args["fee_bps"])
         leaves: list[merkle.Credit] = []
-        for payment in args["payments"]:
-            fields = payment if isinstance(payment, tuple | list) else tuple(payment.values())
+        for fields in self.client.decode_settle_authorizations(bytes(tx["input"])):
             payer, nonce = to_checksum_address(fields[0]), _hex(fields[5]).lower()
             if (payer, nonce) in used:
                 used.discard((payer, nonce))  # a repeat in the same batch was refused
@@ -208,6 +228,7 @@ class EscrowEvents:
         if root != bytes(summary.args["root"]):
             raise ValueError(f"the payments of {tx_hash} do not make its settlement root")
         block = int(receipt["blockNumber"])
+        paths = merkle.proofs(hashes)
         return [
             Credit(
                 "settled",
@@ -220,7 +241,7 @@ class EscrowEvents:
                 block,
                 bps,
                 root,
-                tuple(merkle.proof(hashes, i)),
+                tuple(paths[i]),
             )
             for i, leaf in enumerate(leaves)
         ]
@@ -279,10 +300,11 @@ class Indexer:
         chunk: int = 2_000,
         poll: float = 2.0,
         audit_every: float = 30.0,
+        events: EscrowEvents | None = None,
     ) -> None:
         self.outbox = outbox
         self.client = client
-        self.events = EscrowEvents(client, start_block)
+        self.events = events or EscrowEvents(client, start_block)
         self.metrics = metrics
         self.start_block = start_block
         self.confirmations = confirmations
@@ -316,7 +338,8 @@ class Indexer:
 
     async def credits(self, event: EscrowEvent) -> list[Credit]:
         if event.name == "PaymentsSettled":
-            return [c for c in await self.events.credits_in(event.tx_hash) if c.kind == "settled"]
+            credits = await self.events.credits_in(event.tx_hash, block=event.block)
+            return [c for c in credits if c.kind == "settled"]
         kinds = {"PaymentReconciled": "reconciled", "PaymentRefunded": "refunded"}
         if event.name in kinds:
             return [_credit(event, kinds[event.name])]

@@ -25,7 +25,7 @@ from quotra.chain.relayer import DirectRelayer, Relayer
 from quotra.config import ConfigError, Settings
 from quotra.metrics import Metrics
 from quotra.payments import x402
-from quotra.payments.indexer import Indexer
+from quotra.payments.indexer import EscrowEvents, Indexer
 from quotra.payments.receipts import ReceiptSigner
 from quotra.payments.settlement import LeaderLock, SettlementConfig, SettlementWorker
 from quotra.payments.x402_gate import X402Gate
@@ -115,6 +115,7 @@ class Payments:
         if client is not None and self.location is None:
             start = settings.escrow_start_block or 0
             self.location = EscrowLocation(client.escrow_address, client.usdc_address, start)
+        self.gate.offered = self.configured
         self.client: EscrowClient | None = None
         self.operator: LocalAccount | None = None
         self.relayer: Relayer | None = None
@@ -200,6 +201,7 @@ class Payments:
         receipts = None
         if self.operator is not None and settings.receipts_enabled:
             receipts = ReceiptSigner(bytes(self.operator.key))
+        events = EscrowEvents(client, location.start_block)  # the worker's and the indexer's
         if self.operator is not None and settings.settlement_enabled:
             if not await client.is_operator(self.operator.address):
                 log.warning("the operator key is not an operator of the escrow: settlements will be refused")
@@ -216,6 +218,7 @@ class Payments:
                 metrics=self.metrics,
                 start_block=location.start_block,
                 lock=LeaderLock(self.store.engine),
+                events=events,
             )
         elif self.operator is None:
             log.warning("x402 is on but nothing settles: set QUOTRA_OPERATOR_KEY (or a keystore)")
@@ -226,6 +229,7 @@ class Payments:
             start_block=location.start_block,
             confirmations=settings.indexer_confirmations,
             poll=settings.indexer_poll_seconds,
+            events=events,
         )
         self.gate.configure(client, terms, receipts)
         if background:

@@ -162,13 +162,14 @@ class SettlementWorker:
         metrics: Metrics | None = None,
         start_block: int = 0,
         lock: LeaderLock | None = None,
+        events: EscrowEvents | None = None,
     ) -> None:
         self.outbox = outbox
         self.client = client
         self.relayer = relayer
         self.config = config or SettlementConfig()
         self.metrics = metrics
-        self.events = EscrowEvents(client, start_block)
+        self.events = events or EscrowEvents(client, start_block)
         self.lock = lock
         self._reconcile_after: dict[str, tuple[float, int]] = {}
         self._failures: dict[int, int] = {}  # batch id -> RPC failures in a row (for the backoff)
@@ -370,6 +371,7 @@ class SettlementWorker:
     async def _follow(self, batch: BatchRow) -> None:
         assert batch.tx_hash is not None
         tx_hash = batch.tx_hash
+        receipt = None
         if batch.submission_id is not None:
             try:
                 sub: Submission | None = await self.relayer.status(batch.submission_id)
@@ -379,12 +381,14 @@ class SettlementWorker:
                 if not sub.state.final:
                     return
                 tx_hash = sub.tx_hash or tx_hash
-        try:
-            receipt = await self.client.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
-        except TransactionNotFound:
-            if (utcnow() - batch.updated_at).total_seconds() > self.config.stuck_after:
-                await self._later(batch, "transaction not found", batch.attempts)
-            return
+                receipt = sub.receipt
+        if receipt is None:
+            try:
+                receipt = await self.client.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
+            except TransactionNotFound:
+                if (utcnow() - batch.updated_at).total_seconds() > self.config.stuck_after:
+                    await self._later(batch, "transaction not found", batch.attempts)
+                return
         if receipt["status"] != 1:
             await self._later(batch, f"reverted in {tx_hash}", batch.attempts)
             return

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -30,6 +31,7 @@ from x402.mechanisms.evm.v1.constants import V1_NETWORK_CHAIN_IDS
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo
 from x402.schemas.v1 import PaymentPayloadV1, PaymentRequirementsV1
 
+from quotra import bounds
 from quotra.chain import eip712
 
 SCHEME: Final = "exact"
@@ -58,7 +60,7 @@ PAYER_UNPAID: Final = "invalid_exact_evm_payer_unpaid"
 
 _V1_NAMES: Final = {chain_id: name for name, chain_id in V1_NETWORK_CHAIN_IDS.items()}
 _MAX_HEADER_BYTES: Final = 8_192
-_UINT256_MAX: Final = 2**256 - 1
+_DECIMAL: Final = re.compile(r"[0-9]{1,78}")
 
 
 class X402Error(Exception):
@@ -228,8 +230,8 @@ def decode(headers: Mapping[str, str]) -> PaidRequest | None:
     if len(raw) > _MAX_HEADER_BYTES:
         raise X402Error(INVALID_PAYLOAD, "payment header is too large")
     try:
-        data = json.loads(base64.b64decode(raw.strip(), validate=True))
-    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+        data = bounds.loads(base64.b64decode(raw.strip(), validate=True))
+    except (binascii.Error, ValueError) as exc:
         raise X402Error(INVALID_PAYLOAD, "payment header is not base64-encoded JSON") from exc
     if not isinstance(data, dict):
         raise X402Error(INVALID_PAYLOAD, "payment header must encode a JSON object")
@@ -247,13 +249,11 @@ def decode(headers: Mapping[str, str]) -> PaidRequest | None:
 
 
 def _uint(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise X402Error(INVALID_PAYLOAD, f"authorization.{name} must be an integer")
-    try:
-        number = int(value, 0) if isinstance(value, str) else int(value)
-    except (TypeError, ValueError) as exc:
-        raise X402Error(INVALID_PAYLOAD, f"authorization.{name} must be an integer") from exc
-    if not 0 <= number <= _UINT256_MAX:
+    """A uint256 of the authorization, written as x402 writes it: a string of decimal digits."""
+    if not isinstance(value, str) or not _DECIMAL.fullmatch(value):
+        raise X402Error(INVALID_PAYLOAD, f"authorization.{name} must be an integer as a decimal string")
+    number = int(value)
+    if number > bounds.UINT256_MAX:
         raise X402Error(INVALID_PAYLOAD, f"authorization.{name} is out of range")
     return number
 

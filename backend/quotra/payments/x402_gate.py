@@ -108,6 +108,9 @@ class X402Gate:
         self.metrics = metrics
         self.resource = f"{public_url}/v1/chat/completions"
         self.head_ttl = head_ttl
+        # Whether this relay takes x402 at all (it has a chain and an escrow), even while the
+        # chain is out of reach.
+        self.offered = False
         self.terms: x402.PaymentTerms | None = None
         self.chain: EscrowClient | None = None
         self.receipts: ReceiptSigner | None = None
@@ -120,6 +123,7 @@ class X402Gate:
         self, chain: EscrowClient, terms: x402.PaymentTerms, receipts: ReceiptSigner | None = None
     ) -> None:
         self.chain, self.terms, self.receipts = chain, terms, receipts
+        self.offered = True
         self._offers.clear()
         self._head = None
         self._balances.clear()

@@ -79,12 +79,14 @@ class PaymentGate:
         calls: CallStore,
         *,
         free_calls: int,
+        daily_free_calls: int,
         call_timeout: float,
         prepaid: PrepaidService | None = None,
         x402: X402Gate | None = None,
     ) -> None:
         self.calls = calls
         self.free_calls = free_calls
+        self.daily_free_calls = daily_free_calls  # a listing's, unless it sets its own
         self.call_timeout = timedelta(seconds=call_timeout)
         self.prepaid = prepaid
         self.x402 = x402
@@ -107,22 +109,24 @@ class PaymentGate:
             except Refused:
                 raise not_servable(listing) from None
         if caller.payment is not None:
-            if self.x402 is None:
+            if self.x402 is None or not self.x402.offered:
                 raise self._payment_required(listing, max_cost, "This relay takes no x402 payments.")
             return await self.x402.reserve(caller.payment, listing, max_cost, self.deadline())
+        reason = f"The {self.free_calls} free playground calls for listing {listing.id} are used up."
         if self.free_calls > 0:
             hold = Hold(caller.id, listing.id, listing.owner, 0, self.deadline())
             try:
-                call_id = await self.calls.reserve_playground(hold, free_calls=self.free_calls)
+                call_id = await self.calls.reserve_playground(
+                    hold, free_calls=self.free_calls, daily_default=self.daily_free_calls
+                )
                 return Reservation(call_id, "playground", 0)
             except Refused as refused:
                 if refused.reason == "listing_unavailable":
                     raise not_servable(listing) from None
-        raise self._payment_required(
-            listing,
-            max_cost,
-            f"The {self.free_calls} free playground calls for listing {listing.id} are used up.",
-        )
+                if refused.reason == "daily_free_calls_used":
+                    budget = listing.free_calls_budget(self.daily_free_calls)
+                    reason = f"Listing {listing.id} gives {budget} free calls a day; today's are used up."
+        raise self._payment_required(listing, max_cost, reason)
 
     def _payment_required(self, listing: ListingRecord, max_cost: int, reason: str) -> PaymentRequired:
         message = (
@@ -139,6 +143,7 @@ class PaymentGate:
                 "max_amount_atomic": str(max_cost),
                 "methods": ["x402", "prepaid"],
                 "free_calls_per_listing": self.free_calls,
+                "free_calls_per_day": listing.free_calls_budget(self.daily_free_calls),
             }
         }
         if self.x402 is not None and self.x402.ready:

@@ -11,7 +11,7 @@ import logging
 import secrets
 import time
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from quotra.errors import BadRequest, Forbidden, NotFound, UpstreamFailed
 from quotra.netguard import NetGuard
@@ -61,6 +61,9 @@ class ListingCache:
 
 
 _OPENED_MAX = 10_000
+
+
+LISTING_ID_PATTERN: Final = r"^lst_[0-9a-f]{16}$"
 
 
 def new_listing_id() -> str:
@@ -139,8 +142,6 @@ class ListingService:
         if "base_url" in values:
             if record.kind != "openai-compatible":
                 raise BadRequest("base_url applies only to openai-compatible listings", param="base_url")
-            if values["base_url"] is None:
-                raise BadRequest("openai-compatible listings need a base_url", param="base_url")
             values["base_url"] = await self.netguard.check_url(values["base_url"])
         if "active" in values:
             active = values.pop("active")

@@ -37,6 +37,8 @@ from quotra.webhooks import RelayerEvent
 
 CLAIM_PREFIX: Final = "clm_"
 REVOCATION_PREFIX: Final = "rev_"
+CLAIM_ID_PATTERN: Final = r"^clm_[0-9a-f]{24}$"
+REVOCATION_ID_PATTERN: Final = r"^rev_[0-9a-f]{24}$"
 OPEN: Final = ("requested", "submitted")
 FINAL: Final = frozenset({"confirmed", "failed"})
 _RANK: Final = {"requested": 0, "submitted": 1, "confirmed": 2, "failed": 2}

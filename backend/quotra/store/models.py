@@ -46,6 +46,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def utc_day(moment: datetime) -> int:
+    """The UTC day of `moment`, in days since 1970-01-01 (what daily budgets count by)."""
+    return int(moment.timestamp()) // 86_400
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -76,6 +81,11 @@ class Listing(Base):
     max_input_tokens: Mapped[int | None] = mapped_column(Integer)
     max_output_tokens: Mapped[int | None] = mapped_column(Integer)
     rate_per_minute: Mapped[int | None] = mapped_column(Integer)
+    # Free playground calls a UTC day across all consumers (None: the relay's default); the ones
+    # taken on day `free_calls_day` (days since 1970-01-01) so far.
+    free_calls_per_day: Mapped[int | None] = mapped_column(Integer)
+    free_calls_day: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    free_calls_today: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     status: Mapped[str] = mapped_column(String(16), default="active", index=True)
     failure_streak: Mapped[int] = mapped_column(Integer, default=0)

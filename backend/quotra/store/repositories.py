@@ -14,7 +14,7 @@ from typing import Any, Literal
 from sqlalchemy import Select, and_, delete, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
-from quotra.store.models import Call, Listing, PlaygroundUsage, SiweNonce, utcnow
+from quotra.store.models import Call, Listing, PlaygroundUsage, SiweNonce, utc_day, utcnow
 
 ListingSort = Literal["price", "-price", "remaining", "-remaining", "newest", "oldest"]
 
@@ -38,6 +38,9 @@ class ListingRecord:
     max_input_tokens: int | None
     max_output_tokens: int | None
     rate_per_minute: int | None
+    free_calls_per_day: int | None  # None: the relay's default
+    free_calls_day: int
+    free_calls_today: int
     expires_at: datetime | None
     status: str
     failure_streak: int
@@ -64,6 +67,15 @@ class ListingRecord:
 
     def in_cooldown(self, now: datetime) -> bool:
         return self.cooldown_until is not None and self.cooldown_until > now
+
+    def free_calls_budget(self, default: int) -> int:
+        """Free playground calls the listing gives a day, shared by all its consumers."""
+        return default if self.free_calls_per_day is None else self.free_calls_per_day
+
+    def free_calls_left(self, now: datetime, default: int) -> int:
+        """Free playground calls the listing still gives today (UTC)."""
+        used = self.free_calls_today if self.free_calls_day == utc_day(now) else 0
+        return max(0, self.free_calls_budget(default) - used)
 
 
 _LISTING_COLUMNS = {f.name for f in fields(ListingRecord)} - {"created_at", "updated_at"}

@@ -80,6 +80,9 @@ class MarketplaceSummary:
     operator: str = ""
     gas_relayer: str = ""
     api_key: str = ""
+    consumer_key: str = ""  # throw-away twin keys, printed by --keep to act by hand
+    provider_key: str = ""
+    deployments_dir: str = ""
     listings: dict[str, str] = field(default_factory=dict)  # model -> listing id
     playground_calls: int = 0
     playground_refused_status: int = 0
@@ -828,6 +831,7 @@ def run(console: Console, keep: bool = False) -> MarketplaceSummary:
         if not deployment_file.is_file():
             deployment_file = deployment.save(tmp / "base-sepolia-twin.json")
         summary.escrow, summary.usdc, summary.fee_bps = deployment.escrow, deployment.usdc, deployment.fee_bps
+        summary.deployments_dir = str(deployment_file.parent)
         console.print(
             f"  escrow {deployment.escrow} deployed by `ape run deploy escrow` (block {deployment.block})"
         )
@@ -894,6 +898,8 @@ def run(console: Console, keep: bool = False) -> MarketplaceSummary:
 
         story = Marketplace(console, chain_, deployment, relay_url, relayer_url, upstream_url, summary)
         summary.provider, summary.consumer = story.provider.address, story.consumer.address
+        summary.provider_key = "0x" + bytes(story.provider.key).hex()
+        summary.consumer_key = "0x" + bytes(story.consumer.key).hex()
         try:
             asyncio.run(story.run())
         except DemoError as exc:
@@ -924,21 +930,34 @@ def run(console: Console, keep: bool = False) -> MarketplaceSummary:
 
 
 def _keep_running(console: Console, summary: MarketplaceSummary) -> None:
-    console.rule("[bold]Left running (Ctrl-C stops everything)")
-    console.print(f"  relay          {summary.relay_url}   (OpenAI base URL: {summary.relay_url}/v1)")
-    console.print(f"  gas relayer    {summary.relayer_url}")
-    console.print(f"  model server   {summary.upstream_url}")
-    console.print(f"  chain (anvil)  {summary.rpc_url}   escrow {summary.escrow}   USDC {summary.usdc}")
-    console.print(f"  consumer       {summary.consumer}   API key {summary.api_key}")
-    console.print(f"  provider       {summary.provider}")
-    console.print(f"  operator       {summary.operator} (anvil dev account 1)")
-    console.print(f"  relayer gas    {summary.gas_relayer} (anvil dev account 2)")
-    console.print(
-        f'  try: curl {summary.relay_url}/v1/chat/completions -H "Authorization: Bearer {summary.api_key}" '
+    """What a person needs to go on by hand: every URL, address and (throw-away) key, and the
+    environment that points the ape scripts at this chain and its deployment."""
+    lines = [
+        f"  relay          {summary.relay_url}   (OpenAI base URL: {summary.relay_url}/v1)",
+        f"  gas relayer    {summary.relayer_url}",
+        f"  model server   {summary.upstream_url}   models: {SANDBOX_MODEL}, {LOCAL_MODEL}",
+        f"  chain (anvil)  {summary.rpc_url}   chain id 84532",
+        f"  escrow         {summary.escrow}   USDC {summary.usdc}",
+        f"  deployment     {summary.deployments_dir}/base-sepolia-twin.json",
+        f"  consumer       {summary.consumer}   API key {summary.api_key}",
+        f"  consumer key   {summary.consumer_key}   (a throw-away twin key: import it into a wallet)",
+        f"  provider       {summary.provider}",
+        f"  provider key   {summary.provider_key}   (throw-away)",
+        f"  operator       {summary.operator} (anvil dev account 1)",
+        f"  relayer gas    {summary.gas_relayer} (anvil dev account 2)",
+        "",
+        "  try the API:",
+        f"    curl {summary.relay_url}/v1/chat/completions -H 'Authorization: Bearer {summary.api_key}' "
         f'-H \'Content-Type: application/json\' -d \'{{"model":"{LOCAL_MODEL}","messages":'
         '[{"role":"user","content":"Hi"}]}\'',
-        soft_wrap=True,
-    )
+        "  act on this chain with the ape scripts (from the project root, in another terminal):",
+        f"    export QUOTRA_TWIN_RPC_URL={summary.rpc_url} QUOTRA_DEPLOYMENTS_DIR={summary.deployments_dir}",
+        f"    .venv/bin/ape run faucet {summary.consumer} --amount 10 --network base:sepolia-twin:node",
+    ]
+    console.rule("[bold]Left running (Ctrl-C stops everything)")
+    for line in lines:
+        # Never wrapped: addresses, keys and commands are copied whole, terminal or not.
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
     try:
         while True:
             time.sleep(1)

@@ -3,9 +3,9 @@ sweep and crash, in random order, from two "replicas" (two engines and two trans
 one database, each running bursts of concurrent work), on SQLite and on PostgreSQL when provided.
 
 After every step the budgets the store keeps are checked against the calls themselves: a listing's
-quota, the playground counters, the prepaid account and key, and the x402 payer's pending money
-never drift from the calls that hold them, never exceed what they may, and a sweep after every
-deadline leaves no reservation behind.
+quota, its free calls today (shared by four consumers) and each consumer's playground counter, the
+prepaid account and key, and the x402 payer's pending money never drift from the calls that hold
+them, never exceed what they may, and a sweep after every deadline leaves no reservation behind.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from quotra.store.models import (
     SpendPermissionRecord,
     X402Authorization,
     X402Payer,
+    utc_day,
     utcnow,
 )
 from quotra.store.repositories import Store
@@ -46,6 +47,9 @@ EXAMPLES = int(os.environ.get("CALLS_FUZZ_EXAMPLES", "25"))
 PG_URL = os.environ.get("QUOTRA_TEST_POSTGRES_URL")
 PROVIDER = "0x" + "ab" * 20
 MARGIN = 600
+FREE_CALLS = 3  # per consumer and listing
+DAILY_DEFAULT = 4  # free calls a day of a listing that sets none
+CONSUMERS = 4  # the playground's callers
 
 
 @dataclass
@@ -118,12 +122,15 @@ class CallStoreMachine(RuleBasedStateMachine):
 
     @initialize(
         max_calls=st.integers(1, 12),
+        daily=st.integers(0, 6),
         deposit=st.integers(0, 5_000),
         allowance=st.integers(0, 5_000),
         cap=st.one_of(st.none(), st.integers(0, 3_000)),
         balance=st.integers(0, 5_000),
     )
-    def setup(self, max_calls: int, deposit: int, allowance: int, cap: int | None, balance: int) -> None:
+    def setup(
+        self, max_calls: int, daily: int, deposit: int, allowance: int, cap: int | None, balance: int
+    ) -> None:
         w = self.world
         self.listings = [f"lst_{self.tag}_a", f"lst_{self.tag}_b"]
         self.wallet = "0x" + secrets.token_hex(20)
@@ -132,7 +139,8 @@ class CallStoreMachine(RuleBasedStateMachine):
         self.balance = balance
 
         async def seed() -> None:
-            for listing_id, limit in zip(self.listings, (max_calls, None), strict=True):
+            # Listing a: its own quota and daily free calls; b: neither (the relay's default).
+            for listing_id, limit, free in zip(self.listings, (max_calls, None), (daily, None), strict=True):
                 await w.store.create_listing(
                     id=listing_id,
                     owner=PROVIDER,
@@ -142,6 +150,7 @@ class CallStoreMachine(RuleBasedStateMachine):
                     api_key_sealed="-",
                     price_per_call=1,
                     max_calls=limit,
+                    free_calls_per_day=free,
                 )
             async with w.store.sessions.begin() as session:
                 digest = "0x" + secrets.token_hex(32)
@@ -166,7 +175,8 @@ class CallStoreMachine(RuleBasedStateMachine):
                     )  # fmt: skip
 
         w.run(seed())
-        note(f"listings max_calls={max_calls}, deposit={deposit}, allowance={allowance}, cap={cap}")
+        note(f"listing a: max_calls={max_calls}, free calls a day={daily}")
+        note(f"deposit={deposit}, allowance={allowance}, cap={cap}")
 
     # ---- helpers ---------------------------------------------------------------------------------
 
@@ -179,9 +189,11 @@ class CallStoreMachine(RuleBasedStateMachine):
     async def _reserve(self, replica: int, kind: str, listing: int, amount: int) -> Open | None:
         calls, _ = self.replica(replica)
         try:
-            if kind == "playground":
+            if kind == "playground":  # `amount` picks the consumer
                 call_id = await calls.reserve_playground(
-                    self.hold(listing, f"ip:{self.tag}", 0), free_calls=3
+                    self.hold(listing, f"ip:{self.tag}:{amount % CONSUMERS}", 0),
+                    free_calls=FREE_CALLS,
+                    daily_default=DAILY_DEFAULT,
                 )
                 return Open(call_id, "playground", 0)
             if kind in ("prepaid", "sandbox"):
@@ -370,10 +382,17 @@ class CallStoreMachine(RuleBasedStateMachine):
             held = sum(1 for c in live if c.listing_id == listing_id)
             assert listing.calls_used == held, (listing_id, listing.calls_used, held)
             assert listing.max_calls is None or listing.calls_used <= listing.max_calls
-        # Playground: the counters are the free calls not voided, at most 3 each.
+        # Playground: each consumer's counter is its free calls not voided, at most 3 a listing;
+        # a listing's free calls today are those taken today, by anyone, within its daily budget.
+        free = [c for c in live if c.gate == "playground"]
         for row in usage:
-            held = sum(1 for c in live if c.gate == "playground" and c.listing_id == row.listing_id)
-            assert row.calls == held <= 3
+            held = sum(1 for c in free if c.listing_id == row.listing_id and c.payer == row.consumer)
+            assert row.calls == held <= FREE_CALLS, (row.listing_id, row.consumer, row.calls, held)
+        for listing_id, listing in listings.items():
+            day = listing.free_calls_day
+            today = [c for c in free if c.listing_id == listing_id and utc_day(c.created_at) == day]
+            budget = DAILY_DEFAULT if listing.free_calls_per_day is None else listing.free_calls_per_day
+            assert listing.free_calls_today == len(today) <= budget, (listing_id, listing.free_calls_today)
         # Prepaid: the account's reserved and unsettled are its calls', within its limits.
         prepaid = [c for c in calls if c.gate == "prepaid"]
         reserved = sum(c.reserved for c in prepaid if c.state == "reserved")

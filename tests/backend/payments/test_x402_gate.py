@@ -9,6 +9,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import random
 import re
 import time
 from collections.abc import AsyncIterator
@@ -420,7 +421,11 @@ async def test_stream_failing_mid_way_voids_the_payment(paid: Any) -> None:
 BAD_INPUTS = [
     ("malformed_base64", "invalid_payload"),
     ("malformed_json", "invalid_payload"),
+    ("nested_past_the_recursion_limit", "invalid_payload"),
     ("not_an_object", "invalid_payload"),
+    ("fractional_value", "invalid_payload"),
+    ("value_in_exponent_notation", "invalid_payload"),
+    ("value_as_a_json_number", "invalid_payload"),
     ("v2_with_v1_network_name", "network_mismatch"),
     ("other_chain", "network_mismatch"),
     ("unsupported_scheme", "unsupported_scheme"),
@@ -450,8 +455,19 @@ def bad_header(case: str, chain: FakeChain, accepted: dict[str, Any]) -> tuple[s
         return header, "%%%not-base64%%%"
     if case == "malformed_json":
         return header, base64.b64encode(b"{not json").decode()
+    if case == "nested_past_the_recursion_limit":  # within the header's 8 kB
+        return header, base64.b64encode(b"[" * 3_000 + b"]" * 3_000).decode()
     if case == "not_an_object":
         return header, b64([1, 2, 3])
+    if case in ("fractional_value", "value_in_exponent_notation", "value_as_a_json_number"):
+        # The signature covers PRICE; the header must still say exactly that, as x402 writes it.
+        written = {
+            "fractional_value": f"{PRICE}.5",
+            "value_in_exponent_notation": f"{PRICE / 1000:g}e3",
+            "value_as_a_json_number": PRICE,
+        }[case]
+        good["authorization"]["value"] = written
+        return header, v2_header(accepted, good)
     if case == "v2_with_v1_network_name":
         return header, v2_header(accepted, good, network="base-sepolia")
     if case == "other_chain":
@@ -723,3 +739,71 @@ async def test_paid_stream_with_include_usage_ends_with_the_usage_chunk_and_the_
     assert finish["choices"][0]["finish_reason"] == "stop" and "quotra" not in finish
     assert last["choices"] == [] and last["usage"] == FakeAdapter._usage(chat_body()).to_openai()
     assert last["quotra"]["object"] == "quotra.payment" and last["quotra"]["call"] == call_id_of(reply)
+
+
+def _junk(rng: random.Random, depth: int = 0) -> Any:
+    """A JSON value of any type, size or content (control characters, huge and fractional numbers)."""
+    kind = rng.randrange(10 if depth < 3 else 7)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.random() < 0.5
+    if kind == 2:
+        return rng.choice([0, -1, 2**63, 2**256, -(2**255), 10**77 + 1, PRICE])
+    if kind == 3:
+        return rng.choice([0.5, -1e300, 1e-300, float(PRICE) + 0.5, 1000.0])
+    if kind == 4:
+        return rng.choice(
+            [
+                "",
+                "\x00",
+                "0x",
+                "0x" + "f" * 64,
+                f"{PRICE}.5",
+                "1e3",
+                " 1000",
+                "\uff11\uff10\uff10\uff10",
+                "é" * 300,
+            ]
+        )
+    if kind == 5:
+        return "".join(chr(rng.randrange(0x110000) % 0xD800) for _ in range(rng.randrange(40)))
+    if kind == 6:
+        return str(rng.choice([PRICE, 2**256, -1, 0]))
+    if kind in (7, 8):
+        return [_junk(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {
+        rng.choice(["from", "to", "value", "x", ""]): _junk(rng, depth + 1) for _ in range(rng.randrange(4))
+    }
+
+
+def _paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [path]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += _paths(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found += _paths(item, (*path, index))
+    return found
+
+
+async def test_any_value_anywhere_in_a_payment_is_refused_or_served_never_a_5xx(paid: Any) -> None:
+    accepted = await requirements(paid)
+    account = payer(paid.chain)
+    rng = random.Random(11)
+    for attempt in range(100):  # within the consumer rate limit (120 a minute)
+        header = json.loads(base64.b64decode(v2_header(accepted, authorization(account, accepted))))
+        for _ in range(rng.randrange(1, 3)):  # one or two fields replaced by junk
+            *parent, last = rng.choice(_paths(header)[1:])
+            target = header
+            for key in parent:
+                target = target[key]
+            target[last] = _junk(rng)
+        before = len(await calls(paid))
+        reply = await pay(paid, base64.b64encode(json.dumps(header).encode()).decode())
+        assert reply.status_code in (200, 402), (attempt, header, reply.text)
+        if reply.status_code == 402:
+            assert set(reply.json()["error"]) >= {"message", "type", "param", "code"}
+            assert len(await calls(paid)) == before, (attempt, header)
+    assert len(await calls(paid)) == len(await auths(paid))  # each call served was paid once

@@ -271,7 +271,7 @@ async def test_listing_earnings__the_providers_share_of_its_settled_calls(repo: 
         assert batch is not None and batch.amount == 600
         assert await outbox.settle_charges(batch, tx_hash=TX, gas_used=1, fee_bps=1_000, total_fee=60)
         free = await calls.reserve_playground(
-            Hold("ip:1.2.3.4", "lst_a", PROVIDER, 0, deadline), free_calls=3
+            Hold("ip:1.2.3.4", "lst_a", PROVIDER, 0, deadline), free_calls=3, daily_default=100
         )
         assert await calls.finish(free, amount=999, usage=served)
 

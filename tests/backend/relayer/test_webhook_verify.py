@@ -362,7 +362,18 @@ async def test_missing_signature__401(relay: Relay, signer: Ed25519Signer):
         (lambda b: b.pop("type"), "webhook field `type` must be an integer"),
         (lambda b: b.update(type=7), "unknown webhook type 7"),
         (lambda b: b.update(apiVersion=1), "unsupported webhook apiVersion 1"),
-        (lambda b: b["data"].pop("id"), "webhook field `data.id` must be a non-empty string"),
+        (
+            lambda b: b["data"].pop("id"),
+            "webhook field `data.id` must be a task id of 1 to 100 printable characters",
+        ),
+        (
+            lambda b: b["data"].update(id="task\x00"),
+            "webhook field `data.id` must be a task id of 1 to 100 printable characters",
+        ),
+        (
+            lambda b: b["data"].update(memo="clm\x00" + "x" * 300),
+            "webhook field `data.memo` must be at most 256 printable characters",
+        ),
     ],
 )
 async def test_missing_or_bad_fields__400(relay: Relay, signer: Ed25519Signer, mutate, message: str):
@@ -376,7 +387,21 @@ async def test_missing_or_bad_fields__400(relay: Relay, signer: Ed25519Signer, m
     await relay.unchanged(claim_id)
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe", b""])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{not json",
+        b"[1, 2]",
+        b"\xff\xfe",
+        b"",
+        # Nested past the parser's recursion limit (unauthenticated: parsed before any signature).
+        b'{"data": ' + b"[" * 5_000 + b"]" * 5_000 + b"}",
+        b'{"data": ' + b'{"a": ' * 3_000 + b"1" + b"}" * 3_000 + b"}",
+        b'{"timestamp": NaN}',
+        b'{"timestamp": 1' + b"0" * 5_000 + b"}",
+    ],
+    ids=["not-json", "array", "not-utf8", "empty", "deep-arrays", "deep-objects", "nan", "huge-int"],
+)
 async def test_malformed_json__400(relay: Relay, raw: bytes):
     reply = await relay.post(raw)
     assert (reply.status_code, reply.json()["error"]["code"]) == (400, "malformed_webhook")

@@ -8,7 +8,7 @@ redemption. `allowances` holds each consumer's periodic USDC allowance to the re
 (an ERC-7715 `erc20-token-periodic` grant's permission context), which tops up its deposit.
 
 Revision ID: 0009
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-01
 """
 
@@ -19,7 +19,7 @@ from alembic import op
 from quotra.store.models import UTCDateTime
 
 revision: str = "0009"
-down_revision: str | None = "0006"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

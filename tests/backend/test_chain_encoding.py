@@ -1,0 +1,55 @@
+"""The settlement batch's calldata, encoded and decoded by eth_abi, against web3's contract encoding;
+every proof of one tree building against its root."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from eth_account import Account
+from quotra.chain import eip712, merkle
+from quotra.chain.client import Calldata, EscrowClient, PaymentArgs, abi
+from web3 import AsyncWeb3
+
+
+def _payment(i: int) -> PaymentArgs:
+    payer, provider = Account.create().address, Account.create().address
+    low_s = bytes([os.urandom(1)[0] & 0x7F]) + os.urandom(31)  # the escrow takes low s only
+    sig = eip712.Signature.from_bytes(os.urandom(32) + low_s + bytes([27 + i % 2]))
+    return PaymentArgs(payer, provider, 1_000 + i, 0, 2**40 + i, os.urandom(32), sig)
+
+
+@pytest.fixture
+def client() -> EscrowClient:
+    w3 = AsyncWeb3()
+    escrow, usdc = Account.create().address, Account.create().address
+    return EscrowClient(w3, escrow=escrow, usdc=usdc, chain_id=84532)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_settle_calldata_is_web3s_and_reads_back(client: EscrowClient, n: int) -> None:
+    payments = [_payment(i) for i in range(n)]
+    call = client.encode_settle_authorizations(payments)
+    reference = client.escrow.functions.settle_authorizations([p.as_tuple() for p in payments])
+    assert bytes(call.data) == bytes.fromhex(reference._encode_transaction_data()[2:])
+    decoded = client.decode_settle_authorizations(bytes(call.data))
+    assert [(f[0].lower(), f[2], f[5]) for f in decoded] == [
+        (p.payer.lower(), p.amount, p.nonce) for p in payments
+    ]
+
+
+def test_calldata_refuses_another_functions_input(client: EscrowClient) -> None:
+    other = Calldata(abi("QuotraEscrow"), "reconcile_authorization").encode(_payment(0).as_tuple())
+    with pytest.raises(ValueError, match="calldata of another function"):
+        client.decode_settle_authorizations(other)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13, 64])
+def test_every_leafs_proof_leads_to_the_root(n: int) -> None:
+    leaves = [os.urandom(32) for _ in range(n)]
+    root = merkle.root(leaves)
+    paths = merkle.proofs(leaves)
+    assert len(paths) == n
+    for i, path in enumerate(paths):
+        assert merkle.verify(path, root, leaves[i])
+        assert not merkle.verify(path, root, os.urandom(32))
