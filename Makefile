@@ -46,7 +46,7 @@ compile: setup
 PYTEST := $(BIN)/pytest -q -p no:cacheprovider
 test: compile
 	$(PYTEST) tests/contracts/unit
-	$(PYTEST) tests/contracts/test_mock_usdc.py tests/contracts/test_twin.py
+	$(PYTEST) tests/contracts/test_mock_usdc.py tests/contracts/test_twin.py tests/contracts/test_framework.py
 	$(PYTEST) tests/contracts/test_scripts.py
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTEST) tests/contracts/invariants
 	tools/with-postgres.sh $(PYTEST) tests/backend tests/e2e

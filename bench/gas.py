@@ -7,6 +7,13 @@ from its receipt. Each row is split with anvil's call tracer into the intrinsic 
 calldata), the USDC calls made by the escrow, and the escrow's own execution (storage writes,
 signature checks). Prints a markdown table and writes it to bench/results/gas.md.
 
+The ETH-free paths of MetaMask smart accounts (issue 14) are measured too, with the Delegation
+Framework's npm bytecode the twin carries: an ERC-7710 claim with the relayer's fee in the same
+`redeemDelegations` (the provider already an EIP-7702 account, and with its upgrade in the same
+transaction), a gasless `disableDelegation`, a periodic-allowance top-up, and the consumer's signed
+withdrawal steps. Their `escrow own` column includes the framework's execution (DelegationManager,
+caveat enforcers, the smart accounts).
+
 Targets (DESIGN.md section 5 and issue 15): x402 single <= 90k, x402 batched <= 45k per call
 (issue 15 allows up to 50k for the operator-proof refunds), prepaid batched <= 2k per call at 100
 calls per transaction.
@@ -28,6 +35,7 @@ from typing import Any
 
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
+from quotra.chain import delegation as dlg
 from quotra.chain import eip712, merkle
 from quotra.chain.charges import aggregate, pack_charge
 from quotra_dev import twin
@@ -40,6 +48,7 @@ from quotra_dev.chain import (
     permission_tuple,
     read_usdc_domain,
     sign_authorization,
+    sign_set_code,
 )
 from web3.types import TxReceipt
 
@@ -88,6 +97,17 @@ def calldata_costs(data: bytes) -> tuple[int, int]:
     return 21_000 + 4 * zeros + 16 * nonzeros, 21_000 + 10 * tokens
 
 
+def _usdc_calls(frame: dict[str, Any], usdc: str) -> list[dict[str, Any]]:
+    """The calls into USDC anywhere in a call trace (USDC makes none itself)."""
+    found = []
+    for call in frame.get("calls", []):
+        if to_checksum_address(call["to"]) == usdc:
+            found.append(call)
+        else:
+            found += _usdc_calls(call, usdc)
+    return found
+
+
 class Bench:
     def __init__(self, chain_: twin.Twin) -> None:
         self.twin = chain_
@@ -114,11 +134,7 @@ class Bench:
         trace = self.twin.rpc(
             "debug_traceTransaction", receipt["transactionHash"].to_0x_hex(), {"tracer": "callTracer"}
         )
-        usdc = sum(
-            int(call["gasUsed"], 16)
-            for call in trace.get("calls", [])
-            if to_checksum_address(call["to"]) == self.usdc.address
-        )
+        usdc = sum(int(call["gasUsed"], 16) for call in _usdc_calls(trace, self.usdc.address))
         floor_applied = int(receipt["gasUsed"]) == floor and floor > standard
         intrinsic = floor if floor_applied else standard
         row = Row(path, calls, receipt, intrinsic, usdc if not floor_applied else 0, floor_applied, target)
@@ -300,12 +316,131 @@ class Bench:
         )
         self.measure(f"refund_payment (one of {X402_BATCH}, with its proof)", 1, receipt)
 
+        self.smart_accounts(providers[4], consumer)
+
         # Solvent, with the front-run payment's funds left over for the owner's sweep.
         liabilities = f.liabilities().call()
         balance = self.usdc.functions.balanceOf(self.escrow.address).call()
         if balance != liabilities + auth.amount:
             raise SystemExit(f"solvency check failed: balance {balance} != liabilities {liabilities} + stray")
         return self.rows
+
+    # ---- MetaMask smart accounts (issue 14): every exit ETH-free ------------------------------
+
+    def signed(self, account: LocalAccount, delegation: dlg.Delegation, fw: Any) -> dlg.Delegation:
+        domain = dlg.domain(self.chain.chain_id, fw.delegation_manager)
+        return delegation.signed(eip712.sign_digest(account.key, delegation.digest(domain)).raw)
+
+    def redeem(self, entries: list[dlg.Redemption], sender: LocalAccount, **kwargs: Any) -> TxReceipt:
+        fw = self.twin.framework
+        assert fw is not None
+        return self.chain.send(fw.delegation_manager, dlg.encode_redeem(entries), sender, **kwargs)
+
+    def erc7710_claim(self, provider: LocalAccount, amount: int, *, upgrade: bool) -> tuple[TxReceipt, Any]:
+        fw, relayer = self.twin.framework, self.relayer
+        now = self.w3.eth.get_block("latest")["timestamp"]
+        common = {"provider": provider.address, "delegate": relayer.address, "usdc": self.usdc.address}
+        claim = self.signed(
+            provider,
+            dlg.claim_delegation(
+                fw, **common, escrow=self.escrow.address, payee=provider.address, cap=amount,
+                valid_until=now + 86_400, salt=secrets.randbits(64),
+            ),
+            fw,
+        )  # fmt: skip
+        fee = self.signed(
+            provider,
+            dlg.fee_delegation(
+                fw, **common, fee_collector=relayer.address, fee=10_000, valid_until=now + 86_400,
+                salt=secrets.randbits(64),
+            ),
+            fw,
+        )  # fmt: skip
+        entries = dlg.claim_redemptions(
+            claim, fee, escrow=self.escrow.address, usdc=self.usdc.address, amount=amount,
+            payee=provider.address, fee_collector=relayer.address, fee_amount=10_000,
+        )  # fmt: skip
+        auths = []
+        if upgrade:
+            nonce = self.w3.eth.get_transaction_count(provider.address)
+            auths = [sign_set_code(provider, fw.stateless_delegator, self.chain.chain_id, nonce)]
+        return self.redeem(entries, relayer, authorizations=auths, label="ERC-7710 claim"), claim
+
+    def smart_accounts(self, provider: LocalAccount, consumer: LocalAccount) -> None:
+        fw, f, relayer = self.twin.framework, self.escrow.functions, self.relayer
+        assert fw is not None
+        receipt, _ = self.erc7710_claim(provider, 200_000, upgrade=True)
+        self.measure(
+            "ERC-7710 claim + relayer fee, with the EIP-7702 upgrade (redeemDelegations, type 4)", 1, receipt
+        )
+        receipt, claim = self.erc7710_claim(provider, 200_000, upgrade=False)
+        self.measure("ERC-7710 claim + relayer fee (redeemDelegations)", 1, receipt)
+
+        off = self.signed(
+            provider,
+            dlg.disable_delegation(
+                fw,
+                delegator=provider.address,
+                delegate=relayer.address,
+                target=claim,
+                salt=secrets.randbits(64),
+            ),
+            fw,
+        )
+        receipt = self.redeem([dlg.disable_redemption(off, claim, fw.delegation_manager)], relayer)
+        self.measure("disableDelegation (gasless, a redeemed one-use grant)", 1, receipt)
+
+        # A periodic allowance (ERC-7715 erc20-token-periodic) tops up a deposit: the operator's
+        # own smart account redeems it and deposits for the consumer.
+        self.chain.upgrade(consumer, fw.stateless_delegator, relayer)
+        self.chain.upgrade(self.operator, fw.stateless_delegator, self.operator)
+        now = self.w3.eth.get_block("latest")["timestamp"]
+        grant = self.signed(
+            consumer,
+            dlg.periodic_allowance(
+                fw, consumer=consumer.address, delegate=self.operator.address, usdc=self.usdc.address,
+                period_amount=5 * USDC, period_duration=86_400, start=now, expiry=now + 30 * 86_400,
+                salt=secrets.randbits(64),
+            ),
+            fw,
+        )  # fmt: skip
+        context = dlg.encode_context([grant])
+
+        def top_up() -> TxReceipt:
+            entries = dlg.top_up_redemptions(
+                context, usdc=self.usdc.address, escrow=self.escrow.address, operator=self.operator.address,
+                consumer=consumer.address, amount=USDC,
+            )  # fmt: skip
+            return self.redeem(entries, self.operator)
+
+        top_up()  # the period's first
+        self.measure("allowance top-up (redeemDelegations: pull + approve + deposit)", 1, top_up())
+
+        # The consumer's signed withdrawal steps (an EIP-7702 account: ERC-1271 checks).
+        deadline = now + 86_400
+
+        def step(primary: str, field: str, value: int) -> bytes:
+            message = {
+                "consumer": consumer.address, field: value,
+                "nonce": f.withdrawal_nonces(consumer.address).call(), "deadline": deadline,
+            }  # fmt: skip
+            return eip712.sign(consumer.key, self.escrow_domain, primary, message).raw
+
+        sig = step("RequestWithdrawal", "amount", USDC)
+        receipt = self.transact(
+            f.request_withdrawal_with_signature(consumer.address, USDC, deadline, sig), relayer
+        )
+        self.measure("request_withdrawal_with_signature (relayer)", 1, receipt)
+        sig = step("CancelWithdrawal", "amount", USDC)
+        receipt = self.transact(f.cancel_withdrawal_with_signature(consumer.address, deadline, sig), relayer)
+        self.measure("cancel_withdrawal_with_signature (relayer)", 1, receipt)
+        sig = step("RequestWithdrawal", "amount", USDC)
+        self.transact(f.request_withdrawal_with_signature(consumer.address, USDC, deadline, sig), relayer)
+        self.twin.rpc("evm_increaseTime", hex(3_600))
+        self.twin.rpc("evm_mine")
+        sig = step("Withdraw", "relayer_fee", 10_000)
+        receipt = self.transact(f.withdraw_with_signature(consumer.address, 10_000, deadline, sig), relayer)
+        self.measure("withdraw_with_signature (relayer, fee out of the amount)", 1, receipt)
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -343,7 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Measured by `bench/gas.py` on the Base Sepolia twin (anvil, Prague rules, MockUSDC at the real\n"
         "USDC address) in steady state: providers already hold earnings, payers and the escrow hold\n"
         "balances, and the spend permission has settled once before. `USDC calls` is the gas of the\n"
-        "escrow's calls into USDC; `escrow own` is the rest of the execution.\n\n"
+        "escrow's calls into USDC; `escrow own` is the rest of the execution (for the ERC-7710 and\n"
+        "allowance rows, the Delegation Framework's too).\n\n"
     )
     text = header + body + "\n"
     args.output.parent.mkdir(parents=True, exist_ok=True)

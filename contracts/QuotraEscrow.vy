@@ -15,10 +15,11 @@
         themselves or through a signed, revocable `Delegation` that any relayer
         may submit for a USDC fee bounded by what the provider signed (the
         ERC-7710 idea, written for this escrow).
-@dev Trust model: consumer deposits move only back to the consumer or, under a
-     consumer-signed permission, to providers, the platform and the developer
-     it names (never above its allowance or markup rate, outside its window,
-     after revocation, or twice for one batch reference). Provider earnings move only to the provider or to the payee of a
+@dev Trust model: consumer deposits move only back to the consumer (less the
+     relayer fee it signed, when a relayer submits its signed withdrawal) or,
+     under a consumer-signed permission, to providers, the platform and the
+     developer it names (never above its allowance or markup rate, outside its
+     window, after revocation, or twice for one batch reference). Provider earnings move only to the provider or to the payee of a
      provider-signed delegation (never above its cap, after expiry or
      revocation; the relayer's fee is the signed fee pro rata of the amount
      claimed, so splitting a claim never raises it). Every credit is backed by
@@ -123,6 +124,19 @@ REVOCATION_TYPEHASH: public(constant(bytes32)) = keccak256("Revocation(address a
 # authorization before reconciling it.
 TRANSFER_WITH_AUTHORIZATION_TYPEHASH: public(constant(bytes32)) = keccak256(
     "TransferWithAuthorization(address from,address to,uint256 value,uint256 validAfter,uint256 validBefore,bytes32 nonce)"
+)
+# @dev Type hashes of a consumer's signed withdrawal steps, which any relayer
+# may submit. One shape for all three (field names and order match
+# `quotra.chain.eip712`): `amount` is the amount to request, the relayer's fee
+# out of the withdrawal, or the pending amount to cancel.
+REQUEST_WITHDRAWAL_TYPEHASH: constant(bytes32) = keccak256(
+    "RequestWithdrawal(address consumer,uint256 amount,uint256 nonce,uint256 deadline)"
+)
+WITHDRAW_TYPEHASH: constant(bytes32) = keccak256(
+    "Withdraw(address consumer,uint256 relayer_fee,uint256 nonce,uint256 deadline)"
+)
+CANCEL_WITHDRAWAL_TYPEHASH: constant(bytes32) = keccak256(
+    "CancelWithdrawal(address consumer,uint256 amount,uint256 nonce,uint256 deadline)"
 )
 
 
@@ -254,6 +268,8 @@ revoked: public(HashMap[address, HashMap[bytes32, bool]])
 reconciled: public(HashMap[bytes32, bool])
 # @dev x402 references refunded.
 refunded: public(HashMap[bytes32, bool])
+# @dev Next nonce of each consumer's signed withdrawal steps.
+withdrawal_nonces: public(HashMap[address, uint256])
 
 
 # ################################################################
@@ -593,11 +609,7 @@ def request_withdrawal(amount: uint256):
          can still settle against the deposit meanwhile.
     @param amount The amount in atomic units.
     """
-    assert amount > 0, "escrow: zero amount"
-    assert amount <= self.deposits[msg.sender], "escrow: amount exceeds deposit"
-    unlock_at: uint256 = block.timestamp + withdrawal_delay
-    self.withdrawals[msg.sender] = WithdrawalRequest(amount=amount, unlock_at=unlock_at)
-    log WithdrawalRequested(consumer=msg.sender, amount=amount, unlock_at=unlock_at)
+    self._request_withdrawal(msg.sender, amount)
 
 
 @external
@@ -605,9 +617,7 @@ def cancel_withdrawal():
     """
     @dev Cancels the caller's pending withdrawal.
     """
-    assert self.withdrawals[msg.sender].amount > 0, "escrow: no pending withdrawal"
-    self.withdrawals[msg.sender] = empty(WithdrawalRequest)
-    log WithdrawalCancelled(consumer=msg.sender)
+    self._cancel_withdrawal(msg.sender)
 
 
 @external
@@ -619,17 +629,7 @@ def withdraw() -> uint256:
          meanwhile. Works while paused.
     @return uint256 The amount paid out.
     """
-    request: WithdrawalRequest = self.withdrawals[msg.sender]
-    assert request.amount > 0, "escrow: no pending withdrawal"
-    assert block.timestamp >= request.unlock_at, "escrow: withdrawal locked"
-    amount: uint256 = min(request.amount, self.deposits[msg.sender])
-    self.withdrawals[msg.sender] = empty(WithdrawalRequest)
-    self.deposits[msg.sender] -= amount
-    self._update_totals(0, amount, 0, 0, 0, 0)
-    if amount > 0:
-        self._transfer_out(msg.sender, amount)
-    log Withdrawn(consumer=msg.sender, amount=amount)
-    return amount
+    return self._withdraw(msg.sender, 0)
 
 
 @external
@@ -782,6 +782,59 @@ def revoke_with_signature(account: address, item: bytes32, signature: Bytes[65])
     digest: bytes32 = self._hash_revocation(account, item)
     assert signature_checker._is_valid_signature_now(account, digest, signature), "escrow: invalid signature"
     self._revoke(account, item)
+
+
+# ################################################################
+#                       ETH-FREE EXITS                             #
+# ################################################################
+
+@external
+def request_withdrawal_with_signature(consumer: address, amount: uint256, deadline: uint256, signature: Bytes[65]):
+    """
+    @dev `request_withdrawal` for a consumer without ETH: any relayer submits
+         the consumer's signed `RequestWithdrawal`. No fee is taken here: a fee
+         out of the deposit before the delay would let a consumer empty it
+         ahead of charges already served; the relayer is paid by `Withdraw`.
+    @param consumer The consumer, who signed.
+    @param amount The amount in atomic units.
+    @param deadline The time after which the signature is void.
+    @param signature The consumer's EIP-712 signature (EOA or ERC-1271).
+    """
+    self._use_signature(REQUEST_WITHDRAWAL_TYPEHASH, consumer, amount, deadline, signature)
+    self._request_withdrawal(consumer, amount)
+
+
+@external
+def cancel_withdrawal_with_signature(consumer: address, deadline: uint256, signature: Bytes[65]):
+    """
+    @dev `cancel_withdrawal` for a consumer without ETH: any relayer submits
+         the consumer's signed `CancelWithdrawal` of the pending amount (a
+         signature for another amount does not verify, so a cancellation
+         signed for one request never cancels a later one).
+    @param consumer The consumer, who signed.
+    @param deadline The time after which the signature is void.
+    @param signature The consumer's EIP-712 signature (EOA or ERC-1271).
+    """
+    self._use_signature(CANCEL_WITHDRAWAL_TYPEHASH, consumer, self.withdrawals[consumer].amount, deadline, signature)
+    self._cancel_withdrawal(consumer)
+
+
+@external
+@nonreentrant
+def withdraw_with_signature(consumer: address, relayer_fee: uint256, deadline: uint256, signature: Bytes[65]) -> uint256:
+    """
+    @dev `withdraw` for a consumer without ETH: any relayer submits the
+         consumer's signed `Withdraw` and receives `relayer_fee` out of the
+         amount paid out; the consumer gets the rest. Works while paused.
+    @param consumer The consumer, who signed.
+    @param relayer_fee The caller's fee in atomic units, at most the amount
+           paid out.
+    @param deadline The time after which the signature is void.
+    @param signature The consumer's EIP-712 signature (EOA or ERC-1271).
+    @return uint256 The amount paid out, relayer fee included.
+    """
+    self._use_signature(WITHDRAW_TYPEHASH, consumer, relayer_fee, deadline, signature)
+    return self._withdraw(consumer, relayer_fee)
 
 
 # ################################################################
@@ -1379,3 +1432,65 @@ def _hash_revocation(account: address, item: bytes32) -> bytes32:
     @dev EIP-712 digest of a gasless revocation under this escrow's domain.
     """
     return eip712_domain_separator._hash_typed_data_v4(keccak256(abi_encode(REVOCATION_TYPEHASH, account, item)))
+
+
+@internal
+def _use_signature(typehash: bytes32, consumer: address, amount: uint256, deadline: uint256, signature: Bytes[65]):
+    """
+    @dev Throws unless `consumer` signed the withdrawal step `typehash` of
+         `amount` with its current nonce, and `deadline` has not passed; uses
+         the nonce (before the ERC-1271 call).
+    """
+    assert block.timestamp <= deadline, "escrow: signature expired"
+    nonce: uint256 = self.withdrawal_nonces[consumer]
+    self.withdrawal_nonces[consumer] = nonce + 1
+    digest: bytes32 = eip712_domain_separator._hash_typed_data_v4(
+        keccak256(abi_encode(typehash, consumer, amount, nonce, deadline))
+    )
+    assert signature_checker._is_valid_signature_now(consumer, digest, signature), "escrow: invalid signature"
+
+
+@internal
+def _request_withdrawal(consumer: address, amount: uint256):
+    """
+    @dev Starts a withdrawal of `amount` of `consumer`'s deposit.
+    """
+    assert amount > 0, "escrow: zero amount"
+    assert amount <= self.deposits[consumer], "escrow: amount exceeds deposit"
+    unlock_at: uint256 = block.timestamp + withdrawal_delay
+    self.withdrawals[consumer] = WithdrawalRequest(amount=amount, unlock_at=unlock_at)
+    log WithdrawalRequested(consumer=consumer, amount=amount, unlock_at=unlock_at)
+
+
+@internal
+def _cancel_withdrawal(consumer: address):
+    """
+    @dev Cancels `consumer`'s pending withdrawal.
+    """
+    assert self.withdrawals[consumer].amount > 0, "escrow: no pending withdrawal"
+    self.withdrawals[consumer] = empty(WithdrawalRequest)
+    log WithdrawalCancelled(consumer=consumer)
+
+
+@internal
+def _withdraw(consumer: address, relayer_fee: uint256) -> uint256:
+    """
+    @dev Completes `consumer`'s unlocked withdrawal: the requested amount, or
+         what is left of the deposit if charges settled meanwhile, paid to the
+         consumer but for `relayer_fee`, paid to the caller.
+    """
+    request: WithdrawalRequest = self.withdrawals[consumer]
+    assert request.amount > 0, "escrow: no pending withdrawal"
+    assert block.timestamp >= request.unlock_at, "escrow: withdrawal locked"
+    amount: uint256 = min(request.amount, self.deposits[consumer])
+    assert relayer_fee <= amount, "escrow: fee exceeds withdrawal"
+    self.withdrawals[consumer] = empty(WithdrawalRequest)
+    self.deposits[consumer] -= amount
+    self._update_totals(0, amount, 0, 0, 0, 0)
+    if relayer_fee > 0:
+        self._transfer_out(msg.sender, relayer_fee)
+    if amount > relayer_fee:
+        self._transfer_out(consumer, amount - relayer_fee)
+    log Withdrawn(consumer=consumer, amount=amount)
+    return amount
+

@@ -18,9 +18,11 @@ from typing import Any, TypeVar, cast
 
 import click
 from eth_account.messages import SignableMessage
-from eth_utils import is_checksum_address, is_hex_address, to_checksum_address
+from eth_utils import is_checksum_address, is_hex_address, keccak, to_checksum_address
+from quotra.chain import delegation as dlg
 from quotra.chain import eip712
 from quotra.chain.deployment import (
+    DelegationFramework,
     Deployment,
     DeploymentError,
     deployment_path,
@@ -233,16 +235,54 @@ def sign_typed(
     struct hash, so what it signs is exactly `eip712.digest(...)`; the result is checked by
     recovery before anyone sees it.
     """
-    signable = SignableMessage(
-        version=b"\x01", header=domain.separator, body=eip712.struct_hash(primary, message)
-    )
-    signed = account.sign_message(signable)
+    return _sign_struct(account, domain, eip712.struct_hash(primary, message))
+
+
+def _sign_struct(account: Any, domain: eip712.Domain, struct_hash: bytes) -> eip712.Signature:
+    signed = account.sign_message(SignableMessage(version=b"\x01", header=domain.separator, body=struct_hash))
     if signed is None:
         raise click.ClickException("the account did not sign")
     signature = eip712.Signature.from_bytes(signed.encode_rsv())
-    if eip712.recover(eip712.digest(domain, primary, message), signature) != account.address:
+    if eip712.recover(keccak(b"\x19\x01" + domain.separator + struct_hash), signature) != account.address:
         raise click.ClickException("the signature does not recover to the account")
     return signature
+
+
+def sign_framework_delegation(
+    account: Any, deployment: Deployment, delegation: dlg.Delegation
+) -> dict[str, Any]:
+    """Sign a Delegation Framework `Delegation` (EIP-712 under the DelegationManager's domain) with
+    an ape account; `{message, signature}` as the relay takes it."""
+    fw = require_framework(deployment)
+    domain = dlg.domain(deployment.chain_id, fw.delegation_manager)
+    signature = _sign_struct(account, domain, delegation.hash)
+    return {"message": delegation.message(), "signature": signature.hex}
+
+
+def require_framework(deployment: Deployment) -> DelegationFramework:
+    if deployment.delegation_framework is None:
+        raise click.UsageError("the deployment records no Delegation Framework on this chain")
+    return deployment.delegation_framework
+
+
+def eip7702_upgrade(account: Any, deployment: Deployment) -> dict[str, Any] | None:
+    """The account's signed EIP-7702 authorization to become MetaMask's stateless DeleGator, or
+    None when its code already delegates there (a relayer sends it: no ETH needed)."""
+    from ape import networks
+
+    fw = require_framework(deployment)
+    w3 = networks.provider.web3
+    if dlg.is_delegated_to(bytes(w3.eth.get_code(account.address)), fw.stateless_delegator):
+        return None
+    nonce = int(w3.eth.get_transaction_count(account.address))
+    signed = account.sign_authorization(fw.stateless_delegator, deployment.chain_id, nonce)
+    if signed is None:
+        raise click.ClickException("the account did not sign the EIP-7702 authorization")
+    r, s = (int.from_bytes(bytes(x), "big") for x in (signed.r, signed.s))
+    auth = dlg.SetCodeAuthorization(deployment.chain_id, fw.stateless_delegator, nonce, int(signed.v), r, s)
+    if auth.authority != account.address:
+        raise click.ClickException("the EIP-7702 authorization does not recover to the account")
+    return auth.as_json()
 
 
 def signed_item(
@@ -314,6 +354,7 @@ __all__ = [
     "confirm",
     "connected_deployment_path",
     "echo_json",
+    "eip7702_upgrade",
     "escrow_contract",
     "format_usdc",
     "head_timestamp",
@@ -322,9 +363,11 @@ __all__ = [
     "new_salt",
     "parse_digest",
     "read_signed_item",
+    "require_framework",
     "require_owner",
     "reverts_as_click_errors",
     "rpc",
+    "sign_framework_delegation",
     "sign_typed",
     "signed_item",
     "usdc_contract",

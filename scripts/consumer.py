@@ -2,7 +2,14 @@
 
 deposit AMOUNT [--for ADDR] | request-withdrawal AMOUNT | cancel-withdrawal | withdraw |
 sign-permission --allowance 5.00 --days 30 [--spender OPERATOR] [--developer ADDR --max-markup-bps N] |
-revoke (--permission-file F | --digest D) | balance
+revoke (--permission-file F | --digest D) | balance | sign-withdrawal (request AMOUNT | cancel |
+withdraw --relayer-fee 0.01) [--valid-for 1h] | grant-allowance --period-amount 5.00 --period 1d
+--days 30 [--operator ADDR]
+
+`sign-withdrawal` signs a withdrawal step for the relay (`POST /v1/account/withdrawals`), which a
+relayer submits: an exit without ETH. `grant-allowance` signs an ERC-7715 style periodic USDC
+allowance (a Delegation Framework delegation; the account must be a MetaMask smart account) for
+`POST /v1/account/allowances`: the relay tops the deposit up from it.
 """
 
 from __future__ import annotations
@@ -12,20 +19,26 @@ from typing import Any
 
 import click
 from ape.cli import ConnectedProviderCommand, account_option
+from quotra.chain import delegation as dlg
+from quotra.chain import eip712
 from quotra_dev.chain import ZERO_ADDRESS, permission_tuple
 
 from scripts._common import (
     ADDRESS,
     USDC,
+    Duration,
     PositiveDays,
+    UsdcAmount,
     confirm,
     echo_json,
     escrow_contract,
     head_timestamp,
     load_deployment,
     new_salt,
+    require_framework,
     reverts_as_click_errors,
     revoke_signed_item,
+    sign_framework_delegation,
     sign_typed,
     signed_item,
     usdc_contract,
@@ -200,3 +213,93 @@ def revoke(account: Any, permission_file: Path | None, digest: str | None, yes: 
         to_tuple=permission_tuple,
         yes=yes,
     )
+
+
+# step -> (EIP-712 primary type, its amount field)
+WITHDRAWAL_STEPS = {
+    "request": ("RequestWithdrawal", "amount"),
+    "cancel": ("CancelWithdrawal", "amount"),
+    "withdraw": ("Withdraw", "relayer_fee"),
+}
+
+
+@cli.command("sign-withdrawal", cls=ConnectedProviderCommand)
+@account_option()
+@click.argument("step", type=click.Choice(sorted(WITHDRAWAL_STEPS)))
+@click.argument("amount", type=USDC, required=False)
+@click.option("--relayer-fee", type=UsdcAmount(allow_zero=True), default="0", show_default=True)
+@click.option("--valid-for", "duration", type=Duration(), default="1h", show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def sign_withdrawal(
+    account: Any, step: str, amount: int | None, relayer_fee: int, duration: int, output: Path | None
+) -> None:
+    """Sign a withdrawal STEP (request AMOUNT, cancel, or withdraw paying --relayer-fee out of it)
+    for a relayer to submit (no transaction, no ETH). Prints the body of POST /v1/account/withdrawals."""
+    deployment = load_deployment()
+    escrow = escrow_contract(deployment)
+    primary, field = WITHDRAWAL_STEPS[step]
+    pending, _unlock_at = escrow.withdrawals(account.address)
+    if step == "request":
+        if amount is None or amount > escrow.deposits(account.address):
+            raise click.BadParameter("give an AMOUNT up to the deposit", param_hint="AMOUNT")
+        value = amount
+    elif pending == 0:
+        raise click.UsageError("no pending withdrawal: sign a request first")
+    else:
+        value = pending if step == "cancel" else relayer_fee
+    message = {
+        "consumer": account.address,
+        field: value,
+        "nonce": escrow.withdrawal_nonces(account.address),
+        "deadline": head_timestamp() + duration,
+    }
+    signature = sign_typed(account, deployment.escrow_domain, primary, message)
+    typed = eip712.typed_data(deployment.escrow_domain, primary, message)["message"]
+    echo_json({"step": step, "message": typed, "signature": signature.hex}, output)
+
+
+@cli.command("grant-allowance", cls=ConnectedProviderCommand)
+@account_option()
+@click.option("--period-amount", type=USDC, required=True, help="Most the relay may take per period.")
+@click.option("--period", "period", type=Duration(), default="1d", show_default=True)
+@click.option("--days", "duration", type=PositiveDays(), default="30", show_default=True, help="Validity.")
+@click.option(
+    "--operator", type=ADDRESS, default=None, help="The relay's operator (default: the deployment's)."
+)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def grant_allowance(
+    account: Any, period_amount: int, period: int, duration: int, operator: str | None, output: Path | None
+) -> None:
+    """Sign a periodic USDC allowance to the relay's operator, shaped as MetaMask's ERC-7715
+    `erc20-token-periodic` permission (no transaction). Prints the body of POST /v1/account/allowances."""
+    deployment = load_deployment()
+    fw = require_framework(deployment)
+    if operator is None:
+        if not deployment.operators:
+            raise click.UsageError("the deployment names no operator: pass --operator")
+        operator = deployment.operators[0]
+    if period <= 0:
+        raise click.BadParameter("the period must be positive", param_hint="--period")
+    now = head_timestamp()
+    grant = dlg.periodic_allowance(
+        fw, consumer=account.address, delegate=operator, usdc=deployment.usdc, period_amount=period_amount,
+        period_duration=period, start=now, expiry=now + duration, salt=new_salt(),
+    )  # fmt: skip
+    signed = sign_framework_delegation(account, deployment, grant)
+    context = dlg.encode_context([grant.signed(bytes.fromhex(signed["signature"][2:]))])
+    response = {
+        "chainId": hex(deployment.chain_id),
+        "context": "0x" + context.hex(),
+        "delegationManager": fw.delegation_manager,
+        "permission": {
+            "type": "erc20-token-periodic",
+            "data": {
+                "tokenAddress": deployment.usdc,
+                "periodAmount": hex(period_amount),
+                "periodDuration": period,
+                "startTime": now,
+            },
+        },
+        "expiry": now + duration,
+    }
+    echo_json(response, output)

@@ -1,13 +1,15 @@
 """Deploy the Quotra escrow: `ape run deploy escrow --network <ecosystem:network:provider> --account <alias>`.
 
 Writes `deployments/<ecosystem>-<network>.json` (see `quotra.chain.deployment`). On the twin and on
-local chains, MockUSDC is installed at the USDC address first if nothing is there yet.
+local chains, MockUSDC is installed at the USDC address first if nothing is there yet, and so is
+MetaMask's Delegation Framework (npm bytecode) at its Base Sepolia addresses; elsewhere the record
+names MetaMask's own deployment of the framework on that chain.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import click
 from ape.cli import ConnectedProviderCommand, account_option
@@ -16,6 +18,7 @@ from quotra.chain.deployment import (
     BASE_SEPOLIA_USDC,
     KNOWN_USDC,
     LOCAL_CHAIN_IDS,
+    DelegationFramework,
     Deployment,
     DeploymentError,
 )
@@ -49,29 +52,30 @@ def default_usdc(chain_id: int, is_local: bool) -> str | None:
     return None
 
 
-class _ApeChainTarget:
-    """What `quotra_dev.twin.Twin._install_usdc` needs, over ape's connected provider."""
-
-    def __init__(self, usdc: str, owner: str) -> None:
-        self.usdc = usdc
-        self.usdc_owner = owner
-
-    def web3(self) -> Any:
-        from ape import networks
-
-        return networks.provider.web3
-
-    def rpc(self, method: str, *params: Any) -> Any:
-        return rpc(method, *params)
-
-
 def install_mock_usdc(usdc: str, owner: str) -> None:
-    """Install MockUSDC (owner and minter `owner`) at `usdc` with twin.py's installer."""
+    """Install MockUSDC (owner and minter `owner`) at `usdc`, as the twin does."""
     from quotra_dev import twin
 
     creation_code, _abi = twin.load_mock_usdc()
-    # twin.py's installer is a method of the running twin; it only uses these four members.
-    twin.Twin._install_usdc(cast(twin.Twin, _ApeChainTarget(usdc, owner)), creation_code)
+    twin.place_contract(rpc, usdc, creation_code, owner)
+
+
+def delegation_framework(chain_id: int, dev_chain: bool, owner: str) -> DelegationFramework | None:
+    """MetaMask's Delegation Framework on this chain: on a dev chain installed from its npm
+    bytecode at Base Sepolia's addresses if missing (as on the twin); elsewhere MetaMask's own
+    deployment (`@metamask/delegation-deployments`), if it lists one whose code is there."""
+    from ape import networks
+    from quotra_dev import framework
+
+    if dev_chain:
+        return framework.install(rpc, owner)
+    deployed = framework.deployed(chain_id)
+    if deployed is None or not networks.provider.get_code(deployed.delegation_manager):
+        click.echo(
+            f"no Delegation Framework on chain {chain_id}: ERC-7710 claims and allowances are off", err=True
+        )
+        return None
+    return deployed
 
 
 def refuse_live_redeploy(force: bool) -> None:
@@ -164,6 +168,7 @@ def escrow(
     token = usdc_contract(usdc)
     usdc_name, usdc_version = token.name(), token.version()
 
+    framework = delegation_framework(chain_id, dev_chain, account.address)
     with reverts_as_click_errors("deploy"):
         contract = account.deploy(project.QuotraEscrow, usdc, withdrawal_delay, refund_window)
     receipt = chain.get_receipt(contract.txn_hash)
@@ -186,6 +191,7 @@ def escrow(
         withdrawal_delay=contract.withdrawal_delay(),
         refund_window=contract.refund_window(),
         deployed_at=datetime.fromtimestamp(chain.blocks[receipt.block_number].timestamp, UTC),
+        delegation_framework=framework,
     )
     path = deployment.save(connected_deployment_path())
     click.echo(f"escrow {contract.address} deployed in block {receipt.block_number}; wrote {path}")

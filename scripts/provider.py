@@ -1,31 +1,43 @@
 """Provider's commands: `ape run provider <command> --network ... --account <alias>`.
 
 claim AMOUNT [--to ADDR] | sign-delegation --max 10.00 --relayer-fee 0.05 --days 7 [--payee ADDR]
-[--delegate ADDR] | revoke (--delegation-file F | --digest D) | earnings [ADDRESS]
+[--delegate ADDR] | revoke (--delegation-file F | --digest D) | earnings [ADDRESS] |
+sign-erc7710 --max 10.00 --relayer ADDR --relayer-fee 0.01 [--hours 1] [--payee ADDR] |
+disable-erc7710 --claim-file F [--relayer ADDR]
+
+The `*-erc7710` commands are for a provider whose account is a MetaMask smart account (EIP-7702):
+they sign Delegation Framework delegations (ERC-7710) for the relay's
+`POST /v1/provider/claims/erc7710` and `POST /v1/delegations/disable`, with no ETH.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import click
 from ape.cli import ConnectedProviderCommand, account_option
+from quotra.chain import delegation as dlg
 from quotra_dev.chain import ZERO_ADDRESS, delegation_tuple
 
 from scripts._common import (
     ADDRESS,
     USDC,
+    Duration,
     PositiveDays,
     UsdcAmount,
     confirm,
     echo_json,
+    eip7702_upgrade,
     escrow_contract,
     head_timestamp,
     load_deployment,
     new_salt,
+    require_framework,
     reverts_as_click_errors,
     revoke_signed_item,
+    sign_framework_delegation,
     sign_typed,
     signed_item,
     usdc_contract,
@@ -136,3 +148,88 @@ def revoke(account: Any, delegation_file: Path | None, digest: str | None, yes: 
         to_tuple=delegation_tuple,
         yes=yes,
     )
+
+
+@cli.command("sign-erc7710", cls=ConnectedProviderCommand)
+@account_option()
+@click.option("--max", "cap", type=USDC, required=True, help="The claim's cap, the relayer's fee included.")
+@click.option("--relayer", type=ADDRESS, required=True, help="The relayer that redeems (the delegate).")
+@click.option("--relayer-fee", type=UsdcAmount(allow_zero=True), default="0", show_default=True)
+@click.option("--valid-for", "duration", type=Duration(), default="1h", show_default=True)
+@click.option("--payee", type=ADDRESS, default=None, help="Receiver of the claim (default: the provider).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def sign_erc7710(
+    account: Any,
+    cap: int,
+    relayer: str,
+    relayer_fee: int,
+    duration: int,
+    payee: str | None,
+    output: Path | None,
+) -> None:
+    """Sign ERC-7710 Delegations to the relayer (no transaction): one `escrow.claim(<= --max, payee)`
+    before the expiry, and its fee in USDC; plus the EIP-7702 authorization if the account is not
+    a smart account yet. Prints the body of POST /v1/provider/claims/erc7710."""
+    if relayer_fee >= cap:
+        raise click.BadParameter("the relayer fee must be below --max", param_hint="--relayer-fee")
+    deployment = load_deployment()
+    fw = require_framework(deployment)
+    valid_until = head_timestamp() + duration
+    common = {"provider": account.address, "delegate": relayer, "usdc": deployment.usdc}
+    claim = dlg.claim_delegation(
+        fw, **common, escrow=deployment.escrow, payee=payee or account.address, cap=cap,
+        valid_until=valid_until, salt=new_salt(),
+    )  # fmt: skip
+    body: dict[str, Any] = {"claim": sign_framework_delegation(account, deployment, claim), "fee": None}
+    if relayer_fee:
+        fee = dlg.fee_delegation(
+            fw, **common, fee_collector=relayer, fee=relayer_fee, valid_until=valid_until, salt=new_salt()
+        )
+        body["fee"] = sign_framework_delegation(account, deployment, fee)
+    body["authorization"] = eip7702_upgrade(account, deployment)
+    echo_json(body, output)
+
+
+@cli.command("disable-erc7710", cls=ConnectedProviderCommand)
+@account_option()
+@click.option(
+    "--claim-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="What sign-erc7710 printed.",
+)
+@click.option(
+    "--relayer",
+    type=ADDRESS,
+    default=None,
+    help="Sign a gasless disable for this relayer instead of sending.",
+)
+@yes_option
+def disable_erc7710(account: Any, claim_file: Path, relayer: str | None, yes: bool) -> None:
+    """Disable an ERC-7710 claim delegation (DelegationManager.disableDelegation): sent from the
+    account, or with --relayer signed as a one-use grant for POST /v1/delegations/disable."""
+    from ape import Contract
+    from quotra_dev import framework
+
+    deployment = load_deployment()
+    fw = require_framework(deployment)
+    try:
+        target = dlg.Delegation.from_message(
+            json.loads(claim_file.read_text(encoding="utf-8"))["claim"]["message"]
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise click.BadParameter(f"cannot read {claim_file}: {exc}", param_hint="--claim-file") from None
+    if target.delegator != account.address:
+        raise click.BadParameter(f"the delegation is {target.delegator}'s", param_hint="--claim-file")
+    if relayer is not None:
+        grant = dlg.disable_delegation(
+            fw, delegator=account.address, delegate=relayer, target=target, salt=new_salt()
+        )
+        signed = sign_framework_delegation(account, deployment, grant)
+        echo_json({"delegation": target.message(), "grant": signed}, None)
+        return
+    confirm(yes, f"Disable delegation 0x{target.hash.hex()}?")
+    manager = Contract(fw.delegation_manager, abi=framework.abi("DelegationManager"))
+    with reverts_as_click_errors("disableDelegation"):
+        manager.disableDelegation(target.as_tuple(), sender=account)
+    click.echo(f"disabled 0x{target.hash.hex()}")

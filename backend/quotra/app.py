@@ -31,8 +31,10 @@ from quotra.config import Settings
 from quotra.errors import HeadersTooLarge, PayloadTooLarge, QuotraError, error_body
 from quotra.metrics import Metrics
 from quotra.netguard import NetGuard
+from quotra.payments.allowances import AllowanceService
 from quotra.payments.apps import AppService
 from quotra.payments.claims import build_claims, configured_relayer, webhook_verifier
+from quotra.payments.exits import Exits
 from quotra.payments.prepaid import PrepaidService, PrepaidSettings
 from quotra.payments.service import Payments, escrow_location, load_operator
 from quotra.ratelimit import TokenBucketLimiter
@@ -41,6 +43,7 @@ from quotra.services.listings import ListingCache, ListingService
 from quotra.services.relay import Relay
 from quotra.services.upstreams import AdapterFactory, AdapterRegistry
 from quotra.siwe import Erc1271Fn, SiweVerifier, web3_erc1271
+from quotra.store.allowances_repo import AllowancesRepo
 from quotra.store.apps_repo import AppsStore
 from quotra.store.db import create_engine, upgrade
 from quotra.store.prepaid_repo import PrepaidStore
@@ -371,8 +374,22 @@ def create_app(
             claims=claim_service,
             webhook_verifier=webhook_verifier(settings, http),
             payments=payments,
+            exits=None
+            if claim_service is None
+            else Exits(claim_service.escrow, claim_service.relayer, claim_service.quote),
         )
         await payments.start()  # x402 on (USDC's domain read once), settlement worker, indexer
+        runtime: Runtime = app.state.runtime
+        if claim_service is not None and claim_service.framework is not None and operator is not None:
+            runtime.allowances = AllowanceService(
+                AllowancesRepo(store),
+                claim_service.escrow,
+                claim_service.framework,
+                operator,
+                lambda: payments.relayer,
+                low_water=int(settings.allowance_low_water_usdc * 10**6),
+                poll_seconds=settings.allowance_poll_seconds,
+            )
         background = [asyncio.create_task(sweep_calls(calls, settings.sweep_seconds), name="call-sweeper")]
         if settings.prepaid_refresh_seconds > 0:
             background.append(asyncio.create_task(prepaid.run_background(), name="prepaid-refresher"))
@@ -380,6 +397,10 @@ def create_app(
             background.append(asyncio.create_task(claim_service.run(asyncio.Event()), name="claims-poller"))
         if missing := web.missing_vendor_files():
             log.warning("the marketplace pages lack %s: run `make setup`", ", ".join(missing))
+        if runtime.allowances is not None and settings.allowance_poll_seconds > 0:
+            background.append(
+                asyncio.create_task(runtime.allowances.run(asyncio.Event()), name="allowance-top-ups")
+            )
         log.info(
             "relay started",
             extra={"env": settings.env, "database": store.dialect, "version": __version__},

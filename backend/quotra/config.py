@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
@@ -105,6 +106,10 @@ class Settings(BaseSettings):
     prepaid_refresh_seconds: float = Field(default=30.0, ge=0)  # 0 = no background refresher
     prepaid_permission_margin_seconds: int = Field(default=600, ge=0)
     prepaid_deposit_wait_seconds: float = Field(default=30.0, ge=0, le=300)
+    # Auto top-up under consumers' periodic allowances (ERC-7715 style; quotra.payments.allowances):
+    # when a deposit's available part is below this many USDC, redeem what the period still allows.
+    allowance_low_water_usdc: Decimal = Field(default=Decimal(1), ge=0, le=Decimal(10**9))
+    allowance_poll_seconds: float = Field(default=30.0, ge=0)  # 0 = no automatic top-ups
 
     # Relayer for gasless transactions (claims, revocations, deposits): `direct` submits with
     # operator_key; `oneshot` goes through a 1Shot-style JSON-RPC relayer (`quotra relayer` on the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -18,10 +19,11 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from quotra.chain import eip712
+from quotra.chain.delegation import SetCodeAuthorization, describe_revert
 from web3 import Web3
 from web3.contract import Contract
 from web3.contract.contract import ContractFunction
-from web3.exceptions import ContractLogicError
+from web3.exceptions import ContractLogicError, Web3RPCError
 from web3.types import TxReceipt
 
 ZERO_ADDRESS: Final = "0x0000000000000000000000000000000000000000"
@@ -115,10 +117,51 @@ class Chain:
         }
         try:
             params["gas"] = gas or int(fn.estimate_gas(params) * 1.2) + 10_000  # type: ignore[arg-type]
-        except ContractLogicError as exc:
-            raise TxFailed(f"{fn.fn_name}: {_reason(exc)}") from exc
+        except (ContractLogicError, Web3RPCError) as exc:
+            raise TxFailed(f"{fn.fn_name}: {revert_text(exc)}") from exc
         tx = fn.build_transaction(params)  # type: ignore[arg-type]
         return self._send(tx, sender, fn.fn_name)
+
+    def send(
+        self,
+        to: str,
+        data: bytes,
+        sender: LocalAccount,
+        *,
+        authorizations: Sequence[SetCodeAuthorization] = (),
+        label: str = "call",
+    ) -> TxReceipt:
+        """Sign and send a raw call (type 4 when it carries EIP-7702 authorizations) and wait.
+        A call that would revert raises `TxFailed` with the reason before anything is sent."""
+        tx: dict[str, Any] = {
+            "from": sender.address,
+            "to": to_checksum_address(to),
+            "data": data,
+            "value": 0,
+            "nonce": self.w3.eth.get_transaction_count(sender.address, "pending"),
+            "chainId": self.chain_id,
+        }
+        if authorizations:
+            tx["authorizationList"] = [a.as_tx() for a in authorizations]
+        try:
+            tx["gas"] = int(self.w3.eth.estimate_gas(tx) * 1.2) + 10_000  # type: ignore[arg-type]
+        except (ContractLogicError, Web3RPCError) as exc:
+            raise TxFailed(f"{label}: {revert_text(exc)}") from exc
+        block = self.w3.eth.get_block("latest")
+        tip = 1_000_000
+        tx.update(maxPriorityFeePerGas=tip, maxFeePerGas=2 * int(block.get("baseFeePerGas") or 0) + tip)
+        if authorizations:
+            tx["type"] = 4
+        return self._send(tx, sender, label)
+
+    def upgrade(self, account: LocalAccount, implementation: str, sponsor: LocalAccount) -> TxReceipt:
+        """Makes `account` an EIP-7702 smart account delegating to `implementation`; `sponsor`
+        sends (and pays for) the type-4 transaction, so `account` needs no ETH."""
+        nonce = int(self.w3.eth.get_transaction_count(account.address, "pending"))
+        if sponsor.address == account.address:
+            nonce += 1  # a self-sent authorization is checked after the sender's nonce is used
+        auth = sign_set_code(account, implementation, self.chain_id, nonce)
+        return self.send(account.address, b"", sponsor, authorizations=[auth], label="EIP-7702 upgrade")
 
     def deploy(self, name: str, sender: LocalAccount, *args: Any, build_file: Path | None = None) -> Contract:
         artifact = load_artifact(name, build_file)
@@ -142,6 +185,24 @@ class Chain:
         if receipt["status"] != 1:
             raise TxFailed(f"{label}: reverted in transaction {tx_hash.to_0x_hex()}")
         return receipt
+
+
+def revert_text(exc: Exception) -> str:
+    """A revert as text: the framework's custom error by name, else the revert string."""
+    data = getattr(exc, "data", None)
+    if isinstance(data, str) and data.startswith("0x"):
+        return describe_revert(data)
+    return _reason(exc)
+
+
+def sign_set_code(
+    account: LocalAccount, implementation: str, chain_id: int, nonce: int
+) -> SetCodeAuthorization:
+    """`account`'s signed EIP-7702 authorization to delegate its code to `implementation`."""
+    signed = Account.sign_authorization(
+        {"chainId": chain_id, "address": to_checksum_address(implementation), "nonce": nonce}, account.key
+    )
+    return SetCodeAuthorization(chain_id, implementation, nonce, signed.y_parity, signed.r, signed.s)
 
 
 def new_account() -> LocalAccount:

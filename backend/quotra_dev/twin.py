@@ -2,7 +2,9 @@
 
 Scripts, tests and the demo start and stop the twin through this module, so wallets, the x402
 SDK and the relay see exactly the chain id (`eip155:84532`), token address and EIP-712 domain
-(name "USDC", version "2") they see on Base Sepolia.
+(name "USDC", version "2") they see on Base Sepolia, and MetaMask's Delegation Framework at its
+Base Sepolia addresses (`quotra_dev.framework`), on the Prague hardfork so that EOAs can become
+smart accounts with EIP-7702.
 
     with twin.start() as chain:
         w3 = chain.web3()
@@ -26,6 +28,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, NamedTuple
@@ -34,6 +37,7 @@ from eth_abi import encode as abi_encode
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak, to_checksum_address
+from quotra.chain.deployment import DelegationFramework
 from web3 import Web3
 
 BASE_SEPOLIA_CHAIN_ID: Final = 84532
@@ -162,6 +166,37 @@ def load_mock_usdc(root: Path = REPO_ROOT) -> tuple[str, list[dict[str, Any]]]:
     return compiled["bytecode"], compiled["abi"]
 
 
+def place_contract(rpc: Callable[..., Any], address: str, creation_code: str, sender: str) -> None:
+    """Places the contract `creation_code` creates at `address`, without mining anything.
+
+    The constructor is simulated (`debug_traceCall` with the `prestateTracer` in diff mode, sent
+    from `sender`): its runtime code (with the immutables it computed), the storage it wrote and
+    its nonce are then set at `address` (`anvil_setCode`, `anvil_setStorageAt`, `anvil_setNonce`).
+    So the twin starts at block 0 with every dev account at nonce 0. A constructor that creates
+    other contracts is refused (they would sit where the simulation created them).
+    """
+    diff = rpc(
+        "debug_traceCall",
+        {"from": sender, "data": creation_code, "gas": hex(30_000_000)},
+        "latest",
+        {"tracer": "prestateTracer", "tracerConfig": {"diffMode": True}},
+    )
+    created = [
+        account
+        for created_at, account in diff["post"].items()
+        if account.get("code") and created_at.lower() != sender.lower()
+    ]
+    if len(created) != 1:
+        raise TwinError(f"unexpected constructor trace for {address}: {list(diff['post'])}")
+    (account,) = created
+    target = to_checksum_address(address)
+    rpc("anvil_setCode", target, account["code"])
+    for slot, value in account.get("storage", {}).items():
+        rpc("anvil_setStorageAt", target, slot, value)
+    if nonce := account.get("nonce"):
+        rpc("anvil_setNonce", target, hex(nonce))
+
+
 class Twin:
     """A running twin. Create it with :func:`start`; stop it with :meth:`stop` or `with`."""
 
@@ -182,6 +217,7 @@ class Twin:
         self.usdc_owner = usdc_owner
         self.usdc_abi = usdc_abi
         self.accounts: list[DevAccount] = list(DEV_ACCOUNTS)
+        self.framework: DelegationFramework | None = None
         self._log = log
         self._web3: Web3 | None = None
         atexit.register(self.stop)
@@ -264,37 +300,18 @@ class Twin:
     # -- setup -------------------------------------------------------------------------------
 
     def _install_usdc(self, creation_code: str) -> None:
-        """Places MockUSDC at the real USDC address with the storage its constructor writes.
+        """Places MockUSDC at the real USDC address with the storage its constructor writes
+        (unless it is there: loaded from a --state file). The EIP-712 domain is rebuilt from
+        `self` and `chain.id`, so it names the USDC address."""
+        if not self.web3().eth.get_code(to_checksum_address(self.usdc)):
+            place_contract(self.rpc, self.usdc, creation_code, self.usdc_owner)
 
-        The constructor is simulated (`debug_traceCall` + `prestateTracer` in diff mode), so
-        nothing is mined: the twin starts at block 0 and every dev account at nonce 0. The
-        runtime code carries the immutables (name, version, decimals); the diff carries the
-        storage (owner, minter role). The EIP-712 domain is rebuilt from `self` and `chain.id`,
-        so it names the USDC address.
-        """
-        w3 = self.web3()
-        usdc = to_checksum_address(self.usdc)
-        if w3.eth.get_code(usdc):  # loaded from a --state file
-            return
-        diff = self.rpc(
-            "debug_traceCall",
-            {"from": self.usdc_owner, "data": creation_code, "gas": hex(30_000_000)},
-            "latest",
-            {"tracer": "prestateTracer", "tracerConfig": {"diffMode": True}},
-        )
-        created = [
-            account
-            for address, account in diff["post"].items()
-            if account.get("code") and address.lower() != self.usdc_owner.lower()
-        ]
-        if len(created) != 1:
-            raise TwinError(f"unexpected constructor trace of MockUSDC: {list(diff['post'])}")
-        (account,) = created
-        self.rpc("anvil_setCode", usdc, account["code"])
-        for slot, value in account.get("storage", {}).items():
-            self.rpc("anvil_setStorageAt", usdc, slot, value)
-        if nonce := account.get("nonce"):
-            self.rpc("anvil_setNonce", usdc, hex(nonce))
+    def _install_framework(self) -> None:
+        """MetaMask's Delegation Framework (npm bytecode) at its Base Sepolia addresses; the
+        DelegationManager is owned by the USDC owner."""
+        from quotra_dev import framework  # it builds on this module
+
+        self.framework = framework.install(self.rpc, self.usdc_owner)
 
     def verify(self) -> None:
         """Raises TwinError unless the chain looks like Base Sepolia's USDC to a client."""
@@ -372,6 +389,7 @@ def start(
         try:
             twin._install_usdc(creation_code)
             twin.verify()
+            twin._install_framework()
             lost_race = not twin.running  # what answered was another anvil on that port
         except TwinError:
             lost_race = not twin.running

@@ -21,11 +21,12 @@ from typing import Any
 import pytest
 from eth_typing import HexStr
 from eth_utils import to_checksum_address
+from quotra.chain import delegation as dlg
 from quotra.chain import eip712
 from quotra.chain.charges import pack_charge
 from quotra.chain.deployment import Deployment, DeploymentError, deployment_path, load_for_chain
-from quotra_dev import twin
-from quotra_dev.chain import Chain, account_from_key, delegation_tuple, permission_tuple
+from quotra_dev import framework, twin
+from quotra_dev.chain import Chain, account_from_key, delegation_tuple, permission_tuple, sign_authorization
 
 ROOT = Path(__file__).resolve().parents[2]
 APE = str(Path(sys.executable).with_name("ape"))
@@ -113,7 +114,9 @@ def chain_state(web3_chain: Chain) -> tuple[int, ...]:
     return (w3.eth.block_number, *(w3.eth.get_transaction_count(to_checksum_address(a.address)) for a in DEV))
 
 
-def test_deploy__writes_the_deployment_file(deployment: Deployment, web3_chain: Chain, escrow: Any) -> None:
+def test_deploy__writes_the_deployment_file(
+    chain_: twin.Twin, deployment: Deployment, web3_chain: Chain, escrow: Any
+) -> None:
     w3 = web3_chain.w3
     receipt = w3.eth.get_transaction_receipt(HexStr(deployment.tx_hash))
     assert receipt["contractAddress"] == deployment.escrow
@@ -129,6 +132,9 @@ def test_deploy__writes_the_deployment_file(deployment: Deployment, web3_chain: 
     assert deployment.fee_bps == 1_000
     assert (deployment.withdrawal_delay, deployment.refund_window) == (3_600, 2 * 86_400)
     assert int(deployment.deployed_at.timestamp()) == w3.eth.get_block(deployment.block)["timestamp"]
+    # MetaMask's Delegation Framework, recorded where the twin has it: Base Sepolia's addresses.
+    assert deployment.delegation_framework == chain_.framework
+    assert deployment.delegation_framework.delegation_manager == "0xdb9B1e94B5b69Df7e401DDbedE43491141047dB3"
     # The escrow's EIP-712 domain in the record is the one the contract hashes with.
     permission = {
         "consumer": CONSUMER.address,
@@ -285,6 +291,142 @@ def test_signed_delegation__relayer_claims_with_fee(
     assert usdc.functions.balanceOf(PAYEE.address).call() - payee_before == 150_000
     assert usdc.functions.balanceOf(RELAYER.address).call() - relayer_before == 50_000
     assert escrow.functions.earnings(PROVIDER.address).call() == earned - 200_000
+
+
+# ---- MetaMask smart accounts: ERC-7710 claims, signed withdrawals, periodic allowances -----------
+
+SMART = DEV[6]  # a provider (and consumer) whose EOA becomes a MetaMask smart account
+
+
+def test_sign_erc7710__relayer_redeems_with_its_fee__then_disabled(
+    ape_run: Runner, deployment: Deployment, web3_chain: Chain, escrow: Any, usdc: Any, tmp_path: Path
+) -> None:
+    fw = deployment.delegation_framework
+    assert fw is not None
+    relayer = account_from_key(RELAYER.private_key)
+    payer = account_from_key(DEV[7].private_key)
+    chain_ = web3_chain
+    auth = sign_authorization(payer, deployment.usdc_domain, deployment.escrow, USDC)
+    ape_run.twin.mint_usdc(payer.address, USDC)
+    chain_.transact(
+        escrow.functions.settle_authorizations([auth.payment(SMART.address)]),
+        account_from_key(OPERATOR.private_key),
+    )
+    assert escrow.functions.earnings(SMART.address).call() == 900_000
+
+    out = ape_run.ok(
+        "provider", "sign-erc7710", "--max", "0.9", "--relayer", RELAYER.address, "--relayer-fee", "0.01",
+        "--account", "TEST::6",
+    )  # fmt: skip
+    body = json.loads(out)
+    (tmp_path / "claim.json").write_text(out)
+    claim = dlg.Delegation.from_message(
+        body["claim"]["message"], bytes.fromhex(body["claim"]["signature"][2:])
+    )
+    fee = dlg.Delegation.from_message(body["fee"]["message"], bytes.fromhex(body["fee"]["signature"][2:]))
+    assert dlg.read_claim(fw, claim, escrow=deployment.escrow, usdc=deployment.usdc).cap == 900_000
+    upgrade = dlg.SetCodeAuthorization.from_json(body["authorization"])
+    assert (upgrade.authority, upgrade.address) == (SMART.address, fw.stateless_delegator)
+    entries = dlg.claim_redemptions(
+        claim, fee, escrow=deployment.escrow, usdc=deployment.usdc, amount=900_000, payee=SMART.address,
+        fee_collector=RELAYER.address, fee_amount=10_000,
+    )  # fmt: skip
+    wallet_before, relayer_before = (
+        usdc.functions.balanceOf(a).call() for a in (SMART.address, RELAYER.address)
+    )
+    chain_.send(fw.delegation_manager, dlg.encode_redeem(entries), relayer, authorizations=[upgrade])
+    assert usdc.functions.balanceOf(SMART.address).call() - wallet_before == 890_000
+    assert usdc.functions.balanceOf(RELAYER.address).call() - relayer_before == 10_000
+
+    # Disabled without ETH: a signed one-use grant the relayer redeems.
+    grant_body = json.loads(
+        ape_run.ok(
+            "provider", "disable-erc7710", "--claim-file", str(tmp_path / "claim.json"),
+            "--relayer", RELAYER.address, "--account", "TEST::6",
+        )
+    )  # fmt: skip
+    grant = dlg.Delegation.from_message(
+        grant_body["grant"]["message"], bytes.fromhex(grant_body["grant"]["signature"][2:])
+    )
+    chain_.send(
+        fw.delegation_manager,
+        dlg.encode_redeem([dlg.disable_redemption(grant, claim, fw.delegation_manager)]),
+        relayer,
+    )
+    manager = chain_.w3.eth.contract(address=fw.delegation_manager, abi=framework.abi("DelegationManager"))
+    assert manager.functions.disabledDelegations(claim.hash).call() is True
+
+    # Or from the account itself, with ETH.
+    second = ape_run.ok(
+        "provider", "sign-erc7710", "--max", "0.5", "--relayer", RELAYER.address, "--account", "TEST::6"
+    )
+    assert json.loads(second)["authorization"] is None  # a smart account already
+    (tmp_path / "second.json").write_text(second)
+    out = ape_run.ok(
+        "provider",
+        "disable-erc7710",
+        "--claim-file",
+        str(tmp_path / "second.json"),
+        "--yes",
+        "--account",
+        "TEST::6",
+    )
+    target = dlg.Delegation.from_message(json.loads(second)["claim"]["message"])
+    assert f"disabled 0x{target.hash.hex()}" in out
+    assert manager.functions.disabledDelegations(target.hash).call() is True
+
+
+def test_sign_withdrawal__steps_relayed__and_grant_allowance(
+    ape_run: Runner, deployment: Deployment, web3_chain: Chain, escrow: Any, usdc: Any
+) -> None:
+    f, relayer = escrow.functions, account_from_key(RELAYER.private_key)
+    assert f.deposits(CONSUMER.address).call() >= USDC, "runs after the consumer deposited"
+
+    def relay(*args: str) -> None:
+        body = json.loads(ape_run.ok("consumer", "sign-withdrawal", *args, "--account", "TEST::3"))
+        message, signature = body["message"], bytes.fromhex(body["signature"][2:])
+        consumer, deadline = message["consumer"], int(message["deadline"])
+        call = {
+            "request": lambda: f.request_withdrawal_with_signature(
+                consumer, int(message["amount"]), deadline, signature
+            ),
+            "cancel": lambda: f.cancel_withdrawal_with_signature(consumer, deadline, signature),
+            "withdraw": lambda: f.withdraw_with_signature(
+                consumer, int(message["relayer_fee"]), deadline, signature
+            ),
+        }[body["step"]]()
+        web3_chain.transact(call, relayer)
+
+    relay("request", "1.0")
+    assert f.withdrawals(CONSUMER.address).call()[0] == USDC
+    relay("cancel")
+    assert f.withdrawals(CONSUMER.address).call()[0] == 0
+    deposit = f.deposits(CONSUMER.address).call()
+    relay("request", "1.0")
+    ape_run.twin.rpc("evm_increaseTime", hex(deployment.withdrawal_delay))
+    ape_run.twin.rpc("evm_mine")
+    wallet_before = usdc.functions.balanceOf(CONSUMER.address).call()
+    relay("withdraw", "--relayer-fee", "0.01")
+    assert usdc.functions.balanceOf(CONSUMER.address).call() - wallet_before == USDC - 10_000
+    assert f.deposits(CONSUMER.address).call() == deposit - USDC
+    assert usdc.functions.balanceOf(escrow.address).call() == f.liabilities().call()
+
+    response = json.loads(
+        ape_run.ok(
+            "consumer", "grant-allowance", "--period-amount", "5", "--period", "1d", "--account", "TEST::6"
+        )
+    )
+    fw = deployment.delegation_framework
+    assert fw is not None and response["delegationManager"] == fw.delegation_manager
+    allowance = dlg.read_allowance(
+        fw, bytes.fromhex(response["context"][2:]), consumer=SMART.address, delegate=OPERATOR.address,
+        usdc=deployment.usdc,
+    )  # fmt: skip
+    assert (allowance.period.amount, allowance.period.duration) == (5 * USDC, 86_400)
+    digest = allowance.delegation.digest(dlg.domain(deployment.chain_id, fw.delegation_manager))
+    assert (
+        eip712.recover(digest, eip712.Signature.from_bytes(allowance.delegation.signature)) == SMART.address
+    )
 
 
 # ---- the click parameter types, in-process (no chain) -----------------------------------------

@@ -2,7 +2,13 @@
 (uvicorn on a free port) checks it and hands it to the local relayer (uvicorn on another port),
 which submits to anvil and reports back with Ed25519-signed webhooks the relay verifies against the
 relayer's JWKS. Refused claims never reach the relayer; a relayer that is down or slow delays a
-claim but never executes it twice."""
+claim but never executes it twice.
+
+A provider whose EOA becomes a MetaMask smart account (EIP-7702, the upgrade sponsored by the
+relayer) claims by ERC-7710 instead: it signs framework Delegations (the Delegation Framework's npm
+bytecode is on the twin), the relay hands one `redeemDelegations` to the relayer, the provider never
+holds ETH and pays the relayer's fee in USDC inside the redemption; `disableDelegation` runs for
+free, after which the relay refuses the delegation and the framework reverts it."""
 
 from __future__ import annotations
 
@@ -20,16 +26,20 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 from quotra.app import create_app
+from quotra.chain import delegation as dlg
 from quotra.chain import eip712
-from quotra.chain.deployment import Deployment
+from quotra.chain.deployment import DelegationFramework, Deployment
 from quotra.config import Settings
+from quotra.money import format_usdc
 from quotra.webhooks import Ed25519Signer
-from quotra_dev import twin
+from quotra_dev import framework, twin
 from quotra_dev.chain import Chain, account_from_key, new_account, sign_authorization
 from quotra_dev.relayer import RelayerConfig, RelayerCore, create_relayer_app
 from quotra_dev.relayer.local import ThreadedServer, deploy_escrow
+from web3.exceptions import ContractCustomError
 
 USDC = 10**6
+DAY = 86_400
 FEE = 10_000  # the local relayer's fee: 0.01 USDC
 MASTER_KEY = "5e" * 32
 
@@ -85,8 +95,16 @@ class World:
     def escrow(self) -> Any:
         return self.chain.contract("QuotraEscrow", self.deployment.escrow)
 
+    @property
+    def fw(self) -> DelegationFramework:
+        assert self.deployment.delegation_framework is not None
+        return self.deployment.delegation_framework
+
     def balance(self, address: str) -> int:
         return int(self.chain.contract("MockUSDC", self.deployment.usdc).functions.balanceOf(address).call())
+
+    def eth(self, address: str) -> int:
+        return int(self.chain.w3.eth.get_balance(address))  # type: ignore[arg-type]
 
     def fund(self, provider: str, gross: int) -> int:
         """A consumer pays `gross` per x402, the operator settles it; returns the provider's share."""
@@ -110,7 +128,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with twin.start() as chain_:
         dev = [account_from_key(a.private_key) for a in chain_.accounts]
         owner, operator, gas = dev[0], dev[1], dev[2]
-        deployment = deploy_escrow(chain_.rpc_url, owner, (operator.address,))
+        deployment = deploy_escrow(chain_.rpc_url, owner, (operator.address,)).model_copy(
+            update={"delegation_framework": chain_.framework}
+        )
         deployment_file = deployment.save(tmp / "base-sepolia-twin.json")
         config = RelayerConfig(
             rpc_url=chain_.rpc_url,
@@ -122,6 +142,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             min_fee=FEE,
             webhook_backoff=0.05,
             poll_interval=0.05,
+            framework=chain_.framework,
         )
         relayer_app = create_relayer_app(config)
         slow = SlowSends(relayer_app)
@@ -143,6 +164,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 claims_poll_seconds=0.1,
                 claims_stale_seconds=0.3,
                 prepaid_refresh_seconds=0,
+                operator_key=operator.key.hex(),
+                allowance_poll_seconds=0.2,
             )
             with ThreadedServer(create_app(settings), relay_port) as relay:
                 yield World(
@@ -419,3 +442,392 @@ async def test_relayer_slow__answer_times_out__claim_completes_once(world: World
     assert len(world.claimed_events(digest_of(world, message))) == 1
     assert world.balance(provider.address) == earned - FEE
     assert to_checksum_address(claim["payee"]) == provider.address
+
+
+# ---- ERC-7710: MetaMask smart accounts --------------------------------------------------------
+
+
+def signed(account: LocalAccount, typed: dict[str, Any]) -> dict[str, Any]:
+    """What a wallet returns for `eth_signTypedData_v4` of a Delegation, as the API takes it."""
+    signature = Account.sign_typed_data(account.key, full_message=typed).signature
+    return {"message": typed["message"], "signature": "0x" + bytes(signature).hex()}
+
+
+def authorize(account: LocalAccount, upgrade: dict[str, Any]) -> dict[str, Any]:
+    """The EIP-7702 authorization a wallet signs for the upgrade the relay asked for."""
+    auth = Account.sign_authorization(upgrade, account.key)
+    return {"chainId": auth.chain_id, "address": upgrade["address"], "nonce": auth.nonce,
+            "yParity": auth.y_parity, "r": hex(auth.r), "s": hex(auth.s)}  # fmt: skip
+
+
+async def offer(client: httpx.AsyncClient, headers: dict[str, str], amount: str) -> dict[str, Any]:
+    reply = await client.get(
+        "/v1/provider/claims/erc7710/typed-data", params={"amount": amount}, headers=headers
+    )
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+async def final_revocation(client: httpx.AsyncClient, revocation_id: str) -> dict[str, Any]:
+    async def done() -> dict[str, Any] | None:
+        revocation = (await client.get(f"/v1/revocations/{revocation_id}")).json()
+        return revocation if revocation["status"] in ("confirmed", "failed") else None
+
+    return await wait_for(done)
+
+
+async def test_erc7710_claim__smart_account_provider_without_eth__confirmed(
+    world: World, client: httpx.AsyncClient
+) -> None:
+    provider = new_account()
+    earned = world.fund(provider.address, 2 * USDC)
+    headers = await sign_in(client, provider)
+    relayer_before = world.balance(world.gas.address)
+
+    terms = await offer(client, headers, "1.8")
+    assert terms["relayer"]["address"] == world.gas.address and terms["relayer"]["fee_atomic"] == FEE
+    assert terms["authorization"] == {
+        "chainId": world.deployment.chain_id,
+        "address": world.fw.stateless_delegator,
+        "nonce": 0,
+    }
+    assert terms["claim"]["domain"]["verifyingContract"] == world.fw.delegation_manager
+    body = {
+        "claim": signed(provider, terms["claim"]),
+        "fee": signed(provider, terms["fee"]),
+        "authorization": authorize(provider, terms["authorization"]),
+    }
+    reply = await client.post("/v1/provider/claims/erc7710", json=body, headers=headers)
+    assert reply.status_code == 202, reply.text
+    created = reply.json()
+    assert (created["kind"], created["amount_atomic"], created["relayer_fee_atomic"]) == (
+        "erc7710",
+        earned,
+        FEE,
+    )
+    claim = await final_claim(client, headers, created["id"])
+    assert claim["status"] == "confirmed", claim
+
+    # The provider's EOA is now MetaMask's stateless DeleGator; it paid the relayer in USDC, no ETH.
+    assert dlg.is_delegated_to(world.chain.w3.eth.get_code(provider.address), world.fw.stateless_delegator)
+    assert world.balance(provider.address) == earned - FEE
+    assert world.balance(world.gas.address) - relayer_before == FEE
+    assert world.escrow.functions.earnings(provider.address).call() == 0
+    assert world.eth(provider.address) == 0
+    receipt = world.chain.w3.eth.get_transaction_receipt(claim["tx_hash"])
+    assert receipt["to"] == world.fw.delegation_manager
+
+    # Nothing is left to claim: the same delegation again is refused.
+    reply = await client.post(
+        "/v1/provider/claims/erc7710", json=body | {"authorization": None}, headers=headers
+    )
+    assert reply.status_code == 409, reply.text  # no earnings left
+    assert reply.json()["error"]["code"] == "insufficient_earnings"
+
+
+async def test_erc7710_claim__refusals__nothing_sent(world: World, client: httpx.AsyncClient) -> None:
+    provider = new_account()
+    world.fund(provider.address, USDC)
+    headers = await sign_in(client, provider)
+    terms = await offer(client, headers, "0.5")
+    claim, fee = signed(provider, terms["claim"]), signed(provider, terms["fee"])
+    upgrade = authorize(provider, terms["authorization"])
+
+    # Not a smart account and no authorization to make it one.
+    reply = await client.post(
+        "/v1/provider/claims/erc7710", json={"claim": claim, "fee": fee}, headers=headers
+    )
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "not_a_smart_account"
+    # Over the cap the provider signed.
+    body: dict[str, Any] = {"claim": claim, "fee": fee, "authorization": upgrade, "amount": "0.6"}
+    reply = await client.post("/v1/provider/claims/erc7710", json=body, headers=headers)
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "delegation_cap_exceeded"
+    # Not above the relayer's fee (it would cost the provider more than it claims).
+    reply = await client.post("/v1/provider/claims/erc7710", json=body | {"amount": "0.01"}, headers=headers)
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "amount_not_above_fee"
+    # Caveats other than the relay's (another target): refused before anything reaches the relayer.
+    tampered = dict(terms["claim"]["message"])
+    tampered["caveats"] = [dict(c) for c in tampered["caveats"]]
+    tampered["caveats"][0]["terms"] = world.deployment.usdc.lower()
+    typed = terms["claim"] | {"message": tampered}
+    body = {"claim": signed(provider, typed), "fee": fee, "authorization": upgrade}
+    reply = await client.post("/v1/provider/claims/erc7710", json=body, headers=headers)
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_delegation"
+    # No fee for the relayer; a signature that is not the provider's.
+    body = {"claim": claim, "fee": None, "authorization": upgrade}
+    reply = await client.post("/v1/provider/claims/erc7710", json=body, headers=headers)
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "relayer_fee_too_low"
+    body = {"claim": signed(new_account(), terms["claim"]), "fee": fee, "authorization": upgrade}
+    reply = await client.post("/v1/provider/claims/erc7710", json=body, headers=headers)
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_signature"
+    listed = (await client.get("/v1/provider/claims", headers=headers)).json()
+    assert listed["data"] == []
+    assert world.eth(provider.address) == 0
+
+
+async def test_erc7710_claim__relayer_down__pending_then_redeemed_once(
+    world: World, client: httpx.AsyncClient
+):
+    provider = new_account()
+    earned = world.fund(provider.address, USDC)
+    headers = await sign_in(client, provider)
+    terms = await offer(client, headers, format_usdc(earned))
+    body = {
+        "claim": signed(provider, terms["claim"]),
+        "fee": signed(provider, terms["fee"]),
+        "authorization": authorize(provider, terms["authorization"]),
+    }
+    world.relayer.stop()
+    try:
+        reply = await client.post("/v1/provider/claims/erc7710", json=body, headers=headers)
+        assert reply.status_code == 202, reply.text
+        assert reply.json()["status"] == "requested"
+        claim_id = reply.json()["id"]
+    finally:
+        world.relayer.start()
+
+    claim = await final_claim(client, headers, claim_id)
+    assert claim["status"] == "confirmed", claim
+    claimed = world.escrow.events.Claimed.get_logs(
+        argument_filters={"provider": provider.address}, from_block=world.deployment.block
+    )
+    assert [e["args"]["amount"] for e in claimed] == [earned]  # resent as signed, redeemed once
+    assert world.balance(provider.address) == earned - FEE
+    assert world.eth(provider.address) == 0
+
+
+async def test_disable_delegation__gasless__then_claims_refused(
+    world: World, client: httpx.AsyncClient
+) -> None:
+    provider = new_account()
+    world.chain.upgrade(provider, world.fw.stateless_delegator, world.gas)
+    world.fund(provider.address, USDC)
+    headers = await sign_in(client, provider)
+    terms = await offer(client, headers, "0.5")
+    assert terms["authorization"] is None  # already a smart account
+    claim, fee = signed(provider, terms["claim"]), signed(provider, terms["fee"])
+
+    reply = await client.post("/v1/delegations/disable/typed-data", json={"delegation": claim["message"]})
+    assert reply.status_code == 200, reply.text
+    grant = reply.json()
+    target = dlg.Delegation.from_message(claim["message"])
+    assert grant["hash"] == "0x" + target.hash.hex()
+    body = {"delegation": claim["message"], "grant": signed(provider, grant["typed_data"])}
+    reply = await client.post("/v1/delegations/disable", json=body)
+    assert reply.status_code == 202, reply.text
+    revocation = await final_revocation(client, reply.json()["id"])
+    assert revocation["status"] == "confirmed", revocation
+    assert world.eth(provider.address) == 0
+
+    manager = world.chain.w3.eth.contract(
+        address=to_checksum_address(world.fw.delegation_manager), abi=framework.abi("DelegationManager")
+    )
+    assert manager.functions.disabledDelegations(target.hash).call() is True
+    reply = await client.post(
+        "/v1/provider/claims/erc7710", json={"claim": claim, "fee": fee}, headers=headers
+    )
+    assert reply.status_code == 409 and reply.json()["error"]["code"] == "delegation_revoked"
+    # And on-chain the framework refuses it: CannotUseADisabledDelegation.
+    signed_claim = target.signed(bytes.fromhex(claim["signature"][2:]))
+    entries = dlg.claim_redemptions(
+        signed_claim, None, escrow=world.deployment.escrow, usdc=world.deployment.usdc,
+        amount=USDC // 4, payee=provider.address, fee_collector=world.gas.address, fee_amount=0,
+    )  # fmt: skip
+    call = {"from": world.gas.address, "to": world.fw.delegation_manager, "data": dlg.encode_redeem(entries)}
+    with pytest.raises(ContractCustomError) as caught:
+        world.chain.w3.eth.call(call)  # type: ignore[arg-type]
+    assert dlg.describe_revert(caught.value.data) == "CannotUseADisabledDelegation"  # type: ignore[arg-type]
+
+
+# ---- last, as they move the twin's clock: periodic allowances, ETH-free exits --------------------
+
+
+@dataclass
+class Granted:
+    """A consumer smart account (no ETH) and its signed periodic allowance to the operator."""
+
+    consumer: LocalAccount
+    headers: dict[str, str]
+    grant: dlg.Delegation
+    typed: dict[str, Any]
+    start: int
+    context: str
+
+
+async def grant_allowance(world: World, client: httpx.AsyncClient) -> Granted:
+    consumer = new_account()
+    world.twin.mint_usdc(consumer.address, 50 * USDC)
+    world.chain.upgrade(consumer, world.fw.stateless_delegator, world.gas)  # sponsored: no ETH
+    headers = await sign_in(client, consumer)
+    start = int(world.chain.w3.eth.get_block("latest")["timestamp"])
+    grant = dlg.periodic_allowance(
+        world.fw,
+        consumer=consumer.address,
+        delegate=world.operator.address,
+        usdc=world.deployment.usdc,
+        period_amount=5 * USDC,
+        period_duration=DAY,
+        start=start,
+        expiry=start + 30 * DAY,
+        salt=7,
+    )
+    typed = grant.typed_data(dlg.domain(world.deployment.chain_id, world.fw.delegation_manager))
+    signature = bytes.fromhex(wallet_sign(consumer, typed)[2:])
+    context = "0x" + dlg.encode_context([grant.signed(signature)]).hex()
+    return Granted(consumer, headers, grant.signed(signature), typed, start, context)
+
+
+async def request_withdrawal(client: httpx.AsyncClient, granted: Granted, amount: str) -> None:
+    """The consumer's signed RequestWithdrawal, relayed: its available deposit drops."""
+    query = {"step": "request", "amount": amount}
+    reply = await client.get("/v1/account/withdrawals/typed-data", params=query, headers=granted.headers)
+    typed = reply.json()["typed_data"]
+    body = {"step": "request", "message": typed["message"], "signature": wallet_sign(granted.consumer, typed)}
+    reply = await client.post("/v1/account/withdrawals", json=body, headers=granted.headers)
+    assert reply.status_code in (200, 202), reply.text
+
+
+async def test_allowance__auto_top_up__at_most_the_period_amount_per_period(
+    world: World, client: httpx.AsyncClient
+):
+    granted = await grant_allowance(world, client)
+    consumer, headers, grant, typed, start, context = (
+        granted.consumer, granted.headers, granted.grant, granted.typed, granted.start, granted.context,
+    )  # fmt: skip
+    # What MetaMask's wallet_grantPermissions answered (older shape): the context is what counts.
+    response = {
+        "chainId": hex(world.deployment.chain_id),
+        "context": context,
+        "expiry": start + 30 * DAY,
+        "signerMeta": {"delegationManager": world.fw.delegation_manager},
+        "permission": {"type": "erc20-token-periodic", "data": {"periodAmount": hex(5 * USDC)}},
+    }
+    reply = await client.post("/v1/account/allowances", json=response, headers=headers)
+    assert reply.status_code == 201, reply.text
+    assert (reply.json()["period_amount_atomic"], reply.json()["available_now_atomic"]) == (
+        5 * USDC,
+        5 * USDC,
+    )
+    forged = grant.signed(bytes.fromhex(wallet_sign(new_account(), typed)[2:]))
+    bad = {"context": "0x" + dlg.encode_context([forged]).hex()}
+    reply = await client.post("/v1/account/allowances", json=bad, headers=headers)
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_signature"
+
+    def deposit() -> int:
+        return int(world.escrow.functions.deposits(consumer.address).call())
+
+    async def deposited(amount: int) -> bool:
+        return deposit() == amount
+
+    await wait_for(lambda: deposited(5 * USDC))
+    # The deposit drops below the low-water mark (a withdrawal is requested): the period is spent,
+    # so nothing more until the next period, which adds the period amount once.
+    await request_withdrawal(client, granted, "5")
+    listed = (await client.get("/v1/account/allowances", headers=headers)).json()["data"]
+    assert [a["available_now_atomic"] for a in listed] == [0]
+    world.twin.rpc("evm_setNextBlockTimestamp", hex(start + DAY))
+    world.twin.rpc("evm_mine")
+    await wait_for(lambda: deposited(10 * USDC))
+    listed = (await client.get("/v1/account/allowances", headers=headers)).json()["data"]
+    assert listed[0]["available_now_atomic"] == 0 and listed[0]["last_error"] is None
+    assert world.balance(consumer.address) == 40 * USDC
+
+    # Revoked any time without ETH: disableDelegation through the relayer; no more top-ups.
+    offer = (
+        await client.post("/v1/delegations/disable/typed-data", json={"delegation": typed["message"]})
+    ).json()
+    body = {"delegation": typed["message"], "grant": signed(consumer, offer["typed_data"])}
+    reply = await client.post("/v1/delegations/disable", json=body)
+    assert reply.status_code == 202 and reply.json()["kind"] == "allowance", reply.text
+    assert (await final_revocation(client, reply.json()["id"]))["status"] == "confirmed"
+    listed = (await client.get("/v1/account/allowances", headers=headers)).json()["data"]
+    assert listed[0]["revoked"] is True
+    assert world.eth(consumer.address) == 0
+    assert world.balance(world.deployment.escrow) == world.escrow.functions.liabilities().call()
+
+
+async def test_allowance__disabled_from_the_wallet__top_up_refused_and_allowance_dropped(
+    world: World, client: httpx.AsyncClient
+):
+    granted = await grant_allowance(world, client)
+    reply = await client.post(
+        "/v1/account/allowances", json={"context": granted.context}, headers=granted.headers
+    )
+    assert reply.status_code == 201, reply.text
+    deposits = world.escrow.functions.deposits
+
+    async def topped_up() -> bool:
+        return bool(deposits(granted.consumer.address).call() == 5 * USDC)
+
+    await wait_for(topped_up)
+    # The consumer disables it without the relay (a grant any relayer redeems), then needs more.
+    off = dlg.disable_delegation(
+        world.fw,
+        delegator=granted.consumer.address,
+        delegate=world.gas.address,
+        target=granted.grant,
+        salt=11,
+    )
+    domain = dlg.domain(world.deployment.chain_id, world.fw.delegation_manager)
+    off = off.signed(bytes.fromhex(wallet_sign(granted.consumer, off.typed_data(domain))[2:]))
+    redemption = dlg.disable_redemption(off, granted.grant, world.fw.delegation_manager)
+    world.chain.send(world.fw.delegation_manager, dlg.encode_redeem([redemption]), world.gas)
+    await request_withdrawal(client, granted, "5")
+    world.twin.rpc("evm_setNextBlockTimestamp", hex(granted.start + DAY))
+    world.twin.rpc("evm_mine")
+
+    async def dropped() -> dict[str, Any] | None:
+        listed = (await client.get("/v1/account/allowances", headers=granted.headers)).json()["data"]
+        return listed[0] if listed[0]["revoked"] else None
+
+    allowance = await wait_for(dropped)
+    assert allowance["last_error"] == "CannotUseADisabledDelegation"
+    assert deposits(granted.consumer.address).call() == 5 * USDC
+    assert world.eth(granted.consumer.address) == 0
+
+
+async def test_withdrawal__signed_steps_through_the_relayer__no_eth(world: World, client: httpx.AsyncClient):
+    consumer = new_account()
+    headers = await sign_in(client, consumer)
+    usdc = world.chain.contract("MockUSDC", world.deployment.usdc)
+    world.twin.mint_usdc(world.operator.address, 3 * USDC)
+    world.chain.transact(usdc.functions.approve(world.deployment.escrow, 3 * USDC), world.operator)
+    world.chain.transact(world.escrow.functions.deposit(3 * USDC, consumer.address), world.operator)
+
+    async def step(name: str, **params: str) -> dict[str, Any]:
+        query = {"step": name, **params}
+        reply = await client.get("/v1/account/withdrawals/typed-data", params=query, headers=headers)
+        assert reply.status_code == 200, reply.text
+        typed = reply.json()["typed_data"]
+        body = {"step": name, "message": typed["message"], "signature": wallet_sign(consumer, typed)}
+        reply = await client.post("/v1/account/withdrawals", json=body, headers=headers)
+        assert reply.status_code in (200, 202), reply.text
+
+        async def done() -> dict[str, Any] | None:
+            task = reply.json()["task_id"]
+            seen = (await client.get(f"/v1/account/withdrawals/{task}", headers=headers)).json()
+            return seen if seen["status"] != "submitted" else None
+
+        result = await wait_for(done)
+        assert result["status"] == "confirmed", result
+        return result
+
+    await step("request", amount="2")
+    assert world.escrow.functions.withdrawals(consumer.address).call()[0] == 2 * USDC
+    await step("cancel")
+    assert world.escrow.functions.withdrawals(consumer.address).call()[0] == 0
+    await step("request", amount="3")
+    early = await client.get(
+        "/v1/account/withdrawals/typed-data", params={"step": "withdraw"}, headers=headers
+    )
+    assert early.status_code == 409 and early.json()["error"]["code"] == "withdrawal_locked"
+
+    world.twin.rpc("evm_increaseTime", hex(world.deployment.withdrawal_delay))
+    world.twin.rpc("evm_mine")
+    relayer_before = world.balance(world.gas.address)
+    await step("withdraw")
+    assert world.balance(consumer.address) == 3 * USDC - FEE
+    assert world.balance(world.gas.address) - relayer_before == FEE
+    assert world.escrow.functions.deposits(consumer.address).call() == 0
+    assert world.eth(consumer.address) == 0
+    assert world.balance(world.deployment.escrow) == world.escrow.functions.liabilities().call()

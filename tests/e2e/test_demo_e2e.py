@@ -37,8 +37,18 @@ def test_marketplace_story__exact_money__chain_equals_the_calls() -> None:
     assert summary.relayer_fee == 10_000
     assert summary.provider_wallet_after == summary.provider_earned - summary.relayer_fee
     assert summary.provider_earnings_after == 0
-    assert summary.consumer_wallet_after == summary.consumer_minted - sum(summary.x402_paid) - summary.deposit
-    assert summary.consumer_deposit_after == summary.deposit - sum(summary.prepaid_paid)
+    # The consumer withdrew the rest of its deposit without ETH, less the relayer's fee.
+    assert summary.withdrawal_status == "confirmed" and summary.withdrawal_fee == 10_000
+    assert summary.withdrawn == summary.deposit - sum(summary.prepaid_paid)
+    assert summary.consumer_wallet_after == (
+        summary.consumer_minted
+        - sum(summary.x402_paid)
+        - summary.deposit
+        + summary.withdrawn
+        - summary.withdrawal_fee
+    )
+    assert summary.consumer_deposit_after == 0
+    assert summary.claim_gas > 0  # one redeemDelegations: the ERC-7710 claim and the relayer's fee
     assert summary.eth_balances == {"consumer": 0, "provider": 0}
 
     # Chain == the relay's calls: solvency and `quotra reconcile` (each provider's settled calls
@@ -53,6 +63,7 @@ def test_marketplace_story__exact_money__chain_equals_the_calls() -> None:
         "x402 (settle_authorizations)": len(summary.x402_paid),
         "prepaid (settle_charges)": len(summary.prepaid_paid),
     }
-    assert "claim confirmed" in text and "quotra reconcile" in text
+    assert "ERC-7710 claim confirmed" in text and "quotra reconcile" in text
+    assert "redeemDelegations (ERC-7710)" in text and "Withdraw (signed)" in text
     assert "0x" + "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80" not in text
     assert elapsed < 90, elapsed

@@ -15,9 +15,12 @@ from quotra.api.deps import CurrentProvider, RuntimeDep
 from quotra.api.routing import BoundedRoute, errors
 from quotra.bounds import Address, Name, Omittable, PageSize, Uint256
 from quotra.calls.records import CALL_ID_PATTERN, CallView, payer_ids
-from quotra.errors import NotFound
+from quotra.errors import BadRequest, NotFound
 from quotra.money import usdc
+from quotra.payments.allowances import AllowanceService
+from quotra.payments.exits import Exits
 from quotra.payments.prepaid import MAX_MARKUP_BPS, PrepaidService
+from quotra.store.allowances_repo import AllowanceView
 from quotra.store.prepaid_repo import ApiKeyView
 
 router = APIRouter(prefix="/v1/account", tags=["account"], route_class=BoundedRoute)
@@ -473,3 +476,205 @@ async def revoke_key(key_id: KeyId, wallet: CurrentProvider, runtime: RuntimeDep
     except KeyError:
         raise NotFound(f"No API key '{key_id}' in this account") from None
     return key_view(view)
+
+
+# ---- ETH-free withdrawals -----------------------------------------------------------------------
+
+WithdrawalStep = Literal["request", "cancel", "withdraw"]
+
+
+class WithdrawalTypedData(BaseModel):
+    step: str
+    typed_data: dict[str, Any]
+    now: int
+    deposit: int
+    pending: int
+    unlock_at: int
+    nonce: int
+
+
+class WithdrawalMessage(BaseModel):
+    """A signed RequestWithdrawal / CancelWithdrawal (`amount`) or Withdraw (`relayer_fee`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    consumer: Address
+    amount: Uint256 | None = None
+    relayer_fee: Uint256 | None = None
+    nonce: Uint256
+    deadline: Uint256
+
+
+class WithdrawalRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    step: WithdrawalStep
+    message: WithdrawalMessage = Field(description="The signed message, as the typed data gave it")
+    signature: str = Field(pattern=r"^0x([0-9a-fA-F]{2}){65,2048}$")
+
+
+class WithdrawalStatus(BaseModel):
+    step: str | None = None
+    task_id: str
+    status: str
+    tx_hash: str | None
+    error: str | None
+
+
+def _exits(runtime: Any) -> Exits:
+    if runtime.exits is None:
+        raise NotFound(
+            "ETH-free withdrawals need the chain and a relayer on this relay", code="withdrawals_unavailable"
+        )
+    exits: Exits = runtime.exits
+    return exits
+
+
+@router.get(
+    "/withdrawals/typed-data",
+    response_model=WithdrawalTypedData,
+    summary="A withdrawal step to sign (request, cancel, or withdraw at the relayer's fee): no ETH needed",
+    responses=errors(400, 401, 404, 409, 503),
+)
+async def withdrawal_typed_data(
+    wallet: CurrentProvider,
+    runtime: RuntimeDep,
+    step: WithdrawalStep,
+    amount: Annotated[Usdc | None, Query(description="USDC to request (step=request)")] = None,
+) -> dict[str, Any]:
+    return await _exits(runtime).typed_data(wallet, step, None if amount is None else atomic(amount))
+
+
+@router.post(
+    "/withdrawals",
+    response_model=WithdrawalStatus,
+    summary="Submit a signed withdrawal step through the relayer (ETH-free exit)",
+    responses={
+        202: {"model": WithdrawalStatus, "description": "Submitted, not yet confirmed"},
+        **errors(400, 401, 403, 404, 409, 503),
+    },
+)
+async def submit_withdrawal(
+    body: WithdrawalRequest, wallet: CurrentProvider, runtime: RuntimeDep, response: Response
+) -> dict[str, Any]:
+    message = body.message.model_dump(exclude_none=True)
+    result = await _exits(runtime).submit(wallet, body.step, message, body.signature)
+    if result["status"] == "submitted":
+        response.status_code = 202
+    else:
+        _prepaid(runtime).refresh_soon(wallet)
+    return result
+
+
+@router.get(
+    "/withdrawals/{task_id}",
+    response_model=WithdrawalStatus,
+    summary="A withdrawal step's status",
+    responses=errors(400, 401, 404, 503),
+)
+async def withdrawal_status(
+    task_id: Annotated[str, Path(max_length=100)], wallet: CurrentProvider, runtime: RuntimeDep
+) -> dict[str, Any]:
+    return await _exits(runtime).status(task_id)
+
+
+# ---- periodic allowances (ERC-7715 `erc20-token-periodic`) and auto top-ups --------------------
+
+
+class SignerMeta(BaseModel):
+    delegationManager: str | None = None
+
+
+class PermissionResponse(BaseModel):
+    """A `wallet_requestExecutionPermissions` (or the older `wallet_grantPermissions`) response
+    entry, or just its `context`: other fields are accepted and not needed."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    context: str = Field(pattern=r"^0x([0-9a-fA-F]{2}){64,32768}$", description="abi.encode(Delegation[])")
+    chainId: str | int | None = None
+    delegationManager: str | None = None
+    signerMeta: SignerMeta | None = None
+
+
+class AllowanceOut(BaseModel):
+    object: str = "allowance"
+    hash: str
+    wallet: str
+    period_amount: str
+    period_amount_atomic: int
+    period_seconds: int
+    start: int
+    expiry: int | None
+    available_now_atomic: int | None
+    revoked: bool
+    last_top_up_at: datetime | None
+    last_error: str | None
+
+
+class AllowanceList(BaseModel):
+    object: str = "list"
+    data: list[AllowanceOut]
+
+
+def allowance_view(view: AllowanceView, available: int | None) -> dict[str, Any]:
+    return {
+        "hash": view.hash,
+        "wallet": view.wallet,
+        "period_amount": usdc(view.period_amount),
+        "period_amount_atomic": view.period_amount,
+        "period_seconds": view.period_duration,
+        "start": view.start_date,
+        "expiry": view.expiry,
+        "available_now_atomic": available,
+        "revoked": view.revoked_at is not None,
+        "last_top_up_at": view.last_top_up_at,
+        "last_error": view.last_error,
+    }
+
+
+def _allowances(runtime: Any) -> AllowanceService:
+    if runtime.allowances is None:
+        raise NotFound(
+            "Periodic allowances need MetaMask's Delegation Framework on this chain and the operator's key",
+            code="allowances_unavailable",
+        )
+    service: AllowanceService = runtime.allowances
+    return service
+
+
+@router.post(
+    "/allowances",
+    response_model=AllowanceOut,
+    status_code=201,
+    summary="Register a periodic USDC allowance (ERC-7715 permission context) for automatic top-ups",
+    responses=errors(400, 401, 404, 409, 503),
+)
+async def register_allowance(
+    body: PermissionResponse, wallet: CurrentProvider, runtime: RuntimeDep
+) -> dict[str, Any]:
+    service = _allowances(runtime)
+    manager = body.delegationManager or (body.signerMeta.delegationManager if body.signerMeta else None)
+    if manager is not None and manager.lower() != service.framework.delegation_manager.lower():
+        raise BadRequest(
+            f"The permission is for DelegationManager {manager}, not {service.framework.delegation_manager}",
+            code="wrong_delegation_manager",
+        )
+    if body.chainId is not None and str(body.chainId) not in (
+        str(service.escrow.chain_id),
+        hex(service.escrow.chain_id),
+    ):
+        raise BadRequest(f"The permission is for chain {body.chainId}", code="wrong_chain")
+    view = await service.register(wallet, bytes.fromhex(body.context[2:]))
+    return allowance_view(view, await service.available(view))
+
+
+@router.get(
+    "/allowances",
+    response_model=AllowanceList,
+    summary="Your periodic allowances",
+    responses=errors(401, 404, 503),
+)
+async def list_allowances(wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
+    rows = await _allowances(runtime).of_wallet(wallet)
+    return {"object": "list", "data": [allowance_view(r["allowance"], r["available"]) for r in rows]}

@@ -1,4 +1,5 @@
-"""ETH-free claims for providers, their earnings, and gasless revocations.
+"""ETH-free claims for providers, their earnings, and gasless revocations; for MetaMask smart
+accounts also claims by ERC-7710 delegations and revocation by the framework's `disableDelegation`.
 
 Amounts are USDC as decimal strings (`"1.50"`) with their atomic value beside them; the EIP-712
 messages to sign carry atomic integers (as decimal strings, safe for JavaScript).
@@ -17,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from quotra.api.deps import CurrentProvider, RuntimeDep
 from quotra.api.routing import BoundedRoute, errors
 from quotra.bounds import Address, Offset, PageSize, Uint256
+from quotra.chain import delegation as dlg
 from quotra.chain.client import DelegationArgs
-from quotra.errors import NotFound
+from quotra.errors import BadRequest, NotFound
 from quotra.payments.claims import ClaimService
 from quotra.store.claims_repo import CLAIM_ID_PATTERN, REVOCATION_ID_PATTERN, ClaimView, RevocationView
 
@@ -27,6 +29,7 @@ router = APIRouter(tags=["claims"], route_class=BoundedRoute)
 ATOMIC = Decimal(10**6)
 SignatureStr = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{130}$", description="65-byte signature, 0x-hex")]
 Bytes32Str = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{64}$")]
+HexBytesStr = Annotated[str, Field(pattern=r"^0x([0-9a-fA-F]{2}){1,2048}$")]
 UsdcAmount = Annotated[Decimal, Field(gt=0, le=Decimal(10**12), decimal_places=6, description="USDC")]
 
 
@@ -95,6 +98,7 @@ class ClaimRequest(BaseModel):
 class ClaimOut(BaseModel):
     id: str
     object: str = "claim"
+    kind: str
     status: str
     provider: str
     payee: str
@@ -132,6 +136,103 @@ class TypedDataOut(BaseModel):
     amount_atomic: int
     claimable: str
     relayer: RelayerQuoteOut
+
+
+class FrameworkCaveatIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enforcer: Address
+    terms: Annotated[str, Field(pattern=r"^0x([0-9a-fA-F]{2}){0,4096}$")]
+
+
+class FrameworkDelegationIn(BaseModel):
+    """A Delegation Framework `Delegation` as its EIP-712 message (what the wallet signed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    delegate: Address
+    delegator: Address
+    authority: Bytes32Str = "0x" + "f" * 64
+    caveats: list[FrameworkCaveatIn] = Field(max_length=16)
+    salt: Uint256
+
+    def delegation(self, signature: str = "0x") -> dlg.Delegation:
+        message = self.model_dump()
+        message["salt"] = str(self.salt)
+        return dlg.Delegation.from_message(message, bytes.fromhex(signature[2:]))
+
+
+class SignedFrameworkDelegation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: FrameworkDelegationIn
+    signature: HexBytesStr = Field(description="The delegator's signature of the EIP-712 typed data")
+
+    def delegation(self) -> dlg.Delegation:
+        return self.message.delegation(self.signature)
+
+
+class AuthorizationIn(BaseModel):
+    """A signed EIP-7702 authorization (eth-account / viem `signAuthorization` fields)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    chain_id: Uint256 = Field(alias="chainId")
+    address: Address
+    nonce: Uint256
+    y_parity: Annotated[int, Field(ge=0, le=1)] = Field(alias="yParity")
+    r: Uint256
+    s: Uint256
+
+    def authorization(self) -> dlg.SetCodeAuthorization:
+        return dlg.SetCodeAuthorization(
+            self.chain_id, to_checksum_address(self.address), self.nonce, self.y_parity, self.r, self.s
+        )
+
+
+class RedemptionClaimRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    claim: SignedFrameworkDelegation
+    fee: SignedFrameworkDelegation | None = None
+    amount: UsdcAmount | None = Field(default=None, description="Defaults to the delegation's cap")
+    authorization: AuthorizationIn | None = Field(
+        default=None, description="The EIP-7702 upgrade to MetaMask's stateless DeleGator, if not done yet"
+    )
+
+
+class UpgradeOut(BaseModel):
+    chainId: int
+    address: str
+    nonce: int
+
+
+class RedemptionTypedDataOut(BaseModel):
+    claim: dict[str, Any]
+    fee: dict[str, Any] | None
+    authorization: UpgradeOut | None
+    amount: str
+    amount_atomic: int
+    claimable: str
+    relayer: RelayerQuoteOut
+
+
+class DisableTypedDataRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    delegation: FrameworkDelegationIn
+
+
+class DisableTypedDataOut(BaseModel):
+    typed_data: dict[str, Any]
+    hash: str
+
+
+class DisableRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    delegation: FrameworkDelegationIn = Field(description="The delegation to disable")
+    grant: SignedFrameworkDelegation = Field(description="The signed one-use disableDelegation grant")
 
 
 class EarningsOut(BaseModel):
@@ -173,6 +274,7 @@ class RevocationOut(BaseModel):
 def claim_out(claim: ClaimView) -> dict[str, Any]:
     return {
         "id": claim.id,
+        "kind": claim.kind,
         "status": claim.status,
         "provider": claim.provider,
         "payee": claim.payee,
@@ -216,10 +318,12 @@ async def claim_typed_data(
     result = await claims.typed_data(provider, to_atomic(amount), payee)
     typed = result["typed_data"]
     typed["message"] = {k: str(v) if isinstance(v, int) else v for k, v in typed["message"].items()}
+    return {"typed_data": typed, "digest": result["digest"], **_offer(amount, result)}
+
+
+def _offer(amount: Decimal, result: dict[str, Any]) -> dict[str, Any]:
     quote = result["quote"]
     return {
-        "typed_data": typed,
-        "digest": result["digest"],
         "amount": usdc_text(to_atomic(amount)),
         "amount_atomic": to_atomic(amount),
         "claimable": usdc_text(result["earnings"]),
@@ -244,6 +348,47 @@ async def create_claim(body: ClaimRequest, provider: CurrentProvider, claims: Cl
     delegation = body.delegation.args()
     amount = to_atomic(body.amount) if body.amount is not None else delegation.max_amount
     return claim_out(await claims.submit(provider, delegation, body.signature, amount))
+
+
+@router.get(
+    "/v1/provider/claims/erc7710/typed-data",
+    response_model=RedemptionTypedDataOut,
+    summary="ERC-7710 Delegations (MetaMask's Delegation Framework) to sign for one claim and its fee",
+    responses=errors(400, 401, 404, 409, 503),
+)
+async def redemption_typed_data(
+    provider: CurrentProvider,
+    claims: ClaimsDep,
+    amount: Annotated[UsdcAmount, Field(description="USDC to claim, relayer fee included")],
+    payee: Address | None = None,
+) -> dict[str, Any]:
+    result = await claims.redemption_typed_data(provider, to_atomic(amount), payee)
+    return {
+        "claim": result["claim"],
+        "fee": result["fee"],
+        "authorization": result["authorization"],
+        **_offer(amount, result),
+    }
+
+
+@router.post(
+    "/v1/provider/claims/erc7710",
+    response_model=ClaimOut,
+    status_code=202,
+    summary="Claim earnings from a smart account without ETH: ERC-7710 delegations the relayer redeems",
+    responses=errors(400, 401, 403, 404, 409, 503),
+)
+async def create_redemption_claim(
+    body: RedemptionClaimRequest, provider: CurrentProvider, claims: ClaimsDep
+) -> dict[str, Any]:
+    try:
+        claim = body.claim.delegation()
+        fee = body.fee.delegation() if body.fee is not None else None
+    except dlg.DelegationError as exc:
+        raise BadRequest(str(exc), code="invalid_delegation") from None
+    amount = to_atomic(body.amount) if body.amount is not None else None
+    authorization = body.authorization.authorization() if body.authorization is not None else None
+    return claim_out(await claims.submit_redemption(provider, claim, fee, amount, authorization))
 
 
 @router.get(
@@ -324,3 +469,33 @@ async def get_revocation(
     if revocation is None:
         raise NotFound(f"No revocation {revocation_id}")
     return revocation_out(revocation)
+
+
+@router.post(
+    "/v1/delegations/disable/typed-data",
+    response_model=DisableTypedDataOut,
+    summary="The one-use grant to sign so the relayer disables a framework delegation for free",
+    responses=errors(400, 404, 503),
+)
+async def disable_typed_data(body: DisableTypedDataRequest, claims: ClaimsDep) -> dict[str, Any]:
+    try:
+        target = body.delegation.delegation()
+    except dlg.DelegationError as exc:
+        raise BadRequest(str(exc), code="invalid_delegation") from None
+    return await claims.disable_typed_data(target)
+
+
+@router.post(
+    "/v1/delegations/disable",
+    response_model=RevocationOut,
+    status_code=202,
+    summary="Disable an ERC-7710 delegation (DelegationManager.disableDelegation) without ETH",
+    responses=errors(400, 404, 503),
+)
+async def disable_delegation(body: DisableRequest, claims: ClaimsDep) -> dict[str, Any]:
+    # The delegator's signature of the grant is the authority, as for /v1/revocations.
+    try:
+        target, grant = body.delegation.delegation(), body.grant.delegation()
+    except dlg.DelegationError as exc:
+        raise BadRequest(str(exc), code="invalid_delegation") from None
+    return revocation_out(await claims.disable(target, grant))

@@ -21,8 +21,10 @@ from quotra.config import Settings
 from quotra.errors import AuthenticationFailed, Forbidden, NotFound
 from quotra.metrics import Metrics
 from quotra.netguard import NetGuard
+from quotra.payments.allowances import AllowanceService
 from quotra.payments.apps import AppService
 from quotra.payments.claims import ClaimService
+from quotra.payments.exits import Exits
 from quotra.payments.prepaid import KEY_PREFIX, PrepaidService
 from quotra.ratelimit import TokenBucketLimiter
 from quotra.services.gate import Caller, PaymentGate
@@ -107,6 +109,9 @@ class Runtime:
     claims: ClaimService | None = None  # None without a chain and a relayer
     webhook_verifier: WebhookVerifier | None = None  # None without relayer keys (JWKS or pinned)
     payments: Payments | None = None  # x402, settlement, indexer (quotra.payments.service)
+    exits: Exits | None = None  # ETH-free withdrawals; None without a chain and a relayer
+    # Periodic allowances and auto top-ups; None without the framework and the operator's key.
+    allowances: AllowanceService | None = None
 
 
 async def get_runtime(request: Request) -> Runtime:

@@ -215,6 +215,10 @@ class EscrowClient:
         amount, unlock_at = await self.escrow.functions.withdrawals(to_checksum_address(consumer)).call()
         return int(amount), int(unlock_at)
 
+    async def withdrawal_nonce(self, consumer: str) -> int:
+        """The nonce the consumer's next signed withdrawal step must carry."""
+        return int(await self.escrow.functions.withdrawal_nonces(to_checksum_address(consumer)).call())
+
     async def earnings_of(self, provider: str) -> int:
         return int(await self.escrow.functions.earnings(to_checksum_address(provider)).call())
 
@@ -351,6 +355,20 @@ class EscrowClient:
     def encode_revoke_with_signature(self, account: str, item: bytes, signature: bytes) -> ChainCall:
         fn = self.escrow.functions.revoke_with_signature(to_checksum_address(account), item, signature)
         return self._call(fn, "revoke_with_signature")
+
+    def encode_withdrawal_step(
+        self, primary: str, consumer: str, value: int, deadline: int, signature: bytes
+    ) -> ChainCall:
+        """A consumer's signed `RequestWithdrawal` (value: the amount), `CancelWithdrawal` (the
+        pending amount, not an argument) or `Withdraw` (value: the relayer's fee)."""
+        f, consumer = self.escrow.functions, to_checksum_address(consumer)
+        if primary == "RequestWithdrawal":
+            return self._call(
+                f.request_withdrawal_with_signature(consumer, value, deadline, signature), primary
+            )
+        if primary == "CancelWithdrawal":
+            return self._call(f.cancel_withdrawal_with_signature(consumer, deadline, signature), primary)
+        return self._call(f.withdraw_with_signature(consumer, value, deadline, signature), primary)
 
     # ---- digests (local, no I/O) ----------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 `ape run deploy escrow` writes it; the admin/consumer/provider scripts, the relay and the demo
 read it. USDC's EIP-712 name and version are read from the chain at deploy time and kept here,
-so nothing downstream hard-codes them per network.
+so nothing downstream hard-codes them per network; so are the addresses of MetaMask's Delegation
+Framework on that chain (from `@metamask/delegation-deployments`; on the twin, where its npm
+bytecode was installed at those same addresses).
 """
 
 from __future__ import annotations
@@ -46,6 +48,31 @@ def _checksum(value: str) -> str:
 Address = Annotated[str, AfterValidator(_checksum)]
 
 
+class DelegationFramework(BaseModel):
+    """MetaMask's Delegation Framework on the deployment's chain: its version and the addresses of
+    the contracts Quotra uses, by their `@metamask/delegation-deployments` names."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    version: str
+    contracts: dict[str, Address]
+
+    def address(self, name: str) -> str:
+        try:
+            return self.contracts[name]
+        except KeyError:
+            raise DeploymentError(f"the deployment records no {name} of the Delegation Framework") from None
+
+    @property
+    def delegation_manager(self) -> str:
+        return self.address("DelegationManager")
+
+    @property
+    def stateless_delegator(self) -> str:
+        """The EIP-7702 implementation an EOA delegates to, to become a MetaMask smart account."""
+        return self.address("EIP7702StatelessDeleGatorImpl")
+
+
 class Deployment(BaseModel):
     """One escrow deployment. Addresses are stored checksummed; amounts in atomic units."""
 
@@ -65,6 +92,8 @@ class Deployment(BaseModel):
     withdrawal_delay: int
     refund_window: int
     deployed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    # None where the framework is not deployed (then ERC-7710 claims and allowances are off).
+    delegation_framework: DelegationFramework | None = None
 
     @property
     def escrow_domain(self) -> Domain:

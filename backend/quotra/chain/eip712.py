@@ -45,6 +45,27 @@ TYPES: Final[dict[str, tuple[tuple[str, str], ...]]] = {
         ("salt", "uint256"),
     ),
     "Revocation": (("account", "address"), ("item", "bytes32")),
+    # A consumer's signed withdrawal steps, which a relayer submits (ETH-free exits): one shape,
+    # `amount` being the amount to request, the relayer's fee out of the withdrawal, or the
+    # pending amount to cancel.
+    "RequestWithdrawal": (
+        ("consumer", "address"),
+        ("amount", "uint256"),
+        ("nonce", "uint256"),
+        ("deadline", "uint256"),
+    ),
+    "Withdraw": (
+        ("consumer", "address"),
+        ("relayer_fee", "uint256"),
+        ("nonce", "uint256"),
+        ("deadline", "uint256"),
+    ),
+    "CancelWithdrawal": (
+        ("consumer", "address"),
+        ("amount", "uint256"),
+        ("nonce", "uint256"),
+        ("deadline", "uint256"),
+    ),
     "TransferWithAuthorization": (
         ("from", "address"),
         ("to", "address"),

@@ -1,11 +1,13 @@
 """A client of a 1Shot-style permissionless relayer (JSON-RPC 2.0 over HTTP POST), as a `Relayer`.
 
 The relayer pays the gas of an escrow call whose calldata carries its own grant (a provider's
-signed `Delegation` paying `relayer_fee` to `msg.sender`, a consumer's EIP-3009 authorization,
-a signed `Revocation`), so a provider or consumer never needs ETH. The local relayer for the twin
-(`quotra relayer`, `quotra_dev.relayer`) speaks exactly these shapes; they follow the 1Shot
-public relayer's, reduced to what a Quotra escrow call needs (`permissionContext` is `[]`: no
-ERC-7710 delegation manager sits between the relayer and the escrow).
+signed `Delegation` paying `relayer_fee` to `msg.sender`, a consumer's EIP-3009 authorization or
+signed withdrawal step, a signed `Revocation`; `permissionContext` is then `[]`), or redeems
+ERC-7710 delegations of a MetaMask smart account through the framework's DelegationManager (each
+transaction's `permissionContext` is `abi.encode(Delegation[])`, its executions what the account
+runs; one of them pays the relayer's fee in USDC), so a provider or consumer never needs ETH. The
+local relayer for the twin (`quotra relayer`, `quotra_dev.relayer`) speaks exactly these shapes;
+they follow the 1Shot public relayer's.
 
 Requests (`{"jsonrpc": "2.0", "id": <int>, "method": ..., "params": ...}`) and results:
 
@@ -22,10 +24,14 @@ Requests (`{"jsonrpc": "2.0", "id": <int>, "method": ..., "params": ...}`) and r
     The quote (`context`) lives ~30 s; a claim must pay at least `minFee` (its `relayer_fee`).
 
 `relayer_send7710Transaction`, params
-    `{"chainId": "84532", "transactions": [{"permissionContext": [], "executions":
-       [{"target": "0x<escrow>", "value": "0", "data": "0x<calldata>"}]}],
+    `{"chainId": "84532", "transactions": [{"permissionContext": [] | "0x<abi.encode(Delegation[])>",
+       "executions": [{"target": "0x…", "value": "0", "data": "0x<calldata>"}]}, …],
+      "authorizationList"?: [{"chainId", "address", "nonce", "yParity", "r", "s"}],
       "context"?: "<quote>", "taskId"?: "0x<32 bytes>", "destinationUrl"?: "<≤256 chars>",
       "memo"?: "<≤256 chars>"}` → `"0x<taskId>"`.
+    With permission contexts the relayer sends `redeemDelegations` of all the transactions in one
+    call (an `authorizationList` makes it a type-4 transaction: the accounts become EIP-7702
+    smart accounts first).
     A client-chosen `taskId` makes a resend idempotent: the relayer answers `4214 Duplicate Task
     ID` and nothing is sent twice.
 
@@ -249,15 +255,21 @@ class OneShotRelayer:
     ) -> dict[str, Any]:
         if memo is not None and len(memo) > MAX_MEMO:
             raise ValueError(f"memo must be at most {MAX_MEMO} characters")
-        params: dict[str, Any] = {
-            "chainId": str(self.chain_id),
-            "transactions": [
-                {
-                    "permissionContext": [],
-                    "executions": [{"target": call.to, "value": "0", "data": "0x" + bytes(call.data).hex()}],
-                }
-            ],
-        }
+        transactions: list[dict[str, Any]] = [
+            {
+                "permissionContext": "0x" + entry.context.hex(),
+                "executions": [e.as_json() for e in entry.executions],
+            }
+            for entry in call.redemptions
+        ] or [
+            {
+                "permissionContext": [],
+                "executions": [{"target": call.to, "value": "0", "data": "0x" + bytes(call.data).hex()}],
+            }
+        ]
+        params: dict[str, Any] = {"chainId": str(self.chain_id), "transactions": transactions}
+        if call.authorizations:
+            params["authorizationList"] = [a.as_json() for a in call.authorizations]
         optional = {
             "context": context,
             "taskId": task_id,

@@ -14,9 +14,11 @@ Status codes follow the 1Shot relayer's: 100 pending, 110 submitted, 200 confirm
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Any, Protocol
@@ -25,6 +27,14 @@ from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from web3 import AsyncWeb3
 from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
+
+from quotra.chain.delegation import (
+    Execution,
+    Redemption,
+    SetCodeAuthorization,
+    describe_revert,
+    encode_redeem,
+)
 
 log = logging.getLogger("quotra.relayer")
 
@@ -43,12 +53,61 @@ class TxState(IntEnum):
 
 @dataclass(frozen=True)
 class ChainCall:
-    """A contract call to put on-chain: target, calldata, and a label for logs."""
+    """A contract call to put on-chain: target, calldata, and a label for logs.
+
+    An ERC-7710 redemption (`DelegationManager.redeemDelegations`) also carries its entries, which
+    a 1Shot-style relayer takes as `{permissionContext, executions}` transactions, and any EIP-7702
+    authorizations to apply first (a type-4 transaction: an account becomes a smart account).
+    """
 
     to: str
     data: bytes
     label: str = ""
     gas: int | None = None
+    redemptions: tuple[Redemption, ...] = ()
+    authorizations: tuple[SetCodeAuthorization, ...] = ()
+
+    @classmethod
+    def redeem(
+        cls,
+        delegation_manager: str,
+        entries: Sequence[Redemption],
+        *,
+        label: str,
+        authorizations: Sequence[SetCodeAuthorization] = (),
+    ) -> ChainCall:
+        return cls(
+            to=delegation_manager,
+            data=encode_redeem(entries),
+            label=label,
+            redemptions=tuple(entries),
+            authorizations=tuple(authorizations),
+        )
+
+    def redemption_json(self) -> str:
+        """A redemption as JSON (its entries and authorizations), to resend exactly what was signed."""
+        entries = [
+            {"context": "0x" + e.context.hex(), "executions": [x.as_json() for x in e.executions]}
+            for e in self.redemptions
+        ]
+        return json.dumps({"entries": entries, "authorizations": [a.as_json() for a in self.authorizations]})
+
+    @classmethod
+    def from_redemption_json(cls, delegation_manager: str, text: str, *, label: str) -> ChainCall:
+        """The call `redemption_json` wrote."""
+        raw = json.loads(text)
+        entries = [
+            Redemption(
+                bytes.fromhex(e["context"][2:]),
+                tuple(
+                    Execution(x["target"], bytes.fromhex(x["data"][2:]), int(x["value"]))
+                    for x in e["executions"]
+                ),
+            )
+            for e in raw["entries"]
+        ]
+        auths = [SetCodeAuthorization.from_json(a) for a in raw["authorizations"]]
+        return cls.redeem(delegation_manager, entries, label=label, authorizations=auths)
 
 
 @dataclass(frozen=True)
@@ -92,7 +151,11 @@ async def wait_final(
 
 
 def revert_reason(exc: BaseException) -> str:
-    """The contract's revert string when the node gave one, else the error text."""
+    """The contract's revert string when the node gave one (a custom error of the Delegation
+    Framework by its name), else the error text."""
+    data = getattr(exc, "data", None)
+    if isinstance(data, str) and data.startswith("0x") and len(data) >= 10:
+        return describe_revert(data)
     if isinstance(exc, ContractLogicError) and exc.message:
         return exc.message.removeprefix("execution reverted: ")
     return str(exc) or type(exc).__name__
@@ -145,6 +208,8 @@ class DirectRelayer:
     async def send(self, call: ChainCall, *, memo: str | None = None) -> Submission:
         sub_id = uuid.uuid4().hex
         tx: dict[str, Any] = {"from": self.address, "to": call.to, "data": HexBytes(call.data), "value": 0}
+        if call.authorizations:
+            tx["authorizationList"] = [a.as_tx() for a in call.authorizations]
         try:
             gas = call.gas or int(await self.w3.eth.estimate_gas(tx) * self.gas_margin)  # type: ignore[arg-type]
         except (ContractLogicError, Web3RPCError, ValueError) as exc:
@@ -162,7 +227,7 @@ class DirectRelayer:
                 maxPriorityFeePerGas=tip,
                 nonce=self._nonce,
                 chainId=self.chain_id,
-                type=2,
+                type=4 if call.authorizations else 2,
             )
             try:
                 tx_hash = await self._broadcast(tx)
@@ -174,6 +239,39 @@ class DirectRelayer:
         sub = Submission(sub_id, TxState.SUBMITTED, tx_hash=tx_hash, memo=memo)
         self._subs[sub_id] = _Pending(sub, tx, hashes=[tx_hash])
         log.info("relayer.submitted", extra={"label": call.label, "tx": tx_hash})
+        return sub
+
+    async def upgrade_self(self, implementation: str) -> Submission:
+        """Make this relayer's own account an EIP-7702 smart account delegating to `implementation`
+        (a type-4 transaction to itself; a self-sent authorization carries the next nonce but one)."""
+        max_fee, tip = await self._fees()
+        async with self._lock:
+            if self._nonce is None:
+                self._nonce = await self.w3.eth.get_transaction_count(self.address, "pending")
+            signed = self.account.sign_authorization(
+                {"chainId": self.chain_id, "address": implementation, "nonce": self._nonce + 1}
+            )
+            tx: dict[str, Any] = {
+                "from": self.address,
+                "to": self.address,
+                "data": b"",
+                "value": 0,
+                "gas": 100_000,
+                "maxFeePerGas": max_fee,
+                "maxPriorityFeePerGas": tip,
+                "nonce": self._nonce,
+                "chainId": self.chain_id,
+                "type": 4,
+                "authorizationList": [signed],
+            }
+            try:
+                tx_hash = await self._broadcast(tx)
+            except (Web3RPCError, ValueError) as exc:
+                self._nonce = None
+                raise RelayerError(f"could not broadcast the EIP-7702 upgrade: {exc}") from exc
+            self._nonce += 1
+        sub = Submission(uuid.uuid4().hex, TxState.SUBMITTED, tx_hash=tx_hash, memo="eip7702-upgrade")
+        self._subs[sub.id] = _Pending(sub, tx, hashes=[tx_hash])
         return sub
 
     async def _broadcast(self, tx: dict[str, Any]) -> str:

@@ -7,6 +7,14 @@ hands `claim_with_delegation` to the relayer with the claim id as memo. Webhooks
 claims no webhook finished. A resend reuses the claim's relayer task id, so a relayer that is slow,
 down or restarted never executes a claim twice (and a delegation proposed by the relay caps
 exactly one claim: `max_amount == amount`).
+
+A provider whose account is a MetaMask smart account (an EIP-7702 upgraded EOA) may instead sign
+framework `Delegation`s (ERC-7710): one allowing exactly `escrow.claim(amount <= cap, payee)`
+once before an expiry, one paying the relayer's fee in USDC. The relay checks them the same way and
+hands the relayer one `redeemDelegations` (with the account's EIP-7702 authorization when it is not
+upgraded yet); such a claim is tracked like any other (`kind` `erc7710`, the redemption kept for
+resends). A framework delegation is revoked with `disableDelegation`, which the delegator's account
+calls under a one-use grant the relayer redeems for free.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final
@@ -26,13 +35,14 @@ from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 from web3.exceptions import TransactionNotFound
 
+from quotra.chain import delegation as dlg
 from quotra.chain import eip712
 from quotra.chain.client import ZERO_ADDRESS, DelegationArgs, EscrowClient
-from quotra.chain.deployment import Deployment, DeploymentError
+from quotra.chain.deployment import DelegationFramework, Deployment, DeploymentError
 from quotra.chain.oneshot import OneShotRelayer, UnknownTask, new_task_id
 from quotra.chain.relayer import ChainCall, DirectRelayer, Relayer, RelayerError, Submission, TxState
 from quotra.config import Settings
-from quotra.errors import BadRequest, Forbidden, QuotraError, ServiceUnavailable
+from quotra.errors import BadRequest, Forbidden, NotFound, QuotraError, ServiceUnavailable
 from quotra.store.claims_repo import (
     ClaimInFlight,
     ClaimsRepo,
@@ -70,6 +80,59 @@ def _hex(raw: bytes) -> str:
     return "0x" + bytes(raw).hex()
 
 
+async def poll_forever(
+    once: Callable[[], Awaitable[Any]], every: float, stop: asyncio.Event, failure: str
+) -> None:
+    """Run `once` every `every` seconds until `stop` is set; a failed round is logged as `failure`."""
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            await once()
+        except Exception:
+            log.exception(failure)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(0.0, every - (time.monotonic() - started)))
+
+
+def check_signature(digest: bytes, signature: str, signer: str, has_code: bool) -> None:
+    """`signer`'s ECDSA signature of `digest`; an account with code (a smart account, ERC-1271) is
+    left to the contract, which checks it when the relayer simulates."""
+    try:
+        sig = eip712.Signature.from_bytes(signature)
+        recovered = eip712.recover(digest, sig)
+    except (eip712.InvalidSignature, ValueError) as exc:
+        if has_code:
+            return
+        raise BadRequest(f"Invalid signature: {exc}", code="invalid_signature") from exc
+    if recovered != signer and not has_code:
+        raise BadRequest(f"The signature is not {signer}'s", code="invalid_signature")
+
+
+async def delegation_disabled(escrow: EscrowClient, fw: DelegationFramework, delegation_hash: bytes) -> bool:
+    """Whether the framework's DelegationManager has the delegation disabled."""
+    data = dlg.DISABLED_DELEGATIONS + delegation_hash
+    raw = await escrow.w3.eth.call({"to": fw.delegation_manager, "data": HexBytes(data)})
+    return int.from_bytes(bytes(raw)[-32:] or b"\0", "big") != 0
+
+
+def _check_offer(amount: int, quote: RelayerQuote, earnings: int) -> None:
+    """A claim of `amount` the relay offers to sign for: above the relayer's fee, within earnings."""
+    if amount <= quote.fee:
+        raise BadRequest(
+            f"amount must be above the relayer fee ({quote.fee} atomic USDC)", code="amount_not_above_fee"
+        )
+    if amount > earnings:
+        raise ClaimConflict(
+            f"amount exceeds the claimable earnings ({earnings} atomic USDC)", code="insufficient_earnings"
+        )
+
+
+class FrameworkUnavailable(NotFound):
+    """No Delegation Framework is recorded for this relay's chain: ERC-7710 routes do not exist."""
+
+    code = "erc7710_unavailable"
+
+
 class ClaimService:
     def __init__(
         self,
@@ -82,8 +145,10 @@ class ClaimService:
         delegation_ttl: int = 3600,
         direct_fee: int = 0,
         from_block: int = 0,
+        framework: DelegationFramework | None = None,
     ) -> None:
         self.repo = repo
+        self.framework = framework
         self.escrow = escrow
         self.relayer = relayer
         self.poll_seconds = poll_seconds
@@ -127,15 +192,7 @@ class ClaimService:
         quote, now, earnings = await asyncio.gather(
             self.quote(), self.chain_time(), self.escrow.earnings_of(provider)
         )
-        if amount <= quote.fee:
-            raise BadRequest(
-                f"amount must be above the relayer fee ({quote.fee} atomic USDC)", code="amount_not_above_fee"
-            )
-        if amount > earnings:
-            raise ClaimConflict(
-                f"amount exceeds the claimable earnings ({earnings} atomic USDC)",
-                code="insufficient_earnings",
-            )
+        _check_offer(amount, quote, earnings)
         delegation = DelegationArgs(
             provider=provider,
             delegate=quote.delegate,
@@ -155,17 +212,6 @@ class ClaimService:
         }
 
     # ---- claims --------------------------------------------------------------------------------
-
-    def _check_signature(self, digest: bytes, signature: str, signer: str, has_code: bool) -> None:
-        try:
-            sig = eip712.Signature.from_bytes(signature)
-            recovered = eip712.recover(digest, sig)
-        except (eip712.InvalidSignature, ValueError) as exc:
-            if has_code:
-                return  # a contract wallet (ERC-1271): the escrow checks it when the relayer simulates
-            raise BadRequest(f"Invalid signature: {exc}", code="invalid_signature") from exc
-        if recovered != signer and not has_code:
-            raise BadRequest(f"The signature is not {signer}'s", code="invalid_signature")
 
     async def submit(
         self, provider: str, delegation: DelegationArgs, signature: str, amount: int
@@ -197,7 +243,7 @@ class ClaimService:
             self.escrow.delegation_claimed(digest),
             self.escrow.earnings_of(provider),
         )
-        self._check_signature(digest, signature, provider, bool(code))
+        check_signature(digest, signature, provider, bool(code))
         delegate = to_checksum_address(delegation.delegate)
         # Without a quote (relayer unreachable) the claim is recorded and sent when the relayer is
         # back; the relayer then checks its delegate and fee itself.
@@ -241,24 +287,35 @@ class ClaimService:
             salt=delegation.salt,
             signature=sig_hex,
         )
+        call = self.escrow.encode_claim_with_delegation(delegation, bytes.fromhex(sig_hex[2:]), amount)
+        payee = to_checksum_address(delegation.payee)
+        return await self._create_and_send(
+            provider, payee, digest_hex, amount, delegation.relayer_fee_for(amount), call, kind="escrow"
+        )
+
+    async def _create_and_send(
+        self, provider: str, payee: str, digest_hex: str, amount: int, fee: int, call: ChainCall, *, kind: str
+    ) -> ClaimView:
+        """Record a requested claim (one open per delegation), then hand it to the relayer."""
         claim_id = new_claim_id()
         try:
             await self.repo.create_claim(
                 claim_id=claim_id,
                 provider=provider,
-                payee=to_checksum_address(delegation.payee),
+                payee=payee,
                 delegation_digest=digest_hex,
                 amount=amount,
-                relayer_fee=delegation.relayer_fee_for(amount),
+                relayer_fee=fee,
                 relayer=self.relayer.name,
                 task_id=new_task_id() if isinstance(self.relayer, OneShotRelayer) else None,
                 next_check_at=utcnow() + timedelta(seconds=self.stale_seconds),
+                kind=kind,
+                redemption=call.redemption_json() if call.redemptions else None,
             )
         except ClaimInFlight:
             raise ClaimConflict(
                 "Another claim under this delegation is still in flight", code="claim_in_flight"
             ) from None
-        call = self.escrow.encode_claim_with_delegation(delegation, bytes.fromhex(sig_hex[2:]), amount)
         await self._send(claim_id, call)
         claim = await self.repo.get_claim(claim_id)
         assert claim is not None
@@ -305,14 +362,31 @@ class ClaimService:
         code, already = await asyncio.gather(
             self.escrow.code_at(account), self.escrow.is_revoked(account, item)
         )
-        self._check_signature(digest, signature, account, bool(code))
+        check_signature(digest, signature, account, bool(code))
+        sig_hex = "0x" + bytes.fromhex(signature.removeprefix("0x")).hex()
+        call = self.escrow.encode_revoke_with_signature(account, item, bytes.fromhex(sig_hex[2:]))
+        return await self._record_revocation(account, item, sig_hex, already, call)
+
+    async def _record_revocation(
+        self,
+        account: str,
+        item: bytes,
+        signature: str,
+        already: bool,
+        call: ChainCall,
+        *,
+        redemption: str | None = None,
+    ) -> RevocationView:
+        """Record a revocation (its item stops being used at once), then send it unless it is
+        already in force on-chain."""
         revocation = await self.repo.create_revocation(
             revocation_id=new_revocation_id(),
             account=account,
             item=_hex(item),
-            signature="0x" + bytes.fromhex(signature.removeprefix("0x")).hex(),
+            signature=signature,
             relayer=self.relayer.name,
             task_id=new_task_id() if isinstance(self.relayer, OneShotRelayer) else None,
+            redemption=redemption,
         )
         if already:
             await self.repo.advance(revocation.id, Submission("", TxState.CONFIRMED))
@@ -320,15 +394,239 @@ class ClaimService:
             await self.repo.reschedule(
                 revocation.id, attempts=0, next_check_at=utcnow() + timedelta(seconds=self.stale_seconds)
             )
-            await self._send(
-                revocation.id,
-                self.escrow.encode_revoke_with_signature(
-                    account, item, bytes.fromhex(revocation.signature[2:])
-                ),
-            )
+            await self._send(revocation.id, call)
         view = await self.repo.get_revocation(revocation.id)
         assert view is not None
         return view
+
+    # ---- ERC-7710 claims and disableDelegation (MetaMask smart accounts) -----------------------
+
+    def _fw(self) -> DelegationFramework:
+        if self.framework is None:
+            raise FrameworkUnavailable(
+                "MetaMask's Delegation Framework is not recorded for this chain (the deployment "
+                "file's delegation_framework): ERC-7710 claims are unavailable",
+                code="erc7710_unavailable",
+            )
+        return self.framework
+
+    def _dm_domain(self) -> eip712.Domain:
+        return dlg.domain(self.escrow.chain_id, self._fw().delegation_manager)
+
+    async def disabled(self, delegation_hash: bytes) -> bool:
+        return await delegation_disabled(self.escrow, self._fw(), delegation_hash)
+
+    async def _upgrade_needed(self, account: str) -> dict[str, Any] | None:
+        """The EIP-7702 authorization `account` must sign to become MetaMask's stateless DeleGator
+        (None if its code already delegates there)."""
+        fw = self._fw()
+        code = await self.escrow.code_at(account)
+        if dlg.is_delegated_to(code, fw.stateless_delegator):
+            return None
+        nonce = await self.escrow.w3.eth.get_transaction_count(to_checksum_address(account))
+        return {"chainId": self.escrow.chain_id, "address": fw.stateless_delegator, "nonce": nonce}
+
+    async def redemption_typed_data(
+        self, provider: str, amount: int, payee: str | None = None
+    ) -> dict[str, Any]:
+        """The framework Delegations for one claim of `amount` (and the relayer's fee), ready to
+        sign, and the EIP-7702 authorization to sign if the account is not a smart account yet."""
+        fw = self._fw()
+        provider = to_checksum_address(provider)
+        quote, now, earnings, upgrade = await asyncio.gather(
+            self.quote(), self.chain_time(), self.escrow.earnings_of(provider), self._upgrade_needed(provider)
+        )
+        _check_offer(amount, quote, earnings)
+        valid_until = now + self.delegation_ttl
+        common = {"provider": provider, "delegate": quote.delegate, "usdc": self.escrow.usdc_address}
+        claim = dlg.claim_delegation(
+            fw,
+            **common,
+            escrow=self.escrow.escrow_address,
+            payee=to_checksum_address(payee) if payee else provider,
+            cap=amount,
+            valid_until=valid_until,
+            salt=secrets.randbits(64),
+        )
+        fee = dlg.fee_delegation(
+            fw,
+            **common,
+            fee_collector=quote.delegate,
+            fee=quote.fee,
+            valid_until=valid_until,
+            salt=secrets.randbits(64),
+        )
+        domain = self._dm_domain()
+        return {
+            "claim": claim.typed_data(domain),
+            "fee": fee.typed_data(domain) if quote.fee else None,
+            "authorization": upgrade,
+            "quote": quote,
+            "earnings": earnings,
+        }
+
+    async def submit_redemption(
+        self,
+        provider: str,
+        claim: dlg.Delegation,
+        fee: dlg.Delegation | None,
+        amount: int | None,
+        authorization: dlg.SetCodeAuthorization | None = None,
+    ) -> ClaimView:
+        """Check a provider's signed framework delegations, then send one `redeemDelegations`
+        through the relayer: the provider's account claims, then pays the relayer's fee."""
+        fw = self._fw()
+        provider = to_checksum_address(provider)
+        if claim.delegator != provider:
+            raise Forbidden("The delegation is another provider's", code="not_your_delegation")
+        try:
+            grant = dlg.read_claim(
+                fw, claim, escrow=self.escrow.escrow_address, usdc=self.escrow.usdc_address
+            )
+            quote = await self._quote_or_none()
+            collector = quote.delegate if quote is not None else claim.delegate
+            fee_amount = 0
+            if fee is not None:
+                if (fee.delegator, fee.delegate) != (provider, claim.delegate):
+                    raise dlg.DelegationError(
+                        "the fee delegation must come from the provider to the same delegate"
+                    )
+                fee_amount = dlg.read_fee(fw, fee, usdc=self.escrow.usdc_address, fee_collector=collector)
+        except dlg.DelegationError as exc:
+            raise BadRequest(str(exc), code="invalid_delegation") from None
+        amount = grant.cap if amount is None else amount
+        if not 0 < amount <= grant.cap:
+            raise BadRequest(
+                f"amount {amount} must be positive and at most the delegation's cap {grant.cap}",
+                code="delegation_cap_exceeded",
+            )
+        if amount <= fee_amount:
+            raise BadRequest(
+                f"amount must be above the relayer fee ({fee_amount} atomic USDC)",
+                code="amount_not_above_fee",
+            )
+        if quote is not None and claim.delegate != quote.delegate:
+            raise BadRequest(
+                f"The delegation names delegate {claim.delegate}, but the relayer submits from "
+                f"{quote.delegate}",
+                code="wrong_delegate",
+            )
+        if quote is not None and fee_amount < quote.fee:
+            raise BadRequest(
+                f"this claim would pay the relayer {fee_amount}, below its fee {quote.fee}: sign new "
+                "delegations (GET /v1/provider/claims/erc7710/typed-data)",
+                code="relayer_fee_too_low",
+            )
+        if authorization is not None:
+            try:
+                signer = authorization.authority
+            except eip712.InvalidSignature as exc:
+                raise BadRequest(f"Invalid authorization: {exc}", code="invalid_authorization") from None
+            if (signer, authorization.address, authorization.chain_id) != (
+                provider,
+                fw.stateless_delegator,
+                self.escrow.chain_id,
+            ):
+                raise BadRequest(
+                    f"The authorization must be {provider}'s, on chain {self.escrow.chain_id}, to "
+                    f"MetaMask's EIP7702StatelessDeleGator {fw.stateless_delegator}",
+                    code="invalid_authorization",
+                )
+        digest = claim.digest(self._dm_domain())
+        now, code, disabled, earnings = await asyncio.gather(
+            self.chain_time(),
+            self.escrow.code_at(provider),
+            self.disabled(claim.hash),
+            self.escrow.earnings_of(provider),
+        )
+        if authorization is None and not code:
+            raise BadRequest(
+                "The account is not a smart account: sign the EIP-7702 authorization the typed data "
+                "endpoint returns (it makes the account MetaMask's stateless DeleGator)",
+                code="not_a_smart_account",
+            )
+        # MetaMask's stateless DeleGator checks its EOA key's ECDSA signature: so does the relay.
+        contract_wallet = bool(code) and not dlg.is_delegated_to(code, fw.stateless_delegator)
+        check_signature(digest, _hex(claim.signature), provider, contract_wallet)
+        if fee is not None:
+            check_signature(fee.digest(self._dm_domain()), _hex(fee.signature), provider, contract_wallet)
+        if now >= grant.valid_until:
+            raise BadRequest("The delegation has expired", code="delegation_expired")
+        digest_hex = _hex(claim.hash)
+        tracked = await self.repo.get_delegation(digest_hex)
+        if disabled or (tracked is not None and tracked.revoked_at is not None):
+            raise ClaimConflict("The delegation has been disabled", code="delegation_revoked")
+        if amount > earnings:
+            raise ClaimConflict(
+                f"amount exceeds the claimable earnings ({earnings})", code="insufficient_earnings"
+            )
+        entries = dlg.claim_redemptions(
+            claim,
+            fee,
+            escrow=self.escrow.escrow_address,
+            usdc=self.escrow.usdc_address,
+            amount=amount,
+            payee=grant.payee,
+            fee_collector=collector,
+            fee_amount=fee_amount,
+        )
+        call = ChainCall.redeem(
+            fw.delegation_manager,
+            entries,
+            label="redeemDelegations",
+            authorizations=[authorization] if authorization is not None else [],
+        )
+        await self.repo.save_delegation(
+            digest=digest_hex,
+            provider=provider,
+            delegate=claim.delegate,
+            payee=grant.payee,
+            max_amount=grant.cap,
+            relayer_fee=fee_amount,
+            valid_until=grant.valid_until,
+            salt=claim.salt,
+            signature=_hex(claim.signature),
+        )
+        return await self._create_and_send(
+            provider, grant.payee, digest_hex, amount, fee_amount, call, kind="erc7710"
+        )
+
+    async def disable_typed_data(self, target: dlg.Delegation) -> dict[str, Any]:
+        """The one-use grant to sign so that the relayer makes the delegator's account call
+        `DelegationManager.disableDelegation(target)` (free of charge)."""
+        quote = await self.quote()
+        grant = dlg.disable_delegation(
+            self._fw(),
+            delegator=target.delegator,
+            delegate=quote.delegate,
+            target=target,
+            salt=secrets.randbits(64),
+        )
+        return {"typed_data": grant.typed_data(self._dm_domain()), "hash": _hex(target.hash)}
+
+    async def disable(self, target: dlg.Delegation, grant: dlg.Delegation) -> RevocationView:
+        """Stop using `target` at once, then disable it on-chain through the relayer."""
+        fw = self._fw()
+        try:
+            dlg.check_disable(fw, grant, target)
+        except dlg.DelegationError as exc:
+            raise BadRequest(str(exc), code="invalid_delegation") from None
+        account = target.delegator
+        code, already = await asyncio.gather(self.escrow.code_at(account), self.disabled(target.hash))
+        if not dlg.is_delegated_to(code, fw.stateless_delegator):
+            raise BadRequest(
+                f"{account} is not a MetaMask smart account: its delegations cannot be redeemed anyway",
+                code="not_a_smart_account",
+            )
+        check_signature(grant.digest(self._dm_domain()), _hex(grant.signature), account, False)
+        call = ChainCall.redeem(
+            fw.delegation_manager,
+            [dlg.disable_redemption(grant, target, fw.delegation_manager)],
+            label="disableDelegation",
+        )
+        return await self._record_revocation(
+            account, target.hash, _hex(grant.signature), already, call, redemption=call.redemption_json()
+        )
 
     # ---- the poller ----------------------------------------------------------------------------
 
@@ -350,7 +648,10 @@ class ClaimService:
         )
 
     async def _claimed_onchain(self, claim: ClaimView) -> Submission | None:
-        """A `Claimed` event of this claim's delegation and amount (a relayer that lost its task)."""
+        """A `Claimed` event of this claim's delegation and amount (a relayer that lost its task);
+        an ERC-7710 claim's event names no delegation: only its receipt tells."""
+        if claim.kind == "erc7710":
+            return None
         try:
             logs = await self.escrow.escrow.events.Claimed.get_logs(
                 argument_filters={"delegation": HexBytes(claim.delegation_digest)}, from_block=self.from_block
@@ -388,7 +689,13 @@ class ClaimService:
             if delegation is None or delegation.revoked_at is not None:
                 await self.repo.fail(claim.id, "delegation revoked")
                 return
-            await self._send(claim.id, self._claim_call(delegation, claim.amount))
+            if claim.redemption is not None:
+                call = ChainCall.from_redemption_json(
+                    self._fw().delegation_manager, claim.redemption, label="redeemDelegations"
+                )
+            else:
+                call = self._claim_call(delegation, claim.amount)
+            await self._send(claim.id, call)
 
     async def _check_revocation(self, revocation: RevocationView) -> None:
         sub: Submission | None = None
@@ -398,9 +705,7 @@ class ClaimService:
                 sub = await self.relayer.status(revocation.task_id)
             except UnknownTask:
                 sub = await self._receipt(revocation.tx_hash)
-                if sub is None and await self.escrow.is_revoked(
-                    revocation.account, bytes.fromhex(revocation.item[2:])
-                ):
+                if sub is None and await self._revoked(revocation):
                     sub = Submission("", TxState.CONFIRMED)
                 resend = sub is None and revocation.status == "requested"
             except RelayerError:
@@ -408,12 +713,22 @@ class ClaimService:
         if sub is not None:
             await self.repo.advance(revocation.id, sub)
         elif resend:
-            call = self.escrow.encode_revoke_with_signature(
-                revocation.account,
-                bytes.fromhex(revocation.item[2:]),
-                bytes.fromhex(revocation.signature[2:]),
+            await self._send(revocation.id, self._revocation_call(revocation))
+
+    async def _revoked(self, revocation: RevocationView) -> bool:
+        item = bytes.fromhex(revocation.item[2:])
+        if revocation.redemption is not None:
+            return await self.disabled(item)
+        return await self.escrow.is_revoked(revocation.account, item)
+
+    def _revocation_call(self, revocation: RevocationView) -> ChainCall:
+        if revocation.redemption is not None:
+            return ChainCall.from_redemption_json(
+                self._fw().delegation_manager, revocation.redemption, label="disableDelegation"
             )
-            await self._send(revocation.id, call)
+        return self.escrow.encode_revoke_with_signature(
+            revocation.account, bytes.fromhex(revocation.item[2:]), bytes.fromhex(revocation.signature[2:])
+        )
 
     async def poll_once(self) -> int:
         """Check every open claim and revocation that is due; returns how many were checked."""
@@ -438,16 +753,7 @@ class ClaimService:
 
     async def run(self, stop: asyncio.Event) -> None:
         """The poller: every `poll_seconds`, until `stop` is set."""
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                await self.poll_once()
-            except Exception:
-                log.exception("claims.poll_failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    stop.wait(), max(0.0, self.poll_seconds - (time.monotonic() - started))
-                )
+        await poll_forever(self.poll_once, self.poll_seconds, stop, "claims.poll_failed")
 
     # ---- earnings ------------------------------------------------------------------------------
 
@@ -515,10 +821,11 @@ def build_claims(
     repo = ClaimsRepo(store)
     if escrow is None or relayer is None:
         return repo, None
-    from_block = 0
+    from_block, framework = 0, None
     if settings.deployment_file is not None:
         with contextlib.suppress(DeploymentError):
-            from_block = Deployment.load(settings.deployment_file).block
+            deployment = Deployment.load(settings.deployment_file)
+            from_block, framework = deployment.block, deployment.delegation_framework
     service = ClaimService(
         repo,
         escrow,
@@ -527,5 +834,6 @@ def build_claims(
         stale_seconds=settings.claims_stale_seconds,
         delegation_ttl=settings.claims_delegation_ttl_seconds,
         from_block=from_block,
+        framework=framework,
     )
     return repo, service

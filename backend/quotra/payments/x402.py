@@ -47,6 +47,12 @@ VALUE_MISMATCH: Final = evm_errors.ERR_AUTHORIZATION_VALUE_MISMATCH
 VALID_BEFORE_EXPIRED: Final = evm_errors.ERR_VALID_BEFORE_EXPIRED
 VALID_AFTER_FUTURE: Final = evm_errors.ERR_VALID_AFTER_FUTURE
 INVALID_SIGNATURE: Final = evm_errors.ERR_INVALID_SIGNATURE
+# x402 carries a 65-byte ECDSA signature by the payer's key: a smart account that signs otherwise
+# (a multisig, a passkey) pays through the prepaid path, whose checks accept ERC-1271.
+SMART_ACCOUNT_HINT: Final = (
+    " (a smart account that does not sign with its own key pays prepaid instead: a deposit, "
+    "POST /v1/account/deposits or a periodic allowance, and an API key)"
+)
 NONCE_ALREADY_USED: Final = evm_errors.ERR_NONCE_ALREADY_USED
 INSUFFICIENT_BALANCE: Final = evm_errors.ERR_INSUFFICIENT_BALANCE
 # Ours, in the stock codes' style: the payer let an earlier authorization go unpaid.
@@ -341,7 +347,7 @@ def _signed(unsigned: _Unsigned, paid: PaidRequest, terms: PaymentTerms) -> Auth
     try:
         signature = eip712.Signature.from_bytes(sig_raw)
     except (eip712.InvalidSignature, ValueError) as exc:
-        raise X402Error(INVALID_SIGNATURE, f"invalid signature: {exc}") from exc
+        raise X402Error(INVALID_SIGNATURE, f"invalid signature: {exc}{SMART_ACCOUNT_HINT}") from exc
     message = {
         "from": unsigned.payer,
         "to": unsigned.to,
@@ -355,7 +361,9 @@ def _signed(unsigned: _Unsigned, paid: PaidRequest, terms: PaymentTerms) -> Auth
     except eip712.InvalidSignature as exc:
         raise X402Error(INVALID_SIGNATURE, "the signature does not recover") from exc
     if signer.lower() != unsigned.payer.lower():
-        raise X402Error(INVALID_SIGNATURE, "the authorization was not signed by its payer")
+        raise X402Error(
+            INVALID_SIGNATURE, f"the authorization was not signed by its payer{SMART_ACCOUNT_HINT}"
+        )
     return Authorization(
         signer,
         unsigned.to,

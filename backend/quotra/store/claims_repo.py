@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from quotra.chain.relayer import Submission, TxState
 from quotra.store.models import (
+    AllowanceRecord,
     Call,
     ClaimRecord,
     ConsumerAccount,
@@ -83,6 +84,8 @@ class ClaimView:
     next_check_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    kind: str = "escrow"  # or `erc7710`: redeemed through the DelegationManager
+    redemption: str | None = None  # the redemption as sent (JSON), for an `erc7710` claim
 
     @classmethod
     def of(cls, row: ClaimRecord) -> ClaimView:
@@ -105,6 +108,7 @@ class RevocationView:
     next_check_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    redemption: str | None = None  # a `disableDelegation` redemption (JSON), else a signed Revocation
 
     @classmethod
     def of(cls, row: RevocationRecord) -> RevocationView:
@@ -209,6 +213,8 @@ class ClaimsRepo:
         relayer: str,
         task_id: str | None,
         next_check_at: datetime | None = None,
+        kind: str = "escrow",
+        redemption: str | None = None,
     ) -> ClaimView:
         """Insert a requested claim; `ClaimInFlight` if one under the same delegation is open."""
         async with self.sessions.begin() as session:
@@ -234,6 +240,8 @@ class ClaimsRepo:
                 task_id=task_id,
                 attempts=0,
                 next_check_at=next_check_at,
+                kind=kind,
+                redemption=redemption,
                 created_at=now,
                 updated_at=now,
             )
@@ -275,10 +283,11 @@ class ClaimsRepo:
         signature: str,
         relayer: str,
         task_id: str | None,
+        redemption: str | None = None,
     ) -> RevocationView:
         """Record the revocation and stop using the item at once: a tracked delegation is marked
         revoked and its unsent claims fail; a spend permission is marked revoked and stops being the
-        consumer's active one."""
+        consumer's active one; a periodic allowance is marked revoked (no more top-ups)."""
         now = utcnow()
         async with self.sessions.begin() as session:
             kind = "unknown"
@@ -304,6 +313,10 @@ class ClaimsRepo:
                     .where(ConsumerAccount.wallet == account, ConsumerAccount.permission_digest == item)
                     .values(permission_digest=None)
                 )
+            allowance = await session.get(AllowanceRecord, item, with_for_update=True)
+            if allowance is not None and allowance.wallet == account:
+                kind = "allowance"
+                allowance.revoked_at = allowance.revoked_at or now
             row = RevocationRecord(
                 id=revocation_id,
                 account=account,
@@ -314,6 +327,7 @@ class ClaimsRepo:
                 relayer=relayer,
                 task_id=task_id,
                 attempts=0,
+                redemption=redemption,
                 created_at=now,
                 updated_at=now,
             )

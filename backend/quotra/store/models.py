@@ -422,6 +422,10 @@ class ClaimRecord(Base):
     task_id: Mapped[str | None] = mapped_column(String(100), index=True)
     tx_hash: Mapped[str | None] = mapped_column(String(66))
     block_number: Mapped[int | None] = mapped_column(BigInteger)
+    # `escrow` (claim_with_delegation) or `erc7710` (redeemed through MetaMask's DelegationManager,
+    # the redemption as sent kept as JSON for resends; migration 0009).
+    kind: Mapped[str] = mapped_column(String(16), default="escrow", server_default="escrow")
+    redemption: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(String(300))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_check_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -437,8 +441,10 @@ class RevocationRecord(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     account: Mapped[str] = mapped_column(String(42), index=True)
     item: Mapped[str] = mapped_column(String(66), index=True)
-    kind: Mapped[str] = mapped_column(String(16))  # delegation | permission | unknown
+    kind: Mapped[str] = mapped_column(String(16))  # delegation | permission | allowance | unknown
     signature: Mapped[str] = mapped_column(Text)
+    # A framework delegation's `disableDelegation` redemption as sent (JSON; migration 0009), else None.
+    redemption: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default="requested")
     relayer: Mapped[str] = mapped_column(String(16))
     task_id: Mapped[str | None] = mapped_column(String(100), index=True)
@@ -462,3 +468,25 @@ class WebhookEventRecord(Base):
     memo: Mapped[str | None] = mapped_column(String(256))
     status: Mapped[int | None] = mapped_column(Integer)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# ---- MetaMask's Delegation Framework (migration 0009) ---------------------------------------------
+
+
+class AllowanceRecord(Base):
+    """A consumer's periodic USDC allowance to the relay's operator (an ERC-7715
+    `erc20-token-periodic` grant), redeemed to top up its deposit."""
+
+    __tablename__ = "allowances"
+
+    hash: Mapped[str] = mapped_column(String(66), primary_key=True)  # the delegation's hash
+    wallet: Mapped[str] = mapped_column(String(42), index=True)
+    context: Mapped[str] = mapped_column(Text)  # 0x-hex abi.encode(Delegation[])
+    period_amount: Mapped[int] = mapped_column(BigInteger)
+    period_duration: Mapped[int] = mapped_column(BigInteger)
+    start_date: Mapped[int] = mapped_column(BigInteger)
+    expiry: Mapped[int | None] = mapped_column(BigInteger)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_top_up_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -5,8 +5,10 @@ the local gas relayer (`quotra relayer`) as subprocesses on free loopback ports,
 OpenAI-compatible model server. Then: a provider without ETH signs in with Ethereum and lists two
 keys; a consumer without ETH browses, uses the free playground, pays per call with the stock x402
 client, deposits gaslessly, signs a spend permission, creates an API key and streams through the
-`openai` SDK; the settlement worker lands the batches; the provider claims through a delegation the
-relayer submits; and the books are checked against the chain (`quotra reconcile`, solvency, 90/10).
+`openai` SDK; the settlement worker lands the batches; the provider claims by ERC-7710 (its EOA
+becomes a MetaMask smart account by EIP-7702, and the relayer redeems its framework Delegations);
+the consumer withdraws what is left of its deposit without ETH (signed steps the relayer submits);
+and the books are checked against the chain (`quotra reconcile`, solvency, 90/10).
 
 `run(console)` returns a `MarketplaceSummary`; every process is stopped on exit, error or Ctrl-C.
 `run(console, keep=True)` leaves everything running and waits for Ctrl-C.
@@ -95,6 +97,10 @@ class MarketplaceSummary:
     claim_status: str = ""
     claim_amount: int = 0
     relayer_fee: int = 0
+    claim_gas: int = 0
+    withdrawn: int = 0  # the deposit withdrawn at the end, the relayer's fee included
+    withdrawal_fee: int = 0
+    withdrawal_status: str = ""
     provider_wallet_after: int = 0
     provider_earnings_after: int = 0
     platform_fees: int = 0
@@ -114,7 +120,12 @@ class MarketplaceSummary:
 
     @property
     def ok(self) -> bool:
-        return bool(self.checks) and self.reconcile_exit == 0 and self.claim_status == "confirmed"
+        return (
+            bool(self.checks)
+            and self.reconcile_exit == 0
+            and self.claim_status == "confirmed"
+            and self.withdrawal_status == "confirmed"
+        )
 
 
 # ---- processes ------------------------------------------------------------------------------------
@@ -220,6 +231,11 @@ def _wallet_sign_typed(account: LocalAccount, typed: dict[str, Any]) -> str:
     return "0x" + bytes(Account.sign_typed_data(account.key, full_message=typed).signature).hex()
 
 
+def _signed_delegation(account: LocalAccount, typed: dict[str, Any]) -> dict[str, Any]:
+    """A framework Delegation as the relay takes it: its message and the wallet's signature."""
+    return {"message": typed["message"], "signature": _wallet_sign_typed(account, typed)}
+
+
 def _chat(model: str, content: str, **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
 
@@ -286,6 +302,7 @@ class Marketplace:
             await self.consumer_goes_prepaid(client)
             await self.settlement_lands(client)
             await self.provider_claims(client)
+            await self.consumer_withdraws(client)
 
     # 1. the provider ---------------------------------------------------------------------------
 
@@ -528,34 +545,42 @@ class Marketplace:
     # 6. the claim ------------------------------------------------------------------------------
 
     async def provider_claims(self, client: httpx.AsyncClient) -> None:
-        self.step("6. The provider claims without ETH: a signed Delegation, submitted by the relayer")
+        self.step("6. The provider claims without ETH by ERC-7710 (MetaMask's Delegation Framework)")
         headers = await self.sign_in(client, self.provider)
         earned = int(self.escrow.functions.earnings(self.provider.address).call())
         self.summary.provider_earned = earned
         self.say(f"earnings in the escrow: {format_usdc(earned)} USDC")
         offer = _expect(
             await client.get(
-                "/v1/provider/claims/typed-data", params={"amount": format_usdc(earned)}, headers=headers
+                "/v1/provider/claims/erc7710/typed-data",
+                params={"amount": format_usdc(earned)},
+                headers=headers,
             ),
             200,
         )
         fee = int(offer["relayer"]["fee_atomic"])
         self.summary.relayer_fee = fee
-        signature = _wallet_sign_typed(self.provider, offer["typed_data"])
-        self.say(f"signed a Delegation for {format_usdc(earned)} USDC, relayer fee {format_usdc(fee)} USDC")
-        created = _expect(
-            await client.post(
-                "/v1/provider/claims",
-                json={
-                    "delegation": offer["typed_data"]["message"],
-                    "signature": signature,
-                    "amount": format_usdc(earned),
-                },
-                headers=headers,
-            ),
-            202,
+        body: dict[str, Any] = {
+            "claim": _signed_delegation(self.provider, offer["claim"]),
+            "fee": _signed_delegation(self.provider, offer["fee"]),
+        }
+        self.say(
+            f"signed two Delegations to the relayer: escrow.claim(≤ {format_usdc(earned)}, itself) once "
+            f"within an hour, and USDC.transfer(relayer, ≤ {format_usdc(fee)})"
         )
-        self.say(f"POST /v1/provider/claims: {created['id']} {created['status']}")
+        if offer["authorization"] is not None:
+            upgrade = offer["authorization"]
+            auth = Account.sign_authorization(upgrade, self.provider.key)
+            body["authorization"] = {
+                "chainId": auth.chain_id, "address": upgrade["address"], "nonce": auth.nonce,
+                "yParity": auth.y_parity, "r": hex(auth.r), "s": hex(auth.s),
+            }  # fmt: skip
+            self.say(
+                "signed an EIP-7702 authorization: its EOA becomes MetaMask's stateless DeleGator "
+                f"{upgrade['address']}"
+            )
+        created = _expect(await client.post("/v1/provider/claims/erc7710", json=body, headers=headers), 202)
+        self.say(f"POST /v1/provider/claims/erc7710: {created['id']} {created['status']}")
 
         async def final() -> dict[str, Any] | None:
             claim = _expect(await client.get(f"/v1/provider/claims/{created['id']}", headers=headers), 200)
@@ -566,8 +591,60 @@ class Marketplace:
         self.summary.claim_amount = int(claim["amount_atomic"])
         if claim["status"] != "confirmed":
             raise DemoError(f"claim {created['id']} failed: {claim.get('error') or claim}")
-        self.summary.tx_hashes.append(("claim_with_delegation", str(claim["tx_hash"])))
-        self.say(f"claim confirmed in block {claim['block_number']}, tx {str(claim['tx_hash'])[:18]}…")
+        self.summary.tx_hashes.append(("redeemDelegations (ERC-7710)", str(claim["tx_hash"])))
+        self.summary.claim_gas = int(self.w3.eth.get_transaction_receipt(claim["tx_hash"])["gasUsed"])
+        self.say(
+            "the relayer redeemed them through the DelegationManager (one type-4 transaction, "
+            f"gas {self.summary.claim_gas:,}): block {claim['block_number']}, "
+            f"tx {str(claim['tx_hash'])[:18]}…"
+        )
+
+    # 7. the exit -------------------------------------------------------------------------------
+
+    async def _withdrawal_step(self, client: httpx.AsyncClient, step: str, **params: str) -> dict[str, Any]:
+        headers = self.consumer_headers
+        offer = _expect(
+            await client.get(
+                "/v1/account/withdrawals/typed-data", params={"step": step, **params}, headers=headers
+            ),
+            200,
+        )
+        typed = offer["typed_data"]
+        body = {
+            "step": step,
+            "message": typed["message"],
+            "signature": _wallet_sign_typed(self.consumer, typed),
+        }
+        sent = _expect(await client.post("/v1/account/withdrawals", json=body, headers=headers), 200, 202)
+
+        async def final() -> dict[str, Any] | None:
+            seen = _expect(
+                await client.get(f"/v1/account/withdrawals/{sent['task_id']}", headers=headers), 200
+            )
+            return seen if seen["status"] != "submitted" else None
+
+        result = await _until(final, f"the signed {typed['primaryType']} to land")
+        if result["status"] != "confirmed":
+            raise DemoError(f"{typed['primaryType']} failed: {result.get('error') or result}")
+        self.summary.tx_hashes.append((f"{typed['primaryType']} (signed)", str(result["tx_hash"])))
+        return typed["message"]
+
+    async def consumer_withdraws(self, client: httpx.AsyncClient) -> None:
+        self.step("7. The consumer takes the rest of its deposit back without ETH (signed, relayed)")
+        left = int(self.escrow.functions.deposits(self.consumer.address).call())
+        await self._withdrawal_step(client, "request", amount=format_usdc(left))
+        delay = self.deployment.withdrawal_delay
+        self.say(f"signed a RequestWithdrawal of {format_usdc(left)} USDC; the relayer submitted it for free")
+        self.twin.rpc("evm_increaseTime", hex(delay))
+        self.twin.rpc("evm_mine")
+        self.say(f"(the twin's clock moves past the {delay} s withdrawal delay)")
+        message = await self._withdrawal_step(client, "withdraw")
+        self.summary.withdrawn, self.summary.withdrawal_fee = left, int(message["relayer_fee"])
+        self.summary.withdrawal_status = "confirmed"
+        self.say(
+            f"signed a Withdraw: {format_usdc(left - self.summary.withdrawal_fee)} USDC back in the wallet, "
+            f"{format_usdc(self.summary.withdrawal_fee)} to the relayer, still 0 ETH"
+        )
 
 
 # ---- report and checks ----------------------------------------------------------------------------
@@ -655,16 +732,21 @@ def _check(console: Console, story: Marketplace, summary: MarketplaceSummary, en
         )
     if summary.provider_earnings_after != 0:
         raise DemoError(f"the provider still has {summary.provider_earnings_after} unclaimed")
-    ok(f"claim confirmed: provider received {format_usdc(summary.provider_wallet_after)}, relayer its fee")
+    ok(
+        f"ERC-7710 claim confirmed: provider received {format_usdc(summary.provider_wallet_after)}, "
+        "relayer its fee, in one redemption"
+    )
 
     spent_wallet = summary.consumer_minted - summary.consumer_wallet_after
-    if spent_wallet != sum(summary.x402_paid) + summary.deposit:
-        raise DemoError(f"the consumer's wallet lost {spent_wallet}, expected x402 + deposit")
-    if summary.consumer_deposit_after != summary.deposit - sum(summary.prepaid_paid):
-        raise DemoError(
-            f"the consumer's deposit is {summary.consumer_deposit_after}, expected deposit - prepaid"
-        )
-    ok("consumer's wallet and deposit moved by exactly what its calls cost")
+    returned = summary.withdrawn - summary.withdrawal_fee
+    if spent_wallet != sum(summary.x402_paid) + summary.deposit - returned:
+        raise DemoError(f"the consumer's wallet lost {spent_wallet}, expected x402 + deposit - withdrawn")
+    if summary.withdrawn != summary.deposit - sum(summary.prepaid_paid) or summary.consumer_deposit_after:
+        raise DemoError(f"the consumer withdrew {summary.withdrawn}, expected deposit - prepaid, leaving 0")
+    ok(
+        "consumer's wallet and deposit moved by exactly what its calls cost; it withdrew the rest "
+        f"({format_usdc(returned)} after the relayer's {format_usdc(summary.withdrawal_fee)}) without ETH"
+    )
 
     if any(summary.eth_balances.values()):
         raise DemoError(f"a wallet was given ETH: {summary.eth_balances}")

@@ -1,6 +1,8 @@
 """The local gas relayer for the twin (`quotra relayer`): a 1Shot-style JSON-RPC service that submits
-escrow calls to anvil with its own gas key, charges a USDC fee (a claim's `relayer_fee`) and posts
-Ed25519-signed webhooks, its keys served as a JWKS. Shapes: see `quotra.chain.oneshot`."""
+escrow calls and ERC-7710 redemptions (MetaMask's Delegation Framework) to anvil with its own gas
+key, charges a USDC fee (a claim's `relayer_fee`, a signed withdrawal's fee, a USDC transfer in a
+redemption) and posts Ed25519-signed webhooks, its keys served as a JWKS. Shapes: see
+`quotra.chain.oneshot`."""
 
 from __future__ import annotations
 
@@ -53,12 +55,14 @@ def config_from_env(
     ed25519 = os.environ.get(ED25519_ENV, "").strip()
     signer = Ed25519Signer.from_text(ed25519) if ed25519 else Ed25519Signer.generate()
     targets: list[str] = []
+    framework = None
     if deployment is not None:
         record = Deployment.load(deployment)
         if record.chain_id != chain_id:
             raise ValueError(f"{deployment} is for chain {record.chain_id}, not {chain_id}")
         targets.append(record.escrow)
         usdc = usdc or record.usdc
+        framework = record.delegation_framework
     if escrow:
         targets.append(escrow)
     if not targets:
@@ -73,4 +77,5 @@ def config_from_env(
         min_fee=parse_usdc(fee),
         webhook_format=webhook_format,
         sponsored=sponsored,
+        framework=framework,
     )

@@ -22,8 +22,11 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 from nacl.exceptions import BadSignatureError
+from quotra.chain import delegation as dlg
 from quotra.chain import oneshot
 from quotra.chain.client import ZERO_ADDRESS, DelegationArgs, abi
+from quotra.chain.delegation import SetCodeAuthorization
+from quotra.chain.deployment import DelegationFramework
 from quotra.chain.relayer import ChainCall, DirectRelayer, RelayerError, Submission, TxState, revert_reason
 from quotra.webhooks import (
     TYPE_CONFIRMED,
@@ -39,7 +42,16 @@ from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCErro
 
 log = logging.getLogger("quotra.relayer.service")
 
-DEFAULT_SPONSORED: Final = frozenset({"revoke_with_signature", "deposit_with_authorization"})
+# Escrow calls relayed without a fee: they move no USDC the relayer could be paid from (a fee out
+# of a deposit before the withdrawal delay would let a consumer skip the delay).
+DEFAULT_SPONSORED: Final = frozenset(
+    {
+        "revoke_with_signature",
+        "deposit_with_authorization",
+        "request_withdrawal_with_signature",
+        "cancel_withdrawal_with_signature",
+    }
+)
 DELEGATION_FIELDS: Final = (
     "provider",
     "delegate",
@@ -86,6 +98,9 @@ class RelayerConfig:
     quote_ttl: int = 30
     eth_usd: float = 3_000.0
     webhook_format: Literal["oneshot", "standard"] = "oneshot"
+    # MetaMask's Delegation Framework (from the deployment record): ERC-7710 redemptions go to the
+    # DelegationManager; EIP-7702 upgrades are sponsored to the stateless DeleGator only.
+    framework: DelegationFramework | None = None
     webhook_attempts: int = 8
     webhook_backoff: float = 0.5
     webhook_max_delay: float = 30.0
@@ -105,6 +120,7 @@ class Task:
     created_at: int
     memo: str | None
     destination_url: str | None
+    authorizations: tuple[SetCodeAuthorization, ...] = ()
     status: int = TxState.PENDING
     hash: str | None = None
     receipt: dict[str, Any] | None = None
@@ -163,7 +179,7 @@ class RelayerCore:
             replace_after=self.config.replace_after,
         )
         self.escrow_abi = self.w3.eth.contract(abi=abi("QuotraEscrow"))
-        self.targets = {to_checksum_address(t) for t in self.config.targets}
+        self.targets: set[str] = {to_checksum_address(t) for t in self.config.targets}
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -311,19 +327,37 @@ class RelayerCore:
             task_id = task_id.lower()
             if task_id in self.tasks:
                 raise RpcError(4214, "Duplicate Task ID", task_id)
-        to, data = self._single_execution(params.get("transactions"))
         min_fee = self.config.min_fee
         if params.get("context") is not None:
             quote = self._read_quote(params["context"])
             self._check_chain(quote["c"])
             min_fee = int(quote["f"])
-        function = self._check_payment(to, data, min_fee)
-        await self._simulate(to, data)
+        transactions = params.get("transactions")
+        authorizations = self._authorizations(params.get("authorizationList"))
+        if isinstance(transactions, list) and self._redeems(transactions):
+            to, data = self._redemption(transactions, min_fee)
+            function = "redeemDelegations"
+        else:
+            if authorizations:
+                raise invalid_params("authorizationList comes with ERC-7710 redemptions only")
+            to, data = self._single_execution(transactions)
+            function = self._check_payment(to, data, min_fee)
+        await self._simulate(to, data, authorizations)
         if task_id is None:
             task_id = oneshot.new_task_id()
         elif task_id in self.tasks:  # raced with an identical resend while simulating
             raise RpcError(4214, "Duplicate Task ID", task_id)
-        task = Task(task_id, self.config.chain_id, to, data, function, int(self.clock()), memo, destination)
+        task = Task(
+            task_id,
+            self.config.chain_id,
+            to,
+            data,
+            function,
+            int(self.clock()),
+            memo,
+            destination,
+            authorizations,
+        )
         self.tasks[task_id] = task
         self._spawn(self._run(task))
         log.info("relayer.task_accepted", extra={"task": task_id, "function": function})
@@ -337,15 +371,55 @@ class RelayerCore:
         tx = transactions[0]
         if not isinstance(tx, dict) or not isinstance(tx.get("executions"), list):
             raise invalid_params("a transaction is {permissionContext, executions}")
-        if tx.get("permissionContext"):
-            raise RpcError(
-                4209,
-                "Unsupported Capability",
-                "ERC-7710 delegation chains are not redeemed here: the escrow call carries its own grant",
-            )
         if len(tx["executions"]) != 1:
             raise RpcError(4207, "Transaction Too Large", "this relayer takes one execution per task")
-        execution = tx["executions"][0]
+        execution = self._execution(tx["executions"][0], self.targets)
+        return execution.target, execution.data
+
+    @staticmethod
+    def _redeems(transactions: list[Any]) -> bool:
+        """Whether the transactions are ERC-7710 redemptions (a non-empty permission context)."""
+        return any(
+            isinstance(tx, dict) and isinstance(tx.get("permissionContext"), str) and tx["permissionContext"]
+            for tx in transactions
+        )
+
+    def _redemption(self, transactions: list[Any], min_fee: int) -> tuple[str, bytes]:
+        """`redeemDelegations` of the transactions, in one call to the DelegationManager. The
+        executions may call the escrow, USDC and the DelegationManager (a gasless
+        `disableDelegation`, sponsored); anything else must pay this relayer at least `min_fee`
+        in USDC, as a `transfer` to its fee collector among the executions."""
+        framework = self.config.framework
+        if framework is None:
+            raise RpcError(4209, "Unsupported Capability", "no Delegation Framework on this chain")
+        manager = framework.delegation_manager
+        allowed = {*self.targets, to_checksum_address(self.config.usdc), manager}
+        entries: list[dlg.Redemption] = []
+        for tx in transactions:
+            if not isinstance(tx, dict) or not isinstance(tx.get("executions"), list) or not tx["executions"]:
+                raise invalid_params("a transaction is {permissionContext, executions}")
+            context = tx.get("permissionContext")
+            if not isinstance(context, str) or not _is_hex_data(context):
+                raise invalid_params("permissionContext must be 0x-hex abi.encode(Delegation[])")
+            raw = bytes.fromhex(context[2:])
+            try:
+                dlg.decode_context(raw)
+            except dlg.DelegationError as exc:
+                raise invalid_params(str(exc)) from None
+            executions = tuple(self._execution(e, allowed) for e in tx["executions"])
+            entries.append(dlg.Redemption(raw, executions))
+        calls = [e for entry in entries for e in entry.executions]
+        fee = sum(self._fee_paid(e) for e in calls)
+        sponsored = all(e.target == manager and e.data[:4] == dlg.DISABLE_DELEGATION for e in calls)
+        if not sponsored and fee < min_fee:
+            raise RpcError(
+                4200,
+                "Insufficient Payment",
+                f"the executions pay this relayer {fee} in USDC, below the quoted minFee {min_fee}",
+            )
+        return manager, dlg.encode_redeem(entries)
+
+    def _execution(self, execution: Any, allowed: set[str]) -> dlg.Execution:
         if not isinstance(execution, dict):
             raise invalid_params("an execution is {target, value, data}")
         target, value, data = execution.get("target"), execution.get("value", "0"), execution.get("data")
@@ -353,16 +427,45 @@ class RelayerCore:
             raise invalid_params("execution target must be an address")
         if str(value) not in ("0", "0x0", "0x"):
             raise RpcError(4209, "Unsupported Capability", "this relayer sends no value")
-        if not isinstance(data, str) or not data.startswith("0x") or len(data) < 10:
+        if not isinstance(data, str) or not _is_hex_data(data) or len(data) < 10:
             raise invalid_params("execution data must be 0x-hex calldata")
-        try:
-            calldata = bytes.fromhex(data[2:])
-        except ValueError as exc:
-            raise invalid_params("execution data must be 0x-hex calldata") from exc
         target = to_checksum_address(target)
-        if target not in self.targets:
+        if target not in allowed:
             raise RpcError(4209, "Unsupported Capability", f"this relayer does not relay calls to {target}")
-        return target, calldata
+        return dlg.Execution(target, bytes.fromhex(data[2:]))
+
+    def _fee_paid(self, execution: dlg.Execution) -> int:
+        """What an execution pays this relayer: a USDC `transfer` to its fee collector."""
+        data = execution.data
+        if execution.target != to_checksum_address(self.config.usdc) or data[:4] != dlg.ERC20_TRANSFER:
+            return 0
+        if len(data) != 68 or to_checksum_address(data[16:36]) != self.address:
+            return 0
+        return int.from_bytes(data[36:68], "big")
+
+    def _authorizations(self, value: Any) -> tuple[SetCodeAuthorization, ...]:
+        """EIP-7702 authorizations to sponsor: for this chain, to MetaMask's stateless DeleGator."""
+        if value is None:
+            return ()
+        if not isinstance(value, list) or len(value) > 4:
+            raise invalid_params("authorizationList must be a list of at most 4 authorizations")
+        framework = self.config.framework
+        out = []
+        for raw in value:
+            try:
+                auth = SetCodeAuthorization.from_json(raw)
+            except dlg.DelegationError as exc:
+                raise invalid_params(str(exc)) from None
+            if auth.chain_id != self.config.chain_id:
+                raise RpcError(4206, "Unsupported Chain", "an authorization is for another chain")
+            if framework is None or auth.address != framework.stateless_delegator:
+                raise RpcError(
+                    4209,
+                    "Unsupported Capability",
+                    "only upgrades to MetaMask's EIP7702StatelessDeleGator are sponsored",
+                )
+            out.append(auth)
+        return tuple(out)
 
     def _check_payment(self, to: str, data: bytes, min_fee: int) -> str:
         """The function called; refuses calls that do not pay the relayer unless they are sponsored."""
@@ -391,13 +494,26 @@ class RelayerCore:
                     f"this claim pays the relayer {fee}, below the quoted minFee {min_fee}",
                 )
             return name
+        if name == "withdraw_with_signature":
+            if int(args["relayer_fee"]) < min_fee:
+                raise RpcError(
+                    4200,
+                    "Insufficient Payment",
+                    f"this withdrawal pays the relayer {args['relayer_fee']}, below the minFee {min_fee}",
+                )
+            return name
         if name in self.config.sponsored:
             return name
         raise RpcError(4209, "Unsupported Capability", f"{name} is not relayed (it pays no fee)")
 
-    async def _simulate(self, to: str, data: bytes) -> None:
+    async def _simulate(
+        self, to: str, data: bytes, authorizations: tuple[SetCodeAuthorization, ...] = ()
+    ) -> None:
+        tx: dict[str, Any] = {"from": self.address, "to": to, "data": HexBytes(data)}
+        if authorizations:
+            tx["authorizationList"] = [a.as_tx() for a in authorizations]
         try:
-            await self.w3.eth.estimate_gas({"from": self.address, "to": to, "data": HexBytes(data)})
+            await self.w3.eth.estimate_gas(tx)  # type: ignore[arg-type]
         except (ContractLogicError, Web3RPCError, ValueError) as exc:
             raise RpcError(4211, "Simulation Failed", revert_reason(exc)) from exc
 
@@ -413,7 +529,7 @@ class RelayerCore:
                 self._emit(task, TYPE_FAILED)
 
     async def _submit(self, task: Task) -> None:
-        call = ChainCall(task.to, task.data, label=task.function)
+        call = ChainCall(task.to, task.data, label=task.function, authorizations=task.authorizations)
         sub: Submission | None = None
         for attempt in range(3):
             try:
@@ -503,6 +619,16 @@ class RelayerCore:
                 min(self.config.webhook_backoff * 2 ** (attempt - 1), self.config.webhook_max_delay)
             )
         log.warning("relayer.webhook_gave_up", extra={"task": task_id, "type": event_type})
+
+
+def _is_hex_data(value: str) -> bool:
+    if not value.startswith("0x") or len(value) % 2:
+        return False
+    try:
+        bytes.fromhex(value[2:])
+    except ValueError:
+        return False
+    return True
 
 
 def _is_hex(value: str, size: int) -> bool:

@@ -254,6 +254,33 @@ def sign_revocation(escrow_domain) -> Callable[..., bytes]:
     return _sign_revocation
 
 
+@pytest.fixture(scope="session")
+def sign_withdrawal_step(chain, escrow, escrow_domain) -> Callable[..., tuple[int, bytes]]:
+    """A consumer's signed withdrawal step (`RequestWithdrawal`, `Withdraw` or `CancelWithdrawal`)
+    of `amount` (the fee for `Withdraw`) under its current nonce: (deadline, signature)."""
+
+    def _sign(
+        consumer: Any,
+        primary: str,
+        amount: int,
+        *,
+        nonce: int | None = None,
+        deadline: int | None = None,
+        signer: Any = None,
+    ) -> tuple[int, bytes]:
+        deadline = chain.pending_timestamp + 600 if deadline is None else deadline
+        field = "relayer_fee" if primary == "Withdraw" else "amount"
+        message = {
+            "consumer": address_of(consumer),
+            field: amount,
+            "nonce": escrow.withdrawal_nonces(address_of(consumer)) if nonce is None else nonce,
+            "deadline": deadline,
+        }
+        return deadline, eip712.sign((signer or consumer).private_key, escrow_domain, primary, message).raw
+
+    return _sign
+
+
 # ---------------------------------------------------------------- common scenarios
 
 

@@ -1,0 +1,195 @@
+"""Auto top-up of a consumer's prepaid deposit under its periodic USDC allowance (ERC-7715 style).
+
+A consumer whose account is a MetaMask smart account grants the relay's operator an
+`erc20-token-periodic` permission: one Delegation Framework delegation with an
+`ERC20PeriodTransferEnforcer` on USDC (what MetaMask's `wallet_requestExecutionPermissions`, formerly
+`wallet_grantPermissions`, returns as the permission `context`). The relay checks the context
+(`quotra.chain.delegation.read_allowance`) and keeps it. Whenever the consumer's available deposit
+(deposit less a pending withdrawal) is below the low-water mark, the operator redeems what the
+current period still allows (the enforcer's own `getAvailableAmount`: never more than the period
+amount per period) in one `redeemDelegations`: the consumer's account transfers the USDC to the
+operator's smart account, which approves and deposits it for the consumer. The operator's account
+becomes MetaMask's stateless DeleGator (EIP-7702) on its first top-up. A consumer revokes with
+the framework's `disableDelegation` (`POST /v1/delegations/disable`, no ETH).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from eth_abi import encode as abi_encode
+from eth_utils import to_checksum_address
+from hexbytes import HexBytes
+
+from quotra.chain import delegation as dlg
+from quotra.chain.client import EscrowClient
+from quotra.chain.deployment import DelegationFramework
+from quotra.chain.relayer import ChainCall, DirectRelayer, Relayer, RelayerError, TxState, wait_final
+from quotra.errors import BadRequest, ServiceUnavailable
+from quotra.payments.claims import ClaimConflict, check_signature, delegation_disabled, poll_forever
+from quotra.store.allowances_repo import AllowancesRepo, AllowanceView
+
+log = logging.getLogger("quotra.allowances")
+
+
+class AllowanceService:
+    def __init__(
+        self,
+        repo: AllowancesRepo,
+        escrow: EscrowClient,
+        framework: DelegationFramework,
+        operator: str,
+        sender: Callable[[], Relayer | None],
+        *,
+        low_water: int,
+        poll_seconds: float = 30.0,
+        wait_seconds: float = 120.0,
+    ) -> None:
+        self.repo = repo
+        self.escrow = escrow
+        self.framework = framework
+        self.operator = to_checksum_address(operator)
+        self.sender = sender  # the operator's own DirectRelayer (shared: one nonce sequence)
+        self.low_water = low_water
+        self.poll_seconds = poll_seconds
+        self.wait_seconds = wait_seconds
+
+    async def _now(self) -> int:
+        return int((await self.escrow.w3.eth.get_block("latest"))["timestamp"])
+
+    async def register(self, wallet: str, context: bytes) -> AllowanceView:
+        """Check a consumer's permission context and keep it for top-ups."""
+        fw, wallet = self.framework, to_checksum_address(wallet)
+        try:
+            allowance = dlg.read_allowance(
+                fw, context, consumer=wallet, delegate=self.operator, usdc=self.escrow.usdc_address
+            )
+        except dlg.DelegationError as exc:
+            raise BadRequest(str(exc), code="invalid_permission") from None
+        code, now, disabled = await asyncio.gather(
+            self.escrow.code_at(wallet), self._now(), delegation_disabled(self.escrow, fw, allowance.hash)
+        )
+        if not code:
+            raise BadRequest(
+                "The account is not a smart account (EIP-7702 to MetaMask's stateless DeleGator): "
+                "its delegations cannot be redeemed",
+                code="not_a_smart_account",
+            )
+        contract_wallet = not dlg.is_delegated_to(code, fw.stateless_delegator)
+        digest = allowance.delegation.digest(dlg.domain(self.escrow.chain_id, fw.delegation_manager))
+        check_signature(digest, "0x" + allowance.delegation.signature.hex(), wallet, contract_wallet)
+        if disabled:
+            raise ClaimConflict("The permission has been disabled", code="permission_revoked")
+        if allowance.expiry is not None and allowance.expiry <= now:
+            raise BadRequest("The permission has expired", code="permission_expired")
+        period = allowance.period
+        if period.amount <= 0 or period.duration <= 0:
+            raise BadRequest("The period amount and duration must be positive", code="invalid_permission")
+        return await self.repo.save(
+            hash="0x" + allowance.hash.hex(),
+            wallet=wallet,
+            context="0x" + context.hex(),
+            period_amount=period.amount,
+            period_duration=period.duration,
+            start_date=period.start,
+            expiry=allowance.expiry,
+        )
+
+    async def available(self, allowance: AllowanceView) -> int:
+        """What the allowance still lets the relay take in the current period (the enforcer's view)."""
+        terms = dlg.erc20_period_transfer(
+            self.escrow.usdc_address, allowance.period_amount, allowance.period_duration, allowance.start_date
+        )
+        args = [bytes.fromhex(allowance.hash[2:]), self.framework.delegation_manager, terms]
+        data = dlg.PERIOD_AVAILABLE + abi_encode(["bytes32", "address", "bytes"], args)
+        enforcer = self.framework.address("ERC20PeriodTransferEnforcer")
+        raw = await self.escrow.w3.eth.call({"to": enforcer, "data": HexBytes(data)})
+        return int.from_bytes(bytes(raw)[:32], "big")
+
+    def _operator(self) -> DirectRelayer:
+        sender = self.sender()
+        if not isinstance(sender, DirectRelayer) or sender.address != self.operator:
+            raise RelayerError("top-ups need the operator's key (QUOTRA_OPERATOR_KEY) with settlement on")
+        return sender
+
+    async def _operator_ready(self, operator: DirectRelayer) -> None:
+        """The operator's account must be a DeleGator to deposit in the redemption: upgrade it once."""
+        if dlg.is_delegated_to(
+            await self.escrow.code_at(operator.address), self.framework.stateless_delegator
+        ):
+            return
+        sub = await operator.upgrade_self(self.framework.stateless_delegator)
+        final = await wait_final(operator, sub.id, within=self.wait_seconds)
+        if final.state is not TxState.CONFIRMED:
+            raise RelayerError(
+                f"the operator's EIP-7702 upgrade did not confirm: {final.error or final.state.name}"
+            )
+
+    async def top_up(self, allowance: AllowanceView) -> int:
+        """Top the consumer's deposit up if it is below the low-water mark; the amount deposited."""
+        wallet = allowance.wallet
+        deposit, (pending, _unlock), left, balance = await asyncio.gather(
+            self.escrow.deposit_of(wallet),
+            self.escrow.withdrawal_of(wallet),
+            self.available(allowance),
+            self.escrow.usdc_balance(wallet),
+        )
+        if deposit - pending >= self.low_water:
+            return 0
+        amount = min(left, allowance.period_amount, balance)
+        if amount <= 0:
+            return 0
+        operator = self._operator()
+        await self._operator_ready(operator)
+        entries = dlg.top_up_redemptions(
+            bytes.fromhex(allowance.context[2:]),
+            usdc=self.escrow.usdc_address,
+            escrow=self.escrow.escrow_address,
+            operator=operator.address,
+            consumer=wallet,
+            amount=amount,
+        )
+        call = ChainCall.redeem(self.framework.delegation_manager, entries, label="allowance top-up")
+        sub = await operator.send(call, memo=f"topup:{allowance.hash}")
+        final = sub if sub.state.final else await wait_final(operator, sub.id, within=self.wait_seconds)
+        if final.state is not TxState.CONFIRMED:
+            await self.repo.outcome(allowance.hash, error=final.error or f"top-up {final.state.name.lower()}")
+            if await delegation_disabled(self.escrow, self.framework, bytes.fromhex(allowance.hash[2:])):
+                await self.repo.revoke(allowance.hash)  # disabled from the wallet: stop trying
+            return 0
+        await self.repo.outcome(allowance.hash, error=None)
+        log.info("allowances.topped_up", extra={"wallet": wallet, "amount": amount, "tx": final.tx_hash})
+        return amount
+
+    async def poll_once(self) -> int:
+        """One round over the active allowances; the total deposited."""
+        total = 0
+        for allowance in await self.repo.active(await self._now()):
+            try:
+                total += await self.top_up(allowance)
+            except Exception as exc:  # one consumer's trouble must not stop the others
+                log.warning(
+                    "allowances.top_up_failed", extra={"wallet": allowance.wallet, "error": str(exc)[:200]}
+                )
+                await self.repo.outcome(allowance.hash, error=str(exc))
+        return total
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Top-ups every `poll_seconds`, until `stop` is set."""
+        await poll_forever(self.poll_once, self.poll_seconds, stop, "allowances.poll_failed")
+
+    async def of_wallet(self, wallet: str) -> list[dict[str, Any]]:
+        """The wallet's allowances, each with what the current period still allows."""
+        out = []
+        for allowance in await self.repo.of_wallet(to_checksum_address(wallet)):
+            try:
+                left = await self.available(allowance)
+            except Exception as exc:
+                raise ServiceUnavailable(
+                    "The chain could not be read; try again", code="chain_unavailable"
+                ) from exc
+            out.append({"allowance": allowance, "available": left})
+        return out
