@@ -11,12 +11,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from web3.exceptions import ProviderConnectionError
 
 from quotra import __version__, web
 from quotra.api import account, apps, auth, chat, claims, health, listings, market, models, webhooks
@@ -26,7 +28,7 @@ from quotra.api.routing import openapi_document
 from quotra.calls.outbox import Outbox
 from quotra.calls.store import CallStore
 from quotra.chain.client import EscrowClient
-from quotra.chain.relayer import DirectRelayer, Relayer
+from quotra.chain.relayer import DirectRelayer, Relayer, RelayerError
 from quotra.config import Settings
 from quotra.errors import HeadersTooLarge, PayloadTooLarge, QuotraError, error_body
 from quotra.metrics import Metrics
@@ -172,6 +174,32 @@ def _validation_param(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
+# Seconds a client is asked to wait when the chain node or the relayer is unreachable.
+OUTAGE_RETRY_AFTER = 2
+# What an unreachable chain node or relayer raises: aiohttp (web3's provider, the bare JSON-RPC
+# reads) and httpx (relayer APIs) connection errors and timeouts, web3's own connection error.
+_OUTAGES: tuple[type[BaseException], ...] = (
+    aiohttp.ClientConnectionError,
+    httpx.TransportError,
+    ProviderConnectionError,
+    RelayerError,
+    TimeoutError,
+    ConnectionError,
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether `exc`, or what caused it, is a dependency out of reach rather than a bug."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, _OUTAGES):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(QuotraError)
     async def _quotra(_: Request, exc: QuotraError) -> JSONResponse:
@@ -211,6 +239,21 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+        if is_outage(exc):
+            # A dependency out of reach (the chain node, the relayer) while answering a route
+            # that needs it: nothing was done, the client should retry.
+            log.warning("dependency unavailable", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+            return JSONResponse(
+                error_body(
+                    503,
+                    "A service this request needs (the chain node or the relayer) is unreachable; "
+                    "nothing was done. Retry shortly.",
+                    type_="server_error",
+                    code="dependency_unavailable",
+                ),
+                status_code=503,
+                headers={"Retry-After": str(OUTAGE_RETRY_AFTER)},
+            )
         log.error("unhandled error", exc_info=exc)
         return JSONResponse(
             error_body(
