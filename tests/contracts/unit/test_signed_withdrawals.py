@@ -8,7 +8,7 @@ from escrow_helpers import USDC, WITHDRAWAL_DELAY, charge, events
 
 
 @pytest.fixture
-def funded(new_wallet, deposit, consumer):
+def depositor(new_wallet, deposit, consumer):
     """A consumer wallet without ETH holding a 10 USDC deposit (granted by `consumer`)."""
     wallet = new_wallet(balance=0)
     deposit(consumer, 10 * USDC, wallet.address)
@@ -26,29 +26,29 @@ def _request(escrow, sign_withdrawal_step, wallet, amount, relayer):
 
 
 def test_signed_exit__completes_with_no_eth(
-    chain, escrow, usdc, relayer, funded, sign_withdrawal_step, assert_solvent
+    chain, escrow, usdc, relayer, depositor, sign_withdrawal_step, assert_solvent
 ):
-    tx = _request(escrow, sign_withdrawal_step, funded, 4 * USDC, relayer)
+    tx = _request(escrow, sign_withdrawal_step, depositor, 4 * USDC, relayer)
     unlock_at = tx.timestamp + WITHDRAWAL_DELAY
-    assert escrow.withdrawals(funded.address) == (4 * USDC, unlock_at)
+    assert escrow.withdrawals(depositor.address) == (4 * USDC, unlock_at)
     assert events(tx, escrow.WithdrawalRequested) == [
-        escrow.WithdrawalRequested(consumer=funded.address, amount=4 * USDC, unlock_at=unlock_at)
+        escrow.WithdrawalRequested(consumer=depositor.address, amount=4 * USDC, unlock_at=unlock_at)
     ]
     chain.pending_timestamp = unlock_at
-    deadline, signature = sign_withdrawal_step(funded, "Withdraw", 50_000)
+    deadline, signature = sign_withdrawal_step(depositor, "Withdraw", 50_000)
     relayer_before = usdc.balanceOf(relayer)
 
-    tx = escrow.withdraw_with_signature(funded.address, 50_000, deadline, signature, sender=relayer)
+    tx = escrow.withdraw_with_signature(depositor.address, 50_000, deadline, signature, sender=relayer)
 
     assert tx.return_value == 4 * USDC
-    assert usdc.balanceOf(funded.address) == 4 * USDC - 50_000
+    assert usdc.balanceOf(depositor.address) == 4 * USDC - 50_000
     assert usdc.balanceOf(relayer) == relayer_before + 50_000
-    assert escrow.deposits(funded.address) == 6 * USDC
-    assert escrow.withdrawals(funded.address) == (0, 0)
-    assert escrow.withdrawal_nonces(funded.address) == 2
-    assert events(tx, escrow.Withdrawn) == [escrow.Withdrawn(consumer=funded.address, amount=4 * USDC)]
-    assert chain.provider.get_balance(funded.address) == 0
-    assert_solvent(consumers=(funded.address,))
+    assert escrow.deposits(depositor.address) == 6 * USDC
+    assert escrow.withdrawals(depositor.address) == (0, 0)
+    assert escrow.withdrawal_nonces(depositor.address) == 2
+    assert events(tx, escrow.Withdrawn) == [escrow.Withdrawn(consumer=depositor.address, amount=4 * USDC)]
+    assert chain.provider.get_balance(depositor.address) == 0
+    assert_solvent(consumers=(depositor.address,))
 
 
 def test_withdraw_with_signature__fee_out_of_what_is_left_after_charges(
@@ -57,112 +57,114 @@ def test_withdraw_with_signature__fee_out_of_what_is_left_after_charges(
     usdc,
     relayer,
     provider,
-    funded,
+    depositor,
     sign_withdrawal_step,
     sign_permission,
     settle_charges,
     assert_solvent,
 ):
-    _request(escrow, sign_withdrawal_step, funded, 10 * USDC, relayer)
-    permission, signature = sign_permission(funded, 10 * USDC)
+    _request(escrow, sign_withdrawal_step, depositor, 10 * USDC, relayer)
+    permission, signature = sign_permission(depositor, 10 * USDC)
     settle_charges(permission, signature, [charge(provider, 9 * USDC)])
     chain.pending_timestamp += WITHDRAWAL_DELAY
-    deadline, signature = sign_withdrawal_step(funded, "Withdraw", USDC)
+    deadline, signature = sign_withdrawal_step(depositor, "Withdraw", USDC)
 
-    tx = escrow.withdraw_with_signature(funded.address, USDC, deadline, signature, sender=relayer)
+    tx = escrow.withdraw_with_signature(depositor.address, USDC, deadline, signature, sender=relayer)
 
     assert tx.return_value == USDC
-    assert usdc.balanceOf(funded.address) == 0
-    assert escrow.deposits(funded.address) == 0
-    assert_solvent(consumers=(funded.address,))
+    assert usdc.balanceOf(depositor.address) == 0
+    assert escrow.deposits(depositor.address) == 0
+    assert_solvent(consumers=(depositor.address,))
 
 
 def test_withdraw_with_signature__fee_above_what_is_left__reverts(
-    chain, escrow, relayer, provider, funded, sign_withdrawal_step, sign_permission, settle_charges
+    chain, escrow, relayer, provider, depositor, sign_withdrawal_step, sign_permission, settle_charges
 ):
-    _request(escrow, sign_withdrawal_step, funded, 10 * USDC, relayer)
-    permission, signature = sign_permission(funded, 10 * USDC)
+    _request(escrow, sign_withdrawal_step, depositor, 10 * USDC, relayer)
+    permission, signature = sign_permission(depositor, 10 * USDC)
     settle_charges(permission, signature, [charge(provider, 9 * USDC)])
     chain.pending_timestamp += WITHDRAWAL_DELAY
-    deadline, signature = sign_withdrawal_step(funded, "Withdraw", USDC + 1)
+    deadline, signature = sign_withdrawal_step(depositor, "Withdraw", USDC + 1)
     with ape.reverts("escrow: fee exceeds withdrawal"):
-        escrow.withdraw_with_signature(funded.address, USDC + 1, deadline, signature, sender=relayer)
+        escrow.withdraw_with_signature(depositor.address, USDC + 1, deadline, signature, sender=relayer)
 
 
-def test_withdraw_with_signature__zero_fee(chain, escrow, usdc, relayer, funded, sign_withdrawal_step):
-    _request(escrow, sign_withdrawal_step, funded, 3 * USDC, relayer)
+def test_withdraw_with_signature__zero_fee(chain, escrow, usdc, relayer, depositor, sign_withdrawal_step):
+    _request(escrow, sign_withdrawal_step, depositor, 3 * USDC, relayer)
     chain.pending_timestamp += WITHDRAWAL_DELAY
-    deadline, signature = sign_withdrawal_step(funded, "Withdraw", 0)
+    deadline, signature = sign_withdrawal_step(depositor, "Withdraw", 0)
     before = usdc.balanceOf(relayer)
-    escrow.withdraw_with_signature(funded.address, 0, deadline, signature, sender=relayer)
-    assert usdc.balanceOf(funded.address) == 3 * USDC
+    escrow.withdraw_with_signature(depositor.address, 0, deadline, signature, sender=relayer)
+    assert usdc.balanceOf(depositor.address) == 3 * USDC
     assert usdc.balanceOf(relayer) == before
 
 
-def test_cancel_withdrawal_with_signature(escrow, relayer, funded, sign_withdrawal_step):
-    _request(escrow, sign_withdrawal_step, funded, 4 * USDC, relayer)
-    deadline, signature = sign_withdrawal_step(funded, "CancelWithdrawal", 4 * USDC)
+def test_cancel_withdrawal_with_signature(escrow, relayer, depositor, sign_withdrawal_step):
+    _request(escrow, sign_withdrawal_step, depositor, 4 * USDC, relayer)
+    deadline, signature = sign_withdrawal_step(depositor, "CancelWithdrawal", 4 * USDC)
 
-    tx = escrow.cancel_withdrawal_with_signature(funded.address, deadline, signature, sender=relayer)
+    tx = escrow.cancel_withdrawal_with_signature(depositor.address, deadline, signature, sender=relayer)
 
-    assert escrow.withdrawals(funded.address) == (0, 0)
-    assert events(tx, escrow.WithdrawalCancelled) == [escrow.WithdrawalCancelled(consumer=funded.address)]
+    assert escrow.withdrawals(depositor.address) == (0, 0)
+    assert events(tx, escrow.WithdrawalCancelled) == [escrow.WithdrawalCancelled(consumer=depositor.address)]
 
 
 def test_cancel_withdrawal_with_signature__for_another_amount__reverts(
-    escrow, relayer, funded, sign_withdrawal_step
+    escrow, relayer, depositor, sign_withdrawal_step
 ):
     # Signed to cancel a request of 4; the pending request is now 5: it must not be cancelled.
-    _request(escrow, sign_withdrawal_step, funded, 4 * USDC, relayer)
+    _request(escrow, sign_withdrawal_step, depositor, 4 * USDC, relayer)
     deadline, signature = sign_withdrawal_step(
-        funded, "CancelWithdrawal", 4 * USDC, nonce=escrow.withdrawal_nonces(funded.address) + 1
+        depositor, "CancelWithdrawal", 4 * USDC, nonce=escrow.withdrawal_nonces(depositor.address) + 1
     )
-    _request(escrow, sign_withdrawal_step, funded, 5 * USDC, relayer)
+    _request(escrow, sign_withdrawal_step, depositor, 5 * USDC, relayer)
     with ape.reverts("escrow: invalid signature"):
-        escrow.cancel_withdrawal_with_signature(funded.address, deadline, signature, sender=relayer)
+        escrow.cancel_withdrawal_with_signature(depositor.address, deadline, signature, sender=relayer)
 
 
 def test_cancel_withdrawal_with_signature__none_pending__reverts(
-    escrow, relayer, funded, sign_withdrawal_step
+    escrow, relayer, depositor, sign_withdrawal_step
 ):
-    deadline, signature = sign_withdrawal_step(funded, "CancelWithdrawal", 0)
+    deadline, signature = sign_withdrawal_step(depositor, "CancelWithdrawal", 0)
     with ape.reverts("escrow: no pending withdrawal"):
-        escrow.cancel_withdrawal_with_signature(funded.address, deadline, signature, sender=relayer)
+        escrow.cancel_withdrawal_with_signature(depositor.address, deadline, signature, sender=relayer)
 
 
 # ---------------------------------------------------------------- signatures, nonces, deadlines
 
 
-def test_request_withdrawal_with_signature__replay__reverts(escrow, relayer, funded, sign_withdrawal_step):
-    deadline, signature = sign_withdrawal_step(funded, "RequestWithdrawal", 4 * USDC)
-    escrow.request_withdrawal_with_signature(funded.address, 4 * USDC, deadline, signature, sender=relayer)
+def test_request_withdrawal_with_signature__replay__reverts(escrow, relayer, depositor, sign_withdrawal_step):
+    deadline, signature = sign_withdrawal_step(depositor, "RequestWithdrawal", 4 * USDC)
+    escrow.request_withdrawal_with_signature(depositor.address, 4 * USDC, deadline, signature, sender=relayer)
     with ape.reverts("escrow: invalid signature"):
         escrow.request_withdrawal_with_signature(
-            funded.address, 4 * USDC, deadline, signature, sender=relayer
+            depositor.address, 4 * USDC, deadline, signature, sender=relayer
         )
 
 
 def test_request_withdrawal_with_signature__expired__reverts(
-    chain, escrow, relayer, funded, sign_withdrawal_step
+    chain, escrow, relayer, depositor, sign_withdrawal_step
 ):
-    deadline, signature = sign_withdrawal_step(funded, "RequestWithdrawal", 4 * USDC)
+    deadline, signature = sign_withdrawal_step(depositor, "RequestWithdrawal", 4 * USDC)
     chain.pending_timestamp = deadline + 1
     with ape.reverts("escrow: signature expired"):
         escrow.request_withdrawal_with_signature(
-            funded.address, 4 * USDC, deadline, signature, sender=relayer
+            depositor.address, 4 * USDC, deadline, signature, sender=relayer
         )
 
 
-def test_request_withdrawal_with_signature__at_deadline(chain, escrow, relayer, funded, sign_withdrawal_step):
-    deadline, signature = sign_withdrawal_step(funded, "RequestWithdrawal", 4 * USDC)
+def test_request_withdrawal_with_signature__at_deadline(
+    chain, escrow, relayer, depositor, sign_withdrawal_step
+):
+    deadline, signature = sign_withdrawal_step(depositor, "RequestWithdrawal", 4 * USDC)
     chain.pending_timestamp = deadline
-    escrow.request_withdrawal_with_signature(funded.address, 4 * USDC, deadline, signature, sender=relayer)
-    assert escrow.withdrawals(funded.address)[0] == 4 * USDC
+    escrow.request_withdrawal_with_signature(depositor.address, 4 * USDC, deadline, signature, sender=relayer)
+    assert escrow.withdrawals(depositor.address)[0] == 4 * USDC
 
 
 @pytest.mark.parametrize("change", ["amount", "consumer", "signer", "type", "future nonce"])
 def test_request_withdrawal_with_signature__not_what_was_signed__reverts(
-    escrow, relayer, stranger, funded, new_wallet, deposit, consumer, sign_withdrawal_step, change
+    escrow, relayer, stranger, depositor, new_wallet, deposit, consumer, sign_withdrawal_step, change
 ):
     other = new_wallet(balance=0)
     deposit(consumer, 10 * USDC, other.address)
@@ -172,8 +174,8 @@ def test_request_withdrawal_with_signature__not_what_was_signed__reverts(
     if change == "future nonce":
         kwargs["nonce"] = 1
     primary = "CancelWithdrawal" if change == "type" else "RequestWithdrawal"
-    deadline, signature = sign_withdrawal_step(funded, primary, 4 * USDC, **kwargs)
-    consumer_address = other.address if change == "consumer" else funded.address
+    deadline, signature = sign_withdrawal_step(depositor, primary, 4 * USDC, **kwargs)
+    consumer_address = other.address if change == "consumer" else depositor.address
     amount = 3 * USDC if change == "amount" else 4 * USDC
     with ape.reverts("escrow: invalid signature"):
         escrow.request_withdrawal_with_signature(
@@ -182,68 +184,72 @@ def test_request_withdrawal_with_signature__not_what_was_signed__reverts(
 
 
 def test_withdraw_with_signature__fee_other_than_signed__reverts(
-    chain, escrow, relayer, funded, sign_withdrawal_step
+    chain, escrow, relayer, depositor, sign_withdrawal_step
 ):
-    _request(escrow, sign_withdrawal_step, funded, 4 * USDC, relayer)
+    _request(escrow, sign_withdrawal_step, depositor, 4 * USDC, relayer)
     chain.pending_timestamp += WITHDRAWAL_DELAY
-    deadline, signature = sign_withdrawal_step(funded, "Withdraw", 10_000)
+    deadline, signature = sign_withdrawal_step(depositor, "Withdraw", 10_000)
     with ape.reverts("escrow: invalid signature"):
-        escrow.withdraw_with_signature(funded.address, 20_000, deadline, signature, sender=relayer)
+        escrow.withdraw_with_signature(depositor.address, 20_000, deadline, signature, sender=relayer)
 
 
-def test_withdraw_with_signature__before_delay__reverts(chain, escrow, relayer, funded, sign_withdrawal_step):
-    tx = _request(escrow, sign_withdrawal_step, funded, 4 * USDC, relayer)
+def test_withdraw_with_signature__before_delay__reverts(
+    chain, escrow, relayer, depositor, sign_withdrawal_step
+):
+    tx = _request(escrow, sign_withdrawal_step, depositor, 4 * USDC, relayer)
     chain.pending_timestamp = tx.timestamp + WITHDRAWAL_DELAY - 1
-    deadline, signature = sign_withdrawal_step(funded, "Withdraw", 0)
+    deadline, signature = sign_withdrawal_step(depositor, "Withdraw", 0)
     with ape.reverts("escrow: withdrawal locked"):
-        escrow.withdraw_with_signature(funded.address, 0, deadline, signature, sender=relayer)
+        escrow.withdraw_with_signature(depositor.address, 0, deadline, signature, sender=relayer)
 
 
 def test_request_withdrawal_with_signature__above_deposit__reverts(
-    escrow, relayer, funded, sign_withdrawal_step
+    escrow, relayer, depositor, sign_withdrawal_step
 ):
-    deadline, signature = sign_withdrawal_step(funded, "RequestWithdrawal", 10 * USDC + 1)
+    deadline, signature = sign_withdrawal_step(depositor, "RequestWithdrawal", 10 * USDC + 1)
     with ape.reverts("escrow: amount exceeds deposit"):
         escrow.request_withdrawal_with_signature(
-            funded.address, 10 * USDC + 1, deadline, signature, sender=relayer
+            depositor.address, 10 * USDC + 1, deadline, signature, sender=relayer
         )
 
 
-def test_signed_steps__use_one_nonce_in_order(chain, escrow, relayer, funded, sign_withdrawal_step):
+def test_signed_steps__use_one_nonce_in_order(chain, escrow, relayer, depositor, sign_withdrawal_step):
     # Signed together: request (nonce 0), then withdraw (nonce 1) with a deadline past the delay.
     now = chain.pending_timestamp
-    _, request = sign_withdrawal_step(funded, "RequestWithdrawal", 2 * USDC, nonce=0, deadline=now + 600)
+    _, request = sign_withdrawal_step(depositor, "RequestWithdrawal", 2 * USDC, nonce=0, deadline=now + 600)
     _, withdraw = sign_withdrawal_step(
-        funded, "Withdraw", 1_000, nonce=1, deadline=now + WITHDRAWAL_DELAY + 600
+        depositor, "Withdraw", 1_000, nonce=1, deadline=now + WITHDRAWAL_DELAY + 600
     )
     with ape.reverts("escrow: invalid signature"):  # out of order: nonce 1 before nonce 0
         escrow.withdraw_with_signature(
-            funded.address, 1_000, now + WITHDRAWAL_DELAY + 600, withdraw, sender=relayer
+            depositor.address, 1_000, now + WITHDRAWAL_DELAY + 600, withdraw, sender=relayer
         )
-    escrow.request_withdrawal_with_signature(funded.address, 2 * USDC, now + 600, request, sender=relayer)
+    escrow.request_withdrawal_with_signature(depositor.address, 2 * USDC, now + 600, request, sender=relayer)
     chain.pending_timestamp = now + WITHDRAWAL_DELAY + 10
     escrow.withdraw_with_signature(
-        funded.address, 1_000, now + WITHDRAWAL_DELAY + 600, withdraw, sender=relayer
+        depositor.address, 1_000, now + WITHDRAWAL_DELAY + 600, withdraw, sender=relayer
     )
-    assert escrow.deposits(funded.address) == 8 * USDC
+    assert escrow.deposits(depositor.address) == 8 * USDC
 
 
 @pytest.mark.parametrize("step", ["request", "cancel", "withdraw"])
-def test_signed_steps__work_while_paused(chain, escrow, owner, relayer, funded, sign_withdrawal_step, step):
+def test_signed_steps__work_while_paused(
+    chain, escrow, owner, relayer, depositor, sign_withdrawal_step, step
+):
     if step != "request":
-        _request(escrow, sign_withdrawal_step, funded, 10 * USDC, relayer)
+        _request(escrow, sign_withdrawal_step, depositor, 10 * USDC, relayer)
     escrow.pause(sender=owner)
     if step == "request":
-        _request(escrow, sign_withdrawal_step, funded, 10 * USDC, relayer)
-        assert escrow.withdrawals(funded.address)[0] == 10 * USDC
+        _request(escrow, sign_withdrawal_step, depositor, 10 * USDC, relayer)
+        assert escrow.withdrawals(depositor.address)[0] == 10 * USDC
     elif step == "cancel":
-        deadline, signature = sign_withdrawal_step(funded, "CancelWithdrawal", 10 * USDC)
-        escrow.cancel_withdrawal_with_signature(funded.address, deadline, signature, sender=relayer)
+        deadline, signature = sign_withdrawal_step(depositor, "CancelWithdrawal", 10 * USDC)
+        escrow.cancel_withdrawal_with_signature(depositor.address, deadline, signature, sender=relayer)
     else:
         chain.pending_timestamp += WITHDRAWAL_DELAY
-        deadline, signature = sign_withdrawal_step(funded, "Withdraw", 0)
-        escrow.withdraw_with_signature(funded.address, 0, deadline, signature, sender=relayer)
-        assert escrow.deposits(funded.address) == 0
+        deadline, signature = sign_withdrawal_step(depositor, "Withdraw", 0)
+        escrow.withdraw_with_signature(depositor.address, 0, deadline, signature, sender=relayer)
+        assert escrow.deposits(depositor.address) == 0
 
 
 # ---------------------------------------------------------------- smart accounts (ERC-1271)
