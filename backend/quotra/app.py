@@ -351,7 +351,7 @@ def create_app(
         escrow, chain_relayer, operator = connect_chain(settings, chosen_relayer)
         claims_repo, claim_service = build_claims(settings, store, escrow, chain_relayer)
         prepaid = PrepaidService(
-            PrepaidStore(store),
+            PrepaidStore(store, transactions),
             calls,
             settings=PrepaidSettings(
                 key_cache_seconds=settings.prepaid_key_cache_seconds,

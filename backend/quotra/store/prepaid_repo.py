@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy import func, select, update
+from sqlalchemy.engine import Connection
 
 from quotra.store.models import (
     ZERO_ADDRESS,
@@ -35,6 +36,7 @@ from quotra.store.models import (
 )
 from quotra.store.repositories import Store
 from quotra.store.sql import insert_ignore
+from quotra.store.transactions import Transactions
 
 KeyMode = Literal["live", "sandbox"]
 Shortfall = Literal["key_revoked", "key_cap", "no_permission", "markup", "permission", "deposit"]
@@ -176,14 +178,19 @@ class AccountView:
         return max(0, min(self.deposit_available, self.permission_remaining))
 
 
-def _rowcount(result: Any) -> int:
-    return int(result.rowcount)
+def _rows_changed(connection: Connection, statement: Any) -> int:
+    return int(connection.execute(statement).rowcount)
 
 
 class PrepaidStore:
-    def __init__(self, store: Store) -> None:
+    """The chain mirror's writes (`ensure_account`, `sync_account`, `mark_permission_revoked`),
+    which a background refresh makes while calls are being served, go through `transactions`: on
+    SQLite its one writer thread, so they never contend with the calls' writes for the lock."""
+
+    def __init__(self, store: Store, transactions: Transactions) -> None:
         self.sessions = store.sessions
         self.dialect = store.dialect
+        self.transactions = transactions
 
     # ---- API keys ------------------------------------------------------------------------------
 
@@ -330,23 +337,21 @@ class PrepaidStore:
             return None if row is None else AccountView.of(row)
 
     async def ensure_account(self, wallet: str) -> None:
-        async with self.sessions.begin() as session:
-            await session.execute(
-                insert_ignore(
-                    self.dialect,
-                    table(ConsumerAccount),
-                    {
-                        "wallet": wallet,
-                        "deposit": 0,
-                        "pending_withdrawal": 0,
-                        "permission_allowance": 0,
-                        "permission_spent": 0,
-                        "reserved": 0,
-                        "unsettled": 0,
-                        "created_at": utcnow(),
-                    },
-                )
-            )
+        statement = insert_ignore(
+            self.dialect,
+            table(ConsumerAccount),
+            {
+                "wallet": wallet,
+                "deposit": 0,
+                "pending_withdrawal": 0,
+                "permission_allowance": 0,
+                "permission_spent": 0,
+                "reserved": 0,
+                "unsettled": 0,
+                "created_at": utcnow(),
+            },
+        )
+        await self.transactions.run(_rows_changed, statement)
 
     async def sync_account(
         self,
@@ -371,19 +376,17 @@ class PrepaidStore:
             if seen.permission_digest is None
             else ConsumerAccount.permission_digest == seen.permission_digest
         )
-        async with self.sessions.begin() as session:
-            result = await session.execute(
-                update(ConsumerAccount)
-                .where(
-                    ConsumerAccount.wallet == wallet,
-                    ConsumerAccount.deposit == seen.deposit,
-                    ConsumerAccount.permission_spent == seen.permission_spent,
-                    digest_unchanged,
-                )
-                .values(**values)
-                .execution_options(synchronize_session=False)
+        statement = (
+            update(ConsumerAccount)
+            .where(
+                ConsumerAccount.wallet == wallet,
+                ConsumerAccount.deposit == seen.deposit,
+                ConsumerAccount.permission_spent == seen.permission_spent,
+                digest_unchanged,
             )
-        return _rowcount(result) == 1
+            .values(**values)
+        )
+        return bool(await self.transactions.run(_rows_changed, statement) == 1)
 
     async def wallets_to_refresh(self, limit: int) -> list[str]:
         """Accounts with an active permission, least recently synced first."""
@@ -451,13 +454,12 @@ class PrepaidStore:
             return None if row is None else PermissionView.of(row)
 
     async def mark_permission_revoked(self, digest: str, now: datetime | None = None) -> None:
-        async with self.sessions.begin() as session:
-            await session.execute(
-                update(SpendPermissionRecord)
-                .where(SpendPermissionRecord.digest == digest, SpendPermissionRecord.revoked_at.is_(None))
-                .values(revoked_at=now or utcnow())
-                .execution_options(synchronize_session=False)
-            )
+        statement = (
+            update(SpendPermissionRecord)
+            .where(SpendPermissionRecord.digest == digest, SpendPermissionRecord.revoked_at.is_(None))
+            .values(revoked_at=now or utcnow())
+        )
+        await self.transactions.run(_rows_changed, statement)
 
     async def user_wallet(self, app_id: str, external_id: str) -> str | None:
         """The wallet an app's end user pays with (None: the developer pays)."""

@@ -56,7 +56,8 @@ async def books(db_url: str) -> AsyncIterator[Books]:
         rate_per_minute=None, expires_at=None, status="active", failure_streak=0, cooldown_until=None,
     )  # fmt: skip
     try:
-        yield Books(store, CallStore(engine, transactions), Outbox(engine, transactions), PrepaidStore(store))
+        calls, outbox = CallStore(engine, transactions), Outbox(engine, transactions)
+        yield Books(store, calls, outbox, PrepaidStore(store, transactions))
     finally:
         await transactions.close()
         await engine.dispose()

@@ -48,7 +48,7 @@ async def books(db_url: str) -> AsyncIterator[Books]:
         rate_per_minute=None, expires_at=None, status="active", failure_streak=0, cooldown_until=None,
     )  # fmt: skip
     try:
-        yield Books(store, PrepaidStore(store), CallStore(engine, transactions))
+        yield Books(store, PrepaidStore(store, transactions), CallStore(engine, transactions))
     finally:
         await transactions.close()
         await engine.dispose()

@@ -242,7 +242,7 @@ async def test_listing_earnings__the_providers_share_of_its_settled_calls(repo: 
         assert await outbox.settle_x402(settled_b, tx_hash=TX, fee=300, block=1)
         assert await outbox.settle_x402(elsewhere, tx_hash=TX, fee=500, block=1)
         # A prepaid call, settled in a charges batch with the escrow's fee.
-        prepaid = PrepaidStore(store)
+        prepaid = PrepaidStore(store, transactions)
         now = int(time.time())
         await prepaid.activate_permission(
             PermissionView(DIGEST, CONSUMER, PROVIDER, 10**6, now - 60, now + 86_400, "0x01", "0x", None), 0
