@@ -139,6 +139,7 @@ def start_relay(
             "QUOTRA_RELAYER": "direct",
             "QUOTRA_UPSTREAM_ALLOW_PRIVATE": "true",
             "QUOTRA_PLAYGROUND_FREE_CALLS": str(10**9),
+            "QUOTRA_PLAYGROUND_FREE_CALLS_PER_DAY": str(10**9),
             "QUOTRA_CONSUMER_RATE_PER_MINUTE": str(10**9),
             "QUOTRA_KEY_RATE_PER_MINUTE": str(10**9),
         }

@@ -151,8 +151,8 @@ class Settings(BaseSettings):
     signin_rate_per_minute_ip: int = Field(default=20, ge=1)
     # Free playground calls: per consumer and listing, and per listing and UTC day across all
     # consumers (a listing may set its own `free_calls_per_day`; 0: none).
-    playground_free_calls: int = Field(default=3, ge=0, le=1_000)
-    playground_free_calls_per_day: int = Field(default=20, ge=0, le=1_000_000)
+    playground_free_calls: int = Field(default=3, ge=0, le=1_000_000_000)
+    playground_free_calls_per_day: int = Field(default=20, ge=0, le=1_000_000_000)
     sandbox_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     # Behind reverse proxies: the client is the address the outermost trusted proxy saw, the
     # `trusted_proxy_hops`-th entry of X-Forwarded-For from the right (each proxy appends the peer
