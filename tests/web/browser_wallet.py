@@ -16,8 +16,6 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
-from web3 import Web3
-from web3.exceptions import ContractLogicError
 
 # `%(binding)s`, `%(uuid)s`, `%(name)s` and `%(rdns)s` are filled in per wallet.
 PROVIDER_SCRIPT = """
@@ -148,28 +146,4 @@ class InjectedWallet:
                 raise WalletError(-32603, f"chainId must match the active chainId {self.chain_id}")
             signed = Account.sign_typed_data(self.account.key, full_message=typed)
             return "0x" + bytes(signed.signature).hex()
-        if method == "eth_sendTransaction":
-            return self.send_transaction(params[0])
         raise WalletError(4200, f"{method} is not supported by the test wallet")
-
-    def send_transaction(self, request: dict[str, Any]) -> str:
-        """Estimated, signed and sent like MetaMask does; a transaction that would revert is
-        refused with the revert reason, before anything is sent."""
-        assert to_checksum_address(request["from"]) == self.address
-        w3 = Web3(Web3.HTTPProvider(self.known_chains[self.chain_id][0]))
-        tx: dict[str, Any] = {
-            "from": self.address,
-            "to": to_checksum_address(request["to"]),
-            "data": request.get("data", "0x"),
-            "value": int(request.get("value", "0x0"), 16),
-            "chainId": self.chain_id,
-            "nonce": w3.eth.get_transaction_count(self.address, "pending"),
-        }
-        try:
-            tx["gas"] = w3.eth.estimate_gas(tx)  # type: ignore[arg-type]
-        except ContractLogicError as error:  # a revert, as the wallet would show it
-            raise WalletError(-32603, f"the transaction would fail: {error}") from error
-        base_fee = int(w3.eth.get_block("latest")["baseFeePerGas"])
-        tx.update(maxPriorityFeePerGas=10**9, maxFeePerGas=2 * base_fee + 10**9)
-        signed = self.account.sign_transaction(tx)
-        return str(w3.eth.send_raw_transaction(signed.raw_transaction).to_0x_hex())

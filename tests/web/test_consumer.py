@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from decimal import Decimal
 
 import openai
 from conftest import FREE_CALLS, Market
@@ -175,9 +176,10 @@ def test_consumer_journey(market: Market, person) -> None:
     expect(key_row.locator(".badge")).to_have_text("revoked")
     assert sdk_status(client, listing["id"], "revoked key") == 401
 
-    # A withdrawal is the wallet's own transaction (the one thing that takes ETH): requested,
-    # pending, then completed (this escrow has no withdrawal delay).
-    market.onchain.twin.fund_eth(consumer.address, 10**17)
+    # A withdrawal without ETH (the test wallet cannot even send a transaction): each step signed
+    # on the page and sent by the relay's relayer, requested, pending, then completed at the
+    # relayer's fee (this escrow has no withdrawal delay).
+    assert market.onchain.chain.w3.eth.get_balance(consumer.address) == 0
     settled = 1_500_000 - 2 * PRICE  # the deposit once both prepaid calls settled
     wait_until(lambda: market.deposit(consumer.address) == settled, "the renewed permission's call settled")
     wallet_usdc = market.usdc(consumer.address)
@@ -190,14 +192,15 @@ def test_consumer_journey(market: Market, person) -> None:
     expect(page.locator("#pending-withdrawal")).to_have_text("1.00 USDC")
     expect(page.locator("#withdrawal-unlock")).to_contain_text("can be completed from")
     page.click("#withdraw-complete")
-    expect(page.locator("#withdraw-result")).to_have_text(
-        re.compile(r"^Withdrawal completed in tx 0x[0-9a-f]{64}\.$")
-    )
+    completed = re.compile(r"^Withdrawal completed in tx 0x[0-9a-f]{64} \(relayer fee (\d+\.\d+) USDC\)\.$")
+    expect(page.locator("#withdraw-result")).to_have_text(completed)
+    fee = Decimal(completed.match(page.locator("#withdraw-result").inner_text()).group(1))
     expect(page.locator("#pending-withdrawal")).to_have_text("0.00 USDC")
     expect(page.locator("#withdrawal-unlock")).to_have_text("")
     expect(page.locator("#withdraw-complete")).to_be_disabled()
     assert market.deposit(consumer.address) == settled - USDC
-    assert market.usdc(consumer.address) == wallet_usdc + USDC
+    assert market.usdc(consumer.address) == wallet_usdc + USDC - int(fee * USDC)
+    assert fee < 1 and market.onchain.chain.w3.eth.get_balance(consumer.address) == 0  # the quoted fee
     assert consumer.errors == []
 
 

@@ -931,7 +931,6 @@ def run(console: Console, keep: bool = False) -> MarketplaceSummary:
 
 
 KEEP_CONSUMER_USDC: Final = "100"
-KEEP_CONSUMER_ETH: Final = 5 * 10**16  # 0.05 ETH: a withdrawal is the one wallet transaction
 
 
 def _keep_running(console: Console, summary: MarketplaceSummary, story: Marketplace) -> None:
@@ -939,7 +938,6 @@ def _keep_running(console: Console, summary: MarketplaceSummary, story: Marketpl
     environment that points the ape scripts at this chain and its deployment, and the market in a
     browser with a wallet such as MetaMask (the consumer topped up; the marketplace URL last)."""
     story.twin.mint_usdc(story.consumer.address, parse_usdc(KEEP_CONSUMER_USDC))
-    story.twin.fund_eth(story.consumer.address, KEEP_CONSUMER_ETH)
     lines = [
         f"  relay          {summary.relay_url}   (OpenAI base URL: {summary.relay_url}/v1)",
         f"  gas relayer    {summary.relayer_url}",
@@ -949,7 +947,7 @@ def _keep_running(console: Console, summary: MarketplaceSummary, story: Marketpl
         f"  deployment     {summary.deployments_dir}/base-sepolia-twin.json",
         f"  consumer       {summary.consumer}   API key {summary.api_key}",
         f"  consumer key   {summary.consumer_key}   (a throw-away twin key: import it into a wallet; "
-        f"+{KEEP_CONSUMER_USDC} USDC and 0.05 ETH for a withdrawal)",
+        f"+{KEEP_CONSUMER_USDC} USDC; no ETH: every step is signed)",
         f"  provider       {summary.provider}",
         f"  provider key   {summary.provider_key}   (throw-away; it owns the two listings)",
         f"  operator       {summary.operator} (anvil dev account 1)",

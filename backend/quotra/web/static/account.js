@@ -5,17 +5,8 @@ import { start } from "./layout.js";
 import { $, badge, busy, el, notify, sleep, usdc, when } from "./ui.js";
 import * as wallet from "./wallet.js";
 
-// The escrow's withdrawal functions (selectors checked against the ABI by the tests).
-const REQUEST_WITHDRAWAL = "0x04788fdc"; // request_withdrawal(uint256)
-const WITHDRAW = "0x3ccfd60b"; // withdraw()
-
 const ctx = await start("account");
 $("#base-url").textContent = `${location.origin}/v1`;
-
-const atomic = (value) => {
-  const [whole, frac = ""] = String(value).split(".");
-  return BigInt(whole || "0") * 1000000n + BigInt((frac + "000000").slice(0, 6));
-};
 
 async function load() {
   const signedIn = ctx.address !== null;
@@ -195,12 +186,32 @@ $("#copy-key").addEventListener("click", async () => {
   }
 });
 
+// A withdrawal step without ETH: the wallet signs the escrow's message (RequestWithdrawal of an
+// amount, or Withdraw at the relayer's fee, paid out of what is withdrawn) and the relay's relayer
+// submits it; the page follows it until it is mined.
+async function signedWithdrawal(step, amount) {
+  const query = new URLSearchParams({ step });
+  if (amount !== undefined) query.set("amount", amount);
+  const data = await api(`/v1/account/withdrawals/typed-data?${query}`);
+  const signature = await wallet.signTypedData(ctx.network, data.typed_data);
+  const body = { step, message: data.typed_data.message, signature };
+  let status = await api("/v1/account/withdrawals", { method: "POST", body });
+  for (let waited = 0; status.status === "submitted" && waited < 120; waited += 1) {
+    await sleep(1000);
+    status = await api(`/v1/account/withdrawals/${encodeURIComponent(status.task_id)}`);
+  }
+  if (status.status !== "confirmed") {
+    throw new Error(status.error ? `The withdrawal failed: ${status.error}` : "The withdrawal is not mined yet; check again later.");
+  }
+  const fee = data.typed_data.message.relayer_fee;
+  return fee === undefined ? status.tx_hash : `${status.tx_hash} (relayer fee ${usdc((Number(fee) / 1e6).toFixed(6))} USDC)`;
+}
+
 $("#withdraw-form").addEventListener("submit", (event) => {
   event.preventDefault();
   busy($("#withdraw-request"), async () => {
     await ctx.ready({ signedIn: true });
-    const amount = atomic($("#withdraw-amount").value).toString(16).padStart(64, "0");
-    const tx = await wallet.sendTransaction(ctx.network, ctx.network.escrow, REQUEST_WITHDRAWAL + amount);
+    const tx = await signedWithdrawal("request", $("#withdraw-amount").value);
     $("#withdraw-result").textContent = `Withdrawal requested in tx ${tx}.`;
     await load();
   }, explain);
@@ -209,7 +220,7 @@ $("#withdraw-form").addEventListener("submit", (event) => {
 $("#withdraw-complete").addEventListener("click", async () => {
   await busy($("#withdraw-complete"), async () => {
     await ctx.ready({ signedIn: true });
-    const tx = await wallet.sendTransaction(ctx.network, ctx.network.escrow, WITHDRAW);
+    const tx = await signedWithdrawal("withdraw");
     $("#withdraw-result").textContent = `Withdrawal completed in tx ${tx}.`;
   }, explain);
   await load(); // after `busy` gave the button back: nothing pending disables it

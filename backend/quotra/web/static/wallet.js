@@ -138,9 +138,3 @@ export async function signTypedData(network, typedData) {
   const account = requireAccount();
   return state.provider.request({ method: "eth_signTypedData_v4", params: [account, JSON.stringify(typedData)] });
 }
-
-export async function sendTransaction(network, to, data) {
-  requireChain(network);
-  const account = requireAccount();
-  return state.provider.request({ method: "eth_sendTransaction", params: [{ from: account, to, data }] });
-}
