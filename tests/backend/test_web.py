@@ -54,15 +54,6 @@ async def test_browser_libraries_are_shipped_not_fetched(relay, name: str) -> No
             assert target.startswith("./"), (script.name, target)
 
 
-def test_withdrawal_selectors_match_the_escrow_abi() -> None:
-    from eth_utils import keccak
-
-    script = (STATIC_DIR / "account.js").read_text()
-    for signature in ("request_withdrawal(uint256)", "withdraw()"):
-        selector = "0x" + keccak(text=signature)[:4].hex()
-        assert f'"{selector}"; // {signature}' in script
-
-
 def test_package_json_pins_the_browser_libraries() -> None:
     import json
 
