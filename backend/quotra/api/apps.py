@@ -182,7 +182,8 @@ class AppUserPublic(BaseModel):
     spend_limit_atomic: int | None
     limit_remaining: str | None
     limit_remaining_atomic: int | None
-    wallet: str | None = Field(description="Connected: the user pays from this wallet's deposit")
+    wallet: str | None = Field(description="Connected: the user pays from this wallet's deposit…")
+    permission_digest: str | None = Field(description="…within this permission it signed for the app")
 
 
 class AppUserList(BaseModel):
@@ -209,6 +210,7 @@ def user_view(user: UserView) -> dict[str, Any]:
         **_optional_money("spend_limit", user.spend_limit),
         **_optional_money("limit_remaining", user.limit_remaining),
         "wallet": user.wallet,
+        "permission_digest": user.permission_digest,
     }
 
 
@@ -569,6 +571,29 @@ async def connect_wallet(
     return user_view(user)
 
 
+@router.delete(
+    "/v1/apps/{app_id}/users/{user_id}/wallet",
+    response_model=AppUserPublic,
+    summary="Unlink an end user's wallet: the user is hosted again (its calls bill your deposit)",
+    description="The wallet's permission for the app is never charged again (calls already served "
+    "still settle). The user's calls are billed to you again, within its grants and spend limit "
+    "(a limit of 0: grants only, then 402).",
+    responses={
+        **errors(400, 401),
+        404: {
+            **errors(404)[404],
+            "description": "No such app for these credentials, or no wallet "
+            "connected for this user (`wallet_not_connected`)",
+        },
+    },
+)
+async def disconnect_wallet(
+    app_id: AppId, user_id: UserId, who: KeyOrSession, runtime: RuntimeDep
+) -> dict[str, Any]:
+    app = await _readable_app(who, runtime, app_id)
+    return user_view(await _apps(runtime).disconnect_user(app, user_id))
+
+
 @router.get(
     "/v1/apps/{app_id}/users/{user_id}/usage",
     response_model=UsageList,
@@ -652,6 +677,87 @@ async def analytics(
 
 def _aware(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+# ---- the apps a wallet pays for (the end user, signed in) ---------------------------------------
+
+
+class AppConnection(BaseModel):
+    object: str = "app_connection"
+    app_id: str
+    app_name: str
+    developer: str = Field(description="Paid the app's markup out of your calls")
+    user_id: str = Field(description="Your id in the app")
+    markup_bps: int
+    permission_digest: str | None
+    allowance: str = Field(description="Most the app's calls may charge you, in all")
+    allowance_atomic: int
+    remaining: str = Field(description="What the app's calls may still charge you")
+    remaining_atomic: int
+    valid_until: int | None = Field(description="Unix seconds")
+    revoked: bool = Field(description="Revoked on-chain: the app's calls for you are refused (402)")
+
+
+class AppConnectionList(BaseModel):
+    object: str = "list"
+    data: list[AppConnection]
+
+
+class AppDisconnected(BaseModel):
+    object: str = "app_connection.deleted"
+    app_id: str
+    user_ids: list[str] = Field(description="Your ids in the app that were connected")
+    deleted: bool = True
+
+
+@router.get(
+    "/v1/account/apps",
+    response_model=AppConnectionList,
+    summary="The apps your wallet pays for (as their end user), each under its own permission",
+    responses=errors(401),
+)
+async def list_connections(wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
+    data = []
+    for app, user, permission in await _apps(runtime).repo.connections(wallet):
+        usable = permission is not None and permission.revoked_at is None
+        data.append(
+            {
+                "object": "app_connection",
+                "app_id": app.id,
+                "app_name": app.name,
+                "developer": app.owner,
+                "user_id": user.external_id,
+                "markup_bps": app.markup_bps,
+                "permission_digest": user.permission_digest,
+                **money_fields("allowance", 0 if permission is None else permission.allowance),
+                **money_fields("remaining", max(0, permission.remaining) if usable and permission else 0),
+                "valid_until": None if permission is None else permission.valid_until,
+                "revoked": not usable,
+            }
+        )
+    return {"object": "list", "data": data}
+
+
+@router.delete(
+    "/v1/account/apps/{app_id}",
+    response_model=AppDisconnected,
+    summary="Disconnect an app: it no longer charges your wallet",
+    description="Every user of the app your wallet paid for is disconnected, and its permission is "
+    "never charged again by this relay (calls already served still settle). The app may go on "
+    "serving those users at its own expense (developer billing). To revoke the permission "
+    "on-chain too: `revoke_permission` from your wallet, or a signed `Revocation` to "
+    "POST /v1/revocations.",
+    responses={
+        **errors(400, 401),
+        404: {
+            **errors(404)[404],
+            "description": "Your wallet is not connected to this app (`app_not_connected`)",
+        },
+    },
+)
+async def disconnect_app(app_id: AppId, wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
+    users = await _apps(runtime).disconnect_app(wallet, app_id)
+    return {"object": "app_connection.deleted", "app_id": app_id, "user_ids": users, "deleted": True}
 
 
 # ---- grants and balances ------------------------------------------------------------------------

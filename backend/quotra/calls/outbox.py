@@ -39,6 +39,7 @@ AUTHS: Final = table(X402Authorization)
 PAYERS: Final = table(X402Payer)
 BATCHES: Final = table(SettlementBatch)
 ACCOUNTS: Final = table(ConsumerAccount)
+PERMISSIONS: Final = table(SpendPermissionRecord)
 OPEN_BATCH: Final = ("pending", "submitted")
 
 
@@ -333,7 +334,8 @@ def _settle_charges(
 ) -> bool:
     """A `settle_charges` batch landed: its calls are settled with their fees (allocated over their
     base cost, without the markup, so that each provider's add up to the escrow's), and the
-    consumer's mirror moves from unsettled to spent (markups included)."""
+    consumer's mirror and the permission's budget move from unsettled to spent (markups
+    included); the account's permission mirror only if the batch was under its active one."""
     closed = connection.execute(
         update(BATCHES)
         .where(BATCHES.c.id == batch_id, BATCHES.c.status.in_(OPEN_BATCH))
@@ -360,14 +362,25 @@ def _settle_charges(
     if rows:
         total = sum(r.amount for r in rows)
         floor = func.max if connection.dialect.name == "sqlite" else func.greatest
+        digest = connection.execute(
+            select(BATCHES.c.permission_digest).where(BATCHES.c.id == batch_id)
+        ).scalar_one()
         connection.execute(
             update(ACCOUNTS)
             .where(ACCOUNTS.c.wallet == rows[0].payer)
             .values(
                 unsettled=floor(ACCOUNTS.c.unsettled - total, 0),
                 deposit=floor(ACCOUNTS.c.deposit - total, 0),
-                permission_spent=ACCOUNTS.c.permission_spent + total,
+                permission_spent=case(
+                    (ACCOUNTS.c.permission_digest == digest, ACCOUNTS.c.permission_spent + total),
+                    else_=ACCOUNTS.c.permission_spent,
+                ),
             )
+        )
+        connection.execute(
+            update(PERMISSIONS)
+            .where(PERMISSIONS.c.digest == digest)
+            .values(unsettled=floor(PERMISSIONS.c.unsettled - total, 0), spent=PERMISSIONS.c.spent + total)
         )
     return True
 
@@ -475,8 +488,7 @@ class Outbox:
         return [_record(Charge, r) for r in rows]
 
     async def permission(self, digest: str) -> PermissionView | None:
-        permissions = table(SpendPermissionRecord)
-        rows = await self._read(select(permissions).where(permissions.c.digest == digest))
+        rows = await self._read(select(PERMISSIONS).where(PERMISSIONS.c.digest == digest))
         return _record(PermissionView, rows[0]) if rows else None
 
     async def _batch_update(self, batch_id: int, statuses: Iterable[str], **values: Any) -> bool:
@@ -640,12 +652,11 @@ class Outbox:
             .group_by(CALLS.c.provider)
         )
         books = {str(p): (int(a), int(f)) for p, a, f in rows}
-        permissions = table(SpendPermissionRecord)
         markups = await self._read(
-            select(permissions.c.developer, func.sum(CALLS.c.markup))
-            .join(permissions, permissions.c.digest == CALLS.c.permission_digest)
+            select(PERMISSIONS.c.developer, func.sum(CALLS.c.markup))
+            .join(PERMISSIONS, PERMISSIONS.c.digest == CALLS.c.permission_digest)
             .where(CALLS.c.gate == "prepaid", settled, CALLS.c.markup > 0)
-            .group_by(permissions.c.developer)
+            .group_by(PERMISSIONS.c.developer)
         )
         for developer, markup in markups:
             amount, fee = books.get(str(developer), (0, 0))

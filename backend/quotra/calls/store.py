@@ -10,14 +10,16 @@ races for it (the relay, the sweeper, another replica).
 Every operation is a synchronous function of a connection, run by
 `quotra.store.transactions.Transactions`: on SQLite by the one writer thread (with group commit),
 on PostgreSQL as its own transaction. Lock order, to rule out deadlocks between replicas:
-listing, then the budget rows (account, key or payer, then an app's end user), then the call.
+listing, then the budget rows (account, a connected permission, key or payer, then an app's end
+user), then the call.
 
 An app key's call costs its base price plus the app's markup (`quotra.money.markup_of`), under a
 permission that allows that markup to the app's developer. It is charged to the developer's
 deposit; a call for a hosted end user (`X-Quotra-User`) also reserves within what the user may
 still spend (grants left plus the spend limit left), and its finish spends the user's grants
-first. An end user who connected its wallet (its own permission for the app) pays from its own
-deposit instead, the markup still the developer's.
+first. An end user who connected its wallet pays from its own deposit instead, under the
+permission it signed for that app (each connection's permission has its own budget, so one wallet
+may pay for several apps at once), the markup still the developer's.
 
 The statements of the call path are built once, with bind parameters (`:b_…`), so SQLAlchemy
 compiles each once and every call only binds values: building and compiling a statement per call
@@ -265,6 +267,32 @@ _RESERVE_ACCOUNT: Final = (
     .values(reserved=ACCOUNTS.c.reserved + _param("b_amount"))
     .returning(ACCOUNTS.c.permission_digest)
 )
+# A connected end user's call: the wallet's deposit, and the budget of the permission it signed
+# for the app (which names the app's developer and allows its markup).
+_RESERVE_DEPOSIT: Final = (
+    update(ACCOUNTS)
+    .where(
+        ACCOUNTS.c.wallet == bindparam("b_wallet"),
+        ACCOUNTS.c.deposit - ACCOUNTS.c.pending_withdrawal - ACCOUNTS.c.unsettled - ACCOUNTS.c.reserved
+        >= _param("b_amount"),
+    )
+    .values(reserved=ACCOUNTS.c.reserved + _param("b_amount"))
+)
+_RESERVE_CONNECTED: Final = (
+    update(_PERMISSION)
+    .where(
+        _PERMISSION.c.digest == bindparam("b_digest"),
+        _PERMISSION.c.consumer == bindparam("b_wallet"),
+        _PERMISSION.c.revoked_at.is_(None),
+        _PERMISSION.c.valid_after <= _param("b_now_ts"),
+        _PERMISSION.c.valid_until > _param("b_valid_until"),
+        _PERMISSION.c.developer == bindparam("b_developer"),
+        _PERMISSION.c.max_markup_bps >= _param("b_markup_bps"),
+        _PERMISSION.c.allowance - _PERMISSION.c.spent - _PERMISSION.c.unsettled - _PERMISSION.c.reserved
+        >= _param("b_amount"),
+    )
+    .values(reserved=_PERMISSION.c.reserved + _param("b_amount"))
+)
 # The key's rate limit moves in the same statement (`quotra.store.rate_limits`: `rate_tat` is the
 # theoretical arrival time of its next request; an interval of 0 is no limit).
 _NOW_US: Final = _param("b_now_us")
@@ -295,7 +323,7 @@ def _insert_user(dialect: str) -> Any:
 
 _USER: Final = and_(USERS.c.app_id == bindparam("b_app"), USERS.c.external_id == bindparam("b_user"))
 # What an end user may still spend: its grants left, plus its spend limit left (if it has one).
-_USER_WALLET: Final = select(USERS.c.wallet).where(_USER)
+_USER_WALLET: Final = select(USERS.c.wallet, USERS.c.permission_digest).where(_USER)
 _KEY_OWNER: Final = select(KEYS.c.wallet).where(KEYS.c.id == bindparam("b_key"))
 _RESERVE_USER: Final = (
     update(USERS)
@@ -352,25 +380,34 @@ def _reserve_key(
     developer = hold.payer  # the key's owner
     if live:
         _take_listing_call(connection, hold.listing_id, now)
+        connected = None
         if hold.end_user is not None:  # an end user who connected its wallet pays itself
-            wallet = connection.execute(
+            connected = connection.execute(
                 _USER_WALLET, {"b_app": hold.app_id, "b_user": hold.end_user}
-            ).scalar()
-            if wallet is not None:
-                hold = dataclasses.replace(hold, payer=wallet)
-        digest = connection.execute(
-            _RESERVE_ACCOUNT,
-            {
-                "b_wallet": hold.payer,
-                "b_developer": developer,
-                "b_now_ts": now_ts,
-                "b_valid_until": now_ts + margin,
-                "b_amount": hold.amount,
-                "b_markup_bps": hold.markup_bps,
-            },
-        ).scalar_one_or_none()
-        if digest is None:
-            raise Refused("deposit")  # which limit exactly is told by `PrepaidService`
+            ).first()
+        terms = {
+            "b_developer": developer,
+            "b_now_ts": now_ts,
+            "b_valid_until": now_ts + margin,
+            "b_amount": hold.amount,
+            "b_markup_bps": hold.markup_bps,
+        }
+        if connected is not None and connected.wallet is not None:
+            hold = dataclasses.replace(hold, payer=connected.wallet)
+            digest = connected.permission_digest
+            wallet = {"b_wallet": hold.payer, "b_amount": hold.amount}
+            if (
+                _rowcount(connection.execute(_RESERVE_DEPOSIT, wallet)) != 1
+                or _rowcount(connection.execute(_RESERVE_CONNECTED, {**terms, **wallet, "b_digest": digest}))
+                != 1
+            ):
+                raise Refused("deposit")  # told apart by `PrepaidService`
+        else:
+            digest = connection.execute(
+                _RESERVE_ACCOUNT, {**terms, "b_wallet": hold.payer}
+            ).scalar_one_or_none()
+            if digest is None:
+                raise Refused("deposit")  # which limit exactly is told by `PrepaidService`
     now_us, per_minute = int(now.timestamp() * 1_000_000), hold.rate_per_minute
     interval = interval_of(per_minute)
     tat = connection.execute(
@@ -511,6 +548,7 @@ _RETURNED: Final = (
     CALLS.c.listing_id,
     CALLS.c.app_id,
     CALLS.c.end_user,
+    CALLS.c.permission_digest,
 )
 _FINISH: Final = (
     update(CALLS)
@@ -540,14 +578,21 @@ _FINISH: Final = (
     )
     .returning(*_RETURNED, CALLS.c.amount)
 )
-_CHARGE_ACCOUNT: Final = (
-    update(ACCOUNTS)
-    .where(ACCOUNTS.c.wallet == bindparam("b_wallet"))
-    .values(
-        reserved=ACCOUNTS.c.reserved - _param("b_reserved"),
-        unsettled=ACCOUNTS.c.unsettled + _param("b_amount"),
+
+
+def _capture_into(budget: Any, where: Any) -> Any:
+    """A budget row (an account, a connected permission) moves a call's reservation to unsettled."""
+    return (
+        update(budget)
+        .where(where)
+        .values(
+            reserved=budget.c.reserved - _param("b_reserved"),
+            unsettled=budget.c.unsettled + _param("b_amount"),
+        )
     )
-)
+
+
+_CHARGE_ACCOUNT: Final = _capture_into(ACCOUNTS, ACCOUNTS.c.wallet == bindparam("b_wallet"))
 _CHARGE_KEY: Final = (
     update(KEYS)
     .where(KEYS.c.id == bindparam("b_key"))
@@ -567,11 +612,17 @@ _RECORD_GRANTED: Final = (
     update(CALLS).where(CALLS.c.id == bindparam("b_call")).values(granted=_param("b_granted"))
 )
 _RELEASE_USER: Final = update(USERS).where(_USER).values(reserved=USERS.c.reserved - _param("b_reserved"))
+_CONNECTED: Final = _PERMISSION.c.digest == bindparam("b_digest")
+_CHARGE_CONNECTED: Final = _capture_into(_PERMISSION, _CONNECTED)
+_RELEASE_CONNECTED: Final = (
+    update(_PERMISSION).where(_CONNECTED).values(reserved=_PERMISSION.c.reserved - _param("b_reserved"))
+)
 
 
 def _hosted(connection: Connection, key_id: str, payer: str) -> bool:
     """Whether an end user's call was billed to the developer (the key's owner) and so to the
-    user's grants and spend limit; a user who connected its wallet paid it itself."""
+    user's grants and spend limit; a user who connected its wallet paid it itself, within the
+    budget of the permission it connected (a wallet never connects to its own app)."""
     return bool(connection.execute(_KEY_OWNER, {"b_key": key_id}).scalar() == payer)
 
 
@@ -612,13 +663,18 @@ def _finish(
     ).first()
     if row is None:
         return False
-    gate, payer, key_id, reserved, _listing, app_id, end_user, charged = row
+    gate, payer, key_id, reserved, _listing, app_id, end_user, digest, charged = row
     if gate == "prepaid":
         connection.execute(_CHARGE_ACCOUNT, {"b_wallet": payer, "b_reserved": reserved, "b_amount": charged})
     if gate in ("prepaid", "sandbox"):
         connection.execute(_CHARGE_KEY, {"b_key": key_id, "b_reserved": reserved, "b_amount": charged})
-    if gate == "prepaid" and end_user is not None and _hosted(connection, key_id, payer):
-        _charge_user(connection, call_id, app_id, end_user, reserved, charged)
+    if gate == "prepaid" and end_user is not None:
+        if _hosted(connection, key_id, payer):
+            _charge_user(connection, call_id, app_id, end_user, reserved, charged)
+        else:
+            connection.execute(
+                _CHARGE_CONNECTED, {"b_digest": digest, "b_reserved": reserved, "b_amount": charged}
+            )
     return True
 
 
@@ -633,7 +689,7 @@ def _void(connection: Connection, call_id: str, outcome: str, error: str | None,
     ).first()
     if row is None:
         return False
-    gate, payer, key_id, reserved, listing_id, app_id, end_user, created_at = row
+    gate, payer, key_id, reserved, listing_id, app_id, end_user, digest, created_at = row
     if not (gate == "sandbox" and key_id is not None):  # a sandbox key's call took no listing call
         connection.execute(
             update(LISTINGS)
@@ -655,8 +711,13 @@ def _void(connection: Connection, call_id: str, outcome: str, error: str | None,
         connection.execute(
             update(ACCOUNTS).where(ACCOUNTS.c.wallet == payer).values(reserved=ACCOUNTS.c.reserved - reserved)
         )
-        if end_user is not None and _hosted(connection, key_id, payer):
-            connection.execute(_RELEASE_USER, {"b_app": app_id, "b_user": end_user, "b_reserved": reserved})
+        if end_user is not None:
+            if _hosted(connection, key_id, payer):
+                connection.execute(
+                    _RELEASE_USER, {"b_app": app_id, "b_user": end_user, "b_reserved": reserved}
+                )
+            else:
+                connection.execute(_RELEASE_CONNECTED, {"b_digest": digest, "b_reserved": reserved})
     elif gate == "x402":
         connection.execute(update(AUTHS).where(AUTHS.c.call_id == call_id).values(pending=False))
     if gate in ("prepaid", "sandbox"):

@@ -8,7 +8,10 @@ developer and the most markup). An app identifies its end users (`X-Quotra-User`
 may limit what each spends and give it grants, spent before the user's own money: off-chain
 sub-budgets of the developer's deposit for hosted users, on-chain deposits for wallets. An end user
 with a wallet may instead pay itself (user billing): it signs a SpendPermission for the app, which
-names the developer and allows the markup, and its calls are charged to its own deposit.
+names the developer and allows the markup, and its calls are charged to its own deposit within that
+permission. A wallet may pay for several apps at once, each under its own permission. Disconnected
+(by the wallet signed in, or by the app), the user is hosted again: developer billing, within its
+grants and spend limit; the permission is never charged again.
 """
 
 from __future__ import annotations
@@ -100,9 +103,10 @@ class AppService:
     async def connect_wallet(
         self, app: AppView, external_id: str, message: dict[str, Any], signature: str
     ) -> UserView:
-        """An end user connects its wallet: its SpendPermission for this app (naming the app's
-        developer and allowing at least the app's markup) becomes the wallet's active one, and the
-        app's calls for that user are charged to the wallet's own deposit from then on."""
+        """An end user connects its wallet: the app's calls for that user are charged to the
+        wallet's own deposit from then on, within its SpendPermission for this app (naming the
+        app's developer and allowing at least the app's markup). The wallet's own permission and
+        its connections to other apps stay as they are."""
         try:
             consumer = to_checksum_address(str(message.get("consumer")))
             developer = to_checksum_address(str(message.get("developer")))
@@ -118,8 +122,40 @@ class AppService:
                 param="permission",
                 code="permission_not_for_app",
             )
-        await self.prepaid.register_permission(consumer, message, signature)
-        return await self.repo.connect_wallet(app.id, external_id, consumer)
+        if consumer == app.owner:
+            raise BadRequest(
+                "The app's own developer pays for its users already (developer billing)",
+                param="permission",
+                code="permission_not_for_app",
+            )
+        permission, spent = await self.prepaid.verify_permission(consumer, message, signature)
+        account = await self.prepaid.repo.get_account(consumer)
+        if account is not None and account.permission_digest == permission.digest:
+            raise BadRequest(
+                "This permission is the wallet's own (for its keys); sign one for the app",
+                param="permission",
+                code="permission_not_for_app",
+            )
+        user = await self.repo.connect_wallet(app.id, external_id, permission, spent)
+        await self.prepaid.refresh(consumer)  # its deposit, from the chain
+        return user
+
+    async def disconnect_user(self, app: AppView, external_id: str) -> UserView:
+        """The app unlinks its end user's wallet: the user is hosted again (developer billing)."""
+        if not await self.repo.disconnect(app.id, external_id=external_id):
+            raise NotFound(
+                f"End user '{external_id}' of app '{app.id}' has no wallet connected",
+                code="wallet_not_connected",
+            )
+        return await self.repo.user(app.id, external_id)
+
+    async def disconnect_app(self, wallet: str, app_id: str) -> list[str]:
+        """The wallet (signed in) disconnects an app: every user of the app it paid for is hosted
+        again; the ids of those users."""
+        users = await self.repo.disconnect(app_id, wallet=wallet)
+        if not users:
+            raise NotFound(f"This wallet is not connected to app '{app_id}'", code="app_not_connected")
+        return users
 
     # ---- grants ----------------------------------------------------------------------------------
 
@@ -210,9 +246,11 @@ class AppService:
         }
         if app is not None and end_user is not None:
             user = await self.repo.user(app.id, end_user)
-            headroom = user.headroom
-            if user.wallet is not None:  # it pays from its own deposit
-                account, headroom = await self.prepaid.account(user.wallet), None
+            available = (
+                account["available"] if user.headroom is None else min(account["available"], user.headroom)
+            )
+            if user.wallet is not None:  # it pays from its own deposit, within its permission
+                available = await self._connected_available(user)
             view["user"] = {
                 "id": end_user,
                 "granted": user.granted,
@@ -222,11 +260,20 @@ class AppService:
                 "reserved": user.reserved,
                 "spend_limit": user.spend_limit,
                 "limit_remaining": user.limit_remaining,
-                "available": account["available"]
-                if headroom is None
-                else min(account["available"], headroom),
+                "available": available,
             }
         return view
+
+    async def _connected_available(self, user: UserView) -> int:
+        """What a connected end user's calls can reserve: its wallet's deposit, within what is
+        left of the permission it signed for the app (nothing once revoked)."""
+        assert user.wallet is not None
+        account = await self.prepaid.refresh(user.wallet)
+        connected = await self.prepaid.repo.connection(user.app_id, user.external_id)
+        permission = None if connected is None else connected[1]
+        if permission is None or permission.revoked_at is not None:
+            return 0
+        return max(0, min(account.deposit_available, permission.remaining))
 
 
 def _check_markup(markup_bps: int) -> None:

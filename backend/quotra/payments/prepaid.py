@@ -11,7 +11,8 @@ Rules:
   base price plus the app's markup (`quotra.money.markup_of`), under a permission that names the
   developer and allows that markup; a call for a hosted end user (`X-Quotra-User`) also reserves
   within that user's grants and spend limit, and one for an end user who connected its wallet is
-  charged to that wallet's deposit instead (see `quotra.calls.store`).
+  charged to that wallet's deposit instead, within the permission it signed for that app (one per
+  app it connected; see `quotra.calls.store`).
 - Sandbox keys (`sk-quotra-test-…`) may name any listed model: the relay's sandbox answers
   (synthetic OpenAI, Anthropic or Gemini shapes by model name, no upstream call), priced as the
   listing that serves it. Their calls are metered against the key's spend cap (so a client can
@@ -281,9 +282,9 @@ class PrepaidService:
             if refused.reason == "user_limit":
                 raise await self._user_limit(key, end_user, amount) from None
             if refused.reason == "deposit" and key.app_id is not None and end_user is not None:
-                wallet = await self.repo.user_wallet(key.app_id, end_user)
-                if wallet is not None:
-                    raise await self._user_wallet_short(end_user, wallet, amount) from None
+                connected = await self.repo.connection(key.app_id, end_user)
+                if connected is not None:
+                    raise await self._user_wallet_short(end_user, *connected, amount) from None
             if refused.reason == "rate_limited":
                 assert refused.rate is not None
                 raise refused.rate.refusal("this API key") from None
@@ -306,16 +307,38 @@ class PrepaidService:
             rate=rate,
         )
 
-    async def _user_wallet_short(self, end_user: str, wallet: str, needed: int) -> QuotraError:
-        """402 for an end user paying with its own wallet whose deposit or permission is short."""
+    async def _user_wallet_short(
+        self, end_user: str, wallet: str, permission: PermissionView | None, needed: int
+    ) -> QuotraError:
+        """402 for an end user paying with its own wallet whose deposit or permission for the app
+        is short, or whose permission was revoked on-chain (never charged again)."""
         account = await self.refresh(wallet)
+        revoked = permission is None or permission.revoked_at is not None
         return InsufficientBalance(
-            f"End user '{end_user}' pays with its wallet {wallet}, whose deposit or spend permission "
-            f"for this app cannot cover the call: it may cost up to {usdc(needed)} USDC. The user "
-            "deposits more, or signs a new permission for the app "
-            "(POST /v1/apps/{app_id}/users/{user_id}/wallet).",
-            code="user_insufficient_balance",
-            extra={"end_user": {"id": end_user, "wallet": wallet, "deposit": usdc(account.deposit)}},
+            (
+                f"End user '{end_user}' pays with its wallet {wallet}, whose spend permission for this "
+                "app was revoked. The user signs a new permission for the app (POST "
+                "/v1/apps/{app_id}/users/{user_id}/wallet), or the app disconnects the wallet (DELETE "
+                "/v1/apps/{app_id}/users/{user_id}/wallet) and pays for the user itself."
+            )
+            if revoked
+            else (
+                f"End user '{end_user}' pays with its wallet {wallet}, whose deposit or spend "
+                f"permission for this app cannot cover the call: it may cost up to {usdc(needed)} "
+                "USDC. The user deposits more, or signs a new permission for the app "
+                "(POST /v1/apps/{app_id}/users/{user_id}/wallet)."
+            ),
+            code="user_permission_revoked" if revoked else "user_insufficient_balance",
+            extra={
+                "end_user": {
+                    "id": end_user,
+                    "wallet": wallet,
+                    "deposit": usdc(account.deposit),
+                    "permission_remaining": usdc(
+                        0 if revoked or permission is None else max(0, permission.remaining)
+                    ),
+                }
+            },
         )
 
     async def _user_limit(self, key: KeyRef, end_user: str | None, needed: int) -> QuotraError:
@@ -417,8 +440,10 @@ class PrepaidService:
         if self.chain is None:
             return seen, None
         digest = bytes.fromhex(seen.permission_digest[2:]) if seen.permission_digest else None
+        connected = await self.repo.connected_permissions(wallet)
         try:
             reads: list[Awaitable[Any]] = [self.chain.deposit_of(wallet), self.chain.withdrawal_of(wallet)]
+            reads += [self.chain.is_revoked(wallet, bytes.fromhex(d[2:])) for d in connected]
             if digest is not None:
                 reads += [self.chain.permission_spent(digest), self.chain.is_revoked(wallet, digest)]
             results = await asyncio.gather(*reads)
@@ -426,8 +451,12 @@ class PrepaidService:
             log.warning("prepaid.refresh_failed", extra={"wallet": wallet, "error": str(exc)[:200]})
             return seen, None
         deposit, (pending, unlock_at) = results[0], results[1]
-        spent = results[2] if digest is not None else None
-        if digest is not None and results[3]:
+        for connected_digest, revoked in zip(connected, results[2 : 2 + len(connected)], strict=True):
+            if revoked:  # revoked on-chain: the app's calls for its user are refused from now on
+                await self.repo.mark_permission_revoked(connected_digest)
+        own = results[2 + len(connected) :]
+        spent = own[0] if digest is not None else None
+        if digest is not None and own[1]:
             assert seen.permission_digest is not None
             await self.repo.mark_permission_revoked(seen.permission_digest)
         await self.repo.sync_account(
@@ -581,7 +610,22 @@ class PrepaidService:
     async def register_permission(
         self, wallet: str, message: dict[str, Any], signature_hex: str
     ) -> dict[str, Any]:
-        """Verifies a signed SpendPermission and makes it the wallet's active one."""
+        """Verifies a signed SpendPermission and makes it the wallet's active one (one connected
+        to an app stays that app's)."""
+        permission, spent = await self.verify_permission(wallet, message, signature_hex)
+        if await self.repo.is_connected(permission.digest):
+            raise InvalidPermission(
+                "This permission is connected to an app; sign a new one for your own keys",
+                code="permission_connected",
+            )
+        await self.repo.activate_permission(permission, spent)
+        return await self.account(wallet)
+
+    async def verify_permission(
+        self, wallet: str, message: dict[str, Any], signature_hex: str
+    ) -> tuple[PermissionView, int]:
+        """A signed SpendPermission of `wallet`'s for this relay, checked against the chain (not
+        revoked, not used up), and what of it is spent."""
         chain = self._require_chain()
         consumer = _address(message.get("consumer"), "permission.consumer")
         spender = _address(message.get("spender"), "permission.spender")
@@ -650,28 +694,28 @@ class PrepaidService:
                 "The chain could not be read; try again", code="chain_unavailable"
             ) from exc
         if revoked or (known is not None and known.revoked_at is not None):
-            raise InvalidPermission("This permission has been revoked on-chain", code="permission_revoked")
+            raise InvalidPermission(
+                "This permission has been revoked (on-chain, or disconnected from its app)",
+                code="permission_revoked",
+            )
         if spent >= allowance:
             raise InvalidPermission(
                 "This permission's allowance is already spent", code="permission_exhausted"
             )
-        await self.repo.activate_permission(
-            PermissionView(
-                digest_hex,
-                consumer,
-                spender,
-                allowance,
-                valid_after,
-                valid_until,
-                f"0x{salt:064x}",
-                "0x" + signature.hex(),
-                None,
-                developer,
-                max_markup_bps,
-            ),
-            spent,
+        permission = PermissionView(
+            digest_hex,
+            consumer,
+            spender,
+            allowance,
+            valid_after,
+            valid_until,
+            f"0x{salt:064x}",
+            "0x" + signature.hex(),
+            None,
+            developer,
+            max_markup_bps,
         )
-        return await self.account(wallet)
+        return permission, spent
 
     async def _signed_by(self, signer: str, digest: bytes, signature: bytes) -> bool:
         if len(signature) > 65:  # settle_charges takes Bytes[65]

@@ -15,7 +15,8 @@ from sqlalchemy import and_, case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from quotra.calls.records import CallView
-from quotra.store.models import App, AppUser, Call, Grant, table, utcnow
+from quotra.store.models import App, AppUser, Call, Grant, SpendPermissionRecord, table, utcnow
+from quotra.store.prepaid_repo import PermissionView, store_permission
 from quotra.store.repositories import Store
 from quotra.store.sql import insert_ignore
 
@@ -50,7 +51,8 @@ class UserView:
     granted: int
     grant_used: int
     created_at: datetime | None
-    wallet: str | None = None  # connected: the user pays its calls from its own deposit
+    wallet: str | None = None  # connected: the user pays its calls from its own deposit…
+    permission_digest: str | None = None  # …under the permission it signed for the app
 
     @classmethod
     def of(cls, row: AppUser) -> UserView:
@@ -64,6 +66,7 @@ class UserView:
             row.grant_used,
             row.created_at,
             row.wallet,
+            row.permission_digest,
         )
 
     @classmethod
@@ -134,6 +137,7 @@ def _new_user(app_id: str, external_id: str) -> dict[str, Any]:
         "app_id": app_id,
         "external_id": external_id,
         "wallet": None,
+        "permission_digest": None,
         "spend_limit": None,
         "spent": 0,
         "reserved": 0,
@@ -214,9 +218,18 @@ class AppsStore:
     async def _ensure_user(self, session: AsyncSession, app_id: str, external_id: str) -> None:
         await session.execute(insert_ignore(self.dialect, table(AppUser), _new_user(app_id, external_id)))
 
-    async def _set_user(self, app_id: str, external_id: str, **values: Any) -> UserView:
-        """Sets columns of the end user's row (created if new) and reads it back."""
+    async def _set_user(
+        self,
+        app_id: str,
+        external_id: str,
+        values: dict[str, Any],
+        connect: tuple[PermissionView, int] | None = None,
+    ) -> UserView:
+        """Sets columns of the end user's row (created if new), with the permission it connects
+        (and what of it is spent) if any, and reads it back."""
         async with self.sessions.begin() as session:
+            if connect is not None:
+                await store_permission(session, self.dialect, *connect)
             await self._ensure_user(session, app_id, external_id)
             await session.execute(
                 update(AppUser)
@@ -229,12 +242,71 @@ class AppsStore:
     async def set_limit(self, app_id: str, external_id: str, spend_limit: int | None) -> UserView:
         """Sets (None: removes) the most the user's own money may spend, grants aside. Calls
         already reserved keep their reservation."""
-        return await self._set_user(app_id, external_id, spend_limit=spend_limit)
+        return await self._set_user(app_id, external_id, {"spend_limit": spend_limit})
 
-    async def connect_wallet(self, app_id: str, external_id: str, wallet: str) -> UserView:
-        """The user pays its calls from `wallet`'s deposit from now on (its permission for the
-        app is the wallet's active one)."""
-        return await self._set_user(app_id, external_id, wallet=wallet)
+    async def connect_wallet(
+        self, app_id: str, external_id: str, permission: PermissionView, spent: int
+    ) -> UserView:
+        """The user pays its calls from the deposit of the permission's consumer from now on,
+        within that permission (stored with it, in one transaction); the wallet's other
+        connections and its own permission are left as they are."""
+        values = {"wallet": permission.consumer, "permission_digest": permission.digest}
+        return await self._set_user(app_id, external_id, values, (permission, spent))
+
+    async def disconnect(
+        self, app_id: str, *, external_id: str | None = None, wallet: str | None = None
+    ) -> list[str]:
+        """Disconnects the app's end user `external_id`, or every one of its users `wallet`
+        connected: they are hosted again (developer billing), and their permissions are revoked
+        here (never charged again; calls already served still settle under them). The ids of the
+        users disconnected."""
+        where = [AppUser.app_id == app_id, AppUser.wallet.is_not(None)]
+        if external_id is not None:
+            where.append(AppUser.external_id == external_id)
+        if wallet is not None:
+            where.append(AppUser.wallet == wallet)
+        async with self.sessions.begin() as session:
+            rows = (await session.execute(select(AppUser).where(*where).with_for_update())).scalars().all()
+            digests = {r.permission_digest for r in rows if r.permission_digest is not None}
+            users = [r.external_id for r in rows]
+            if not users:
+                return []
+            await session.execute(
+                update(AppUser)
+                .where(AppUser.app_id == app_id, AppUser.external_id.in_(users))
+                .values(wallet=None, permission_digest=None)
+                .execution_options(synchronize_session=False)
+            )
+            if digests:
+                await session.execute(
+                    update(SpendPermissionRecord)
+                    .where(
+                        SpendPermissionRecord.digest.in_(digests), SpendPermissionRecord.revoked_at.is_(None)
+                    )
+                    .values(revoked_at=utcnow())
+                    .execution_options(synchronize_session=False)
+                )
+        return sorted(users)
+
+    async def connections(self, wallet: str) -> list[tuple[AppView, UserView, PermissionView | None]]:
+        """The apps the wallet pays for as an end user: each app, its user and the permission."""
+        query = (
+            select(App, AppUser, SpendPermissionRecord)
+            .join(AppUser, AppUser.app_id == App.id)
+            .outerjoin(SpendPermissionRecord, SpendPermissionRecord.digest == AppUser.permission_digest)
+            .where(AppUser.wallet == wallet)
+            .order_by(App.id, AppUser.external_id)
+        )
+        async with self.sessions() as session:
+            rows = (await session.execute(query)).all()
+        return [
+            (
+                AppView.of(app),
+                UserView.of(user),
+                None if permission is None else PermissionView.of(permission),
+            )
+            for app, user, permission in rows
+        ]
 
     # ---- grants ----------------------------------------------------------------------------------
 

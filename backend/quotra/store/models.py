@@ -235,7 +235,15 @@ class ConsumerAccount(Base):
 
 
 class SpendPermissionRecord(Base):
-    """A consumer-signed SpendPermission registered with the relay (the active one is on the account)."""
+    """A consumer-signed SpendPermission registered with the relay: the wallet's own (its active one
+    is on the account) or one it connected to an app (`AppUser.permission_digest`).
+
+    A connected permission keeps its own budget, as the escrow does per digest: a call reserves
+    while reserved + unsettled + amount <= allowance - spent. `spent` is what settled under it
+    (from the chain when registered, then each settled batch); `reserved` and `unsettled` are
+    the relay's, moved only for connected permissions (the wallet's own is budgeted on its
+    account). `revoked_at`: revoked on-chain, or disconnected from its app through the relay;
+    either way never charged again."""
 
     __tablename__ = "spend_permissions"
 
@@ -250,6 +258,9 @@ class SpendPermissionRecord(Base):
     developer: Mapped[str] = mapped_column(String(42), default=ZERO_ADDRESS, server_default=ZERO_ADDRESS)
     max_markup_bps: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     signature: Mapped[str] = mapped_column(Text)
+    spent: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    reserved: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    unsettled: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -295,7 +306,9 @@ class App(Base):
 
 class AppUser(Base):
     """An app's end user (`X-Quotra-User`): hosted (billed to the developer's deposit), or, once
-    it connected `wallet` (a spend permission for the app), billed to its own deposit.
+    it connected `wallet` (`permission_digest`: the wallet's spend permission for this app), billed
+    to its own deposit under that permission. A wallet may be connected to many apps at once, each
+    under its own permission; disconnected, the user is hosted again (developer billing).
 
     `granted` (free balance the developer gave) is spent first: `grant_used` of it so far; what
     grants do not cover is the user's own spending, `spent`, capped by `spend_limit` if set.
@@ -311,6 +324,7 @@ class AppUser(Base):
     app_id: Mapped[str] = mapped_column(String(40), ForeignKey("apps.id"), primary_key=True)
     external_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     wallet: Mapped[str | None] = mapped_column(String(42))
+    permission_digest: Mapped[str | None] = mapped_column(String(66), index=True)  # the wallet's, for the app
     spend_limit: Mapped[int | None] = mapped_column(BigInteger)
     spent: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     reserved: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from quotra.store.models import (
     ZERO_ADDRESS,
@@ -113,6 +114,9 @@ class PermissionView:
     revoked_at: datetime | None
     developer: str = ZERO_ADDRESS  # the app developer its charges may pay a markup (none)…
     max_markup_bps: int = 0  # …and the most, in basis points of the base cost
+    spent: int = 0  # its budget (kept for a permission connected to an app)
+    reserved: int = 0
+    unsettled: int = 0
 
     @classmethod
     def of(cls, row: SpendPermissionRecord) -> PermissionView:
@@ -128,7 +132,15 @@ class PermissionView:
             row.revoked_at,
             row.developer,
             row.max_markup_bps,
+            row.spent,
+            row.reserved,
+            row.unsettled,
         )
+
+    @property
+    def remaining(self) -> int:
+        """What a permission connected to an app may still reserve."""
+        return self.allowance - self.spent - self.unsettled - self.reserved
 
 
 @dataclass(frozen=True)
@@ -180,6 +192,47 @@ class AccountView:
 
 def _rows_changed(connection: Connection, statement: Any) -> int:
     return int(connection.execute(statement).rowcount)
+
+
+async def store_permission(
+    session: AsyncSession, dialect: str, permission: PermissionView, spent: int
+) -> None:
+    """Stores a verified permission (kept as it is if known) and makes sure its consumer has an
+    account, whose deposit its calls reserve."""
+    await session.execute(
+        insert_ignore(
+            dialect,
+            table(SpendPermissionRecord),
+            {
+                "digest": permission.digest,
+                "consumer": permission.consumer,
+                "spender": permission.spender,
+                "allowance": permission.allowance,
+                "valid_after": permission.valid_after,
+                "valid_until": permission.valid_until,
+                "salt": permission.salt,
+                "developer": permission.developer,
+                "max_markup_bps": permission.max_markup_bps,
+                "signature": permission.signature,
+                "spent": spent,
+                "created_at": utcnow(),
+            },
+        )
+    )
+    await session.execute(insert_ignore(dialect, table(ConsumerAccount), _new_account(permission.consumer)))
+
+
+def _new_account(wallet: str) -> dict[str, Any]:
+    return {
+        "wallet": wallet,
+        "deposit": 0,
+        "pending_withdrawal": 0,
+        "permission_allowance": 0,
+        "permission_spent": 0,
+        "reserved": 0,
+        "unsettled": 0,
+        "created_at": utcnow(),
+    }
 
 
 class PrepaidStore:
@@ -337,20 +390,7 @@ class PrepaidStore:
             return None if row is None else AccountView.of(row)
 
     async def ensure_account(self, wallet: str) -> None:
-        statement = insert_ignore(
-            self.dialect,
-            table(ConsumerAccount),
-            {
-                "wallet": wallet,
-                "deposit": 0,
-                "pending_withdrawal": 0,
-                "permission_allowance": 0,
-                "permission_spent": 0,
-                "reserved": 0,
-                "unsettled": 0,
-                "created_at": utcnow(),
-            },
-        )
+        statement = insert_ignore(self.dialect, table(ConsumerAccount), _new_account(wallet))
         await self.transactions.run(_rows_changed, statement)
 
     async def sync_account(
@@ -389,10 +429,15 @@ class PrepaidStore:
         return bool(await self.transactions.run(_rows_changed, statement) == 1)
 
     async def wallets_to_refresh(self, limit: int) -> list[str]:
-        """Accounts with an active permission, least recently synced first."""
+        """Accounts with an active permission or connected to an app, least recently synced first."""
         query = (
             select(ConsumerAccount.wallet)
-            .where(ConsumerAccount.permission_digest.is_not(None))
+            .where(
+                or_(
+                    ConsumerAccount.permission_digest.is_not(None),
+                    ConsumerAccount.wallet.in_(select(AppUser.wallet).where(AppUser.wallet.is_not(None))),
+                )
+            )
             .order_by(ConsumerAccount.synced_at.asc().nulls_first(), ConsumerAccount.wallet)
             .limit(limit)
         )
@@ -402,41 +447,7 @@ class PrepaidStore:
     async def activate_permission(self, permission: PermissionView, spent: int) -> None:
         """Stores a verified permission and makes it the account's active one."""
         async with self.sessions.begin() as session:
-            await session.execute(
-                insert_ignore(
-                    self.dialect,
-                    table(SpendPermissionRecord),
-                    {
-                        "digest": permission.digest,
-                        "consumer": permission.consumer,
-                        "spender": permission.spender,
-                        "allowance": permission.allowance,
-                        "valid_after": permission.valid_after,
-                        "valid_until": permission.valid_until,
-                        "salt": permission.salt,
-                        "developer": permission.developer,
-                        "max_markup_bps": permission.max_markup_bps,
-                        "signature": permission.signature,
-                        "created_at": utcnow(),
-                    },
-                )
-            )
-            await session.execute(
-                insert_ignore(
-                    self.dialect,
-                    table(ConsumerAccount),
-                    {
-                        "wallet": permission.consumer,
-                        "deposit": 0,
-                        "pending_withdrawal": 0,
-                        "permission_allowance": 0,
-                        "permission_spent": 0,
-                        "reserved": 0,
-                        "unsettled": 0,
-                        "created_at": utcnow(),
-                    },
-                )
-            )
+            await store_permission(session, self.dialect, permission, spent)
             await session.execute(
                 update(ConsumerAccount)
                 .where(ConsumerAccount.wallet == permission.consumer)
@@ -461,11 +472,36 @@ class PrepaidStore:
         )
         await self.transactions.run(_rows_changed, statement)
 
-    async def user_wallet(self, app_id: str, external_id: str) -> str | None:
-        """The wallet an app's end user pays with (None: the developer pays)."""
+    async def connection(self, app_id: str, external_id: str) -> tuple[str, PermissionView | None] | None:
+        """The wallet an app's end user pays with and the permission it connected (None: the
+        developer pays)."""
         async with self.sessions() as session:
             row = await session.get(AppUser, (app_id, external_id))
-        return None if row is None else row.wallet
+            if row is None or row.wallet is None:
+                return None
+            permission = (
+                None
+                if row.permission_digest is None
+                else await session.get(SpendPermissionRecord, row.permission_digest)
+            )
+            return row.wallet, None if permission is None else PermissionView.of(permission)
+
+    async def connected_permissions(self, wallet: str) -> list[str]:
+        """The digests of the wallet's permissions connected to apps and not revoked."""
+        query = (
+            select(SpendPermissionRecord.digest)
+            .join(AppUser, AppUser.permission_digest == SpendPermissionRecord.digest)
+            .where(SpendPermissionRecord.consumer == wallet, SpendPermissionRecord.revoked_at.is_(None))
+            .distinct()
+        )
+        async with self.sessions() as session:
+            return list((await session.scalars(query)).all())
+
+    async def is_connected(self, digest: str) -> bool:
+        """Whether an end user connected this permission to an app."""
+        query = select(func.count()).select_from(AppUser).where(AppUser.permission_digest == digest)
+        async with self.sessions() as session:
+            return int((await session.execute(query)).scalar_one()) > 0
 
     async def user_headroom(self, app_id: str, external_id: str) -> int:
         """What an app's end user may still reserve: grants left plus spend limit left, less its

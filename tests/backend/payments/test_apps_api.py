@@ -658,3 +658,214 @@ async def test_register_permission__bad_markup_terms__400(
     reply = await consumer.register(message, "0x" + bytes(signed.signature).hex())
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == param
+
+
+# ---- one wallet, several apps; disconnecting ------------------------------------------------------
+
+
+async def connected_user(relay: PrepaidRelay, deposit: int = 3 * USDC) -> Consumer:
+    """An end user's wallet, signed in, with a deposit and its own permission (for its own keys)."""
+    return await relay.consumer(deposit=deposit, allowance=USDC)
+
+
+async def test_user_billing__one_wallet_two_apps__each_charged_under_its_own_permission(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
+    tutor, writer = await developer(relay, markup="20"), await developer(relay, markup="10")
+    user = await connected_user(relay)
+    own = (await user.account_state()).permission_digest
+    assert (await connect(tutor, "ann", user.account, allowance="1")).status_code == 200
+    assert (await connect(writer, "w-17", user.account, allowance="0.002")).status_code == 200
+    ann = await tutor.get(f"/v1/apps/{tutor.app['id']}/users/ann")
+    w17 = await writer.get(f"/v1/apps/{writer.app['id']}/users/w-17")
+    assert ann["wallet"] == w17["wallet"] == user.wallet
+    assert None is not ann["permission_digest"] != w17["permission_digest"] is not None
+
+    first, second = await tutor.chat("ann"), await writer.chat("w-17")
+
+    calls = await calls_of(relay, user.wallet)
+    assert [(c.app_id, c.end_user, c.permission_digest) for c in calls] == [
+        (tutor.app["id"], "ann", ann["permission_digest"]),
+        (writer.app["id"], "w-17", w17["permission_digest"]),
+    ]
+    for call, dev, completion, bps in ((calls[0], tutor, first, 2_000), (calls[1], writer, second, 1_000)):
+        base = base_cost(listing, completion)
+        assert (call.amount, call.markup) == (base + markup_of(base, bps), markup_of(base, bps))
+        permission = await relay.prepaid.repo.get_permission(call.permission_digest or "")
+        assert permission is not None
+        assert (permission.developer, permission.max_markup_bps) == (dev.wallet, bps)
+        assert (permission.reserved, permission.unsettled) == (0, call.amount)  # its own budget
+    # The developers pay nothing; the wallet's own permission stays its own, untouched.
+    assert await calls_of(relay, tutor.wallet) == [] and await calls_of(relay, writer.wallet) == []
+    state = await user.account_state()
+    assert (state.permission_digest, state.unsettled) == (own, calls[0].amount + calls[1].amount)
+
+    listed = (await user.get("/v1/account/apps"))["data"]
+    assert [(c["app_id"], c["user_id"], c["developer"], c["remaining_atomic"]) for c in listed] == sorted(
+        [
+            (tutor.app["id"], "ann", tutor.wallet, USDC - calls[0].amount),
+            (writer.app["id"], "w-17", writer.wallet, 2_000 - calls[1].amount),
+        ]
+    )
+    # The writer's permission is used up; the tutor's still pays.
+    with pytest.raises(openai.APIStatusError) as refused:
+        await writer.chat("w-17")
+    assert (refused.value.status_code, refused.value.code) == (402, "user_insufficient_balance")
+    await tutor.chat("ann")
+    assert len(await calls_of(relay, user.wallet)) == 3
+
+
+async def test_disconnect__by_the_wallet__the_app_bills_its_developer_again(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
+    tutor, writer = await developer(relay), await developer(relay)
+    user = await connected_user(relay)
+    for dev, name in ((tutor, "ann"), (writer, "w-17")):
+        assert (await connect(dev, name, user.account)).status_code == 200
+    digest = (await tutor.get(f"/v1/apps/{tutor.app['id']}/users/ann"))["permission_digest"]
+
+    reply = await relay.client.delete(f"/v1/account/apps/{tutor.app['id']}", headers=user.headers)
+
+    assert reply.status_code == 200, reply.text
+    assert reply.json() == {
+        "object": "app_connection.deleted",
+        "app_id": tutor.app["id"],
+        "user_ids": ["ann"],
+        "deleted": True,
+    }
+    assert [c["app_id"] for c in (await user.get("/v1/account/apps"))["data"]] == [writer.app["id"]]
+    assert (await tutor.get(f"/v1/apps/{tutor.app['id']}/users/ann"))["wallet"] is None
+    permission = await relay.prepaid.repo.get_permission(digest)
+    assert permission is not None and permission.revoked_at is not None
+    # The app's calls for the user are billed to its developer (the README: developer billing).
+    await tutor.chat("ann")
+    (call,) = await calls_of(relay, tutor.wallet)
+    assert (call.end_user, call.permission_digest) == (
+        "ann",
+        (await tutor.consumer.account_state()).permission_digest,
+    )
+    assert await calls_of(relay, user.wallet) == []
+    # The other app still charges the wallet.
+    await writer.chat("w-17")
+    assert [c.app_id for c in await calls_of(relay, user.wallet)] == [writer.app["id"]]
+    # The app cannot connect the wallet again with the permission it kept.
+    typed = {"permission": {**_permission_message(permission)}, "signature": permission.signature}
+    again = await relay.client.post(
+        f"/v1/apps/{tutor.app['id']}/users/ann/wallet", json=typed, headers=tutor.auth()
+    )
+    assert (again.status_code, again.json()["error"]["code"]) == (400, "permission_revoked")
+    gone = await relay.client.delete(f"/v1/account/apps/{tutor.app['id']}", headers=user.headers)
+    assert (gone.status_code, gone.json()["error"]["code"]) == (404, "app_not_connected")
+
+
+def _permission_message(permission: Any) -> dict[str, Any]:
+    return {
+        "consumer": permission.consumer,
+        "spender": permission.spender,
+        "allowance": permission.allowance,
+        "valid_after": permission.valid_after,
+        "valid_until": permission.valid_until,
+        "salt": int(permission.salt, 16),
+        "developer": permission.developer,
+        "max_markup_bps": permission.max_markup_bps,
+    }
+
+
+async def test_disconnect__by_the_developer__unlinks_one_user_only(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
+    dev = await developer(relay)
+    user = await connected_user(relay)
+    for name in ("ann", "ann-2"):
+        assert (await connect(dev, name, user.account)).status_code == 200
+
+    reply = await relay.client.delete(f"/v1/apps/{dev.app['id']}/users/ann/wallet", headers=dev.auth())
+
+    assert reply.status_code == 200, reply.text
+    assert (reply.json()["id"], reply.json()["wallet"], reply.json()["permission_digest"]) == (
+        "ann",
+        None,
+        None,
+    )
+    assert (await dev.get(f"/v1/apps/{dev.app['id']}/users/ann-2"))["wallet"] == user.wallet
+    await dev.chat("ann")
+    await dev.chat("ann-2")
+    assert [c.end_user for c in await calls_of(relay, dev.wallet)] == ["ann"]
+    assert [c.end_user for c in await calls_of(relay, user.wallet)] == ["ann-2"]
+    again = await relay.client.delete(f"/v1/apps/{dev.app['id']}/users/ann/wallet", headers=dev.auth())
+    assert (again.status_code, again.json()["error"]["code"]) == (404, "wallet_not_connected")
+
+
+async def test_disconnect__unauthorised__401_or_404__nothing_changes(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
+    dev, other = await developer(relay), await developer(relay)
+    user, stranger = await connected_user(relay), await connected_user(relay)
+    assert (await connect(dev, "ann", user.account)).status_code == 200
+    path = f"/v1/apps/{dev.app['id']}/users/ann/wallet"
+
+    refusals = [
+        (await relay.client.delete(path), 401),
+        (await relay.client.delete(path, headers=other.auth()), 404),  # another developer's key
+        (await relay.client.delete(path, headers=other.consumer.headers), 404),  # its session
+        (await relay.client.delete(path, headers=user.headers), 404),  # the user: its own route
+        (await relay.client.delete(f"/v1/account/apps/{dev.app['id']}"), 401),
+        (await relay.client.delete(f"/v1/account/apps/{dev.app['id']}", headers=stranger.headers), 404),
+        (await relay.client.delete(f"/v1/account/apps/{dev.app['id']}", headers=dev.auth()), 401),  # a key
+        (await relay.client.delete("/v1/account/apps/not-an-app", headers=user.headers), 400),
+    ]
+
+    for reply, status in refusals:
+        assert reply.status_code == status, reply.text
+        assert set(reply.json()["error"]) >= {"message", "type", "param", "code"}
+    assert (await dev.get(f"/v1/apps/{dev.app['id']}/users/ann"))["wallet"] == user.wallet
+    await dev.chat("ann")
+    assert [c.end_user for c in await calls_of(relay, user.wallet)] == ["ann"]
+
+
+async def test_connection_revoked_onchain__refused_402__nothing_charged(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
+    dev = await developer(relay)
+    user = await connected_user(relay)
+    assert (await connect(dev, "ann", user.account)).status_code == 200
+    digest = (await dev.get(f"/v1/apps/{dev.app['id']}/users/ann"))["permission_digest"]
+    relay.chain.revoked.add((user.wallet, bytes.fromhex(digest[2:])))  # revoke_permission, on-chain
+
+    await relay.prepaid.refresh(user.wallet)  # what the background refresh reads
+
+    with pytest.raises(openai.APIStatusError) as refused:
+        await dev.chat("ann")
+    assert (refused.value.status_code, refused.value.code) == (402, "user_permission_revoked")
+    assert "DELETE /v1/apps/{app_id}/users/{user_id}/wallet" in error_of(refused.value)["message"]
+    assert await calls_of(relay, user.wallet) == [] and await calls_of(relay, dev.wallet) == []
+    ((connection),) = (await user.get("/v1/account/apps"))["data"]
+    assert (connection["revoked"], connection["remaining_atomic"]) == (True, 0)
+    assert (await dev.get("/v1/balance", user="ann"))["user"]["available_atomic"] == 0
+    # Its own permission, and so the wallet's own keys, are untouched.
+    assert (await user.get("/v1/account"))["permission"]["revoked"] is False
+
+
+async def test_connect__the_wallets_own_permission_or_its_own_app__400(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
+    dev = await developer(relay)
+    reply = await connect(dev, "me", dev.consumer.account)
+    assert (reply.status_code, reply.json()["error"]["code"]) == (400, "permission_not_for_app")
+    user = await connected_user(relay)
+    assert (await connect(dev, "ann", user.account)).status_code == 200
+    connected = await relay.prepaid.repo.get_permission(
+        (await dev.get(f"/v1/apps/{dev.app['id']}/users/ann"))["permission_digest"]
+    )
+    assert connected is not None
+    own = await user.register(_permission_message(connected), connected.signature)
+    assert (own.status_code, own.json()["error"]["code"]) == (400, "permission_connected")
+
+
+async def test_openapi__disconnect_routes_documented(relay: PrepaidRelay) -> None:
+    paths = (await relay.client.get("/openapi.json")).json()["paths"]
+    for path in ("/v1/apps/{app_id}/users/{user_id}/wallet", "/v1/account/apps/{app_id}"):
+        responses = paths[path]["delete"]["responses"]
+        assert {"200", "401", "404"} <= set(responses), path
+        assert responses["404"]["description"] != responses["401"]["description"]
+    assert "get" in paths["/v1/account/apps"]

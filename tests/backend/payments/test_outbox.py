@@ -21,6 +21,7 @@ from quotra.calls.records import CallView, Refused, X402Hold
 from quotra.calls.store import CallStore, Hold, Served
 from quotra.money import allocate_fees, split_fee
 from quotra.payments.settlement import LeaderLock
+from quotra.store.apps_repo import AppsStore
 from quotra.store.db import create_engine, upgrade
 from quotra.store.models import X402Authorization, X402Payer, utcnow
 from quotra.store.prepaid_repo import KeyRef, PermissionView, PrepaidStore, hash_key
@@ -451,6 +452,45 @@ async def test_charges_settle_with_the_escrows_fees_and_move_the_account(books: 
     assert await books.prepaid.settled_total(key.wallet) == 3_471
     books_by_provider = await books.outbox.credited_by_provider()
     assert books_by_provider == {PROVIDER: (2_470, 247), OTHER_PROVIDER: (1_001, 100)}
+
+
+async def test_charges_under_a_connected_permission_move_its_budget_not_the_accounts(books: Books) -> None:
+    """A wallet that pays for an app (its permission for the app, not its own active one): the
+    batch moves that permission's budget from unsettled to spent, and the account's deposit, but
+    not the account's mirror of its own permission."""
+    key, own = await consumer(books, deposit=10_000)
+    apps, developer = AppsStore(books.store), Account.create().address
+    app = await apps.create_app(app_id="app_" + "c" * 16, owner=developer, name="c", markup_bps=0)
+    now = int(time.time())
+    digest = "0x" + hash_key(developer)
+    permission = PermissionView(
+        digest, key.wallet, PROVIDER, 5_000, now - 60, now + 86_400, "0x02", "0x", None, developer
+    )
+    await apps.connect_wallet(app.id, "u", permission, 100)
+    await books.prepaid.create_key(
+        key_id="key_app", secret_hash=hash_key("key_app"), wallet=developer, name="", mode="live",
+        spend_cap=None, app_id=app.id,
+    )  # fmt: skip
+    hold = Hold(
+        developer, LISTING, PROVIDER, 1_000, utcnow() + timedelta(minutes=15), app_id=app.id, end_user="u"
+    )
+    call_id, _ = await books.calls.reserve_key(hold, key_id="key_app", live=True, now_ts=now, margin=600)
+    assert await books.calls.finish(call_id, amount=700, usage=SERVED)
+    batch = await books.outbox.claim_charge_batch(digest, 256)
+    assert batch is not None and batch.amount == 700
+
+    assert await books.outbox.settle_charges(batch, tx_hash=TX, gas_used=80_000, fee_bps=1_000, total_fee=70)
+
+    connected = await books.prepaid.get_permission(digest)
+    assert connected is not None and (connected.spent, connected.unsettled, connected.reserved) == (800, 0, 0)
+    after = await books.prepaid.get_account(key.wallet)
+    assert after is not None
+    assert (after.permission_digest, after.unsettled, after.deposit, after.permission_spent) == (
+        own,
+        0,
+        9_300,
+        0,
+    )
 
 
 async def test_a_failed_charges_batch_fails_its_calls(books: Books) -> None:

@@ -6,6 +6,7 @@ under concurrency, the sweeper, and the compare-and-set refresh of the chain mir
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import pytest
 from eth_account import Account
 from quotra.calls.records import CallView, Refused
 from quotra.calls.store import CallStore, Hold, Served
+from quotra.store.apps_repo import AppsStore
 from quotra.store.db import create_engine, upgrade
 from quotra.store.models import ConsumerAccount, utcnow
 from quotra.store.prepaid_repo import AccountView, KeyRef, PermissionView, PrepaidStore, Shortfall, hash_key
@@ -363,3 +365,81 @@ async def test_calls_past_their_deadline__swept__their_budget_given_back(books: 
     assert await calls_used(books) == 2
     assert not await finish(books, stuck, 700)  # finished too late: not charged
     assert (await account(books, key)).unsettled == 500
+
+
+async def test_one_wallet_connected_to_two_apps__each_permission_its_own_budget(books: Books) -> None:
+    """An end user's wallet connected to two apps: each app's calls reserve, capture and give back
+    within the permission the wallet signed for that app (and the wallet's one deposit); a revoked
+    or disconnected permission refuses, the other goes on."""
+    apps = AppsStore(books.store)
+    user = Account.create().address
+    await books.repo.ensure_account(user)
+    seen = await books.repo.get_account(user)
+    assert seen is not None
+    assert await books.repo.sync_account(
+        user, seen=seen, deposit=100_000, pending_withdrawal=0, permission_spent=None
+    )
+    keys, digests = [], []
+    for name, allowance in (("a", 5_000), ("b", 3_000)):
+        developer = Account.create().address
+        app = await apps.create_app(app_id=f"app_{name * 16}", owner=developer, name=name, markup_bps=2_000)
+        digest = "0x" + hash_key(developer + user)
+        permission = PermissionView(
+            digest,
+            user,
+            PROVIDER,
+            allowance,
+            NOW - 60,
+            NOW + 86_400,
+            "0x" + "00" * 32,
+            "0x",
+            None,
+            developer,
+            2_000,
+        )
+        await apps.connect_wallet(app.id, "u", permission, 0)
+        await books.repo.create_key(
+            key_id=f"key_{name}", secret_hash=hash_key(name), wallet=developer, name="", mode="live",
+            spend_cap=None, app_id=app.id,
+        )  # fmt: skip
+        key = await books.repo.key_by_hash(hash_key(name))
+        assert key is not None
+        keys.append(key)
+        digests.append(digest)
+
+    async def reserve_for(index: int, amount: int) -> str:
+        key = keys[index]
+        call_id, _ = await books.calls.reserve_key(
+            dataclasses.replace(hold(key, amount), app_id=key.app_id, markup_bps=2_000, end_user="u"),
+            key_id=key.id, live=True, now_ts=NOW, margin=MARGIN,
+        )  # fmt: skip
+        return call_id
+
+    async def budget(index: int) -> tuple[int, int, int]:
+        permission = await books.repo.get_permission(digests[index])
+        assert permission is not None
+        return permission.reserved, permission.unsettled, permission.remaining
+
+    a1, b1 = await reserve_for(0, 3_000), await reserve_for(1, 2_000)
+    assert (await budget(0), await budget(1)) == ((3_000, 0, 2_000), (2_000, 0, 1_000))
+    with pytest.raises(Refused):
+        await reserve_for(0, 2_500)  # beyond a's permission, though the deposit could pay it
+    b2 = await reserve_for(1, 1_000)
+    assert await finish(books, a1, 1_200)
+    assert await books.calls.void(b1, outcome="error")
+    assert await finish(books, b2, 900)
+    assert (await budget(0), await budget(1)) == ((0, 1_200, 3_800), (0, 900, 2_100))
+    view = await books.repo.get_account(user)
+    assert view is not None and (view.reserved, view.unsettled, view.permission_digest) == (0, 2_100, None)
+    calls = {c.id: c for c in await usage(books, user)}
+    assert (calls[a1].permission_digest, calls[b2].permission_digest) == (digests[0], digests[1])
+
+    await books.repo.mark_permission_revoked(digests[0])  # revoked on-chain
+    with pytest.raises(Refused):
+        await reserve_for(0, 100)
+    assert await apps.disconnect(keys[1].app_id or "", wallet=user) == ["u"]
+    with pytest.raises(Refused):  # hosted again: its developer, who has no permission, pays
+        await reserve_for(1, 100)
+    assert (await apps.user(keys[1].app_id or "", "u")).wallet is None
+    assert await books.repo.connected_permissions(user) == []
+    assert len(await usage(books, user)) == 3
