@@ -4,15 +4,16 @@ deposits, API keys and usage. Amounts are USDC strings with 6 decimals, each bes
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from quotra.api.deps import CurrentProvider, RuntimeDep
-from quotra.api.routing import BoundedRoute, errors
+from quotra.api.routing import BoundedRoute, errors, relayed, submitted
 from quotra.bounds import Address, Name, Omittable, PageSize, Uint256
 from quotra.calls.records import CALL_ID_PATTERN, CallView, payer_ids
 from quotra.errors import BadRequest, NotFound
@@ -29,6 +30,7 @@ ATOMIC = Decimal(10**6)
 Usdc = Annotated[Decimal, Field(gt=0, le=Decimal(10**9), decimal_places=6, description="USDC")]
 RatePerMinute = Annotated[int, Field(ge=1, le=100_000)]
 KeyId = Annotated[str, Path(pattern=r"^key_[0-9a-f]{16}$")]
+T = TypeVar("T")
 
 
 def atomic(value: Decimal) -> int:
@@ -215,6 +217,28 @@ class UsageList(BaseModel):
     next_before: str | None = Field(description="Pass as `before` for the next (older) page")
 
 
+def list_page(
+    rows: Sequence[T], limit: int, view: Callable[[T], dict[str, Any]], cursor: tuple[str, Callable[[T], str]]
+) -> dict[str, Any]:
+    """A page of a list as the API answers it, from up to `limit + 1` rows read (one more than
+    shown tells whether there are more): the rows' views, `has_more`, and the cursor to pass for
+    the next page (`cursor`: its field's name, and how a row gives it)."""
+    page = rows[:limit]
+    has_more = len(rows) > limit
+    name, of = cursor
+    return {
+        "object": "list",
+        "data": [view(r) for r in page],
+        "has_more": has_more,
+        name: of(page[-1]) if has_more and page else None,
+    }
+
+
+def usage_page(calls: Sequence[CallView], limit: int) -> dict[str, Any]:
+    """A page of calls, newest first (`UsageList`)."""
+    return list_page(calls, limit, usage_view, ("next_before", lambda call: call.id))
+
+
 def usage_view(call: CallView) -> dict[str, Any]:
     return {
         "id": call.id,
@@ -322,15 +346,7 @@ async def usage(
         str | None, Query(pattern=CALL_ID_PATTERN, description="`next_before` of the previous page")
     ] = None,
 ) -> dict[str, Any]:
-    rows = await runtime.calls.of_payer(payer_ids(wallet), limit=limit + 1, before=before)
-    page = rows[:limit]
-    has_more = len(rows) > limit
-    return {
-        "object": "list",
-        "data": [usage_view(r) for r in page],
-        "has_more": has_more,
-        "next_before": page[-1].id if has_more and page else None,
-    }
+    return usage_page(await runtime.calls.of_payer(payer_ids(wallet), limit=limit + 1, before=before), limit)
 
 
 @router.get(
@@ -399,18 +415,14 @@ async def deposit_typed_data(
     "/deposits",
     response_model=DepositResponse,
     summary="Gasless deposit: the relayer submits your ReceiveWithAuthorization",
-    responses={
-        202: {"model": DepositResponse, "description": "Submitted, not yet confirmed"},
-        **errors(400, 401, 404, 503),
-    },
+    responses=relayed(DepositResponse, 400, 401, 404, 503),
 )
 async def deposit(
     body: DepositRequest, wallet: CurrentProvider, runtime: RuntimeDep, response: Response
 ) -> dict[str, Any]:
     authorization = body.authorization.model_dump(by_alias=True)
     result = await _prepaid(runtime).deposit(wallet, authorization, body.signature)
-    if result["status"] == "submitted":
-        response.status_code = 202
+    submitted(response, result)
     account = result["account"]
     return {
         "status": result["status"],
@@ -549,19 +561,14 @@ async def withdrawal_typed_data(
     "/withdrawals",
     response_model=WithdrawalStatus,
     summary="Submit a signed withdrawal step through the relayer (ETH-free exit)",
-    responses={
-        202: {"model": WithdrawalStatus, "description": "Submitted, not yet confirmed"},
-        **errors(400, 401, 403, 404, 409, 503),
-    },
+    responses=relayed(WithdrawalStatus, 400, 401, 403, 404, 409, 503),
 )
 async def submit_withdrawal(
     body: WithdrawalRequest, wallet: CurrentProvider, runtime: RuntimeDep, response: Response
 ) -> dict[str, Any]:
     message = body.message.model_dump(exclude_none=True)
     result = await _exits(runtime).submit(wallet, body.step, message, body.signature)
-    if result["status"] == "submitted":
-        response.status_code = 202
-    else:
+    if not submitted(response, result):
         _prepaid(runtime).refresh_soon(wallet)
     return result
 

@@ -26,8 +26,9 @@ from quotra.api.account import (
     Usdc,
     atomic,
     key_view,
+    list_page,
     money_fields,
-    usage_view,
+    usage_page,
 )
 from quotra.api.deps import SESSION_PREFIX, CurrentProvider, RuntimeDep, bearer_token
 from quotra.api.routing import BoundedRoute, errors
@@ -501,14 +502,7 @@ async def list_users(
 ) -> dict[str, Any]:
     app = await _readable_app(who, runtime, app_id)
     users = await _apps(runtime).repo.users(app.id, limit=limit + 1, after=after)
-    page = users[:limit]
-    has_more = len(users) > limit
-    return {
-        "object": "list",
-        "data": [user_view(u) for u in page],
-        "has_more": has_more,
-        "next_after": page[-1].external_id if has_more and page else None,
-    }
+    return list_page(users, limit, user_view, ("next_after", lambda user: user.external_id))
 
 
 @router.get(
@@ -609,15 +603,9 @@ async def user_usage(
     before: Annotated[str | None, Query(pattern=CALL_ID_PATTERN)] = None,
 ) -> dict[str, Any]:
     app = await _readable_app(who, runtime, app_id)
-    rows = await _apps(runtime).repo.user_calls(app.id, user_id, limit=limit + 1, before=before)
-    page = rows[:limit]
-    has_more = len(rows) > limit
-    return {
-        "object": "list",
-        "data": [usage_view(r) for r in page],
-        "has_more": has_more,
-        "next_before": page[-1].id if has_more and page else None,
-    }
+    return usage_page(
+        await _apps(runtime).repo.user_calls(app.id, user_id, limit=limit + 1, before=before), limit
+    )
 
 
 @router.get(

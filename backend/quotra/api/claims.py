@@ -7,9 +7,11 @@ messages to sign carry atomic integers (as decimal strings, safe for JavaScript)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 from eth_utils import to_checksum_address
 from fastapi import APIRouter, Depends, Path
@@ -303,29 +305,56 @@ def revocation_out(revocation: RevocationView) -> dict[str, Any]:
 # ---- claims ------------------------------------------------------------------------------------
 
 
+class ClaimAsk:
+    """What the typed-data routes of a claim take: how much, and to whom."""
+
+    def __init__(
+        self,
+        amount: Annotated[UsdcAmount, Field(description="USDC to claim, relayer fee included")],
+        payee: Address | None = None,
+    ) -> None:
+        self.atomic = to_atomic(amount)
+        self.payee = payee
+
+
+ClaimAskDep = Annotated[ClaimAsk, Depends()]
+# A claim's two steps, by a Delegation of the escrow's or by ERC-7710 delegations: what to sign,
+# with the relayer's offer; then the signed claim, which the relayer submits (202).
+_OFFER: Final[dict[str, Any]] = {"responses": errors(400, 401, 404, 409, 503)}
+_SUBMIT: Final[dict[str, Any]] = {
+    "response_model": ClaimOut,
+    "status_code": 202,
+    "responses": errors(400, 401, 403, 404, 409, 503),
+}
+
+
+@contextmanager
+def _delegations() -> Iterator[None]:
+    """Malformed delegations in a request are a 400 `invalid_delegation`."""
+    try:
+        yield
+    except dlg.DelegationError as exc:
+        raise BadRequest(str(exc), code="invalid_delegation") from None
+
+
 @router.get(
     "/v1/provider/claims/typed-data",
     response_model=TypedDataOut,
     summary="A Delegation to sign for one claim, with the relayer's current fee",
-    responses=errors(400, 401, 404, 409, 503),
+    **_OFFER,
 )
-async def claim_typed_data(
-    provider: CurrentProvider,
-    claims: ClaimsDep,
-    amount: Annotated[UsdcAmount, Field(description="USDC to claim, relayer fee included")],
-    payee: Address | None = None,
-) -> dict[str, Any]:
-    result = await claims.typed_data(provider, to_atomic(amount), payee)
+async def claim_typed_data(provider: CurrentProvider, claims: ClaimsDep, ask: ClaimAskDep) -> dict[str, Any]:
+    result = await claims.typed_data(provider, ask.atomic, ask.payee)
     typed = result["typed_data"]
     typed["message"] = {k: str(v) if isinstance(v, int) else v for k, v in typed["message"].items()}
-    return {"typed_data": typed, "digest": result["digest"], **_offer(amount, result)}
+    return {"typed_data": typed, "digest": result["digest"], **_offer(ask, result)}
 
 
-def _offer(amount: Decimal, result: dict[str, Any]) -> dict[str, Any]:
+def _offer(ask: ClaimAsk, result: dict[str, Any]) -> dict[str, Any]:
     quote = result["quote"]
     return {
-        "amount": usdc_text(to_atomic(amount)),
-        "amount_atomic": to_atomic(amount),
+        "amount": usdc_text(ask.atomic),
+        "amount_atomic": ask.atomic,
         "claimable": usdc_text(result["earnings"]),
         "relayer": {
             "relayer": quote.relayer,
@@ -339,10 +368,8 @@ def _offer(amount: Decimal, result: dict[str, Any]) -> dict[str, Any]:
 
 @router.post(
     "/v1/provider/claims",
-    response_model=ClaimOut,
-    status_code=202,
     summary="Claim earnings without ETH: a signed Delegation, submitted by the relayer",
-    responses=errors(400, 401, 403, 404, 409, 503),
+    **_SUBMIT,
 )
 async def create_claim(body: ClaimRequest, provider: CurrentProvider, claims: ClaimsDep) -> dict[str, Any]:
     delegation = body.delegation.args()
@@ -354,38 +381,31 @@ async def create_claim(body: ClaimRequest, provider: CurrentProvider, claims: Cl
     "/v1/provider/claims/erc7710/typed-data",
     response_model=RedemptionTypedDataOut,
     summary="ERC-7710 Delegations (MetaMask's Delegation Framework) to sign for one claim and its fee",
-    responses=errors(400, 401, 404, 409, 503),
+    **_OFFER,
 )
 async def redemption_typed_data(
-    provider: CurrentProvider,
-    claims: ClaimsDep,
-    amount: Annotated[UsdcAmount, Field(description="USDC to claim, relayer fee included")],
-    payee: Address | None = None,
+    provider: CurrentProvider, claims: ClaimsDep, ask: ClaimAskDep
 ) -> dict[str, Any]:
-    result = await claims.redemption_typed_data(provider, to_atomic(amount), payee)
+    result = await claims.redemption_typed_data(provider, ask.atomic, ask.payee)
     return {
         "claim": result["claim"],
         "fee": result["fee"],
         "authorization": result["authorization"],
-        **_offer(amount, result),
+        **_offer(ask, result),
     }
 
 
 @router.post(
     "/v1/provider/claims/erc7710",
-    response_model=ClaimOut,
-    status_code=202,
     summary="Claim earnings from a smart account without ETH: ERC-7710 delegations the relayer redeems",
-    responses=errors(400, 401, 403, 404, 409, 503),
+    **_SUBMIT,
 )
 async def create_redemption_claim(
     body: RedemptionClaimRequest, provider: CurrentProvider, claims: ClaimsDep
 ) -> dict[str, Any]:
-    try:
+    with _delegations():
         claim = body.claim.delegation()
         fee = body.fee.delegation() if body.fee is not None else None
-    except dlg.DelegationError as exc:
-        raise BadRequest(str(exc), code="invalid_delegation") from None
     amount = to_atomic(body.amount) if body.amount is not None else None
     authorization = body.authorization.authorization() if body.authorization is not None else None
     return claim_out(await claims.submit_redemption(provider, claim, fee, amount, authorization))
@@ -478,10 +498,8 @@ async def get_revocation(
     responses=errors(400, 404, 503),
 )
 async def disable_typed_data(body: DisableTypedDataRequest, claims: ClaimsDep) -> dict[str, Any]:
-    try:
+    with _delegations():
         target = body.delegation.delegation()
-    except dlg.DelegationError as exc:
-        raise BadRequest(str(exc), code="invalid_delegation") from None
     return await claims.disable_typed_data(target)
 
 
@@ -494,8 +512,6 @@ async def disable_typed_data(body: DisableTypedDataRequest, claims: ClaimsDep) -
 )
 async def disable_delegation(body: DisableRequest, claims: ClaimsDep) -> dict[str, Any]:
     # The delegator's signature of the grant is the authority, as for /v1/revocations.
-    try:
+    with _delegations():
         target, grant = body.delegation.delegation(), body.grant.delegation()
-    except dlg.DelegationError as exc:
-        raise BadRequest(str(exc), code="invalid_delegation") from None
     return revocation_out(await claims.disable(target, grant))

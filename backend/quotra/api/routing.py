@@ -121,6 +121,20 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse, "description": _MEANING[status]} for status in statuses}
 
 
+def relayed(model: type[BaseModel], *statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route that has the relayer submit a signed message and waits for it
+    (bounded): 200 once final, 202 while only submitted, and these errors."""
+    return {202: {"model": model, "description": "Submitted, not yet confirmed"}, **errors(*statuses)}
+
+
+def submitted(response: Response, result: dict[str, Any]) -> bool:
+    """Whether the relayer's transaction is only submitted (`status`), then answered with 202."""
+    if result["status"] != "submitted":
+        return False
+    response.status_code = 202
+    return True
+
+
 def openapi_document(app: FastAPI) -> Callable[[], dict[str, Any]]:
     """`app.openapi`: FastAPI's document with the relay's errors and links. Validation errors are
     400s, never FastAPI's 422, and the middleware's bounds apply to every route."""

@@ -12,9 +12,9 @@ upgraded EOA the stateless DeleGator checks that same ECDSA signature (ERC-1271)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import rlp
 from eth_abi import decode as abi_decode
@@ -25,6 +25,8 @@ from quotra.chain import eip712
 
 if TYPE_CHECKING:
     from quotra.chain.deployment import DelegationFramework
+
+T = TypeVar("T")
 
 DOMAIN_NAME: Final = "DelegationManager"
 DOMAIN_VERSION: Final = "1"
@@ -594,50 +596,66 @@ class ClaimGrant:
     valid_until: int
 
 
+def _read_proposed(
+    fw: DelegationFramework,
+    delegation: Delegation,
+    what: str,
+    read: Callable[[dict[str, bytes]], T],
+    propose: Callable[..., Delegation],
+) -> T:
+    """What a delegation the relay proposed grants (`read` from its caveat terms), once it is
+    exactly the one `propose` makes of that for the same delegator, delegate and salt;
+    `DelegationError` otherwise."""
+    terms = _terms(fw, delegation)
+    try:
+        granted = read(terms)
+    except KeyError as exc:
+        raise DelegationError(f"the {what} delegation has no {exc.args[0]} caveat") from None
+    expected = propose(
+        granted, provider=delegation.delegator, delegate=delegation.delegate, salt=delegation.salt
+    )
+    _same(delegation, expected, what)
+    return granted
+
+
 def read_claim(fw: DelegationFramework, delegation: Delegation, *, escrow: str, usdc: str) -> ClaimGrant:
     """The payee, cap and expiry of a claim delegation, which must be exactly `claim_delegation`'s
     shape for this escrow; `DelegationError` otherwise."""
-    terms = _terms(fw, delegation)
-    try:
-        payee = to_checksum_address(terms["AllowedCalldataEnforcer"][-20:])
-        cap = int.from_bytes(terms["ERC20BalanceChangeEnforcer"][-32:], "big")
-        valid_until = timestamp_bounds(terms["TimestampEnforcer"])[1]
-    except KeyError as exc:
-        raise DelegationError(f"the claim delegation has no {exc.args[0]} caveat") from None
-    expected = claim_delegation(
+    return _read_proposed(
         fw,
-        provider=delegation.delegator,
-        delegate=delegation.delegate,
-        escrow=escrow,
-        usdc=usdc,
-        payee=payee,
-        cap=cap,
-        valid_until=valid_until,
-        salt=delegation.salt,
+        delegation,
+        "claim",
+        lambda terms: ClaimGrant(
+            payee=to_checksum_address(terms["AllowedCalldataEnforcer"][-20:]),
+            cap=int.from_bytes(terms["ERC20BalanceChangeEnforcer"][-32:], "big"),
+            valid_until=timestamp_bounds(terms["TimestampEnforcer"])[1],
+        ),
+        lambda grant, **accounts: claim_delegation(
+            fw,
+            escrow=escrow,
+            usdc=usdc,
+            payee=grant.payee,
+            cap=grant.cap,
+            valid_until=grant.valid_until,
+            **accounts,
+        ),
     )
-    _same(delegation, expected, "claim")
-    return ClaimGrant(payee, cap, valid_until)
 
 
 def read_fee(fw: DelegationFramework, delegation: Delegation, *, usdc: str, fee_collector: str) -> int:
     """The fee a relayer-fee delegation (`fee_delegation`, paying `fee_collector`) allows."""
-    terms = _terms(fw, delegation)
-    try:
-        fee = int.from_bytes(terms["ERC20TransferAmountEnforcer"][-32:], "big")
-        valid_until = timestamp_bounds(terms["TimestampEnforcer"])[1]
-    except KeyError as exc:
-        raise DelegationError(f"the fee delegation has no {exc.args[0]} caveat") from None
-    expected = fee_delegation(
+    fee, _ = _read_proposed(
         fw,
-        provider=delegation.delegator,
-        delegate=delegation.delegate,
-        usdc=usdc,
-        fee_collector=fee_collector,
-        fee=fee,
-        valid_until=valid_until,
-        salt=delegation.salt,
+        delegation,
+        "fee",
+        lambda terms: (
+            int.from_bytes(terms["ERC20TransferAmountEnforcer"][-32:], "big"),
+            timestamp_bounds(terms["TimestampEnforcer"])[1],
+        ),
+        lambda granted, **accounts: fee_delegation(
+            fw, usdc=usdc, fee_collector=fee_collector, fee=granted[0], valid_until=granted[1], **accounts
+        ),
     )
-    _same(delegation, expected, "fee")
     return fee
 
 
