@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import secrets
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -32,6 +32,7 @@ from quotra.store.models import (
     utcnow,
 )
 from quotra.store.prepaid_repo import PermissionView
+from quotra.store.sql import record
 from quotra.store.transactions import Transactions
 
 CALLS: Final = table(Call)
@@ -124,12 +125,6 @@ class BatchRow:
     error: str | None
     created_at: datetime
     updated_at: datetime
-
-
-def _record(cls: type[Any], row: Any) -> Any:
-    """One source for row-to-record mapping: a dataclass from a row's columns of the same names."""
-    mapping = row._mapping
-    return cls(**{f.name: mapping[f.name] for f in fields(cls)})
 
 
 def _aware(value: Any) -> datetime:
@@ -450,15 +445,15 @@ class Outbox:
         rows = await self._read(
             select(BATCHES).where(BATCHES.c.status.in_(tuple(statuses))).order_by(BATCHES.c.id)
         )
-        return [_record(BatchRow, r) for r in rows]
+        return [record(BatchRow, r) for r in rows]
 
     async def get_batch(self, batch_id: int) -> BatchRow | None:
         rows = await self._read(select(BATCHES).where(BATCHES.c.id == batch_id))
-        return _record(BatchRow, rows[0]) if rows else None
+        return record(BatchRow, rows[0]) if rows else None
 
     async def batch_by_reference(self, reference: str) -> BatchRow | None:
         rows = await self._read(select(BATCHES).where(BATCHES.c.reference == reference.lower()))
-        return _record(BatchRow, rows[0]) if rows else None
+        return record(BatchRow, rows[0]) if rows else None
 
     async def batch_x402(self, batch_id: int, states: Iterable[str] = ("settling",)) -> list[X402Payment]:
         rows = await self._read(
@@ -467,7 +462,7 @@ class Outbox:
             .where(CALLS.c.batch_id == batch_id, CALLS.c.state.in_(tuple(states)))
             .order_by(CALLS.c.provider, CALLS.c.created_at, CALLS.c.id)
         )
-        return [_record(X402Payment, r) for r in rows]
+        return [record(X402Payment, r) for r in rows]
 
     async def batch_charges(self, batch_id: int) -> list[Charge]:
         rows = await self._read(
@@ -485,11 +480,11 @@ class Outbox:
             .where(CALLS.c.batch_id == batch_id)
             .order_by(CALLS.c.created_at, CALLS.c.id)
         )
-        return [_record(Charge, r) for r in rows]
+        return [record(Charge, r) for r in rows]
 
     async def permission(self, digest: str) -> PermissionView | None:
         rows = await self._read(select(PERMISSIONS).where(PERMISSIONS.c.digest == digest))
-        return _record(PermissionView, rows[0]) if rows else None
+        return record(PermissionView, rows[0]) if rows else None
 
     async def _batch_update(self, batch_id: int, statuses: Iterable[str], **values: Any) -> bool:
         def work(connection: Connection) -> bool:
@@ -590,7 +585,7 @@ class Outbox:
         rows = await self._read(
             select(*_X402_COLUMNS).join(AUTHS, AUTHS.c.call_id == CALLS.c.id).where(CALLS.c.id == call_id)
         )
-        return _record(X402Payment, rows[0]) if rows else None
+        return record(X402Payment, rows[0]) if rows else None
 
     async def find_x402_many(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], X402Payment]:
         """The x402 calls of these (payer, nonce) pairs, in one query, by (payer, lower-case nonce)."""
@@ -604,7 +599,7 @@ class Outbox:
                 AUTHS.c.payer.in_({payer for payer, _ in wanted}), AUTHS.c.nonce.in_({n for _, n in wanted})
             )
         )
-        found = (_record(X402Payment, r) for r in rows)
+        found = (record(X402Payment, r) for r in rows)
         return {(p.payer, p.nonce): p for p in found if (p.payer, p.nonce) in wanted}
 
     async def x402_in(self, states: Iterable[str], limit: int = 10_000) -> list[X402Payment]:
@@ -615,7 +610,7 @@ class Outbox:
             .order_by(CALLS.c.created_at)
             .limit(limit)
         )
-        return [_record(X402Payment, r) for r in rows]
+        return [record(X402Payment, r) for r in rows]
 
     # ---- prepaid outcomes ---------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from quotra.calls.records import CallView
 from quotra.store.models import App, AppUser, Call, Grant, SpendPermissionRecord, table, utcnow
 from quotra.store.prepaid_repo import PermissionView, store_permission
 from quotra.store.repositories import Store
-from quotra.store.sql import insert_ignore
+from quotra.store.sql import insert_ignore, record
 
 # Calls that were served (not voided): what analytics count; and the ones charged at their amount.
 SERVED_STATES = ("captured", "settling", "reconciling", "settled", "failed", "refunded")
@@ -36,7 +36,7 @@ class AppView:
 
     @classmethod
     def of(cls, row: App) -> AppView:
-        return cls(row.id, row.owner, row.name, row.markup_bps, row.created_at, row.updated_at)
+        return record(cls, row)
 
 
 @dataclass(frozen=True)
@@ -56,18 +56,7 @@ class UserView:
 
     @classmethod
     def of(cls, row: AppUser) -> UserView:
-        return cls(
-            row.app_id,
-            row.external_id,
-            row.spend_limit,
-            row.spent,
-            row.reserved,
-            row.granted,
-            row.grant_used,
-            row.created_at,
-            row.wallet,
-            row.permission_digest,
-        )
+        return record(cls, row)
 
     @classmethod
     def new(cls, app_id: str, external_id: str) -> UserView:
@@ -103,16 +92,7 @@ class GrantView:
 
     @classmethod
     def of(cls, row: Grant) -> GrantView:
-        return cls(
-            row.id,
-            row.app_id,
-            row.external_user_id,
-            row.wallet,
-            row.amount,
-            row.description,
-            row.tx_hash,
-            row.created_at,
-        )
+        return record(cls, row)
 
 
 @dataclass(frozen=True)

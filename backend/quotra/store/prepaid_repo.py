@@ -36,7 +36,7 @@ from quotra.store.models import (
     utcnow,
 )
 from quotra.store.repositories import Store
-from quotra.store.sql import insert_ignore
+from quotra.store.sql import insert_ignore, record
 from quotra.store.transactions import Transactions
 
 KeyMode = Literal["live", "sandbox"]
@@ -120,22 +120,7 @@ class PermissionView:
 
     @classmethod
     def of(cls, row: SpendPermissionRecord) -> PermissionView:
-        return cls(
-            row.digest,
-            row.consumer,
-            row.spender,
-            row.allowance,
-            row.valid_after,
-            row.valid_until,
-            row.salt,
-            row.signature,
-            row.revoked_at,
-            row.developer,
-            row.max_markup_bps,
-            row.spent,
-            row.reserved,
-            row.unsettled,
-        )
+        return record(cls, row)
 
     @property
     def remaining(self) -> int:
@@ -159,17 +144,7 @@ class AccountView:
 
     @classmethod
     def of(cls, row: ConsumerAccount) -> AccountView:
-        return cls(
-            row.wallet,
-            row.deposit,
-            row.pending_withdrawal,
-            row.permission_digest,
-            row.permission_allowance,
-            row.permission_spent,
-            row.reserved,
-            row.unsettled,
-            row.synced_at,
-        )
+        return record(cls, row)
 
     @classmethod
     def empty(cls, wallet: str) -> AccountView:
