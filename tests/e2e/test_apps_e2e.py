@@ -1,7 +1,8 @@
 """An app with a 20 % markup on the twin, through the relay's API: the developer deposits, signs a
 permission that allows the markup, makes an app key and calls for an end user it gave a grant;
 the relay's worker settles on the escrow, which credits the developer exactly the markup, the
-provider 90 % of the base and the platform 10 % of the base, all out of the developer's deposit."""
+provider 90 % of the base and the platform 10 % of the base, all out of the developer's deposit.
+An end user's wallet that pays for two apps settles each app's calls under its own permission."""
 
 from __future__ import annotations
 
@@ -99,49 +100,57 @@ async def test_markup_app__settles_markup_to_developer_and_base_90_10(
     assert onchain.solvent()
 
 
-async def test_user_billing__end_users_wallet_pays__markup_to_developer(
+async def test_user_billing__one_wallet_two_apps__each_settles_under_its_own_permission(
     onchain: OnChain, start_relay: Any
 ) -> None:
+    """An end user's wallet pays for two apps of two developers at once: each app's call settles
+    under the permission the wallet signed for that app, its markup to that app's developer."""
     escrow = onchain.escrow.functions
     with start_relay() as served:
         provider = Account.create()
         listing = await create_listing(served.url, provider, price_per_call="0.01")
         async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
-            developer, app, key = await developer_with_app(onchain, client, USDC)
-            auth = {"Authorization": f"Bearer {key}"}
-            # The end user deposits itself and signs the permission the app offers it.
+            apps = [await developer_with_app(onchain, client, USDC) for _ in range(2)]
+            # The end user deposits itself and signs the permission each app offers it.
             user: LocalAccount = Account.create()
             onchain.twin.fund_eth(user.address, 10**18)
             onchain.twin.mint_usdc(user.address, USDC)
             onchain.chain.transact(onchain.usdc.functions.approve(onchain.escrow.address, USDC), user)
             onchain.chain.transact(escrow.deposit(USDC, user.address), user)
-            typed = await client.get(
-                f"/v1/apps/{app['id']}/users/bob/wallet/typed-data",
-                params={"wallet": user.address, "allowance": "0.5"},
-                headers=auth,
-            )
-            signed = Account.sign_typed_data(user.key, full_message=typed.json()["typed_data"])
-            reply = await client.post(
-                f"/v1/apps/{app['id']}/users/bob/wallet",
-                json={
-                    "permission": typed.json()["typed_data"]["message"],
-                    "signature": "0x" + bytes(signed.signature).hex(),
-                },
-                headers=auth,
-            )
-            assert reply.status_code == 200, reply.text
             body = {"model": f"listing/{listing['id']}", "messages": [{"role": "user", "content": "hi"}]}
-            reply = await client.post("/v1/users/bob/chat/completions", json=body, headers=auth)
-            assert reply.status_code == 200, reply.text
-        outcome = await settled(served.url, reply.headers["quotra-call-id"], auth)
+            calls, digests = [], []
+            for _developer, app, key in apps:
+                auth = {"Authorization": f"Bearer {key}"}
+                typed = await client.get(
+                    f"/v1/apps/{app['id']}/users/bob/wallet/typed-data",
+                    params={"wallet": user.address, "allowance": "0.5"},
+                    headers=auth,
+                )
+                signed = Account.sign_typed_data(user.key, full_message=typed.json()["typed_data"])
+                reply = await client.post(
+                    f"/v1/apps/{app['id']}/users/bob/wallet",
+                    json={
+                        "permission": typed.json()["typed_data"]["message"],
+                        "signature": "0x" + bytes(signed.signature).hex(),
+                    },
+                    headers=auth,
+                )
+                assert reply.status_code == 200, reply.text
+                digests.append(typed.json()["digest"])
+            for _developer, _app, key in apps:
+                auth = {"Authorization": f"Bearer {key}"}
+                reply = await client.post("/v1/users/bob/chat/completions", json=body, headers=auth)
+                assert reply.status_code == 200, reply.text
+                calls.append((reply.headers["quotra-call-id"], auth))
+        outcomes = [await settled(served.url, call_id, auth) for call_id, auth in calls]
 
-    assert (outcome["state"], outcome["amount_atomic"], outcome["markup_atomic"]) == (
-        "settled",
-        BASE + MARKUP,
-        MARKUP,
-    )
-    assert int(escrow.deposits(user.address).call()) == USDC - BASE - MARKUP
-    assert int(escrow.deposits(developer.address).call()) == USDC
-    assert onchain.earnings(developer.address) == MARKUP
-    assert onchain.earnings(provider.address) == BASE - BASE // 10
+    assert [(o["state"], o["amount_atomic"], o["markup_atomic"]) for o in outcomes] == [
+        ("settled", BASE + MARKUP, MARKUP)
+    ] * 2
+    assert int(escrow.deposits(user.address).call()) == USDC - 2 * (BASE + MARKUP)
+    for (developer, _app, _key), digest in zip(apps, digests, strict=True):
+        assert int(escrow.deposits(developer.address).call()) == USDC
+        assert onchain.earnings(developer.address) == MARKUP
+        assert int(escrow.permission_spent(bytes.fromhex(digest[2:])).call()) == BASE + MARKUP
+    assert onchain.earnings(provider.address) == 2 * (BASE - BASE // 10)
     assert onchain.solvent()
