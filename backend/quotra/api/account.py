@@ -393,8 +393,18 @@ async def register_permission(
     summary="The Revocation of your spend permission to sign (then POST /v1/revocations)",
     responses=errors(400, 401, 404, 503),
 )
-async def permission_revocation_typed_data(wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
-    return await _prepaid(runtime).revocation_typed_data(wallet)
+async def permission_revocation_typed_data(
+    wallet: CurrentProvider,
+    runtime: RuntimeDep,
+    digest: Annotated[
+        str | None,
+        Query(
+            pattern=r"^0x[0-9a-fA-F]{64}$",
+            description="Another of your permissions (one you connected to an app); default: your active one",
+        ),
+    ] = None,
+) -> dict[str, Any]:
+    return await _prepaid(runtime).revocation_typed_data(wallet, digest)
 
 
 @router.get(

@@ -284,7 +284,7 @@ class PrepaidService:
             if refused.reason == "deposit" and key.app_id is not None and end_user is not None:
                 connected = await self.repo.connection(key.app_id, end_user)
                 if connected is not None:
-                    raise await self._user_wallet_short(end_user, *connected, amount) from None
+                    raise await self._user_wallet_short(key, end_user, *connected, amount) from None
             if refused.reason == "rate_limited":
                 assert refused.rate is not None
                 raise refused.rate.refusal("this API key") from None
@@ -308,35 +308,45 @@ class PrepaidService:
         )
 
     async def _user_wallet_short(
-        self, end_user: str, wallet: str, permission: PermissionView | None, needed: int
+        self, key: KeyRef, end_user: str, wallet: str, permission: PermissionView | None, needed: int
     ) -> QuotraError:
-        """402 for an end user paying with its own wallet whose deposit or permission for the app
-        is short, or whose permission was revoked on-chain (never charged again)."""
+        """402 for an end user paying with its own wallet whose permission for the app was revoked
+        (never charged again), has expired, no longer allows the app's markup, or with the
+        wallet's deposit cannot cover the call."""
         account = await self.refresh(wallet)
-        revoked = permission is None or permission.revoked_at is not None
-        return InsufficientBalance(
-            (
-                f"End user '{end_user}' pays with its wallet {wallet}, whose spend permission for this "
-                "app was revoked. The user signs a new permission for the app (POST "
-                "/v1/apps/{app_id}/users/{user_id}/wallet), or the app disconnects the wallet (DELETE "
-                "/v1/apps/{app_id}/users/{user_id}/wallet) and pays for the user itself."
+        renew = "The user signs a new permission for the app (POST /v1/apps/{app_id}/users/{user_id}/wallet)"
+        remaining = 0
+        if permission is None or permission.revoked_at is not None:
+            code = "user_permission_revoked"
+            reason = (
+                f"was revoked. {renew}, or the app disconnects the wallet "
+                "(DELETE /v1/apps/{app_id}/users/{user_id}/wallet) and pays for the user itself."
             )
-            if revoked
-            else (
-                f"End user '{end_user}' pays with its wallet {wallet}, whose deposit or spend "
-                f"permission for this app cannot cover the call: it may cost up to {usdc(needed)} "
-                "USDC. The user deposits more, or signs a new permission for the app "
+        elif permission.valid_until - self.settings.permission_margin_seconds <= int(time.time()):
+            code, reason = "user_permission_expired", f"has expired (or expires within minutes). {renew}."
+        elif permission.max_markup_bps < key.markup_bps:
+            code = "user_markup_not_permitted"
+            reason = (
+                f"allows a markup of {permission.max_markup_bps} basis points, less than the app's "
+                f"{key.markup_bps} now. {renew}."
+            )
+        else:
+            code, remaining = "user_insufficient_balance", max(0, permission.remaining)
+            reason = (
+                f"or the wallet's deposit cannot cover the call: it may cost up to {usdc(needed)} USDC. "
+                "The user deposits more, or signs a new permission for the app "
                 "(POST /v1/apps/{app_id}/users/{user_id}/wallet)."
-            ),
-            code="user_permission_revoked" if revoked else "user_insufficient_balance",
+            )
+        return InsufficientBalance(
+            f"End user '{end_user}' pays with its wallet {wallet}, whose spend permission for this "
+            f"app {reason}",
+            code=code,
             extra={
                 "end_user": {
                     "id": end_user,
                     "wallet": wallet,
                     "deposit": usdc(account.deposit),
-                    "permission_remaining": usdc(
-                        0 if revoked or permission is None else max(0, permission.remaining)
-                    ),
+                    "permission_remaining": usdc(remaining),
                 }
             },
         )
@@ -571,14 +581,20 @@ class PrepaidService:
             "digest": "0x" + digest.hex(),
         }
 
-    async def revocation_typed_data(self, wallet: str) -> dict[str, Any]:
-        """The `Revocation` of the wallet's current spend permission, to sign and hand to
+    async def revocation_typed_data(self, wallet: str, digest: str | None = None) -> dict[str, Any]:
+        """The `Revocation` of the wallet's current spend permission, or of another of its
+        permissions (`digest`: one it connected to an app), to sign and hand to
         `POST /v1/revocations` (the relayer submits it: no ETH needed)."""
         chain = self._require_chain()
-        view = await self.repo.get_account(wallet)
-        if view is None or view.permission_digest is None:
-            raise NotFound("This account has no spend permission to revoke", code="no_permission")
-        message = {"account": wallet, "item": bytes.fromhex(view.permission_digest.removeprefix("0x"))}
+        if digest is None:
+            view = await self.repo.get_account(wallet)
+            digest = None if view is None else view.permission_digest
+        else:
+            permission = await self.repo.get_permission(digest.lower())
+            digest = None if permission is None or permission.consumer != wallet else permission.digest
+        if digest is None:
+            raise NotFound("This account has no such spend permission to revoke", code="no_permission")
+        message = {"account": wallet, "item": bytes.fromhex(digest.removeprefix("0x"))}
         return {
             "typed_data": eip712.typed_data(chain.escrow_domain, "Revocation", message),
             "digest": "0x" + eip712.digest(chain.escrow_domain, "Revocation", message).hex(),

@@ -869,3 +869,35 @@ async def test_openapi__disconnect_routes_documented(relay: PrepaidRelay) -> Non
         assert {"200", "401", "404"} <= set(responses), path
         assert responses["404"]["description"] != responses["401"]["description"]
     assert "get" in paths["/v1/account/apps"]
+
+
+async def test_connection__markup_raised_past_it__402_then_revocable_without_eth(
+    relay: PrepaidRelay, listing: dict[str, Any]
+) -> None:
+    dev = await developer(relay, markup="20")
+    user = await connected_user(relay)
+    assert (await connect(dev, "ann", user.account)).status_code == 200
+    digest = (await dev.get(f"/v1/apps/{dev.app['id']}/users/ann"))["permission_digest"]
+    reply = await relay.client.patch(
+        f"/v1/apps/{dev.app['id']}", json={"markup_percent": "25"}, headers=dev.consumer.headers
+    )
+    assert reply.status_code == 200, reply.text
+    relay.prepaid._keys.clear()  # the key cache (seconds) would carry the old markup a little longer
+
+    with pytest.raises(openai.APIStatusError) as refused:
+        await dev.chat("ann")
+
+    assert (refused.value.status_code, refused.value.code) == (402, "user_markup_not_permitted")
+    assert "2000 basis points, less than the app's 2500" in error_of(refused.value)["message"]
+    assert await calls_of(relay, user.wallet) == []
+    # The user may revoke that permission gaslessly: its Revocation, by digest.
+    typed = await user.get("/v1/account/permission/revocation/typed-data", digest=digest)
+    assert typed["typed_data"]["message"]["item"].lower() == digest.lower()
+    own = await user.get("/v1/account/permission/revocation/typed-data")
+    assert own["typed_data"]["message"]["item"].lower() == (await user.account_state()).permission_digest
+    other = await relay.client.get(
+        "/v1/account/permission/revocation/typed-data",
+        params={"digest": digest},
+        headers=dev.consumer.headers,
+    )
+    assert (other.status_code, other.json()["error"]["code"]) == (404, "no_permission")
