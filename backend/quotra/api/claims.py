@@ -17,31 +17,23 @@ from eth_utils import to_checksum_address
 from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel, ConfigDict, Field
 
+from quotra.api.account import atomic, money_fields
 from quotra.api.deps import CurrentProvider, RuntimeDep
 from quotra.api.routing import BoundedRoute, errors
 from quotra.bounds import Address, Offset, PageSize, Uint256
 from quotra.chain import delegation as dlg
 from quotra.chain.client import DelegationArgs
 from quotra.errors import BadRequest, NotFound
+from quotra.money import usdc
 from quotra.payments.claims import ClaimService
 from quotra.store.claims_repo import CLAIM_ID_PATTERN, REVOCATION_ID_PATTERN, ClaimView, RevocationView
 
 router = APIRouter(tags=["claims"], route_class=BoundedRoute)
 
-ATOMIC = Decimal(10**6)
 SignatureStr = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{130}$", description="65-byte signature, 0x-hex")]
 Bytes32Str = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{64}$")]
 HexBytesStr = Annotated[str, Field(pattern=r"^0x([0-9a-fA-F]{2}){1,2048}$")]
 UsdcAmount = Annotated[Decimal, Field(gt=0, le=Decimal(10**12), decimal_places=6, description="USDC")]
-
-
-def usdc_text(atomic: int) -> str:
-    whole, frac = divmod(atomic, 10**6)
-    return f"{whole}.{frac:06d}"
-
-
-def to_atomic(amount: Decimal) -> int:
-    return int(amount * ATOMIC)
 
 
 class ClaimsUnavailable(NotFound):
@@ -280,10 +272,8 @@ def claim_out(claim: ClaimView) -> dict[str, Any]:
         "status": claim.status,
         "provider": claim.provider,
         "payee": claim.payee,
-        "amount": usdc_text(claim.amount),
-        "amount_atomic": claim.amount,
-        "relayer_fee": usdc_text(claim.relayer_fee),
-        "relayer_fee_atomic": claim.relayer_fee,
+        **money_fields("amount", claim.amount),
+        **money_fields("relayer_fee", claim.relayer_fee),
         "delegation_digest": claim.delegation_digest,
         "relayer": claim.relayer,
         "task_id": claim.task_id,
@@ -313,7 +303,7 @@ class ClaimAsk:
         amount: Annotated[UsdcAmount, Field(description="USDC to claim, relayer fee included")],
         payee: Address | None = None,
     ) -> None:
-        self.atomic = to_atomic(amount)
+        self.atomic = atomic(amount)
         self.payee = payee
 
 
@@ -353,14 +343,12 @@ async def claim_typed_data(provider: CurrentProvider, claims: ClaimsDep, ask: Cl
 def _offer(ask: ClaimAsk, result: dict[str, Any]) -> dict[str, Any]:
     quote = result["quote"]
     return {
-        "amount": usdc_text(ask.atomic),
-        "amount_atomic": ask.atomic,
-        "claimable": usdc_text(result["earnings"]),
+        **money_fields("amount", ask.atomic),
+        "claimable": usdc(result["earnings"]),
         "relayer": {
             "relayer": quote.relayer,
             "address": quote.delegate,
-            "fee": usdc_text(quote.fee),
-            "fee_atomic": quote.fee,
+            **money_fields("fee", quote.fee),
             "quote_expires_at": quote.expires_at,
         },
     }
@@ -373,7 +361,7 @@ def _offer(ask: ClaimAsk, result: dict[str, Any]) -> dict[str, Any]:
 )
 async def create_claim(body: ClaimRequest, provider: CurrentProvider, claims: ClaimsDep) -> dict[str, Any]:
     delegation = body.delegation.args()
-    amount = to_atomic(body.amount) if body.amount is not None else delegation.max_amount
+    amount = atomic(body.amount) if body.amount is not None else delegation.max_amount
     return claim_out(await claims.submit(provider, delegation, body.signature, amount))
 
 
@@ -406,7 +394,7 @@ async def create_redemption_claim(
     with _delegations():
         claim = body.claim.delegation()
         fee = body.fee.delegation() if body.fee is not None else None
-    amount = to_atomic(body.amount) if body.amount is not None else None
+    amount = atomic(body.amount) if body.amount is not None else None
     authorization = body.authorization.authorization() if body.authorization is not None else None
     return claim_out(await claims.submit_redemption(provider, claim, fee, amount, authorization))
 
@@ -450,13 +438,11 @@ async def earnings(provider: CurrentProvider, claims: ClaimsDep) -> dict[str, An
     per_listing = result["per_listing"]
     return {
         "provider": to_checksum_address(provider),
-        "claimable": usdc_text(result["claimable"]),
-        "claimable_atomic": result["claimable"],
-        "claimed": usdc_text(result["claimed"]),
-        "claimed_atomic": result["claimed"],
+        **money_fields("claimable", result["claimable"]),
+        **money_fields("claimed", result["claimed"]),
         "claimed_via_relay_atomic": result["claimed_via_relay"],
         "pending_atomic": result["pending"],
-        "per_listing": {k: usdc_text(v) for k, v in per_listing.items()} if per_listing else None,
+        "per_listing": {k: usdc(v) for k, v in per_listing.items()} if per_listing else None,
     }
 
 
