@@ -52,6 +52,7 @@ from quotra.store.models import (
     SpendPermissionRecord,
     X402Authorization,
     X402Payer,
+    new_app_user,
     table,
     utc_day,
     utcnow,
@@ -341,20 +342,8 @@ _RESERVE_USER: Final = (
 
 def _reserve_user(connection: Connection, hold: Hold, now: datetime) -> None:
     """An end user's call: within what the user may still spend (created on its first call)."""
-    connection.execute(
-        _insert_user(connection.dialect.name),
-        {
-            "app_id": hold.app_id,
-            "external_id": hold.end_user,
-            "wallet": None,
-            "spend_limit": None,
-            "spent": 0,
-            "reserved": 0,
-            "granted": 0,
-            "grant_used": 0,
-            "created_at": now,
-        },
-    )
+    assert hold.app_id is not None and hold.end_user is not None
+    connection.execute(_insert_user(connection.dialect.name), new_app_user(hold.app_id, hold.end_user, now))
     taken = connection.execute(
         _RESERVE_USER, {"b_app": hold.app_id, "b_user": hold.end_user, "b_amount": hold.amount}
     )

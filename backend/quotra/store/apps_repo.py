@@ -15,7 +15,7 @@ from sqlalchemy import and_, case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from quotra.calls.records import CallView
-from quotra.store.models import App, AppUser, Call, Grant, SpendPermissionRecord, table, utcnow
+from quotra.store.models import App, AppUser, Call, Grant, SpendPermissionRecord, new_app_user, table, utcnow
 from quotra.store.prepaid_repo import PermissionView, store_permission
 from quotra.store.repositories import Store
 from quotra.store.sql import insert_ignore, record
@@ -112,21 +112,6 @@ class Totals:
         return self.charged - self.markup
 
 
-def _new_user(app_id: str, external_id: str) -> dict[str, Any]:
-    return {
-        "app_id": app_id,
-        "external_id": external_id,
-        "wallet": None,
-        "permission_digest": None,
-        "spend_limit": None,
-        "spent": 0,
-        "reserved": 0,
-        "granted": 0,
-        "grant_used": 0,
-        "created_at": utcnow(),
-    }
-
-
 class AppsStore:
     def __init__(self, store: Store) -> None:
         self.sessions = store.sessions
@@ -196,7 +181,9 @@ class AppsStore:
             return [UserView.of(r) for r in (await session.scalars(query)).all()]
 
     async def _ensure_user(self, session: AsyncSession, app_id: str, external_id: str) -> None:
-        await session.execute(insert_ignore(self.dialect, table(AppUser), _new_user(app_id, external_id)))
+        await session.execute(
+            insert_ignore(self.dialect, table(AppUser), new_app_user(app_id, external_id, utcnow()))
+        )
 
     async def _set_user(
         self,

@@ -333,6 +333,22 @@ class AppUser(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+def new_app_user(app_id: str, external_id: str, now: datetime) -> dict[str, Any]:
+    """The row of an end user the app has not served yet: hosted, nothing granted, spent or limited."""
+    return {
+        "app_id": app_id,
+        "external_id": external_id,
+        "wallet": None,
+        "permission_digest": None,
+        "spend_limit": None,
+        "spent": 0,
+        "reserved": 0,
+        "granted": 0,
+        "grant_used": 0,
+        "created_at": now,
+    }
+
+
 class Grant(Base):
     """Free balance a developer gave: to a hosted end user (an off-chain sub-budget of the
     developer's deposit) or to a wallet (a `deposit(amount, wallet)` the developer made on-chain,

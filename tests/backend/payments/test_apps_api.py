@@ -5,13 +5,13 @@ usage and analytics, and who may see what."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import openai
 import pytest
 from eth_account import Account
-from prepaid_helpers import MAX_TOKENS, Consumer, PrepaidRelay, prepaid_relay_factory
+from prepaid_helpers import MAX_TOKENS, Consumer, PrepaidRelay
 from quotra.calls.records import CallView
 from quotra.money import markup_of, usdc
 from quotra.store.models import Call, table
@@ -20,17 +20,6 @@ from sqlalchemy import select
 USDC = 10**6
 MESSAGES = [{"role": "user", "content": "Hello there, sandbox"}]
 CALLS = table(Call)
-
-
-@pytest.fixture
-def start(make_settings: Callable[..., Any]) -> Callable[..., Any]:
-    return prepaid_relay_factory(make_settings)
-
-
-@pytest.fixture
-async def relay(start: Callable[..., Any]) -> AsyncIterator[PrepaidRelay]:
-    async with start() as running:
-        yield running
 
 
 @pytest.fixture

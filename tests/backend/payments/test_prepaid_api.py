@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,7 +22,6 @@ from prepaid_helpers import (
     WITHDRAWAL_UNLOCKS_AT,
     Consumer,
     PrepaidRelay,
-    prepaid_relay_factory,
 )
 from quotra.calls.records import CallView
 from quotra.calls.store import Served
@@ -37,17 +36,6 @@ from sqlalchemy import select
 USDC = 10**6
 PROMPT = "Hello there, sandbox"
 MESSAGES = [{"role": "user", "content": PROMPT}]
-
-
-@pytest.fixture
-def start(make_settings: Callable[..., Any]) -> Callable[..., Any]:
-    return prepaid_relay_factory(make_settings)
-
-
-@pytest.fixture
-async def relay(start: Callable[..., Any]) -> AsyncIterator[PrepaidRelay]:
-    async with start() as running:
-        yield running
 
 
 @pytest.fixture

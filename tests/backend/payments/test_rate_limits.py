@@ -11,7 +11,6 @@ import httpx
 import openai
 import pytest
 from eth_account import Account
-from prepaid_helpers import prepaid_relay_factory
 from quotra.store.db import create_engine, upgrade
 from quotra.store.rate_limits import take
 from quotra.store.transactions import Transactions
@@ -47,11 +46,6 @@ async def test_take__limit_shared_by_replicas__refills_over_the_minute(
     assert not (await a.run(take, "key:k1", 3, T0 + 19_999_999)).allowed
     assert (await b.run(take, "key:k1", 3, T0 + 20_000_000)).allowed
     assert (await a.run(take, "key:k2", 3, T0)).remaining == 2
-
-
-@pytest.fixture
-def start(make_settings: Callable[..., Any]) -> Callable[..., Any]:
-    return prepaid_relay_factory(make_settings)
 
 
 async def test_api_key__default_and_override__429_with_ratelimit_headers(start: Callable[..., Any]) -> None:
