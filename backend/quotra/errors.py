@@ -5,6 +5,8 @@ Body shape: `{"error": {"message", "type", "param", "code"}}`, which every OpenA
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -109,6 +111,17 @@ class ServiceUnavailable(QuotraError):
     status_code = 503
     type = "server_error"
     code = "service_unavailable"
+
+
+@contextmanager
+def chain_read() -> Iterator[None]:
+    """Reading the chain: any failure but the relay's own errors is a 503 `chain_unavailable`."""
+    try:
+        yield
+    except QuotraError:
+        raise
+    except Exception as exc:
+        raise ServiceUnavailable("The chain could not be read; try again", code="chain_unavailable") from exc
 
 
 def error_body(

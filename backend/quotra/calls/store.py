@@ -237,62 +237,58 @@ def _reserve_playground(
 
 
 _PERMISSION: Final = table(SpendPermissionRecord)
-_RESERVE_ACCOUNT: Final = (
-    update(ACCOUNTS)
-    .where(
-        ACCOUNTS.c.wallet == bindparam("b_wallet"),
-        ACCOUNTS.c.permission_digest.is_not(None),
-        exists().where(
-            _PERMISSION.c.digest == ACCOUNTS.c.permission_digest,
-            _PERMISSION.c.revoked_at.is_(None),
-            _PERMISSION.c.valid_after <= _param("b_now_ts"),
-            _PERMISSION.c.valid_until > _param("b_valid_until"),
-            # An app's markup goes to the app's developer: the permission must name it and allow
-            # that much, or the escrow would refuse the batch.
-            or_(
-                _param("b_markup_bps") == 0,
-                and_(
-                    _PERMISSION.c.developer == bindparam("b_developer"),
-                    _PERMISSION.c.max_markup_bps >= _param("b_markup_bps"),
-                ),
+# A permission usable now: not revoked, valid, and not expiring within the margin.
+_PERMISSION_USABLE: Final = and_(
+    _PERMISSION.c.revoked_at.is_(None),
+    _PERMISSION.c.valid_after <= _param("b_now_ts"),
+    _PERMISSION.c.valid_until > _param("b_valid_until"),
+)
+# What the wallet's deposit covers beside its pending withdrawal, unsettled and reserved calls.
+_DEPOSIT_COVERS: Final = (
+    ACCOUNTS.c.deposit - ACCOUNTS.c.pending_withdrawal - ACCOUNTS.c.unsettled - ACCOUNTS.c.reserved
+    >= _param("b_amount")
+)
+
+
+def _reserve_in(budget: Any, *where: Any) -> Any:
+    """A budget row (an account, a connected permission) reserves a call's amount where it may."""
+    return update(budget).where(*where).values(reserved=budget.c.reserved + _param("b_amount"))
+
+
+# The wallet's own calls: its deposit and its active permission.
+_RESERVE_ACCOUNT: Final = _reserve_in(
+    ACCOUNTS,
+    ACCOUNTS.c.wallet == bindparam("b_wallet"),
+    ACCOUNTS.c.permission_digest.is_not(None),
+    exists().where(
+        _PERMISSION.c.digest == ACCOUNTS.c.permission_digest,
+        _PERMISSION_USABLE,
+        # An app's markup goes to the app's developer: the permission must name it and allow
+        # that much, or the escrow would refuse the batch.
+        or_(
+            _param("b_markup_bps") == 0,
+            and_(
+                _PERMISSION.c.developer == bindparam("b_developer"),
+                _PERMISSION.c.max_markup_bps >= _param("b_markup_bps"),
             ),
         ),
-        ACCOUNTS.c.deposit - ACCOUNTS.c.pending_withdrawal - ACCOUNTS.c.unsettled - ACCOUNTS.c.reserved
-        >= _param("b_amount"),
-        ACCOUNTS.c.permission_allowance
-        - ACCOUNTS.c.permission_spent
-        - ACCOUNTS.c.unsettled
-        - ACCOUNTS.c.reserved
-        >= _param("b_amount"),
-    )
-    .values(reserved=ACCOUNTS.c.reserved + _param("b_amount"))
-    .returning(ACCOUNTS.c.permission_digest)
-)
+    ),
+    _DEPOSIT_COVERS,
+    ACCOUNTS.c.permission_allowance - ACCOUNTS.c.permission_spent - ACCOUNTS.c.unsettled - ACCOUNTS.c.reserved
+    >= _param("b_amount"),
+).returning(ACCOUNTS.c.permission_digest)
 # A connected end user's call: the wallet's deposit, and the budget of the permission it signed
 # for the app (which names the app's developer and allows its markup).
-_RESERVE_DEPOSIT: Final = (
-    update(ACCOUNTS)
-    .where(
-        ACCOUNTS.c.wallet == bindparam("b_wallet"),
-        ACCOUNTS.c.deposit - ACCOUNTS.c.pending_withdrawal - ACCOUNTS.c.unsettled - ACCOUNTS.c.reserved
-        >= _param("b_amount"),
-    )
-    .values(reserved=ACCOUNTS.c.reserved + _param("b_amount"))
-)
-_RESERVE_CONNECTED: Final = (
-    update(_PERMISSION)
-    .where(
-        _PERMISSION.c.digest == bindparam("b_digest"),
-        _PERMISSION.c.consumer == bindparam("b_wallet"),
-        _PERMISSION.c.revoked_at.is_(None),
-        _PERMISSION.c.valid_after <= _param("b_now_ts"),
-        _PERMISSION.c.valid_until > _param("b_valid_until"),
-        _PERMISSION.c.developer == bindparam("b_developer"),
-        _PERMISSION.c.max_markup_bps >= _param("b_markup_bps"),
-        _PERMISSION.c.allowance - _PERMISSION.c.spent - _PERMISSION.c.unsettled - _PERMISSION.c.reserved
-        >= _param("b_amount"),
-    )
-    .values(reserved=_PERMISSION.c.reserved + _param("b_amount"))
+_RESERVE_DEPOSIT: Final = _reserve_in(ACCOUNTS, ACCOUNTS.c.wallet == bindparam("b_wallet"), _DEPOSIT_COVERS)
+_RESERVE_CONNECTED: Final = _reserve_in(
+    _PERMISSION,
+    _PERMISSION.c.digest == bindparam("b_digest"),
+    _PERMISSION.c.consumer == bindparam("b_wallet"),
+    _PERMISSION_USABLE,
+    _PERMISSION.c.developer == bindparam("b_developer"),
+    _PERMISSION.c.max_markup_bps >= _param("b_markup_bps"),
+    _PERMISSION.c.allowance - _PERMISSION.c.spent - _PERMISSION.c.unsettled - _PERMISSION.c.reserved
+    >= _param("b_amount"),
 )
 # The key's rate limit moves in the same statement (`quotra.store.rate_limits`: `rate_tat` is the
 # theoretical arrival time of its next request; an interval of 0 is no limit).

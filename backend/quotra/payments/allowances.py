@@ -28,7 +28,7 @@ from quotra.chain import delegation as dlg
 from quotra.chain.client import EscrowClient
 from quotra.chain.deployment import DelegationFramework
 from quotra.chain.relayer import ChainCall, DirectRelayer, Relayer, RelayerError, TxState, wait_final
-from quotra.errors import BadRequest, ServiceUnavailable
+from quotra.errors import BadRequest, chain_read
 from quotra.payments.claims import ClaimConflict, check_signature, delegation_disabled, poll_forever
 from quotra.store.allowances_repo import AllowancesRepo, AllowanceView
 
@@ -185,11 +185,7 @@ class AllowanceService:
         """The wallet's allowances, each with what the current period still allows."""
         out = []
         for allowance in await self.repo.of_wallet(to_checksum_address(wallet)):
-            try:
+            with chain_read():
                 left = await self.available(allowance)
-            except Exception as exc:
-                raise ServiceUnavailable(
-                    "The chain could not be read; try again", code="chain_unavailable"
-                ) from exc
             out.append({"allowance": allowance, "available": left})
         return out

@@ -21,7 +21,7 @@ from typing import Any, Final, Protocol
 
 from eth_utils import to_checksum_address
 
-from quotra.errors import BadRequest, NotFound, ServiceUnavailable
+from quotra.errors import BadRequest, NotFound, ServiceUnavailable, chain_read
 from quotra.money import usdc
 from quotra.payments.prepaid import MAX_MARKUP_BPS, InsufficientBalance, PrepaidService
 from quotra.store.apps_repo import AppsStore, AppView, GrantView, UserView
@@ -202,12 +202,8 @@ class AppService:
             raise ServiceUnavailable(
                 "This relay has no chain to check the deposit on", code="chain_unavailable"
             )
-        try:
+        with chain_read():
             deposits = await self.chain.deposits_in(tx_hash)
-        except Exception as exc:
-            raise ServiceUnavailable(
-                "The chain could not be read; try again", code="chain_unavailable"
-            ) from exc
         if (app.owner, wallet, amount) not in deposits:
             raise BadRequest(
                 f"Transaction {tx_hash} is no confirmed deposit of {usdc(amount)} USDC from {app.owner} "

@@ -48,6 +48,7 @@ from quotra.errors import (
     PaymentRequired,
     QuotraError,
     ServiceUnavailable,
+    chain_read,
 )
 from quotra.money import MAX_BPS, markup_of, usdc
 from quotra.services.gate import Reservation, not_servable
@@ -604,12 +605,8 @@ class PrepaidService:
         """A `ReceiveWithAuthorization` of `amount` from the wallet to the escrow under USDC's
         domain, valid for an hour, with a fresh nonce: what `POST /v1/account/deposits` takes."""
         chain = self._require_chain()
-        try:
+        with chain_read():
             domain = await self._usdc(chain)
-        except Exception as exc:
-            raise ServiceUnavailable(
-                "The chain could not be read; try again", code="chain_unavailable"
-            ) from exc
         message = {
             "from": wallet,
             "to": chain.escrow_address,
@@ -701,14 +698,10 @@ class PrepaidService:
             )
         digest_hex = "0x" + digest.hex()
         known = await self.repo.get_permission(digest_hex)
-        try:
+        with chain_read():
             revoked, spent = await asyncio.gather(
                 chain.is_revoked(consumer, digest), chain.permission_spent(digest)
             )
-        except Exception as exc:
-            raise ServiceUnavailable(
-                "The chain could not be read; try again", code="chain_unavailable"
-            ) from exc
         if revoked or (known is not None and known.revoked_at is not None):
             raise InvalidPermission(
                 "This permission has been revoked (on-chain, or disconnected from its app)",
@@ -787,7 +780,7 @@ class PrepaidService:
             "validBefore": valid_before,
             "nonce": nonce,
         }
-        try:
+        with chain_read():
             domain = await self._usdc(chain)
             digest = eip712.digest(domain, "ReceiveWithAuthorization", message)
             try:
@@ -803,12 +796,6 @@ class PrepaidService:
             used, balance = await asyncio.gather(
                 chain.authorization_used(payer, nonce), chain.usdc_balance(payer)
             )
-        except QuotraError:
-            raise
-        except Exception as exc:
-            raise ServiceUnavailable(
-                "The chain could not be read; try again", code="chain_unavailable"
-            ) from exc
         if used:
             raise InvalidDeposit("This authorization's nonce is already used", code="nonce_already_used")
         if balance < value:
