@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, func, select, update
+from sqlalchemy import and_, case, func, literal_column, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from quotra.calls.records import CallView
@@ -224,9 +224,9 @@ class AppsStore:
         self, app_id: str, *, external_id: str | None = None, wallet: str | None = None
     ) -> list[str]:
         """Disconnects the app's end user `external_id`, or every one of its users `wallet`
-        connected: they are hosted again (developer billing), and their permissions are revoked
-        here (never charged again; calls already served still settle under them). The ids of the
-        users disconnected."""
+        connected: they are hosted again (developer billing), and their permissions, unless
+        another end user still pays with one, are revoked here (never charged again; calls already
+        served still settle under them). The ids of the users disconnected."""
         where = [AppUser.app_id == app_id, AppUser.wallet.is_not(None)]
         if external_id is not None:
             where.append(AppUser.external_id == external_id)
@@ -244,11 +244,14 @@ class AppsStore:
                 .values(wallet=None, permission_digest=None)
                 .execution_options(synchronize_session=False)
             )
-            if digests:
+            if digests:  # those no other end user still pays with
+                still = select(AppUser.permission_digest).where(AppUser.permission_digest.in_(digests))
                 await session.execute(
                     update(SpendPermissionRecord)
                     .where(
-                        SpendPermissionRecord.digest.in_(digests), SpendPermissionRecord.revoked_at.is_(None)
+                        SpendPermissionRecord.digest.in_(digests),
+                        SpendPermissionRecord.digest.not_in(still),
+                        SpendPermissionRecord.revoked_at.is_(None),
                     )
                     .values(revoked_at=utcnow())
                     .execution_options(synchronize_session=False)
@@ -377,12 +380,16 @@ class AppsStore:
         gate = "sandbox" if sandbox else "prepaid"
         metered = calls.c.state == "settled" if sandbox else calls.c.state.in_(CHARGED_STATES)
 
+        # One expression, no bind parameter, in the SELECT and the GROUP BY: PostgreSQL takes two
+        # binds of the same value for two expressions.
+        end_user = func.coalesce(calls.c.end_user, literal_column("''"))
+
         def money(column: Any) -> Any:
             return func.coalesce(func.sum(case((metered, column), else_=0)), 0)
 
         query = (
             select(
-                func.coalesce(calls.c.end_user, ""),
+                end_user,
                 func.count(),
                 func.coalesce(func.sum(calls.c.prompt_tokens), 0),
                 func.coalesce(func.sum(calls.c.completion_tokens), 0),
@@ -399,7 +406,7 @@ class AppsStore:
                     calls.c.created_at < end,
                 )
             )
-            .group_by(func.coalesce(calls.c.end_user, ""))
+            .group_by(end_user)
         )
         async with self.sessions() as session:
             rows = (await session.execute(query)).all()

@@ -783,6 +783,20 @@ async def test_disconnect__by_the_developer__unlinks_one_user_only(
     assert [c.end_user for c in await calls_of(relay, user.wallet)] == ["ann-2"]
     again = await relay.client.delete(f"/v1/apps/{dev.app['id']}/users/ann/wallet", headers=dev.auth())
     assert (again.status_code, again.json()["error"]["code"]) == (404, "wallet_not_connected")
+    # A permission two of the app's users pay with stays usable for the one still connected.
+    shared = await relay.prepaid.repo.get_permission(
+        (await dev.get(f"/v1/apps/{dev.app['id']}/users/ann-2"))["permission_digest"]
+    )
+    assert shared is not None
+    body = {"permission": _permission_message(shared), "signature": shared.signature}
+    linked = await relay.client.post(
+        f"/v1/apps/{dev.app['id']}/users/ann-3/wallet", json=body, headers=dev.auth()
+    )
+    assert linked.status_code == 200, linked.text
+    gone = await relay.client.delete(f"/v1/apps/{dev.app['id']}/users/ann-2/wallet", headers=dev.auth())
+    assert gone.status_code == 200, gone.text
+    await dev.chat("ann-3")
+    assert [c.end_user for c in await calls_of(relay, user.wallet)] == ["ann-2", "ann-3"]
 
 
 async def test_disconnect__unauthorised__401_or_404__nothing_changes(

@@ -16,7 +16,7 @@ import pytest
 from eth_account import Account
 from quotra.calls.records import CallView, Refused
 from quotra.calls.store import CallStore, Hold, Served
-from quotra.store.apps_repo import AppsStore
+from quotra.store.apps_repo import AppsStore, Totals
 from quotra.store.db import create_engine, upgrade
 from quotra.store.models import ConsumerAccount, utcnow
 from quotra.store.prepaid_repo import AccountView, KeyRef, PermissionView, PrepaidStore, Shortfall, hash_key
@@ -433,6 +433,10 @@ async def test_one_wallet_connected_to_two_apps__each_permission_its_own_budget(
     assert view is not None and (view.reserved, view.unsettled, view.permission_digest) == (0, 2_100, None)
     calls = {c.id: c for c in await usage(books, user)}
     assert (calls[a1].permission_digest, calls[b2].permission_digest) == (digests[0], digests[1])
+    # Each app's analytics count its own calls (one query that groups by end user on both databases).
+    hour = timedelta(hours=1)
+    _, per_user = await apps.analytics(keys[0].app_id or "", utcnow() - hour, utcnow() + hour, sandbox=False)
+    assert per_user == {"u": Totals(1, 3, 4, 1_200, 0, 0)}
 
     await books.repo.mark_permission_revoked(digests[0])  # revoked on-chain
     with pytest.raises(Refused):
