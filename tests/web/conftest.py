@@ -158,6 +158,13 @@ class Person:
     def address(self) -> str:
         return self.wallet.address
 
+    def signed_in(self, path: str) -> Page:
+        """The page at `path`, its wallet connected and signed in with Ethereum."""
+        self.page.goto(path)
+        self.page.get_by_role("button", name="Connect Test Wallet").click()
+        self.page.get_by_role("button", name="Sign in").click()
+        return self.page
+
     def screenshot(self, name: str) -> None:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         self.page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)

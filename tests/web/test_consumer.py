@@ -265,10 +265,7 @@ def test_a_smart_account_grants_a_periodic_allowance_that_tops_up_its_deposit(ma
     market.onchain.twin.mint_usdc(account.address, 10 * USDC)
     market.upgrade(account)
     consumer = person(account)
-    page = consumer.page
-    page.goto("/account")
-    page.get_by_role("button", name="Connect Test Wallet").click()
-    page.get_by_role("button", name="Sign in").click()
+    page = consumer.signed_in("/account")
     expect(page.locator("#allowance-account")).to_contain_text("MetaMask smart account")
 
     page.fill("#allowance-amount", "2")
@@ -301,7 +298,9 @@ def test_a_smart_account_grants_a_periodic_allowance_that_tops_up_its_deposit(ma
     assert redeem_revert(market, context, account.address, USDC) == exceeded
     row.get_by_role("button", name="Revoke").click()
     expect(page.locator("#allowance-result")).to_contain_text("confirmed", timeout=30_000)
-    expect(page.locator("#notice")).to_have_text("Allowance revoked: the relay can take nothing more under it.")
+    expect(page.locator("#notice")).to_have_text(
+        "Allowance revoked: the relay can take nothing more under it."
+    )
     expect(row.locator(".badge")).to_have_text("revoked")
     expect(row.get_by_role("button")).to_have_count(0)
     assert redeem_revert(market, context, account.address, USDC) == "CannotUseADisabledDelegation"
