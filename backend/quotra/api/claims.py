@@ -431,8 +431,9 @@ async def list_claims(
 async def claim_disable_typed_data(
     provider: CurrentProvider, claims: ClaimsDep, claim_id: Annotated[str, Path(pattern=CLAIM_ID_PATTERN)]
 ) -> dict[str, Any]:
+    # The relayer the claim was given to redeems the grant (no quote needed: it may be down).
     target = await claims.claim_delegation(provider, claim_id)
-    return {**await claims.disable_typed_data(target), "delegation": target.message()}
+    return {**await claims.disable_typed_data(target, target.delegate), "delegation": target.message()}
 
 
 @router.get(

@@ -637,14 +637,16 @@ class ClaimService:
             raise ServiceUnavailable("The claim's delegation cannot be rebuilt", code="delegation_unknown")
         return target
 
-    async def disable_typed_data(self, target: dlg.Delegation) -> dict[str, Any]:
+    async def disable_typed_data(self, target: dlg.Delegation, delegate: str | None = None) -> dict[str, Any]:
         """The one-use grant to sign so that the relayer makes the delegator's account call
-        `DelegationManager.disableDelegation(target)` (free of charge)."""
-        quote = await self.quote()
+        `DelegationManager.disableDelegation(target)` (free of charge): redeemed by `delegate`,
+        by default the relayer's current submitter."""
+        if delegate is None:
+            delegate = (await self.quote()).delegate
         grant = dlg.disable_delegation(
             self._fw(),
             delegator=target.delegator,
-            delegate=quote.delegate,
+            delegate=delegate,
             target=target,
             salt=secrets.randbits(64),
         )
