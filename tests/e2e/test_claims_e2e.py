@@ -646,6 +646,16 @@ async def test_erc7710_claim__relayer_down__claim_and_fee_delegations_disabled_b
             ("fee", terms["fee"]["message"]),
         ]
         grants = [signed(provider, d["typed_data"]) for d in disables]
+        other = dlg.Delegation.from_message({**terms["claim"]["message"], "salt": "1"})
+        stranger = dlg.disable_delegation(
+            world.fw, delegator=provider.address, delegate=world.gas.address, target=other, salt=1
+        )
+        stranger_grant = signed(
+            provider, stranger.typed_data(dlg.domain(world.deployment.chain_id, world.fw.delegation_manager))
+        )
+        for wrong, code in (([], "invalid_request"), ([*grants[:1], stranger_grant], "invalid_delegation")):
+            reply = await client.post(url, json={"grants": wrong}, headers=headers)
+            assert reply.status_code == 400 and reply.json()["error"]["code"] == code, reply.text
         # Both or nothing: the claim's grant alone would leave the fee redeemable.
         reply = await client.post(url, json={"grants": grants[:1]}, headers=headers)
         assert reply.status_code == 400 and reply.json()["error"]["code"] == "incomplete_disable", reply.text
