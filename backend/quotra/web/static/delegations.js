@@ -1,6 +1,6 @@
 // MetaMask smart accounts on the pages: what the signed-in account is to the Delegation Framework
-// (ERC-7710), and disabling one of its delegations without ETH: the wallet signs a one-use grant
-// that lets the relay's relayer make the account call `DelegationManager.disableDelegation`.
+// (ERC-7710), and disabling its delegations without ETH: the wallet signs one-use grants that let
+// the relay's relayer make the account call `DelegationManager.disableDelegation`.
 import { api } from "./api.js";
 import { badge, el, sleep } from "./ui.js";
 import * as wallet from "./wallet.js";
