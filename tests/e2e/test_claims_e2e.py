@@ -605,12 +605,21 @@ async def test_erc7710_claim__relayer_down__pending_then_redeemed_once(
     assert world.eth(provider.address) == 0
 
 
-async def test_erc7710_claim__relayer_down__its_delegation_disabled_by_claim_id__never_redeemed(
+def fee_alone(world: World, fee: dict[str, Any]) -> dict[str, Any]:
+    """The relayer's `redeemDelegations` of a claim's fee delegation without the claim, as a call."""
+    delegation = dlg.Delegation.from_message(fee["message"], bytes.fromhex(fee["signature"][2:]))
+    transfer = dlg.Execution(world.deployment.usdc, dlg.erc20_transfer(world.gas.address, FEE))
+    data = dlg.encode_redeem([dlg.Redemption(dlg.encode_context([delegation]), (transfer,))])
+    return {"from": world.gas.address, "to": world.fw.delegation_manager, "data": data}
+
+
+async def test_erc7710_claim__relayer_down__claim_and_fee_delegations_disabled_by_claim_id__never_redeemed(
     world: World, client: httpx.AsyncClient
 ):
     provider = new_account()
     world.chain.upgrade(provider, world.fw.stateless_delegator, world.gas)
     earned = world.fund(provider.address, USDC)
+    world.twin.mint_usdc(provider.address, USDC)  # USDC in the account the fee delegation could take
     headers = await sign_in(client, provider)
     kind = (await client.get("/v1/account/smart-account", headers=headers)).json()
     assert (kind["kind"], kind["erc7710"], kind["delegation_manager"]) == (
@@ -620,25 +629,45 @@ async def test_erc7710_claim__relayer_down__its_delegation_disabled_by_claim_id_
     )
     terms = await offer(client, headers, format_usdc(earned))
     body = {"claim": signed(provider, terms["claim"]), "fee": signed(provider, terms["fee"])}
+    # Alone, the fee delegation would pay the relayer without any claim.
+    world.chain.w3.eth.call(fee_alone(world, body["fee"]))  # type: ignore[arg-type]
     world.relayer.stop()
     try:
         reply = await client.post("/v1/provider/claims/erc7710", json=body, headers=headers)
         assert reply.status_code == 202 and reply.json()["status"] == "requested", reply.text
         claim_id = reply.json()["id"]
-        # The claim's delegation, rebuilt by the relay, to disable through the relayer holding it.
-        reply = await client.get(f"/v1/provider/claims/{claim_id}/disable/typed-data", headers=headers)
+        # The claim's delegations, rebuilt by the relay, to disable through the relayer holding them.
+        url = f"/v1/provider/claims/{claim_id}/disable"
+        reply = await client.get(url + "/typed-data", headers=headers)
         assert reply.status_code == 200, reply.text
-        grant = reply.json()
-        assert grant["delegation"] == terms["claim"]["message"]
-        body = {"delegation": grant["delegation"], "grant": signed(provider, grant["typed_data"])}
-        reply = await client.post("/v1/delegations/disable", json=body)
+        disables = reply.json()["disables"]
+        assert [(d["role"], d["delegation"]) for d in disables] == [
+            ("claim", terms["claim"]["message"]),
+            ("fee", terms["fee"]["message"]),
+        ]
+        grants = [signed(provider, d["typed_data"]) for d in disables]
+        other = dlg.Delegation.from_message({**terms["claim"]["message"], "salt": "1"})
+        stranger = dlg.disable_delegation(
+            world.fw, delegator=provider.address, delegate=world.gas.address, target=other, salt=1
+        )
+        stranger_grant = signed(
+            provider, stranger.typed_data(dlg.domain(world.deployment.chain_id, world.fw.delegation_manager))
+        )
+        for wrong, code in (([], "invalid_request"), ([*grants[:1], stranger_grant], "invalid_delegation")):
+            reply = await client.post(url, json={"grants": wrong}, headers=headers)
+            assert reply.status_code == 400 and reply.json()["error"]["code"] == code, reply.text
+        # Both or nothing: the claim's grant alone would leave the fee redeemable.
+        reply = await client.post(url, json={"grants": grants[:1]}, headers=headers)
+        assert reply.status_code == 400 and reply.json()["error"]["code"] == "incomplete_disable", reply.text
+        reply = await client.post(url, json={"grants": grants}, headers=headers)
         assert reply.status_code == 202 and reply.json()["kind"] == "delegation", reply.text
         revocation_id = reply.json()["id"]
     finally:
         world.relayer.start()
 
-    # The relay never sends the claim again; the relayer disables the delegation on-chain.
-    assert (await final_revocation(client, revocation_id))["status"] == "confirmed"
+    # The relay never sends the claim again; the relayer disables both delegations in one transaction.
+    revocation = await final_revocation(client, revocation_id)
+    assert revocation["status"] == "confirmed", revocation
     claim = await final_claim(client, headers, claim_id)
     assert (claim["status"], claim["error"]) == ("failed", "delegation revoked")
     (listed,) = (await client.get("/v1/provider/claims", headers=headers)).json()["data"]
@@ -646,10 +675,18 @@ async def test_erc7710_claim__relayer_down__its_delegation_disabled_by_claim_id_
     manager = world.chain.w3.eth.contract(
         address=to_checksum_address(world.fw.delegation_manager), abi=framework.abi("DelegationManager")
     )
-    digest = HexBytes(claim["delegation_digest"])
-    assert manager.functions.disabledDelegations(digest).call() is True
+    fee = dlg.Delegation.from_message(terms["fee"]["message"])
+    assert manager.functions.disabledDelegations(HexBytes(claim["delegation_digest"])).call() is True
+    assert manager.functions.disabledDelegations(fee.hash).call() is True
+    # The relayer cannot take the fee alone any more: the framework refuses the fee delegation.
+    with pytest.raises(ContractCustomError) as caught:
+        world.chain.w3.eth.call(fee_alone(world, body["fee"]))  # type: ignore[arg-type]
+    assert dlg.describe_revert(caught.value.data) == "CannotUseADisabledDelegation"  # type: ignore[arg-type]
+    assert world.balance(provider.address) == USDC
     assert world.escrow.functions.earnings(provider.address).call() == earned
     assert world.eth(provider.address) == 0
+    reply = await client.get(url + "/typed-data", headers=headers)
+    assert reply.status_code == 409 and reply.json()["error"]["code"] == "delegation_revoked", reply.text
 
 
 async def test_disable_delegation__gasless__then_claims_refused(

@@ -231,8 +231,23 @@ class DisableTypedDataOut(BaseModel):
     hash: str
 
 
-class ClaimDisableOut(DisableTypedDataOut):
-    delegation: dict[str, Any] = Field(description="The claim's delegation (its EIP-712 message) to disable")
+class ClaimDisableGrantOut(DisableTypedDataOut):
+    delegation: dict[str, Any] = Field(description="The delegation (its EIP-712 message) to disable")
+    role: str = Field(description="claim (the claim's own delegation) or fee (the relayer's fee's)")
+
+
+class ClaimDisableOut(BaseModel):
+    disables: list[ClaimDisableGrantOut] = Field(
+        description="One grant to sign per delegation of the claim still enabled, the claim's first"
+    )
+
+
+class ClaimDisableRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grants: list[SignedFrameworkDelegation] = Field(
+        min_length=1, max_length=2, description="The signed grants of the typed data's disables"
+    )
 
 
 class AccountKindOut(BaseModel):
@@ -425,15 +440,33 @@ async def list_claims(
 @router.get(
     "/v1/provider/claims/{claim_id}/disable/typed-data",
     response_model=ClaimDisableOut,
-    summary="The grant to sign so the relayer disables an ERC-7710 claim's delegation for free",
-    responses=errors(400, 401, 404, 503),
+    summary="The grants to sign so the relayer disables an ERC-7710 claim's delegations for free",
+    responses=errors(400, 401, 404, 409, 503),
 )
 async def claim_disable_typed_data(
     provider: CurrentProvider, claims: ClaimsDep, claim_id: Annotated[str, Path(pattern=CLAIM_ID_PATTERN)]
 ) -> dict[str, Any]:
-    # The relayer the claim was given to redeems the grant (no quote needed: it may be down).
-    target = await claims.claim_delegation(provider, claim_id)
-    return {**await claims.disable_typed_data(target, target.delegate), "delegation": target.message()}
+    return {"disables": await claims.claim_disable_typed_data(provider, claim_id)}
+
+
+@router.post(
+    "/v1/provider/claims/{claim_id}/disable",
+    response_model=RevocationOut,
+    status_code=202,
+    summary="Disable an ERC-7710 claim's delegations (claim and fee) in one transaction, without ETH",
+    responses=errors(400, 401, 404, 409, 503),
+)
+async def disable_claim(
+    body: ClaimDisableRequest,
+    provider: CurrentProvider,
+    claims: ClaimsDep,
+    claim_id: Annotated[str, Path(pattern=CLAIM_ID_PATTERN)],
+) -> dict[str, Any]:
+    try:
+        grants = [grant.delegation() for grant in body.grants]
+    except dlg.DelegationError as exc:
+        raise BadRequest(str(exc), code="invalid_delegation") from None
+    return revocation_out(await claims.disable_claim(provider, claim_id, grants))
 
 
 @router.get(

@@ -1,6 +1,6 @@
 // MetaMask smart accounts on the pages: what the signed-in account is to the Delegation Framework
-// (ERC-7710), and disabling one of its delegations without ETH: the wallet signs a one-use grant
-// that lets the relay's relayer make the account call `DelegationManager.disableDelegation`.
+// (ERC-7710), and disabling its delegations without ETH: the wallet signs one-use grants that let
+// the relay's relayer make the account call `DelegationManager.disableDelegation`.
 import { api } from "./api.js";
 import { badge, el, sleep } from "./ui.js";
 import * as wallet from "./wallet.js";
@@ -25,6 +25,19 @@ export async function disable(network, delegation, grant) {
     method: "POST",
     body: { delegation, grant: { message: grant.typed_data.message, signature } },
   });
+}
+
+// Disables an ERC-7710 claim's delegations still enabled, its own and its relayer fee's (else the
+// relayer could still take the fee): the wallet signs one grant for each in turn, and the relayer
+// redeems them in one transaction. The revocation as the relay records it.
+export async function disableClaim(network, claimId, box) {
+  const { disables } = await api(`/v1/provider/claims/${claimId}/disable/typed-data`);
+  const grants = [];
+  for (const [i, d] of disables.entries()) {
+    box.replaceChildren(badge(`sign ${i + 1} of ${disables.length}`, "warn"), ` disabling the ${d.role}'s delegation…`);
+    grants.push({ message: d.typed_data.message, signature: await wallet.signTypedData(network, d.typed_data) });
+  }
+  return api(`/v1/provider/claims/${claimId}/disable`, { method: "POST", body: { grants } });
 }
 
 // Follows a revocation until it is mined (or failed), showing each state in `box`.

@@ -99,7 +99,7 @@ function showClaimPath(kind) {
       " Your account is an EIP-7702 smart account (MetaMask's stateless DeleGator): you claim by ERC-7710. You sign a " +
         "Delegation Framework delegation that lets the relayer make your account call the escrow's claim once, for at " +
         "most this amount, to you, before it expires; the relayer redeems it (DelegationManager.redeemDelegations) with " +
-        "its USDC fee, and you can disable it below while it is unused.",
+        "its USDC fee (a second delegation), and you can disable both below while they are unused.",
     );
   } else if (!kind.delegation_manager) {
     path.textContent = "You claim with the escrow's own delegation: this relay's chain has no Delegation Framework for ERC-7710.";
@@ -120,8 +120,8 @@ function claimStatus(c) {
   return badge(c.status, c.status === "confirmed" ? "ok" : c.status === "failed" ? "bad" : "warn");
 }
 
-// An ERC-7710 claim's delegation stays usable until it is redeemed or expires: while the claim is
-// not confirmed, the provider may disable it.
+// An ERC-7710 claim's delegations (the claim's and its fee's) stay usable until redeemed or expired:
+// while the claim is not confirmed, the provider may disable both.
 function delegationCell(c) {
   if (c.kind !== "erc7710") return el("td", { class: "small muted", text: "escrow delegation" });
   if (c.delegation_revoked) return el("td", { class: "small" }, "ERC-7710 ", badge("disabled", "bad"));
@@ -130,10 +130,9 @@ function delegationCell(c) {
   button.addEventListener("click", () =>
     busy(button, async () => {
       await ctx.ready({ signedIn: true });
-      const grant = await api(`/v1/provider/claims/${c.id}/disable/typed-data`);
       const box = $("#disable-status");
-      const revocation = await delegations.follow(await delegations.disable(ctx.network, grant.delegation, grant), box);
-      if (revocation.status === "confirmed") notify(`The delegation of ${c.id} is disabled: it can no longer be redeemed.`, "ok");
+      const revocation = await delegations.follow(await delegations.disableClaim(ctx.network, c.id, box), box);
+      if (revocation.status === "confirmed") notify(`The delegations of ${c.id} are disabled: neither the claim nor its fee can be redeemed.`, "ok");
       await load();
     }, explain),
   );
