@@ -10,9 +10,9 @@ signature checks). Prints a markdown table and writes it to bench/results/gas.md
 The ETH-free paths of MetaMask smart accounts (issue 14) are measured too, with the Delegation
 Framework's npm bytecode the twin carries: an ERC-7710 claim with the relayer's fee in the same
 `redeemDelegations` (the provider already an EIP-7702 account, and with its upgrade in the same
-transaction), a gasless `disableDelegation`, a periodic-allowance top-up, and the consumer's signed
-withdrawal steps. Their `escrow own` column includes the framework's execution (DelegationManager,
-caveat enforcers, the smart accounts).
+transaction), a gasless `disableDelegation` (one delegation, and a claim's with its fee's), a
+periodic-allowance top-up, and the consumer's signed withdrawal steps. Their `escrow own` column
+includes the framework's execution (DelegationManager, caveat enforcers, the smart accounts).
 
 Targets (DESIGN.md section 5 and issue 15): x402 single <= 90k, x402 batched <= 45k per call
 (issue 15 allows up to 50k for the operator-proof refunds), prepaid batched <= 2k per call at 100
@@ -336,7 +336,9 @@ class Bench:
         assert fw is not None
         return self.chain.send(fw.delegation_manager, dlg.encode_redeem(entries), sender, **kwargs)
 
-    def erc7710_claim(self, provider: LocalAccount, amount: int, *, upgrade: bool) -> tuple[TxReceipt, Any]:
+    def erc7710_claim(
+        self, provider: LocalAccount, amount: int, *, upgrade: bool
+    ) -> tuple[TxReceipt, tuple[dlg.Delegation, dlg.Delegation]]:
         fw, relayer = self.twin.framework, self.relayer
         now = self.w3.eth.get_block("latest")["timestamp"]
         common = {"provider": provider.address, "delegate": relayer.address, "usdc": self.usdc.address}
@@ -364,31 +366,42 @@ class Bench:
         if upgrade:
             nonce = self.w3.eth.get_transaction_count(provider.address)
             auths = [sign_set_code(provider, fw.stateless_delegator, self.chain.chain_id, nonce)]
-        return self.redeem(entries, relayer, authorizations=auths, label="ERC-7710 claim"), claim
+        return self.redeem(entries, relayer, authorizations=auths, label="ERC-7710 claim"), (claim, fee)
 
     def smart_accounts(self, provider: LocalAccount, consumer: LocalAccount) -> None:
         fw, f, relayer = self.twin.framework, self.escrow.functions, self.relayer
         assert fw is not None
-        receipt, _ = self.erc7710_claim(provider, 200_000, upgrade=True)
+        receipt, first = self.erc7710_claim(provider, 200_000, upgrade=True)
         self.measure(
             "ERC-7710 claim + relayer fee, with the EIP-7702 upgrade (redeemDelegations, type 4)", 1, receipt
         )
-        receipt, claim = self.erc7710_claim(provider, 200_000, upgrade=False)
+        receipt, (claim, _) = self.erc7710_claim(provider, 200_000, upgrade=False)
         self.measure("ERC-7710 claim + relayer fee (redeemDelegations)", 1, receipt)
 
-        off = self.signed(
-            provider,
-            dlg.disable_delegation(
-                fw,
-                delegator=provider.address,
-                delegate=relayer.address,
-                target=claim,
-                salt=secrets.randbits(64),
-            ),
-            fw,
+        def disable(*targets: dlg.Delegation) -> TxReceipt:
+            grants = [
+                self.signed(
+                    provider,
+                    dlg.disable_delegation(
+                        fw, delegator=provider.address, delegate=relayer.address, target=t,
+                        salt=secrets.randbits(64),
+                    ),
+                    fw,
+                )
+                for t in targets
+            ]  # fmt: skip
+            entries = [
+                dlg.disable_redemption(g, t, fw.delegation_manager)
+                for g, t in zip(grants, targets, strict=True)
+            ]
+            return self.redeem(entries, relayer)
+
+        self.measure("disableDelegation (gasless, a redeemed one-use grant)", 1, disable(claim))
+        self.measure(
+            "disableDelegation of an ERC-7710 claim's and its fee's delegations (two grants, one tx)",
+            1,
+            disable(*first),
         )
-        receipt = self.redeem([dlg.disable_redemption(off, claim, fw.delegation_manager)], relayer)
-        self.measure("disableDelegation (gasless, a redeemed one-use grant)", 1, receipt)
 
         # A periodic allowance (ERC-7715 erc20-token-periodic) tops up a deposit: the operator's
         # own smart account redeems it and deposits for the consumer.

@@ -7,7 +7,7 @@ disable-erc7710 --claim-file F [--relayer ADDR]
 
 The `*-erc7710` commands are for a provider whose account is a MetaMask smart account (EIP-7702):
 they sign Delegation Framework delegations (ERC-7710) for the relay's
-`POST /v1/provider/claims/erc7710` and `POST /v1/delegations/disable`, with no ETH.
+`POST /v1/provider/claims/erc7710` and `POST /v1/provider/claims/{id}/disable`, with no ETH.
 """
 
 from __future__ import annotations
@@ -202,34 +202,37 @@ def sign_erc7710(
     "--relayer",
     type=ADDRESS,
     default=None,
-    help="Sign a gasless disable for this relayer instead of sending.",
+    help="Sign gasless disables for this relayer instead of sending.",
 )
 @yes_option
 def disable_erc7710(account: Any, claim_file: Path, relayer: str | None, yes: bool) -> None:
-    """Disable an ERC-7710 claim delegation (DelegationManager.disableDelegation): sent from the
-    account, or with --relayer signed as a one-use grant for POST /v1/delegations/disable."""
+    """Disable an ERC-7710 claim's delegations, the claim's and its relayer fee's (else the relayer
+    could still take the fee), with DelegationManager.disableDelegation: sent from the account, or
+    with --relayer signed as one-use grants (the body of POST /v1/provider/claims/{id}/disable)."""
     from ape import Contract
     from quotra_dev import framework
 
     deployment = load_deployment()
     fw = require_framework(deployment)
     try:
-        target = dlg.Delegation.from_message(
-            json.loads(claim_file.read_text(encoding="utf-8"))["claim"]["message"]
-        )
+        body = json.loads(claim_file.read_text(encoding="utf-8"))
+        targets = [
+            dlg.Delegation.from_message(body[name]["message"]) for name in ("claim", "fee") if body.get(name)
+        ]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise click.BadParameter(f"cannot read {claim_file}: {exc}", param_hint="--claim-file") from None
-    if target.delegator != account.address:
-        raise click.BadParameter(f"the delegation is {target.delegator}'s", param_hint="--claim-file")
+    if targets[0].delegator != account.address:
+        raise click.BadParameter(f"the delegation is {targets[0].delegator}'s", param_hint="--claim-file")
     if relayer is not None:
-        grant = dlg.disable_delegation(
-            fw, delegator=account.address, delegate=relayer, target=target, salt=new_salt()
-        )
-        signed = sign_framework_delegation(account, deployment, grant)
-        echo_json({"delegation": target.message(), "grant": signed}, None)
+        grants = [
+            dlg.disable_delegation(fw, delegator=account.address, delegate=relayer, target=t, salt=new_salt())
+            for t in targets
+        ]
+        echo_json({"grants": [sign_framework_delegation(account, deployment, g) for g in grants]}, None)
         return
-    confirm(yes, f"Disable delegation 0x{target.hash.hex()}?")
+    confirm(yes, "Disable " + " and ".join(f"delegation 0x{t.hash.hex()}" for t in targets) + "?")
     manager = Contract(fw.delegation_manager, abi=framework.abi("DelegationManager"))
-    with reverts_as_click_errors("disableDelegation"):
-        manager.disableDelegation(target.as_tuple(), sender=account)
-    click.echo(f"disabled 0x{target.hash.hex()}")
+    for target in targets:
+        with reverts_as_click_errors("disableDelegation"):
+            manager.disableDelegation(target.as_tuple(), sender=account)
+        click.echo(f"disabled 0x{target.hash.hex()}")

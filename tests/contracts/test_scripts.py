@@ -338,23 +338,32 @@ def test_sign_erc7710__relayer_redeems_with_its_fee__then_disabled(
     assert usdc.functions.balanceOf(SMART.address).call() - wallet_before == 890_000
     assert usdc.functions.balanceOf(RELAYER.address).call() - relayer_before == 10_000
 
-    # Disabled without ETH: a signed one-use grant the relayer redeems.
-    grant_body = json.loads(
+    # Disabled without ETH, the claim's delegation and its fee's: one-use grants the relayer
+    # redeems in one transaction.
+    grants_body = json.loads(
         ape_run.ok(
             "provider", "disable-erc7710", "--claim-file", str(tmp_path / "claim.json"),
             "--relayer", RELAYER.address, "--account", "TEST::6",
         )
     )  # fmt: skip
-    grant = dlg.Delegation.from_message(
-        grant_body["grant"]["message"], bytes.fromhex(grant_body["grant"]["signature"][2:])
-    )
+    grants = [
+        dlg.Delegation.from_message(g["message"], bytes.fromhex(g["signature"][2:]))
+        for g in grants_body["grants"]
+    ]
+    assert [dlg.grant_target(fw, g, [claim, fee]) for g in grants] == [claim, fee]
     chain_.send(
         fw.delegation_manager,
-        dlg.encode_redeem([dlg.disable_redemption(grant, claim, fw.delegation_manager)]),
+        dlg.encode_redeem(
+            [
+                dlg.disable_redemption(g, t, fw.delegation_manager)
+                for g, t in zip(grants, [claim, fee], strict=True)
+            ]
+        ),
         relayer,
     )
     manager = chain_.w3.eth.contract(address=fw.delegation_manager, abi=framework.abi("DelegationManager"))
     assert manager.functions.disabledDelegations(claim.hash).call() is True
+    assert manager.functions.disabledDelegations(fee.hash).call() is True
 
     # Or from the account itself, with ETH.
     second = ape_run.ok(

@@ -687,6 +687,15 @@ def check_disable(fw: DelegationFramework, grant: Delegation, target: Delegation
     _same(grant, expected, "disableDelegation")
 
 
+def grant_target(fw: DelegationFramework, grant: Delegation, targets: Sequence[Delegation]) -> Delegation:
+    """The one of `targets` that `grant` (a `disable_delegation` grant) disables."""
+    for target in targets:
+        with contextlib.suppress(DelegationError):
+            check_disable(fw, grant, target)
+            return target
+    raise DelegationError("the grant disables none of these delegations")
+
+
 def disable_redemption(off: Delegation, target: Delegation, delegation_manager: str) -> Redemption:
     """The `redeemDelegations` entry that runs a signed `disable_delegation` grant."""
     return Redemption(encode_context([off]), (Execution(delegation_manager, encode_disable(target)),))

@@ -14,7 +14,8 @@ once before an expiry, one paying the relayer's fee in USDC. The relay checks th
 hands the relayer one `redeemDelegations` (with the account's EIP-7702 authorization when it is not
 upgraded yet); such a claim is tracked like any other (`kind` `erc7710`, the redemption kept for
 resends). A framework delegation is revoked with `disableDelegation`, which the delegator's account
-calls under a one-use grant the relayer redeems for free.
+calls under a one-use grant the relayer redeems for free; disabling an ERC-7710 claim disables its
+fee's delegation too, in the same transaction.
 """
 
 from __future__ import annotations
@@ -591,14 +592,84 @@ class ClaimService:
             provider, grant.payee, digest_hex, amount, fee_amount, call, kind="erc7710"
         )
 
-    async def disable_typed_data(self, target: dlg.Delegation) -> dict[str, Any]:
+    async def account_kind(self, account: str) -> dict[str, Any]:
+        """What `account` is to the Delegation Framework: MetaMask's stateless DeleGator by
+        EIP-7702 (its framework delegations can be redeemed), a plain EOA, or another contract."""
+        account = to_checksum_address(account)
+        code = await self.escrow.code_at(account)
+        fw = self.framework
+        if fw is not None and dlg.is_delegated_to(code, fw.stateless_delegator):
+            kind = "metamask_eip7702"
+        else:
+            kind = "contract" if code else "eoa"
+        return {
+            "address": account,
+            "kind": kind,
+            "erc7710": kind == "metamask_eip7702",
+            "stateless_delegator": fw.stateless_delegator if fw is not None else None,
+            "delegation_manager": fw.delegation_manager if fw is not None else None,
+        }
+
+    async def claim_delegations(self, provider: str, claim_id: str) -> list[dlg.Delegation]:
+        """The framework delegations an ERC-7710 claim of `provider`'s was made under: the claim's,
+        rebuilt from what the relay recorded, then the relayer's fee's (if it charged one), read
+        from the redemption kept for resends (signatures aside: `disableDelegation` needs none)."""
+        claim = await self.repo.get_claim(claim_id)
+        if claim is None or claim.provider != to_checksum_address(provider):
+            raise NotFound(f"No claim {claim_id}")
+        row = await self.repo.get_delegation(claim.delegation_digest)
+        if claim.kind != "erc7710" or row is None or claim.redemption is None:
+            raise BadRequest(
+                "This claim was made under the escrow's own Delegation: revoke that with a signed "
+                "Revocation (POST /v1/revocations)",
+                code="not_an_erc7710_claim",
+            )
+        fw = self._fw()
+        target = dlg.claim_delegation(
+            fw,
+            provider=row.provider,
+            delegate=row.delegate,
+            escrow=self.escrow.escrow_address,
+            usdc=self.escrow.usdc_address,
+            payee=row.payee,
+            cap=row.max_amount,
+            valid_until=row.valid_until,
+            salt=row.salt,
+        )
+        if _hex(target.hash) != claim.delegation_digest:
+            raise ServiceUnavailable("The claim's delegation cannot be rebuilt", code="delegation_unknown")
+        redemption = ChainCall.from_redemption_json(fw.delegation_manager, claim.redemption, label="claim")
+        fees = [dlg.decode_context(entry.context)[0].signed(b"") for entry in redemption.redemptions[1:]]
+        return [target, *fees]
+
+    async def claim_disable_typed_data(self, provider: str, claim_id: str) -> list[dict[str, Any]]:
+        """The grants to sign, one per delegation of the claim still enabled on-chain (its own,
+        then its fee's), for `disable_claim`: redeemed by the relayer the claim was given to (no
+        quote needed: it may be down)."""
+        targets = await self.claim_delegations(provider, claim_id)
+        disabled = await asyncio.gather(*(self.disabled(t.hash) for t in targets))
+        live = [t for t, off in zip(targets, disabled, strict=True) if not off]
+        if not live:
+            raise ClaimConflict("The claim's delegations are already disabled", code="delegation_revoked")
+        return [
+            {
+                **await self.disable_typed_data(t, targets[0].delegate),
+                "delegation": t.message(),
+                "role": "claim" if t == targets[0] else "fee",
+            }
+            for t in live
+        ]
+
+    async def disable_typed_data(self, target: dlg.Delegation, delegate: str | None = None) -> dict[str, Any]:
         """The one-use grant to sign so that the relayer makes the delegator's account call
-        `DelegationManager.disableDelegation(target)` (free of charge)."""
-        quote = await self.quote()
+        `DelegationManager.disableDelegation(target)` (free of charge): redeemed by `delegate`,
+        by default the relayer's current submitter."""
+        if delegate is None:
+            delegate = (await self.quote()).delegate
         grant = dlg.disable_delegation(
             self._fw(),
             delegator=target.delegator,
-            delegate=quote.delegate,
+            delegate=delegate,
             target=target,
             salt=secrets.randbits(64),
         )
@@ -606,26 +677,59 @@ class ClaimService:
 
     async def disable(self, target: dlg.Delegation, grant: dlg.Delegation) -> RevocationView:
         """Stop using `target` at once, then disable it on-chain through the relayer."""
-        fw = self._fw()
         try:
-            dlg.check_disable(fw, grant, target)
+            dlg.check_disable(self._fw(), grant, target)
         except dlg.DelegationError as exc:
             raise BadRequest(str(exc), code="invalid_delegation") from None
-        account = target.delegator
-        code, already = await asyncio.gather(self.escrow.code_at(account), self.disabled(target.hash))
+        return await self._disable([(target, grant)])
+
+    async def disable_claim(
+        self, provider: str, claim_id: str, grants: list[dlg.Delegation]
+    ) -> RevocationView:
+        """Disable every delegation of an ERC-7710 claim still enabled (its own and its fee's: the
+        relayer must not be able to take the fee without the claim), in one gasless transaction;
+        `grants` must cover all of them."""
+        targets = await self.claim_delegations(provider, claim_id)
+        fw = self._fw()
+        try:
+            granted = {dlg.grant_target(fw, grant, targets).hash: grant for grant in grants}
+        except dlg.DelegationError as exc:
+            raise BadRequest(str(exc), code="invalid_delegation") from None
+        disabled = await asyncio.gather(*(self.disabled(t.hash) for t in targets))
+        missing = [t for t, off in zip(targets, disabled, strict=True) if not off and t.hash not in granted]
+        if missing:
+            raise BadRequest(
+                f"Sign the grants of all the claim's enabled delegations: none for {_hex(missing[0].hash)} "
+                f"(GET /v1/provider/claims/{claim_id}/disable/typed-data)",
+                code="incomplete_disable",
+            )
+        return await self._disable([(t, granted[t.hash]) for t in targets if t.hash in granted])
+
+    async def _disable(self, pairs: list[tuple[dlg.Delegation, dlg.Delegation]]) -> RevocationView:
+        """Stop using the targets at once, then disable those still enabled on-chain in one
+        `redeemDelegations` through the relayer; each (target, grant) already checked, all of one
+        delegator. The revocation's item is the first target disabled by the call."""
+        fw = self._fw()
+        account = pairs[0][0].delegator
+        code, disabled = await asyncio.gather(
+            self.escrow.code_at(account), asyncio.gather(*(self.disabled(t.hash) for t, _ in pairs))
+        )
         if not dlg.is_delegated_to(code, fw.stateless_delegator):
             raise BadRequest(
                 f"{account} is not a MetaMask smart account: its delegations cannot be redeemed anyway",
                 code="not_a_smart_account",
             )
-        check_signature(grant.digest(self._dm_domain()), _hex(grant.signature), account, False)
+        for _, grant in pairs:
+            check_signature(grant.digest(self._dm_domain()), _hex(grant.signature), account, False)
+        live = [pair for pair, off in zip(pairs, disabled, strict=True) if not off]
+        target, grant = (live or pairs)[0]
         call = ChainCall.redeem(
             fw.delegation_manager,
-            [dlg.disable_redemption(grant, target, fw.delegation_manager)],
+            [dlg.disable_redemption(g, t, fw.delegation_manager) for t, g in live or pairs],
             label="disableDelegation",
         )
         return await self._record_revocation(
-            account, target.hash, _hex(grant.signature), already, call, redemption=call.redemption_json()
+            account, target.hash, _hex(grant.signature), not live, call, redemption=call.redemption_json()
         )
 
     # ---- the poller ----------------------------------------------------------------------------

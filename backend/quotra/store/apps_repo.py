@@ -380,13 +380,12 @@ class AppsStore:
         gate = "sandbox" if sandbox else "prepaid"
         metered = calls.c.state == "settled" if sandbox else calls.c.state.in_(CHARGED_STATES)
 
-        # One expression, no bind parameter, in the SELECT and the GROUP BY: PostgreSQL takes two
-        # binds of the same value for two expressions.
-        end_user = func.coalesce(calls.c.end_user, literal_column("''"))
-
         def money(column: Any) -> Any:
             return func.coalesce(func.sum(case((metered, column), else_=0)), 0)
 
+        # The same SQL text in SELECT and GROUP BY: with a bound "" in each, PostgreSQL sees two
+        # different expressions and refuses the query.
+        end_user = func.coalesce(calls.c.end_user, literal_column("''"))
         query = (
             select(
                 end_user,
