@@ -15,6 +15,16 @@ USDC_UNIT: Final = 10**USDC_DECIMALS
 MAX_BPS: Final = 10_000
 
 
+def atomic(value: Decimal) -> int:
+    """USDC as the API takes it (a validated decimal) in atomic units."""
+    return int(value * USDC_UNIT)
+
+
+def money_fields(name: str, amount: int) -> dict[str, object]:
+    """An amount as the API answers it: USDC text beside its atomic integer (`name_atomic`)."""
+    return {name: usdc(amount), f"{name}_atomic": amount}
+
+
 def parse_usdc(text: str | int | Decimal) -> int:
     """Human USDC (`"1.50"`) to atomic units (1_500_000), exactly: no floats, no rounding.
 

@@ -19,7 +19,7 @@ from quotra.bounds import Address, Name, Omittable, PageSize, Uint256
 from quotra.calls.records import CALL_ID_PATTERN, CallView, payer_ids
 from quotra.chain import delegation as dlg
 from quotra.errors import BadRequest, NotFound
-from quotra.money import usdc
+from quotra.money import atomic, money_fields, usdc
 from quotra.payments.allowances import AllowanceService
 from quotra.payments.exits import Exits
 from quotra.payments.prepaid import MAX_MARKUP_BPS, PrepaidService
@@ -28,21 +28,10 @@ from quotra.store.prepaid_repo import ApiKeyView
 
 router = APIRouter(prefix="/v1/account", tags=["account"], route_class=BoundedRoute)
 
-ATOMIC = Decimal(10**6)
 Usdc = Annotated[Decimal, Field(gt=0, le=Decimal(10**9), decimal_places=6, description="USDC")]
 RatePerMinute = Annotated[int, Field(ge=1, le=100_000)]
 KeyId = Annotated[str, Path(pattern=r"^key_[0-9a-f]{16}$")]
 T = TypeVar("T")
-
-
-def atomic(value: Decimal) -> int:
-    """USDC as the API takes it (a decimal) in atomic units."""
-    return int(value * ATOMIC)
-
-
-def money_fields(name: str, amount: int) -> dict[str, Any]:
-    """An amount as the API answers it: USDC text beside its atomic integer (`name_atomic`)."""
-    return {name: usdc(amount), f"{name}_atomic": amount}
 
 
 # ---- models -------------------------------------------------------------------------------------

@@ -24,16 +24,15 @@ from quotra.api.account import (
     TypedDataResponse,
     UsageList,
     Usdc,
-    atomic,
     key_view,
     list_page,
-    money_fields,
     usage_page,
 )
 from quotra.api.deps import SESSION_PREFIX, CurrentProvider, RuntimeDep, bearer_token
 from quotra.api.routing import BoundedRoute, errors
 from quotra.calls.records import CALL_ID_PATTERN
 from quotra.errors import AuthenticationFailed, BadRequest, NotFound
+from quotra.money import atomic, money_fields
 from quotra.payments.apps import AppService
 from quotra.payments.prepaid import KEY_PREFIX, MAX_MARKUP_BPS
 from quotra.store.apps_repo import AppView, GrantView, Totals, UserView

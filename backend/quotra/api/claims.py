@@ -17,14 +17,13 @@ from eth_utils import to_checksum_address
 from fastapi import APIRouter, Depends, Path
 from pydantic import BaseModel, ConfigDict, Field
 
-from quotra.api.account import atomic, money_fields
 from quotra.api.deps import CurrentProvider, RuntimeDep
 from quotra.api.routing import BoundedRoute, errors
 from quotra.bounds import Address, Offset, PageSize, Uint256
 from quotra.chain import delegation as dlg
 from quotra.chain.client import DelegationArgs
 from quotra.errors import BadRequest, NotFound
-from quotra.money import usdc
+from quotra.money import atomic, money_fields, usdc
 from quotra.payments.claims import ClaimService
 from quotra.store.claims_repo import CLAIM_ID_PATTERN, REVOCATION_ID_PATTERN, ClaimView, RevocationView
 
