@@ -30,6 +30,7 @@ from quotra.api.account import (
 )
 from quotra.api.deps import SESSION_PREFIX, CurrentProvider, RuntimeDep, bearer_token
 from quotra.api.routing import BoundedRoute, errors
+from quotra.bounds import PRINTABLE, Name
 from quotra.calls.records import CALL_ID_PATTERN
 from quotra.errors import AuthenticationFailed, BadRequest, NotFound
 from quotra.money import atomic, money_fields
@@ -104,7 +105,7 @@ async def _readable_app(who: Principal, runtime: Any, app_id: str) -> AppView:
 class CreateApp(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=100)
+    name: str = Field(min_length=1, max_length=100, pattern=PRINTABLE)
     markup_percent: MarkupPercent = Field(
         default=Decimal(0), description="Added to every call's base cost; all of it is yours"
     )
@@ -113,7 +114,7 @@ class CreateApp(BaseModel):
 class UpdateApp(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(default=None, min_length=1, max_length=100)
+    name: str | None = Field(default=None, min_length=1, max_length=100, pattern=PRINTABLE)
     markup_percent: MarkupPercent | None = None
 
 
@@ -154,7 +155,7 @@ async def app_view(service: AppService, app: AppView) -> dict[str, Any]:
 class CreateAppKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="", max_length=100)
+    name: Name = ""
     mode: Literal["live", "test", "sandbox"] = Field(
         default="live", description="live: real USDC; test (or sandbox): synthetic answers, test money"
     )
@@ -232,7 +233,7 @@ class GrantRequest(BaseModel):
     external_user_id: str | None = Field(default=None, pattern=USER_ID_PATTERN)
     wallet: str | None = Field(default=None, pattern=r"^0x[0-9a-fA-F]{40}$")
     amount: Usdc
-    description: str = Field(default="", max_length=300)
+    description: str = Field(default="", max_length=300, pattern=PRINTABLE)
     tx_hash: str | None = Field(
         default=None,
         pattern=r"^0x[0-9a-fA-F]{64}$",

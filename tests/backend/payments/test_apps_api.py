@@ -904,3 +904,19 @@ async def test_connection__markup_raised_past_it__402_then_revocable_without_eth
         headers=dev.consumer.headers,
     )
     assert (other.status_code, other.json()["error"]["code"]) == (404, "no_permission")
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/apps", {"name": "a\u0000b"}),
+        ("/v1/apps", {"name": "tab\there"}),
+    ],
+)
+async def test_app_text__control_characters__400(
+    relay: PrepaidRelay, path: str, body: dict[str, Any]
+) -> None:
+    """PostgreSQL refuses NUL in text: a name with a control character is a 400, never a 500."""
+    consumer = await relay.consumer()
+    reply = await relay.client.post(path, json=body, headers=consumer.headers)
+    assert (reply.status_code, reply.json()["error"]["param"]) == (400, "name"), reply.text
