@@ -613,6 +613,8 @@ def _finish(
     if row is None:
         return False
     gate, payer, key_id, reserved, _listing, app_id, end_user, charged = row
+    if gate == "x402" and charged == 0:  # nothing to settle: the authorization is never used
+        connection.execute(update(AUTHS).where(AUTHS.c.call_id == call_id).values(pending=False))
     if gate == "prepaid":
         connection.execute(_CHARGE_ACCOUNT, {"b_wallet": payer, "b_reserved": reserved, "b_amount": charged})
     if gate in ("prepaid", "sandbox"):

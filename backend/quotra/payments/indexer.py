@@ -216,12 +216,13 @@ class EscrowEvents:
         bps = int(summary.args["fee_bps"])
         leaves: list[merkle.Credit] = []
         for fields in self.client.decode_settle_authorizations(bytes(tx["input"])):
-            payer, nonce = to_checksum_address(fields[0]), _hex(fields[5]).lower()
+            payer, nonce = to_checksum_address(fields[0]), _hex(fields[6]).lower()
             if (payer, nonce) in used:
                 used.discard((payer, nonce))  # a repeat in the same batch was refused
                 nonce_bytes = bytes.fromhex(nonce[2:])
+                # The leaf's amount is what the payment was charged (`Payment.charged`).
                 leaves.append(
-                    merkle.Credit(payer, nonce_bytes, to_checksum_address(fields[1]), int(fields[2]), bps)
+                    merkle.Credit(payer, nonce_bytes, to_checksum_address(fields[1]), int(fields[3]), bps)
                 )
         hashes = [leaf.leaf for leaf in leaves]
         root = merkle.root(hashes)
