@@ -342,10 +342,10 @@ class X402Answer:
     request_hash: str
 
     def charges(self, charged: int) -> dict[str, str]:
-        """The authorized amount, the charge and the rest returned to the payer's deposit."""
+        """Beside a charge: the amount authorized, and the rest the escrow returns to the payer's
+        deposit when it settles (nothing when nothing was charged: the authorization is unused)."""
         return {
             "authorized": str(self.amount),
-            "charged": str(charged),
             "returned_to_deposit": str(self.amount - charged) if charged else "0",
         }
 
