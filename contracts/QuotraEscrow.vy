@@ -444,6 +444,7 @@ def settle_authorizations(payments: DynArray[Payment, MAX_PAYMENTS]) -> bytes32:
     runs: DynArray[Run, MAX_PAYMENTS] = []
     total: uint256 = 0
     total_fee: uint256 = 0
+    returned: uint256 = 0
     for payment: Payment in payments:
         self._check_payment(payment)
         ok: bool = raw_call(
@@ -467,26 +468,31 @@ def settle_authorizations(payments: DynArray[Payment, MAX_PAYMENTS]) -> bytes32:
         if not ok:
             log PaymentFailed(payer=payment.payer, provider=payment.provider, nonce=payment.nonce)
             continue
+        # Unchecked sums: every amount here was just paid in by USDC, so they are all bounded
+        # by its total supply (far below 2**240), `charged * bps` included.
         charged: uint256 = payment.charged
         if charged < payment.amount:
-            self._credit_deposit(payment.payer, payment.payer, payment.amount - charged)
-        fee: uint256 = charged * bps // MAX_BPS
+            rest: uint256 = unsafe_sub(payment.amount, charged)
+            self.deposits[payment.payer] += rest
+            returned = unsafe_add(returned, rest)
+            log Deposited(sender=payment.payer, beneficiary=payment.payer, amount=rest)
+        fee: uint256 = unsafe_div(unsafe_mul(charged, bps), MAX_BPS)
         leaves.append(self._hash_credit(payment.payer, payment.nonce, payment.provider, charged, bps))
-        last: uint256 = len(runs)
-        if last > 0 and runs[last - 1].provider == payment.provider:
-            runs[last - 1].amount += charged
-            runs[last - 1].fee += fee
+        last: uint256 = unsafe_sub(len(runs), 1)  # past the end (2**256 - 1) before the first run
+        if last < len(runs) and runs[last].provider == payment.provider:
+            runs[last].amount = unsafe_add(runs[last].amount, charged)
+            runs[last].fee = unsafe_add(runs[last].fee, fee)
         else:
             runs.append(Run(provider=payment.provider, amount=charged, fee=fee))
-        total += charged
-        total_fee += fee
+        total = unsafe_add(total, charged)
+        total_fee = unsafe_add(total_fee, fee)
     root: bytes32 = empty(bytes32)
     if len(leaves) > 0:
         root = self._merkle_root(leaves)
         self.settlement_roots[root] = block.timestamp
         for run: Run in runs:
             self._credit(run.provider, root, run.amount, run.fee)
-        self._update_totals(0, 0, total - total_fee, 0, total_fee, 0)
+        self._update_totals(returned, 0, total - total_fee, 0, total_fee, 0)
     log PaymentsSettled(
         operator=msg.sender, root=root, count=len(leaves), amount=total, fee=total_fee, fee_bps=bps
     )
