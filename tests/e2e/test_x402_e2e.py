@@ -451,7 +451,7 @@ async def test_per_token_call_charges_what_it_used_and_returns_the_rest_to_the_p
         books = await settled_books(start_relay.database_url)
     # The whole authorization came in; the charge was split, the rest is the payer's deposit.
     assert onchain.balance(payer.address) == before - authorized
-    assert own.escrow.functions.deposits(payer.address).call() == authorized - charged
+    assert own.deposit(payer.address) == authorized - charged
     assert own.earnings(listing["owner"]) == provider_share(charged)
     assert own.escrow.functions.platform_fees().call() == fee(charged)
     assert own.credited(listing["owner"]) == books[listing["owner"]] == (charged, fee(charged))
@@ -461,5 +461,5 @@ async def test_per_token_call_charges_what_it_used_and_returns_the_rest_to_the_p
     own.chain.transact(own.escrow.functions.request_withdrawal(authorized - charged), payer)
     own.chain.transact(own.escrow.functions.withdraw(), payer)
     assert onchain.balance(payer.address) == before - charged
-    assert own.escrow.functions.deposits(payer.address).call() == 0
+    assert own.deposit(payer.address) == 0
     assert own.excess() == 0
