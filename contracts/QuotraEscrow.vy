@@ -31,9 +31,11 @@
      committed in a Merkle root of `(payer, nonce, provider, charged, fee_bps)`
      leaves, and a refund must prove its payment is one of them: it can only
      return a payment credited here, once, from the provider it was credited
-     to, at the fee it was split at, and never more than was charged. What operators (the relay's settling keys)
-     are still trusted with: naming the provider that served each call, and
-     choosing which credited x402 payments to refund within `refund_window`.
+     to, at the fee it was split at, and never more than was charged. What
+     operators (the relay's settling keys) are still trusted with: naming the
+     provider that served each call, metering what each x402 call used (never
+     above what its payer authorized), and choosing which credited x402
+     payments to refund within `refund_window`.
      Pausing stops deposits and settlements; claims, withdrawals, refunds and
      revocations always work. Solvency: `usdc.balanceOf(self) >= liabilities()`,
      equal except for tokens that reached the escrow outside its own calls
