@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quotra.calls.records import FRONT_RUN
 from quotra.money import allocate_fees, split_fee
+from quotra.store.direct import prepared
 from quotra.store.models import (
     Call,
     ChainCursor,
@@ -246,10 +247,13 @@ def _claim_charges(connection: Connection, digest: str, limit: int, now: datetim
 # ---- outcomes -------------------------------------------------------------------------------------
 
 
-# A landed batch settles up to 64 calls, two statements each: built once.
-_SETTLE_X402 = (
+# A landed batch settles up to 64 calls, one or two statements each: built once, run directly.
+_SETTLE_X402: Final = prepared(
     update(CALLS)
-    .where(CALLS.c.id == bindparam("b_call"), CALLS.c.state.in_(("captured", "settling", "reconciling")))
+    .where(
+        CALLS.c.id == bindparam("b_call"),
+        or_(*(CALLS.c.state == state for state in ("captured", "settling", "reconciling"))),
+    )
     .values(
         state="settled",
         tx_hash=bindparam("b_tx"),
@@ -259,10 +263,20 @@ _SETTLE_X402 = (
         updated_at=bindparam("b_now"),
     )
 )
-_SETTLED_BLOCK = (
+_SETTLED_BLOCK: Final = prepared(
     update(AUTHS)
     .where(AUTHS.c.call_id == bindparam("b_call"))
     .values(settled_block=bindparam("b_block", type_=BigInteger))
+)
+_SETTLE_CHARGE: Final = prepared(
+    update(CALLS)
+    .where(CALLS.c.id == bindparam("b_call"), CALLS.c.state == "settling")
+    .values(
+        state="settled",
+        fee=bindparam("b_fee", type_=BigInteger),
+        tx_hash=bindparam("b_tx"),
+        updated_at=bindparam("b_now"),
+    )
 )
 
 
@@ -371,7 +385,9 @@ def _settle_charges(
         group_fee = fees_left if index == len(groups) - 1 else split_fee(sum(amounts), fee_bps)
         fees_left -= group_fee
         for row, fee in zip(group, allocate_fees(amounts, group_fee, fee_bps), strict=True):
-            _move(connection, row.id, ["settling"], state="settled", fee=fee, tx_hash=tx_hash, updated_at=now)
+            connection.execute(
+                _SETTLE_CHARGE, {"b_call": row.id, "b_fee": fee, "b_tx": tx_hash, "b_now": now}
+            )
     if rows:
         total = sum(r.amount for r in rows)
         floor = func.max if connection.dialect.name == "sqlite" else func.greatest

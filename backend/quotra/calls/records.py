@@ -3,6 +3,7 @@ reservation can be refused. No I/O here."""
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 from dataclasses import dataclass, fields
@@ -25,6 +26,8 @@ PAID_GATES: Final = ("x402", "prepaid")
 FRONT_RUN: Final = "front-run: the authorization was used outside the escrow"
 
 _CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+# RFC 4648's base32 alphabet to Crockford's: the C encoder does the work, digit for digit.
+_TO_CROCKFORD: Final = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _CROCKFORD.encode())
 CALL_ID_PATTERN: Final = r"^call_[0-9A-HJKMNP-TV-Z]{26}$"
 
 
@@ -33,11 +36,9 @@ def new_call_id(now_ms: int | None = None) -> str:
     sort by creation time and never collide across replicas."""
     ms = int(time.time() * 1000) if now_ms is None else now_ms
     value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
-    chars = []
-    for _ in range(26):
-        value, digit = divmod(value, 32)
-        chars.append(_CROCKFORD[digit])
-    return "call_" + "".join(reversed(chars))
+    # 160 bits encode to 32 digits; the ULID's 26 are the last ones (the first 6 are zeros).
+    digits = base64.b32encode(value.to_bytes(20, "big"))[6:]
+    return "call_" + digits.translate(_TO_CROCKFORD).decode()
 
 
 def payer_ids(wallet: str) -> tuple[str, str]:

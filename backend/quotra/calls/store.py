@@ -40,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quotra.calls.records import PAID_GATES, CallView, Refused, X402Hold, new_call_id
 from quotra.ratelimit import Decision
+from quotra.store.direct import prepared
 from quotra.store.models import (
     ApiKeyRecord,
     AppUser,
@@ -105,7 +106,7 @@ def _param(name: str) -> Any:
     return bindparam(name, type_=BigInteger)
 
 
-_TAKE_LISTING_CALL: Final = (
+_TAKE_LISTING_CALL: Final = prepared(
     update(LISTINGS)
     .where(
         LISTINGS.c.id == bindparam("b_listing"),
@@ -115,7 +116,7 @@ _TAKE_LISTING_CALL: Final = (
     )
     .values(calls_used=LISTINGS.c.calls_used + 1)
 )
-_INSERT_CALL: Final = insert(CALLS)
+_INSERT_CALL: Final = prepared(insert(CALLS))
 
 
 def _take_listing_call(connection: Connection, listing_id: str, now: datetime) -> None:
@@ -173,7 +174,7 @@ def _reserve_open(connection: Connection, call_id: str, hold: Hold, gate: str, n
 
 # The listing's free calls today, shared by all consumers: on a new UTC day the count starts again.
 _DAILY_FREE_CALLS: Final = func.coalesce(LISTINGS.c.free_calls_per_day, _param("b_default"))
-_TAKE_DAILY_FREE_CALL: Final = (
+_TAKE_DAILY_FREE_CALL: Final = prepared(
     update(LISTINGS)
     .where(
         LISTINGS.c.id == bindparam("b_listing"),
@@ -187,7 +188,7 @@ _TAKE_DAILY_FREE_CALL: Final = (
         free_calls_day=_param("b_day"),
     )
 )
-_GIVE_BACK_DAILY_FREE_CALL: Final = (
+_GIVE_BACK_DAILY_FREE_CALL: Final = prepared(
     update(LISTINGS)
     .where(
         LISTINGS.c.id == bindparam("b_listing"),
@@ -196,7 +197,7 @@ _GIVE_BACK_DAILY_FREE_CALL: Final = (
     )
     .values(free_calls_today=LISTINGS.c.free_calls_today - 1)
 )
-_TAKE_FREE_CALL: Final = (
+_TAKE_FREE_CALL: Final = prepared(
     update(PLAYGROUND)
     .where(
         PLAYGROUND.c.listing_id == bindparam("b_listing"),
@@ -209,7 +210,7 @@ _TAKE_FREE_CALL: Final = (
 
 @cache
 def _insert_playground(dialect: str) -> Any:
-    return insert_ignore(dialect, PLAYGROUND)
+    return prepared(insert_ignore(dialect, PLAYGROUND))
 
 
 def _reserve_playground(
@@ -234,7 +235,7 @@ def _reserve_playground(
 
 
 _PERMISSION: Final = table(SpendPermissionRecord)
-_RESERVE_ACCOUNT: Final = (
+_RESERVE_ACCOUNT: Final = prepared(
     update(ACCOUNTS)
     .where(
         ACCOUNTS.c.wallet == bindparam("b_wallet"),
@@ -269,7 +270,7 @@ _RESERVE_ACCOUNT: Final = (
 # theoretical arrival time of its next request; an interval of 0 is no limit).
 _NOW_US: Final = _param("b_now_us")
 _KEY_NEXT: Final = case((KEYS.c.rate_tat > _NOW_US, KEYS.c.rate_tat), else_=_NOW_US) + _param("b_interval")
-_RESERVE_KEY: Final = (
+_RESERVE_KEY: Final = prepared(
     update(KEYS)
     .where(
         KEYS.c.id == bindparam("b_key"),
@@ -285,19 +286,21 @@ _RESERVE_KEY: Final = (
     )
     .returning(KEYS.c.rate_tat)
 )
-_KEY_STATE: Final = select(KEYS.c.revoked_at, KEYS.c.rate_tat).where(KEYS.c.id == bindparam("b_key"))
+_KEY_STATE: Final = prepared(
+    select(KEYS.c.revoked_at, KEYS.c.rate_tat).where(KEYS.c.id == bindparam("b_key"))
+)
 
 
 @cache
 def _insert_user(dialect: str) -> Any:
-    return insert_ignore(dialect, USERS)
+    return prepared(insert_ignore(dialect, USERS))
 
 
 _USER: Final = and_(USERS.c.app_id == bindparam("b_app"), USERS.c.external_id == bindparam("b_user"))
 # What an end user may still spend: its grants left, plus its spend limit left (if it has one).
-_USER_WALLET: Final = select(USERS.c.wallet).where(_USER)
-_KEY_OWNER: Final = select(KEYS.c.wallet).where(KEYS.c.id == bindparam("b_key"))
-_RESERVE_USER: Final = (
+_USER_WALLET: Final = prepared(select(USERS.c.wallet).where(_USER))
+_KEY_OWNER: Final = prepared(select(KEYS.c.wallet).where(KEYS.c.id == bindparam("b_key")))
+_RESERVE_USER: Final = prepared(
     update(USERS)
     .where(
         _USER,
@@ -392,7 +395,7 @@ def _reserve_key(
 
 
 _NEWER_SNAPSHOT: Final = _param("b_block") > PAYERS.c.block
-_TAKE_SNAPSHOT: Final = (
+_TAKE_SNAPSHOT: Final = prepared(
     update(PAYERS)
     .where(PAYERS.c.payer == bindparam("b_payer"))
     .values(
@@ -405,21 +408,23 @@ _TAKE_SNAPSHOT: Final = (
 # An authorization the snapshot's block covers: settled in or before it, so already out of the
 # balance it holds.
 _COVERED: Final = and_(AUTHS.c.settled_block.is_not(None), AUTHS.c.settled_block <= _param("b_block"))
-_UNSETTLED: Final = select(
-    func.coalesce(func.sum(case((_COVERED, 0), else_=AUTHS.c.value)), 0),
-    func.count(case((_COVERED, 1))),
-).where(AUTHS.c.payer == bindparam("b_payer"), AUTHS.c.pending)
-_UNPEND_COVERED: Final = (
+_UNSETTLED: Final = prepared(
+    select(
+        func.coalesce(func.sum(case((_COVERED, 0), else_=AUTHS.c.value)), 0),
+        func.count(case((_COVERED, 1))),
+    ).where(AUTHS.c.payer == bindparam("b_payer"), AUTHS.c.pending)
+)
+_UNPEND_COVERED: Final = prepared(
     update(AUTHS)
     .where(AUTHS.c.payer == bindparam("b_payer"), AUTHS.c.pending, _COVERED)
     .values(pending=False)
 )
-_INSERT_AUTHORIZATION: Final = insert(AUTHS)
+_INSERT_AUTHORIZATION: Final = prepared(insert(AUTHS))
 
 
 @cache
 def _insert_payer(dialect: str) -> Any:
-    return insert_ignore(dialect, PAYERS)
+    return prepared(insert_ignore(dialect, PAYERS))
 
 
 def _payer_snapshot(connection: Connection, auth: X402Hold, now: datetime) -> tuple[int, int]:
@@ -512,12 +517,15 @@ _RETURNED: Final = (
     CALLS.c.app_id,
     CALLS.c.end_user,
 )
-_FINISH: Final = (
+_FINISH: Final = prepared(
     update(CALLS)
     .where(CALLS.c.id == bindparam("b_call"), CALLS.c.state == "reserved")
     .values(
         # A paid call that costs something is captured; anything else owes nothing: settled.
-        state=case((and_(CALLS.c.gate.in_(PAID_GATES), _param("b_amount") > 0), "captured"), else_="settled"),
+        state=case(
+            (and_(or_(*(CALLS.c.gate == gate for gate in PAID_GATES)), _param("b_amount") > 0), "captured"),
+            else_="settled",
+        ),
         # At most what was reserved; a free call is never charged.
         amount=case(
             (CALLS.c.gate == "playground", 0),
@@ -540,7 +548,7 @@ _FINISH: Final = (
     )
     .returning(*_RETURNED, CALLS.c.amount)
 )
-_CHARGE_ACCOUNT: Final = (
+_CHARGE_ACCOUNT: Final = prepared(
     update(ACCOUNTS)
     .where(ACCOUNTS.c.wallet == bindparam("b_wallet"))
     .values(
@@ -548,13 +556,13 @@ _CHARGE_ACCOUNT: Final = (
         unsettled=ACCOUNTS.c.unsettled + _param("b_amount"),
     )
 )
-_CHARGE_KEY: Final = (
+_CHARGE_KEY: Final = prepared(
     update(KEYS)
     .where(KEYS.c.id == bindparam("b_key"))
     .values(reserved=KEYS.c.reserved - _param("b_reserved"), spent=KEYS.c.spent + _param("b_amount"))
 )
-_GRANT_LEFT: Final = select(USERS.c.granted - USERS.c.grant_used).where(_USER).with_for_update()
-_CHARGE_USER: Final = (
+_GRANT_LEFT: Final = prepared(select(USERS.c.granted - USERS.c.grant_used).where(_USER).with_for_update())
+_CHARGE_USER: Final = prepared(
     update(USERS)
     .where(_USER)
     .values(
@@ -563,10 +571,12 @@ _CHARGE_USER: Final = (
         spent=USERS.c.spent + _param("b_amount") - _param("b_granted"),
     )
 )
-_RECORD_GRANTED: Final = (
+_RECORD_GRANTED: Final = prepared(
     update(CALLS).where(CALLS.c.id == bindparam("b_call")).values(granted=_param("b_granted"))
 )
-_RELEASE_USER: Final = update(USERS).where(_USER).values(reserved=USERS.c.reserved - _param("b_reserved"))
+_RELEASE_USER: Final = prepared(
+    update(USERS).where(_USER).values(reserved=USERS.c.reserved - _param("b_reserved"))
+)
 
 
 def _hosted(connection: Connection, key_id: str, payer: str) -> bool:

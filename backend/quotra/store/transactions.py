@@ -1,7 +1,9 @@
 """Running the call core's transactions: whole transactions, not statements, cross to the database.
 
 `Transactions.run(work, *args)` runs `work(connection, *args)` — a plain synchronous function of a
-SQLAlchemy `Connection` — inside one transaction and returns its result once it is committed.
+SQLAlchemy `Connection` — inside one transaction and returns its result once it is committed. The
+connection it gets is a `quotra.store.direct.Direct` over it: the call path's registered
+statements run on the driver's cursor, anything else through SQLAlchemy.
 
 - SQLite: one writer thread owns one connection. Work queued by concurrent callers is run as one
   transaction (group commit, `BEGIN IMMEDIATE` … `COMMIT`), each piece in its own SAVEPOINT so that
@@ -32,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import StaticPool
 
 from quotra.store.db import sqlite_pragmas
+from quotra.store.direct import Direct, Statements
 
 log = logging.getLogger("quotra.store")
 
@@ -95,6 +98,7 @@ class _SqliteWriter:
         self.engine.dispose()
 
     def _serve(self) -> None:
+        statements = Statements()
         with self.engine.connect() as connection:
             while True:
                 first = self.jobs.get()
@@ -111,12 +115,12 @@ class _SqliteWriter:
                         stop = True
                         break
                     batch.append(job)
-                self._commit(connection, batch)
+                self._commit(Direct(connection, statements), batch)
                 if stop:
                     return
 
     @staticmethod
-    def _commit(connection: Connection, batch: list[_Job]) -> None:
+    def _commit(connection: Direct, batch: list[_Job]) -> None:
         try:
             with connection.begin():
                 if len(batch) == 1:
@@ -133,6 +137,7 @@ class _SqliteWriter:
             for job in batch:
                 if job.error is None:
                     job.error = exc
+        connection.close()
         for job in batch:
             job.deliver()
 
@@ -142,6 +147,7 @@ class Transactions:
         self.engine = engine
         self.dialect = engine.dialect.name
         self._writer = _SqliteWriter(str(engine.url)) if self.dialect == "sqlite" else None
+        self._statements = Statements()
 
     async def run(self, work: Callable[..., T], *args: Any) -> T:
         if self._writer is not None:
@@ -152,13 +158,20 @@ class Transactions:
         for attempt in range(_RETRIES):
             try:
                 async with self.engine.begin() as connection:
-                    return await connection.run_sync(work, *args)
+                    return await connection.run_sync(self._direct, work, *args)
             except DBAPIError as exc:
                 code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
                 if code not in _RETRYABLE or attempt == _RETRIES - 1:
                     raise
                 log.info("transaction retried", extra={"sqlstate": code, "attempt": attempt + 1})
         raise AssertionError("unreachable")
+
+    def _direct(self, connection: Connection, work: Callable[..., T], *args: Any) -> T:
+        direct = Direct(connection, self._statements)
+        try:
+            return work(direct, *args)
+        finally:
+            direct.close()
 
     async def close(self) -> None:
         if self._writer is not None:
