@@ -4,6 +4,7 @@ last-resort guard) and the single place where errors become OpenAI error objects
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -448,6 +449,11 @@ def create_app(
             "relay started",
             extra={"env": settings.env, "database": store.dialect, "version": __version__},
         )
+        # What start-up built (modules, ABIs, schemas, compiled statements) lives as long as the
+        # process: out of the collector's sight, so that its full collections only walk what the
+        # calls allocate (they had cost ~9 % of the event loop in a profile of the playground path).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
@@ -468,6 +474,7 @@ def create_app(
         version=__version__,
         summary="OpenAI-compatible gateway over provider listings",
         lifespan=lifespan,
+        telemetry={} if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
     app.add_middleware(

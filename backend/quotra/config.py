@@ -192,6 +192,9 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = True
+    # FastAPI's OpenTelemetry spans and metrics (for a configured OpenTelemetry SDK). Off, the relay
+    # still exports Prometheus metrics at /metrics, and no request looks up OpenTelemetry's providers.
+    opentelemetry: bool = False
     run_migrations_on_start: bool = True
 
     _split = field_validator(

@@ -117,3 +117,17 @@ async def test_an_expanding_in_is_refused_when_compiled(transactions: Transactio
 
     with pytest.raises(ValueError, match="not a statement to run directly"):
         await transactions.run(work)
+
+
+async def test_a_savepoint_rolls_back_only_what_ran_inside_it(transactions: Transactions) -> None:
+    def work(connection: Connection) -> list[str]:
+        assert isinstance(connection, Direct)
+        connection.execute(_INSERT_CALL, call_row("call_1"))
+        with pytest.raises(IntegrityError), connection.savepoint():
+            connection.execute(_INSERT_CALL, call_row("call_2"))
+            connection.execute(_INSERT_CALL, call_row("call_1"))  # the driver's error closed the cursor
+        with connection.savepoint():
+            connection.execute(_INSERT_CALL, call_row("call_3"))
+        return sorted(connection.execute(select(CALLS.c.id)).scalars())
+
+    assert await transactions.run(work) == ["call_1", "call_3"]

@@ -88,3 +88,15 @@ async def test_metrics_count_requests_latency_and_listing_usage(relay) -> None:
     assert 'quotra_http_request_duration_seconds_count{route="/v1/chat/completions"} 1.0' in text
     assert f'quotra_listing_calls_total{{listing="{listing["id"]}",outcome="ok"}} 1.0' in text
     assert f'quotra_listing_tokens_total{{direction="output",listing="{listing["id"]}"}}' in text
+
+
+def test_opentelemetry_is_opt_in(make_settings) -> None:
+    from quotra.app import create_app
+
+    # FastAPI's native instrumentation looks up OpenTelemetry's providers on every request unless
+    # it is switched off; the relay switches it on only when asked.
+    default = create_app(make_settings())
+    assert not default._native_telemetry.enabled()
+    assert {default._telemetry[k] for k in ("tracing", "metrics", "logs")} == {False}
+    chosen = create_app(make_settings(opentelemetry=True))
+    assert {chosen._telemetry[k] for k in ("tracing", "metrics", "logs")} == {True}

@@ -268,6 +268,36 @@ _SETTLED_BLOCK: Final = prepared(
     .where(AUTHS.c.call_id == bindparam("b_call"))
     .values(settled_block=bindparam("b_block", type_=BigInteger))
 )
+_CONFIRM_BATCH: Final = prepared(
+    update(BATCHES)
+    .where(BATCHES.c.id == bindparam("b_batch"), or_(*(BATCHES.c.status == status for status in OPEN_BATCH)))
+    .values(
+        status="confirmed",
+        tx_hash=bindparam("b_tx"),
+        gas_used=bindparam("b_gas"),
+        updated_at=bindparam("b_now"),
+    )
+)
+_BATCH_CHARGES: Final = prepared(
+    select(CALLS.c.id, CALLS.c.payer, CALLS.c.provider, CALLS.c.amount, CALLS.c.markup)
+    .where(CALLS.c.batch_id == bindparam("b_batch"), CALLS.c.state == "settling")
+    .order_by(CALLS.c.created_at, CALLS.c.id)
+)
+_TOTAL: Final = bindparam("b_total", type_=BigInteger)
+# The consumer's mirror moves from unsettled to spent, each floored at zero; SQLite's two-argument
+# `max` or PostgreSQL's `greatest` (keyed by "is SQLite").
+_SPEND_ACCOUNT: Final = {
+    sqlite: prepared(
+        update(ACCOUNTS)
+        .where(ACCOUNTS.c.wallet == bindparam("b_wallet"))
+        .values(
+            unsettled=floor(ACCOUNTS.c.unsettled - _TOTAL, 0),
+            deposit=floor(ACCOUNTS.c.deposit - _TOTAL, 0),
+            permission_spent=ACCOUNTS.c.permission_spent + _TOTAL,
+        )
+    )
+    for sqlite, floor in ((True, func.max), (False, func.greatest))
+}
 _SETTLE_CHARGE: Final = prepared(
     update(CALLS)
     .where(CALLS.c.id == bindparam("b_call"), CALLS.c.state == "settling")
@@ -364,17 +394,12 @@ def _settle_charges(
     base cost, without the markup, so that each provider's add up to the escrow's), and the
     consumer's mirror moves from unsettled to spent (markups included)."""
     closed = connection.execute(
-        update(BATCHES)
-        .where(BATCHES.c.id == batch_id, BATCHES.c.status.in_(OPEN_BATCH))
-        .values(status="confirmed", tx_hash=tx_hash, gas_used=gas_used, updated_at=now)
+        _CONFIRM_BATCH,
+        {"b_batch": batch_id, "b_tx": tx_hash, "b_gas": gas_used, "b_now": now},
     )
     if int(closed.rowcount) != 1:
         return False
-    rows = connection.execute(
-        select(CALLS.c.id, CALLS.c.payer, CALLS.c.provider, CALLS.c.amount, CALLS.c.markup)
-        .where(CALLS.c.batch_id == batch_id, CALLS.c.state == "settling")
-        .order_by(CALLS.c.created_at, CALLS.c.id)
-    ).all()
+    rows = connection.execute(_BATCH_CHARGES, {"b_batch": batch_id}).all()
     by_provider: dict[str, list[Any]] = {}
     for row in rows:
         by_provider.setdefault(row.provider.lower(), []).append(row)
@@ -389,17 +414,8 @@ def _settle_charges(
                 _SETTLE_CHARGE, {"b_call": row.id, "b_fee": fee, "b_tx": tx_hash, "b_now": now}
             )
     if rows:
-        total = sum(r.amount for r in rows)
-        floor = func.max if connection.dialect.name == "sqlite" else func.greatest
-        connection.execute(
-            update(ACCOUNTS)
-            .where(ACCOUNTS.c.wallet == rows[0].payer)
-            .values(
-                unsettled=floor(ACCOUNTS.c.unsettled - total, 0),
-                deposit=floor(ACCOUNTS.c.deposit - total, 0),
-                permission_spent=ACCOUNTS.c.permission_spent + total,
-            )
-        )
+        spent = {"b_wallet": rows[0].payer, "b_total": sum(r.amount for r in rows)}
+        connection.execute(_SPEND_ACCOUNT[connection.dialect.name == "sqlite"], spent)
     return True
 
 

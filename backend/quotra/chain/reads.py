@@ -1,11 +1,15 @@
-"""The chain reads on the paid call's path, as bare JSON-RPC: the head block and a USDC balance.
+"""The chain reads that run per call or per settled batch, as bare JSON-RPC: the head block, a USDC
+balance, and a settlement transaction's receipt and input.
 
 web3's `AsyncWeb3` spends ~3.5 ms of CPU on one contract read on this machine (its validation
 middleware asks the node for the chain id on every call, then formats and checks the request and
-the answer both ways); even its provider alone costs ~0.7 ms a request. The x402 gate reads the
-head every `x402_head_cache_seconds` and each payer's balance once per block it pays in, so those
-two reads go out here: one keep-alive aiohttp session, calldata from a selector computed once,
-~0.2 ms each. Everything else (settlement, the indexer, claims, admin) stays on web3.
+the answer both ways); even its provider alone costs ~0.7 ms a request, and its formatting of a
+64-payment batch's receipt (~200 logs) about 14 ms. The x402 gate reads the head every
+`x402_head_cache_seconds` and each payer's balance once per block it pays in; the settlement worker
+and the indexer read each landed batch's receipt and input. Those go out here: one keep-alive
+aiohttp session, calldata from a selector computed once, and only what Quotra reads of an answer
+converted (numbers to int; hashes, topics and data to bytes, as web3 gives them). Everything else
+(sending, claims, admin) stays on web3.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any, Final
 import aiohttp
 import msgspec
 from eth_utils import function_signature_to_4byte_selector
+from hexbytes import HexBytes
 
 _BALANCE_OF: Final = "0x" + function_signature_to_4byte_selector("balanceOf(address)").hex()
 _encode = msgspec.json.Encoder().encode
@@ -70,7 +75,43 @@ class ChainReads:
             raise ChainReadError(f"balanceOf: unexpected answer {str(result)[:80]!r}")
         return int(result, 16)
 
+    async def receipt(self, tx_hash: str) -> dict[str, Any] | None:
+        """The transaction's receipt, None while it is not mined."""
+        raw = await self._request("eth_getTransactionReceipt", [tx_hash])
+        if raw is None:
+            return None
+        try:
+            return {
+                "transactionHash": HexBytes(raw["transactionHash"]),
+                "blockNumber": int(raw["blockNumber"], 16),
+                "status": int(raw["status"], 16),
+                "gasUsed": int(raw["gasUsed"], 16),
+                "logs": [_log(entry) for entry in raw["logs"]],
+            }
+        except (KeyError, TypeError, ValueError):
+            raise ChainReadError(f"eth_getTransactionReceipt: unexpected answer {str(raw)[:80]!r}") from None
+
+    async def transaction_input(self, tx_hash: str) -> bytes:
+        raw = await self._request("eth_getTransactionByHash", [tx_hash])
+        if not isinstance(raw, dict) or not isinstance(raw.get("input"), str):
+            raise ChainReadError(f"eth_getTransactionByHash: no transaction {tx_hash}")
+        return bytes(HexBytes(raw["input"]))
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _log(raw: dict[str, Any]) -> dict[str, Any]:
+    """A log entry with the fields event decoding reads (web3's `process_log`)."""
+    return {
+        "address": raw["address"],
+        "topics": [HexBytes(topic) for topic in raw["topics"]],
+        "data": HexBytes(raw["data"]),
+        "blockNumber": int(raw["blockNumber"], 16),
+        "blockHash": HexBytes(raw["blockHash"]),
+        "transactionHash": HexBytes(raw["transactionHash"]),
+        "transactionIndex": int(raw["transactionIndex"], 16),
+        "logIndex": int(raw["logIndex"], 16),
+    }

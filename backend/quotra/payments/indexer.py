@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from eth_utils import event_abi_to_log_topic, keccak, to_checksum_address
-from hexbytes import HexBytes
 
 from quotra.calls.outbox import Outbox, X402Payment
 from quotra.chain import merkle
 from quotra.chain.client import EscrowClient
+from quotra.chain.reads import ChainReadError
 from quotra.metrics import Metrics
 from quotra.money import split_fee
 
@@ -137,9 +137,10 @@ class EscrowEvents:
     transaction's input, and those USDC executed (its `AuthorizationUsed` log in the same
     transaction) are the credited ones, in the order of the root's leaves."""
 
-    # The worker reads a landed batch's credits from its receipt and the indexer meets the same
-    # transaction moments later: the credits of the last few transactions are kept, by block (a
-    # transaction mined again in another block is read again).
+    # The worker (from its receipt) and the indexer (from the batch's event) both meet a landed
+    # batch, in either order: whichever comes first reads its credits, the other reuses them. The
+    # credits of the last few transactions are kept, by block (a transaction mined again in
+    # another block is read again).
     RECENT: Final = 32
 
     def __init__(self, client: EscrowClient, start_block: int = 0) -> None:
@@ -188,10 +189,14 @@ class EscrowEvents:
         the caller knows it from the transaction's event)."""
         key = _hex(tx_hash).lower()
         recent = self._recent.get(key)
-        if receipt is None and recent is not None and recent[0] == block:
+        if receipt is not None:
+            block = int(receipt["blockNumber"])
+        if recent is not None and recent[0] == block:
             return list(recent[1])
         if receipt is None:
-            receipt = await self.client.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
+            receipt = await self.client.reads.receipt(tx_hash)
+            if receipt is None:
+                raise ChainReadError(f"no receipt for {tx_hash}")
         credits = await self._credits_in(tx_hash, receipt)
         self._recent[key] = (int(receipt["blockNumber"]), credits)
         self._recent.move_to_end(key)
@@ -214,12 +219,12 @@ class EscrowEvents:
 
     async def _batch_credits(self, tx_hash: str, receipt: Any, summary: EscrowEvent) -> list[Credit]:
         """The payments one `settle_authorizations` credited, each with its proof in the root."""
-        tx = await self.client.w3.eth.get_transaction(HexBytes(tx_hash))
         used = self.authorizations_used(receipt)
         bps = int(summary.args["fee_bps"])
         leaves: list[merkle.Credit] = []
         values: list[int] = []
-        for fields in self.client.decode_settle_authorizations(bytes(tx["input"])):
+        calldata = await self.client.reads.transaction_input(tx_hash)
+        for fields in self.client.decode_settle_authorizations(calldata):
             payer, nonce = to_checksum_address(fields[0]), _hex(fields[6]).lower()
             if (payer, nonce) in used:
                 used.discard((payer, nonce))  # a repeat in the same batch was refused

@@ -31,11 +31,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any, Final
 
-from hexbytes import HexBytes
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from web3.exceptions import TransactionNotFound
 
 from quotra.calls.outbox import BatchRow, Outbox, X402Payment
 from quotra.calls.records import FRONT_RUN
@@ -389,9 +387,8 @@ class SettlementWorker:
                 tx_hash = sub.tx_hash or tx_hash
                 receipt = sub.receipt
         if receipt is None:
-            try:
-                receipt = await self.client.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
-            except TransactionNotFound:
+            receipt = await self.client.reads.receipt(tx_hash)
+            if receipt is None:
                 if (utcnow() - batch.updated_at).total_seconds() > self.config.stuck_after:
                     await self._later(batch, "transaction not found", batch.attempts)
                 return

@@ -19,6 +19,7 @@ functions, RETURNING and SELECT rows with their result types; not expanding `IN`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 from collections import namedtuple
@@ -125,6 +126,9 @@ class DirectResult:
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         return iter(self._rows)
 
+    def all(self) -> list[tuple[Any, ...]]:
+        return list(self._rows)
+
     def first(self) -> tuple[Any, ...] | None:
         return self._rows[0] if self._rows else None
 
@@ -179,9 +183,7 @@ class Direct:
             return self.connection.execute(statement, parameters)
         values = parameters or {}
         compiled = self._statements.get(statement, self.dialect, tuple(values))
-        if self._cursor is None:
-            self._cursor = self.connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        cursor = self._cursor
+        cursor = self._driver_cursor()
         arguments = compiled.arguments(values)
         try:
             cursor.execute(compiled.sql, arguments)
@@ -192,6 +194,24 @@ class Direct:
             return DirectResult(cursor.rowcount, [])
         rows = compiled.rows(cursor.fetchall())
         return DirectResult(len(rows), rows)
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """What runs inside is rolled back alone if it raises (SQLAlchemy's `begin_nested` compiles
+        a new statement for each savepoint's name)."""
+        self._driver_cursor().execute("SAVEPOINT quotra_work")
+        try:
+            yield
+        except BaseException:
+            self._driver_cursor().execute("ROLLBACK TO SAVEPOINT quotra_work")
+            raise
+        finally:
+            self._driver_cursor().execute("RELEASE SAVEPOINT quotra_work")
+
+    def _driver_cursor(self) -> Any:
+        if self._cursor is None:
+            self._cursor = self.connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        return self._cursor
 
     def close(self) -> None:
         if self._cursor is not None:

@@ -129,7 +129,7 @@ class _SqliteWriter:
                 else:
                     for job in batch:
                         try:
-                            with connection.begin_nested():
+                            with connection.savepoint():
                                 job.result = job.work(connection, *job.args)
                         except Exception as exc:  # this job's writes are rolled back, not the batch's
                             job.error = exc
