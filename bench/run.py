@@ -256,12 +256,13 @@ class Bench:
         body = self.stream_body if mode == "stream" else self.body
         values = None
         if target.paid == "x402":
-            # One connection can go as fast as 64 when the machine is quiet: size the single-use
-            # headers by the fastest window seen so far, never by the slowest.
+            # One connection can go as fast as 64 when the machine is quiet, and a round as much
+            # faster than the last as the other load on this shared machine lets it: size the
+            # single-use headers by the fastest window seen so far, never by the slowest.
             fastest = max(self.expected_rps(target.name, m, 150) for m in ("c1", "c64", "stream"))
             expected = {
                 "c1": max(fastest, 150) * a.c1_seconds,
-                "c64": self.expected_rps(target.name, mode, 400) * a.c64_seconds,
+                "c64": max(fastest, 400) * a.c64_seconds,
                 "open": rate * a.open_seconds,
                 "stream": max(fastest, 150) * a.stream_seconds,
             }[mode]

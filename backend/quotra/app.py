@@ -433,6 +433,7 @@ def create_app(
                 lambda: payments.relayer,
                 low_water=int(settings.allowance_low_water_usdc * 10**6),
                 poll_seconds=settings.allowance_poll_seconds,
+                from_block=claim_service.from_block,
             )
         background = [asyncio.create_task(sweep_calls(calls, settings.sweep_seconds), name="call-sweeper")]
         if settings.prepaid_refresh_seconds > 0:

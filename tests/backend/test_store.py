@@ -328,3 +328,14 @@ async def test_rewrap_keys_moves_every_listing_to_the_new_master_key(store: Stor
         listing = await store.get_listing(f"lst_{n}")
         assert listing is not None
         assert new.open(listing.id, listing.api_key_sealed) == f"sk-secret-{n}"
+
+
+async def test_app_analytics__the_per_user_query_runs_on_every_backend(store: Store) -> None:
+    """PostgreSQL refuses a GROUP BY whose expression differs from the SELECT's (two bound "")."""
+    from quotra.store.apps_repo import AppsStore, Totals
+
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    total, per_user = await AppsStore(store).analytics(
+        "app_none", start, start + timedelta(days=1), sandbox=False
+    )
+    assert (total, per_user) == (Totals(0, 0, 0, 0, 0, 0), {})

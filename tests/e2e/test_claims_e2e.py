@@ -166,6 +166,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 prepaid_refresh_seconds=0,
                 operator_key=operator.key.hex(),
                 allowance_poll_seconds=0.2,
+                signin_rate_per_minute=10_000,
+                signin_rate_per_minute_ip=10_000,
             )
             with ThreadedServer(create_app(settings), relay_port) as relay:
                 yield World(
@@ -294,6 +296,13 @@ async def test_claim__zero_eth_provider__confirmed_with_exact_balances(
 
     listed = (await client.get("/v1/provider/claims", headers=headers)).json()
     assert [c["id"] for c in listed["data"]] == [claim["id"]]
+    # A plain EOA's claim is the escrow's own Delegation: not a framework one to disable.
+    kind = (await client.get("/v1/account/smart-account", headers=headers)).json()
+    assert (kind["kind"], kind["erc7710"]) == ("eoa", False)
+    reply = await client.get(f"/v1/provider/claims/{claim['id']}/disable/typed-data", headers=headers)
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "not_an_erc7710_claim"
+    reply = await client.get(f"/v1/provider/claims/clm_{'0' * 24}/disable/typed-data", headers=headers)
+    assert reply.status_code == 404, reply.text
     earnings = (await client.get("/v1/provider/earnings", headers=headers)).json()
     assert (earnings["claimable_atomic"], earnings["claimed_atomic"], earnings["pending_atomic"]) == (
         0,
@@ -596,6 +605,53 @@ async def test_erc7710_claim__relayer_down__pending_then_redeemed_once(
     assert world.eth(provider.address) == 0
 
 
+async def test_erc7710_claim__relayer_down__its_delegation_disabled_by_claim_id__never_redeemed(
+    world: World, client: httpx.AsyncClient
+):
+    provider = new_account()
+    world.chain.upgrade(provider, world.fw.stateless_delegator, world.gas)
+    earned = world.fund(provider.address, USDC)
+    headers = await sign_in(client, provider)
+    kind = (await client.get("/v1/account/smart-account", headers=headers)).json()
+    assert (kind["kind"], kind["erc7710"], kind["delegation_manager"]) == (
+        "metamask_eip7702",
+        True,
+        world.fw.delegation_manager,
+    )
+    terms = await offer(client, headers, format_usdc(earned))
+    body = {"claim": signed(provider, terms["claim"]), "fee": signed(provider, terms["fee"])}
+    world.relayer.stop()
+    try:
+        reply = await client.post("/v1/provider/claims/erc7710", json=body, headers=headers)
+        assert reply.status_code == 202 and reply.json()["status"] == "requested", reply.text
+        claim_id = reply.json()["id"]
+        # The claim's delegation, rebuilt by the relay, to disable through the relayer holding it.
+        reply = await client.get(f"/v1/provider/claims/{claim_id}/disable/typed-data", headers=headers)
+        assert reply.status_code == 200, reply.text
+        grant = reply.json()
+        assert grant["delegation"] == terms["claim"]["message"]
+        body = {"delegation": grant["delegation"], "grant": signed(provider, grant["typed_data"])}
+        reply = await client.post("/v1/delegations/disable", json=body)
+        assert reply.status_code == 202 and reply.json()["kind"] == "delegation", reply.text
+        revocation_id = reply.json()["id"]
+    finally:
+        world.relayer.start()
+
+    # The relay never sends the claim again; the relayer disables the delegation on-chain.
+    assert (await final_revocation(client, revocation_id))["status"] == "confirmed"
+    claim = await final_claim(client, headers, claim_id)
+    assert (claim["status"], claim["error"]) == ("failed", "delegation revoked")
+    (listed,) = (await client.get("/v1/provider/claims", headers=headers)).json()["data"]
+    assert listed["delegation_revoked"] is True
+    manager = world.chain.w3.eth.contract(
+        address=to_checksum_address(world.fw.delegation_manager), abi=framework.abi("DelegationManager")
+    )
+    digest = HexBytes(claim["delegation_digest"])
+    assert manager.functions.disabledDelegations(digest).call() is True
+    assert world.escrow.functions.earnings(provider.address).call() == earned
+    assert world.eth(provider.address) == 0
+
+
 async def test_disable_delegation__gasless__then_claims_refused(
     world: World, client: httpx.AsyncClient
 ) -> None:
@@ -720,6 +776,8 @@ async def test_allowance__auto_top_up__at_most_the_period_amount_per_period(
         return deposit() == amount
 
     await wait_for(lambda: deposited(5 * USDC))
+    listed = (await client.get("/v1/account/allowances", headers=headers)).json()["data"]
+    assert [(a["top_ups"], a["topped_up_atomic"]) for a in listed] == [(1, 5 * USDC)]
     # The deposit drops below the low-water mark (a withdrawal is requested): the period is spent,
     # so nothing more until the next period, which adds the period amount once.
     await request_withdrawal(client, granted, "5")
@@ -730,6 +788,7 @@ async def test_allowance__auto_top_up__at_most_the_period_amount_per_period(
     await wait_for(lambda: deposited(10 * USDC))
     listed = (await client.get("/v1/account/allowances", headers=headers)).json()["data"]
     assert listed[0]["available_now_atomic"] == 0 and listed[0]["last_error"] is None
+    assert (listed[0]["top_ups"], listed[0]["topped_up_atomic"]) == (2, 10 * USDC)  # one per period
     assert world.balance(consumer.address) == 40 * USDC
 
     # Revoked any time without ETH: disableDelegation through the relayer; no more top-ups.
@@ -784,6 +843,51 @@ async def test_allowance__disabled_from_the_wallet__top_up_refused_and_allowance
     assert allowance["last_error"] == "CannotUseADisabledDelegation"
     assert deposits(granted.consumer.address).call() == 5 * USDC
     assert world.eth(granted.consumer.address) == 0
+
+
+async def test_allowance__typed_data_from_the_relay__registered_signed__revoked(
+    world: World, client: httpx.AsyncClient
+):
+    consumer = new_account()
+    world.twin.mint_usdc(consumer.address, 10 * USDC)
+    world.chain.upgrade(consumer, world.fw.stateless_delegator, world.gas)
+    headers = await sign_in(client, consumer)
+    now = int(world.chain.w3.eth.get_block("latest")["timestamp"])
+    query: dict[str, Any] = {"period_amount": "3", "period_seconds": DAY, "expiry": now - 1}
+    reply = await client.get("/v1/account/allowances/typed-data", params=query, headers=headers)
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_permission"
+    query["expiry"] = now + 30 * DAY
+    reply = await client.get("/v1/account/allowances/typed-data", params=query, headers=headers)
+    assert reply.status_code == 200, reply.text
+    typed = reply.json()["typed_data"]
+    grant = dlg.Delegation.from_message(typed["message"])
+    assert (grant.delegator, grant.delegate) == (consumer.address, world.operator.address)
+    assert reply.json()["hash"] == "0x" + grant.hash.hex()
+
+    permission = signed(consumer, typed)
+    both = {"delegation": permission, "context": "0x" + dlg.encode_context([grant]).hex()}
+    reply = await client.post("/v1/account/allowances", json=both, headers=headers)
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_request"
+    reply = await client.post("/v1/account/allowances", json={"delegation": permission}, headers=headers)
+    assert reply.status_code == 201, reply.text
+    assert (reply.json()["period_amount_atomic"], reply.json()["delegation"]) == (3 * USDC, typed["message"])
+
+    async def topped_up() -> dict[str, Any] | None:
+        listed = (await client.get("/v1/account/allowances", headers=headers)).json()["data"]
+        return listed[0] if listed[0]["top_ups"] == 1 else None
+
+    allowance = await wait_for(topped_up)
+    assert (allowance["topped_up_atomic"], allowance["available_now_atomic"]) == (3 * USDC, 0)
+    assert world.escrow.functions.deposits(consumer.address).call() == 3 * USDC
+    offer_ = await client.post(
+        "/v1/delegations/disable/typed-data", json={"delegation": allowance["delegation"]}
+    )
+    body = {"delegation": allowance["delegation"], "grant": signed(consumer, offer_.json()["typed_data"])}
+    reply = await client.post("/v1/delegations/disable", json=body)
+    assert reply.status_code == 202 and reply.json()["kind"] == "allowance", reply.text
+    assert (await final_revocation(client, reply.json()["id"]))["status"] == "confirmed"
+    listed = (await client.get("/v1/account/allowances", headers=headers)).json()["data"]
+    assert listed[0]["revoked"] is True and world.eth(consumer.address) == 0
 
 
 async def test_withdrawal__signed_steps_through_the_relayer__no_eth(world: World, client: httpx.AsyncClient):

@@ -30,6 +30,7 @@ from e2e_helpers import OnChain, deploy_escrow  # noqa: E402
 from eth_account import Account  # noqa: E402
 from eth_account.signers.local import LocalAccount  # noqa: E402
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright  # noqa: E402
+from quotra.chain.deployment import DelegationFramework, Deployment  # noqa: E402
 from quotra_dev import twin  # noqa: E402
 from relay_helpers import listing_body, sign  # noqa: E402
 from relays import RelayProcess, free_port, relay_env  # noqa: E402
@@ -46,6 +47,16 @@ def chromium_path() -> str | None:
 class Market:
     url: str
     onchain: OnChain
+    framework: DelegationFramework
+
+    def upgrade(self, account: LocalAccount) -> None:
+        """Make `account` a MetaMask smart account (EIP-7702 to the stateless DeleGator), as a
+        wallet that can sign authorizations would; the escrow's owner sends and pays for the
+        type-4 transaction, so the account still holds no ETH."""
+        self.onchain.chain.upgrade(account, self.framework.stateless_delegator, self.onchain.owner)
+
+    def eth(self, address: str) -> int:
+        return int(self.onchain.chain.w3.eth.get_balance(address))  # type: ignore[arg-type]
 
     def usdc(self, address: str) -> int:
         return self.onchain.balance(address)
@@ -79,16 +90,36 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
     """The twin, the escrow, and `quotra serve` on it: the operator settles and is the relayer.
     The escrow has no withdrawal delay, so that a withdrawal requested on the page can be completed
-    at once (the delay itself is the contract tests' business)."""
+    at once (the delay itself is the contract tests' business). The deployment file records
+    MetaMask's Delegation Framework on the twin: ERC-7710 claims and periodic allowances are on."""
     tmp = tmp_path_factory.mktemp("market")
     with twin.start() as chain_:
         onchain = deploy_escrow(chain_, withdrawal_delay=0)
+        assert chain_.framework is not None
+        deployment = Deployment(
+            network="base-sepolia-twin",
+            chain_id=onchain.chain.chain_id,
+            escrow=onchain.escrow.address,
+            usdc=onchain.usdc.address,
+            usdc_name="USDC",
+            usdc_version="2",
+            owner=onchain.owner.address,
+            operators=(onchain.operator.address,),
+            block=onchain.start_block,
+            tx_hash="0x" + "00" * 32,
+            fee_bps=int(onchain.escrow.functions.fee_bps().call()),
+            withdrawal_delay=0,
+            refund_window=86_400,
+            delegation_framework=chain_.framework,
+        )
         port = free_port()
         env = relay_env(
             onchain,
             f"sqlite+aiosqlite:///{tmp / 'relay.db'}",
             port,
             tmp / "data",
+            QUOTRA_DEPLOYMENT_FILE=str(deployment.save(tmp / "base-sepolia-twin.json")),
+            QUOTRA_ALLOWANCE_POLL_SECONDS="0.3",
             QUOTRA_PLAYGROUND_FREE_CALLS=str(FREE_CALLS),
             QUOTRA_WALLET_RPC_URL=chain_.rpc_url,
             QUOTRA_CLAIMS_POLL_SECONDS="0.3",
@@ -99,7 +130,7 @@ def market(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
         relay = RelayProcess("web-relay", env, port, tmp)
         relay.start()
         try:
-            yield Market(relay.url, onchain)
+            yield Market(relay.url, onchain, chain_.framework)
         finally:
             relay.stop()
 
@@ -126,6 +157,13 @@ class Person:
     @property
     def address(self) -> str:
         return self.wallet.address
+
+    def signed_in(self, path: str) -> Page:
+        """The page at `path`, its wallet connected and signed in with Ethereum."""
+        self.page.goto(path)
+        self.page.get_by_role("button", name="Connect Test Wallet").click()
+        self.page.get_by_role("button", name="Sign in").click()
+        return self.page
 
     def screenshot(self, name: str) -> None:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)

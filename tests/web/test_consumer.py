@@ -2,7 +2,8 @@
 → an x402 call paid from the wallet (after switching it to the twin) whose USDC moves on chain →
 sign in → gasless deposit → spend permission → API key (shown once, copied) that works with the
 openai SDK → usage with its cost → the permission revoked and renewed → the key capped and
-revoked → a withdrawal requested and completed."""
+revoked → a withdrawal requested and completed. And a MetaMask smart account's periodic allowance:
+granted on the page, an automatic top-up of the period amount, revoked."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import openai
 from conftest import FREE_CALLS, Market
 from eth_account import Account
 from playwright.sync_api import expect
+from quotra.chain import delegation as dlg
+from web3.exceptions import ContractCustomError, ContractLogicError
 
 USDC = 10**6
 PRICE = 20_000  # 0.02 USDC per call
@@ -235,3 +238,71 @@ def test_the_playground_calls_the_model_picked(market: Market, person) -> None:
     assert json.loads(sent.value.post_data or "{}")["model"] == f"listing/{listing['id']}/web-pick-large"
     expect(page.locator(".message.assistant")).to_contain_text("Sandbox reply to: which model?")
     assert visitor.errors == []
+
+
+def redeem_revert(market: Market, context: bytes, consumer: str, amount: int) -> str | None:
+    """Why one more top-up of `amount` under the allowance would revert (None: it would not),
+    simulated as the relay's operator sends it."""
+    operator = market.onchain.operator.address
+    entries = dlg.top_up_redemptions(
+        context, usdc=market.onchain.usdc.address, escrow=market.onchain.escrow.address,
+        operator=operator, consumer=consumer, amount=amount,
+    )  # fmt: skip
+    call = {"from": operator, "to": market.framework.delegation_manager, "data": dlg.encode_redeem(entries)}
+    try:
+        market.onchain.chain.w3.eth.call(call)  # type: ignore[arg-type]
+    except (ContractCustomError, ContractLogicError) as reverted:
+        return dlg.describe_revert(reverted.data)  # type: ignore[arg-type]
+    return None
+
+
+def test_a_smart_account_grants_a_periodic_allowance_that_tops_up_its_deposit(market: Market, person) -> None:
+    """A consumer whose account is a MetaMask smart account (EIP-7702, as its wallet upgraded it)
+    grants the relay a periodic USDC allowance on the page; the relay tops the empty deposit up by
+    the period amount, no more; the page shows what the period has left and the top-up; the
+    allowance revoked from the page (disableDelegation, no ETH) cannot be redeemed any more."""
+    account = Account.create()
+    market.onchain.twin.mint_usdc(account.address, 10 * USDC)
+    market.upgrade(account)
+    consumer = person(account)
+    page = consumer.signed_in("/account")
+    expect(page.locator("#allowance-account")).to_contain_text("MetaMask smart account")
+
+    page.fill("#allowance-amount", "2")
+    page.select_option("#allowance-period", "86400")
+    page.click("#allowance-button")
+    expect(page.locator("#allowance-result")).to_have_text(
+        "Allowance granted: up to 2.00 USDC per day tops up your deposit when it runs low."
+    )
+    # Below the low-water mark (1 USDC): the relay redeems the period amount, once.
+    wait_until(lambda: market.deposit(account.address) == 2 * USDC, "the automatic top-up")
+    assert market.usdc(account.address) == 8 * USDC and market.eth(account.address) == 0
+    page.reload()
+    row = page.locator("#allowances tr")
+    expect(row).to_have_count(1)
+    expect(row).to_contain_text("2.00 USDC per day")
+    expect(row.locator(".left")).to_have_text("0.00 USDC")
+    expect(row.locator(".top-ups")).to_have_text("1 (2.00 USDC)")
+    expect(row.locator(".badge")).to_have_text("active")
+    expect(page.locator("#deposit")).to_have_text("2.00 USDC")
+    consumer.screenshot("account-allowance")
+
+    # The period's cap holds on-chain; once revoked, nothing can be redeemed under it at all.
+    listed = page.request.get("/v1/account/allowances").json()["data"][0]
+    grant = dlg.Delegation.from_message(listed["delegation"])
+    domain = dlg.domain(market.onchain.chain.chain_id, market.framework.delegation_manager)
+    signature = Account.sign_typed_data(account.key, full_message=grant.typed_data(domain)).signature
+    context = dlg.encode_context([grant.signed(bytes(signature))])
+    assert "0x" + grant.hash.hex() == listed["hash"]
+    exceeded = "ERC20PeriodTransferEnforcer:transfer-amount-exceeded"
+    assert redeem_revert(market, context, account.address, USDC) == exceeded
+    row.get_by_role("button", name="Revoke").click()
+    expect(page.locator("#allowance-result")).to_contain_text("confirmed", timeout=30_000)
+    expect(page.locator("#notice")).to_have_text(
+        "Allowance revoked: the relay can take nothing more under it."
+    )
+    expect(row.locator(".badge")).to_have_text("revoked")
+    expect(row.get_by_role("button")).to_have_count(0)
+    assert redeem_revert(market, context, account.address, USDC) == "CannotUseADisabledDelegation"
+    assert market.deposit(account.address) == 2 * USDC and market.eth(account.address) == 0
+    assert consumer.errors == []

@@ -15,6 +15,7 @@ import httpx
 from conftest import FREE_CALLS, Market
 from eth_account import Account
 from playwright.sync_api import expect
+from quotra.chain import delegation as dlg
 from quotra_dev.localmodel import create_app as localmodel_app
 from quotra_dev.localmodel import run_in_thread
 from relays import X402Payer
@@ -132,13 +133,80 @@ def test_provider_journey(market: Market, person) -> None:
     assert provider.errors == []
 
 
+def wait_for_earnings(market: Market, provider: str, amount: int) -> None:
+    deadline = time.monotonic() + 30
+    while int(market.onchain.escrow.functions.earnings(provider).call()) < amount:
+        assert time.monotonic() < deadline, "the paid calls did not settle"
+        time.sleep(0.2)
+
+
+def test_a_smart_account_claims_by_erc7710_and_disables_a_stuck_claims_delegation(
+    market: Market, person
+) -> None:
+    account = Account.create()
+    market.upgrade(account)  # as its wallet made it a MetaMask smart account
+    market.create_listing(account, models=["web-7710-model"], price_per_call="0.05", max_calls=50)
+    call_listing(market, "web-7710-model")
+    wait_for_earnings(market, account.address, EARNED)
+    provider = person(account)
+    page = provider.signed_in("/provider")
+    expect(page.locator("#claim-path")).to_contain_text("MetaMask smart account")
+    expect(page.locator("#claim-path")).to_contain_text("you claim by ERC-7710")
+    expect(page.locator("#claim")).to_have_text("Claim 0.09 USDC")
+
+    # The relayer cannot send (its account is out of ETH): the claim waits, and its delegation
+    # stays redeemable; the provider disables it from the page, which the relayer sends once it
+    # can, and then the relay fails the claim instead of sending it.
+    operator = market.onchain.operator.address
+    gas = market.eth(operator)
+    market.onchain.twin.rpc("anvil_setBalance", operator, "0x0")
+    try:
+        page.click("#claim")
+        expect(page.locator("#claim-status")).to_contain_text("waiting for the relayer")
+        stuck = page.locator("#claims tr").first
+        expect(stuck).to_contain_text("requested")
+        stuck.get_by_role("button", name="Disable delegation").click()
+        expect(page.locator("#disable-status")).to_contain_text("revoking on-chain")
+    finally:
+        market.onchain.twin.rpc("anvil_setBalance", operator, hex(gas))
+    expect(page.locator("#disable-status")).to_contain_text("confirmed", timeout=30_000)
+    expect(page.locator("#claim-status")).to_contain_text(
+        "The claim failed: delegation revoked", timeout=30_000
+    )
+    expect(stuck.locator("td").last).to_contain_text("disabled")
+    claim = page.request.get("/v1/provider/claims").json()["data"][0]
+    assert (claim["kind"], claim["status"], claim["delegation_revoked"]) == ("erc7710", "failed", True)
+    digest = bytes.fromhex(claim["delegation_digest"][2:])
+    call = {"to": market.framework.delegation_manager, "data": dlg.DISABLED_DELEGATIONS + digest}
+    disabled = market.onchain.chain.w3.eth.call(call)  # type: ignore[arg-type]
+    assert int.from_bytes(disabled, "big") == 1
+    assert int(market.onchain.escrow.functions.earnings(account.address).call()) == EARNED
+
+    # A new claim by ERC-7710: one signed delegation, redeemed by the relayer through the
+    # DelegationManager; the provider's own account claims, its ETH stays 0.
+    page.click("#claim")
+    expect(page.locator("#claim-status")).to_contain_text("confirmed", timeout=30_000)
+    expect(page.locator("#claim-status")).to_contain_text("0.09 USDC claimed by ERC-7710 redemption")
+    tx = page.locator("#claim-tx").inner_text()
+    receipt = market.onchain.chain.w3.eth.get_transaction_receipt(tx)
+    assert receipt["status"] == 1 and receipt["to"] == market.framework.delegation_manager
+    claim = page.request.get("/v1/provider/claims").json()["data"][0]
+    assert (claim["kind"], claim["status"], claim["amount_atomic"]) == ("erc7710", "confirmed", EARNED)
+    # This relay's own relayer (the operator's key) charges no fee: no fee delegation to sign.
+    assert claim["relayer_fee_atomic"] == 0 and provider.wallet.requests.count("eth_signTypedData_v4") == 3
+    expect(page.locator("#claim-status")).to_contain_text("of which 0.00 USDC went to the relayer as its fee")
+    assert market.usdc(account.address) == EARNED - claim["relayer_fee_atomic"]
+    assert int(market.onchain.escrow.functions.earnings(account.address).call()) == 0
+    assert market.eth(account.address) == 0
+    expect(page.locator("#claims tr").first.locator("td").last).to_have_text("ERC-7710 (used)")
+    provider.screenshot("provider-erc7710")
+    assert provider.errors == []
+
+
 def test_a_key_of_an_openai_compatible_server_is_checked_before_it_is_listed(market: Market, person) -> None:
     with run_in_thread(localmodel_app(api_key="sk-web-local", models=["web-local-1"])) as (upstream,):
         provider = person()
-        page = provider.page
-        page.goto("/provider")
-        page.get_by_role("button", name="Connect Test Wallet").click()
-        page.get_by_role("button", name="Sign in").click()
+        page = provider.signed_in("/provider")
         page.select_option("#kind", "openai-compatible")
         page.fill("#base-url", f"{upstream}/v1")
         page.fill("#api-key", "sk-not-the-key")

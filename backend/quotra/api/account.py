@@ -9,12 +9,14 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from quotra.api.claims import SignedFrameworkDelegation
 from quotra.api.deps import CurrentProvider, RuntimeDep
 from quotra.api.routing import BoundedRoute, errors
 from quotra.bounds import Address, Name, Omittable, PageSize, Uint256
 from quotra.calls.records import CALL_ID_PATTERN, CallView, payer_ids
+from quotra.chain import delegation as dlg
 from quotra.errors import BadRequest, NotFound
 from quotra.money import usdc
 from quotra.payments.allowances import AllowanceService
@@ -593,14 +595,39 @@ class SignerMeta(BaseModel):
 
 class PermissionResponse(BaseModel):
     """A `wallet_requestExecutionPermissions` (or the older `wallet_grantPermissions`) response
-    entry, or just its `context`: other fields are accepted and not needed."""
+    entry, or just its `context`: other fields are accepted and not needed. Or, instead of the
+    context, the signed delegation of `GET /v1/account/allowances/typed-data` (what a page whose
+    wallet signs typed data sends)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    context: str = Field(pattern=r"^0x([0-9a-fA-F]{2}){64,32768}$", description="abi.encode(Delegation[])")
+    context: str | None = Field(
+        default=None, pattern=r"^0x([0-9a-fA-F]{2}){64,32768}$", description="abi.encode(Delegation[])"
+    )
+    delegation: SignedFrameworkDelegation | None = None
     chainId: str | int | None = None
     delegationManager: str | None = None
     signerMeta: SignerMeta | None = None
+
+    @model_validator(mode="after")
+    def _one_grant(self) -> PermissionResponse:
+        if (self.context is None) == (self.delegation is None):
+            raise ValueError("give the permission's context or its signed delegation (one of them)")
+        return self
+
+    def permission_context(self) -> bytes:
+        if self.context is not None:
+            return bytes.fromhex(self.context[2:])
+        assert self.delegation is not None
+        try:
+            return dlg.encode_context([self.delegation.delegation()])
+        except dlg.DelegationError as exc:
+            raise BadRequest(str(exc), code="invalid_permission") from None
+
+
+class AllowanceTypedData(BaseModel):
+    typed_data: dict[str, Any]
+    hash: str
 
 
 class AllowanceOut(BaseModel):
@@ -613,6 +640,10 @@ class AllowanceOut(BaseModel):
     start: int
     expiry: int | None
     available_now_atomic: int | None
+    delegation: dict[str, Any] = Field(description="Its delegation's EIP-712 message (to disable it)")
+    top_ups: int | None = Field(description="Top-ups made under it (None: the chain's logs are unavailable)")
+    topped_up: str | None
+    topped_up_atomic: int | None
     revoked: bool
     last_top_up_at: datetime | None
     last_error: str | None
@@ -623,8 +654,14 @@ class AllowanceList(BaseModel):
     data: list[AllowanceOut]
 
 
-def allowance_view(view: AllowanceView, available: int | None) -> dict[str, Any]:
+def allowance_view(view: AllowanceView, available: int | None, top_ups: list[int] | None) -> dict[str, Any]:
+    total = None if top_ups is None else sum(top_ups)
+    (delegation,) = dlg.decode_context(bytes.fromhex(view.context[2:]))
     return {
+        "delegation": delegation.message(),
+        "top_ups": None if top_ups is None else len(top_ups),
+        "topped_up": None if total is None else usdc(total),
+        "topped_up_atomic": total,
         "hash": view.hash,
         "wallet": view.wallet,
         "period_amount": usdc(view.period_amount),
@@ -671,8 +708,28 @@ async def register_allowance(
         hex(service.escrow.chain_id),
     ):
         raise BadRequest(f"The permission is for chain {body.chainId}", code="wrong_chain")
-    view = await service.register(wallet, bytes.fromhex(body.context[2:]))
-    return allowance_view(view, await service.available(view))
+    view = await service.register(wallet, body.permission_context())
+    return allowance_view(view, await service.available(view), await service.top_ups(view))
+
+
+@router.get(
+    "/allowances/typed-data",
+    response_model=AllowanceTypedData,
+    summary="A periodic USDC allowance to the relay to sign (an ERC-7715 erc20-token-periodic grant)",
+    responses=errors(400, 401, 404, 503),
+)
+async def allowance_typed_data(
+    wallet: CurrentProvider,
+    runtime: RuntimeDep,
+    period_amount: Annotated[Usdc, Query(description="Most the relay may take per period (USDC)")],
+    period_seconds: Annotated[int, Query(ge=60, le=366 * 86_400, description="The period's length")],
+    expiry: Annotated[int, Query(ge=1, lt=2**40, description="Unix time it ends")],
+    start: Annotated[int | None, Query(ge=0, lt=2**40, description="Unix time periods start from")] = None,
+) -> dict[str, Any]:
+    amount = atomic(period_amount)
+    return await _allowances(runtime).typed_data(
+        wallet, period_amount=amount, period_duration=period_seconds, start=start, expiry=expiry
+    )
 
 
 @router.get(
@@ -683,4 +740,5 @@ async def register_allowance(
 )
 async def list_allowances(wallet: CurrentProvider, runtime: RuntimeDep) -> dict[str, Any]:
     rows = await _allowances(runtime).of_wallet(wallet)
-    return {"object": "list", "data": [allowance_view(r["allowance"], r["available"]) for r in rows]}
+    data = [allowance_view(r["allowance"], r["available"], r["top_ups"]) for r in rows]
+    return {"object": "list", "data": data}

@@ -114,6 +114,9 @@ class ClaimOut(BaseModel):
     error: str | None
     created_at: datetime
     updated_at: datetime
+    delegation_revoked: bool | None = Field(
+        default=None, description="Whether its delegation was revoked or disabled (in lists only)"
+    )
 
 
 class ClaimList(BaseModel):
@@ -226,6 +229,18 @@ class DisableTypedDataRequest(BaseModel):
 class DisableTypedDataOut(BaseModel):
     typed_data: dict[str, Any]
     hash: str
+
+
+class ClaimDisableOut(DisableTypedDataOut):
+    delegation: dict[str, Any] = Field(description="The claim's delegation (its EIP-712 message) to disable")
+
+
+class AccountKindOut(BaseModel):
+    address: str
+    kind: str = Field(description="metamask_eip7702, eoa or contract")
+    erc7710: bool = Field(description="Whether its Delegation Framework delegations can be redeemed")
+    stateless_delegator: str | None
+    delegation_manager: str | None
 
 
 class DisableRequest(BaseModel):
@@ -400,8 +415,25 @@ async def create_redemption_claim(
 async def list_claims(
     provider: CurrentProvider, runtime: RuntimeDep, limit: PageSize = 50, offset: Offset = 0
 ) -> dict[str, Any]:
-    rows = await runtime.claims_repo.list_claims(to_checksum_address(provider), limit=limit, offset=offset)
-    return {"object": "list", "data": [claim_out(c) for c in rows]}
+    repo = runtime.claims_repo
+    rows = await repo.list_claims(to_checksum_address(provider), limit=limit, offset=offset)
+    revoked = await repo.revoked_digests([c.delegation_digest for c in rows])
+    data = [{**claim_out(c), "delegation_revoked": c.delegation_digest in revoked} for c in rows]
+    return {"object": "list", "data": data}
+
+
+@router.get(
+    "/v1/provider/claims/{claim_id}/disable/typed-data",
+    response_model=ClaimDisableOut,
+    summary="The grant to sign so the relayer disables an ERC-7710 claim's delegation for free",
+    responses=errors(400, 401, 404, 503),
+)
+async def claim_disable_typed_data(
+    provider: CurrentProvider, claims: ClaimsDep, claim_id: Annotated[str, Path(pattern=CLAIM_ID_PATTERN)]
+) -> dict[str, Any]:
+    # The relayer the claim was given to redeems the grant (no quote needed: it may be down).
+    target = await claims.claim_delegation(provider, claim_id)
+    return {**await claims.disable_typed_data(target, target.delegate), "delegation": target.message()}
 
 
 @router.get(
@@ -438,6 +470,16 @@ async def earnings(provider: CurrentProvider, claims: ClaimsDep) -> dict[str, An
         "pending_atomic": result["pending"],
         "per_listing": {k: usdc_text(v) for k, v in per_listing.items()} if per_listing else None,
     }
+
+
+@router.get(
+    "/v1/account/smart-account",
+    response_model=AccountKindOut,
+    summary="Whether the signed-in account is a MetaMask smart account (EIP-7702), for ERC-7710",
+    responses=errors(401, 404, 503),
+)
+async def account_kind(account: CurrentProvider, claims: ClaimsDep) -> dict[str, Any]:
+    return await claims.account_kind(account)
 
 
 # ---- revocations -------------------------------------------------------------------------------

@@ -77,19 +77,7 @@ class ChainReads:
 
     async def receipt(self, tx_hash: str) -> dict[str, Any] | None:
         """The transaction's receipt, None while it is not mined."""
-        raw = await self._request("eth_getTransactionReceipt", [tx_hash])
-        if raw is None:
-            return None
-        try:
-            return {
-                "transactionHash": HexBytes(raw["transactionHash"]),
-                "blockNumber": int(raw["blockNumber"], 16),
-                "status": int(raw["status"], 16),
-                "gasUsed": int(raw["gasUsed"], 16),
-                "logs": [_log(entry) for entry in raw["logs"]],
-            }
-        except (KeyError, TypeError, ValueError):
-            raise ChainReadError(f"eth_getTransactionReceipt: unexpected answer {str(raw)[:80]!r}") from None
+        return receipt_of(await self._request("eth_getTransactionReceipt", [tx_hash]))
 
     async def transaction_input(self, tx_hash: str) -> bytes:
         raw = await self._request("eth_getTransactionByHash", [tx_hash])
@@ -101,6 +89,22 @@ class ChainReads:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def receipt_of(raw: Any) -> dict[str, Any] | None:
+    """`eth_getTransactionReceipt`'s result with what Quotra reads converted (None: not mined)."""
+    if raw is None:
+        return None
+    try:
+        return {
+            "transactionHash": HexBytes(raw["transactionHash"]),
+            "blockNumber": int(raw["blockNumber"], 16),
+            "status": int(raw["status"], 16),
+            "gasUsed": int(raw["gasUsed"], 16),
+            "logs": [_log(entry) for entry in raw["logs"]],
+        }
+    except (KeyError, TypeError, ValueError):
+        raise ChainReadError(f"eth_getTransactionReceipt: unexpected answer {str(raw)[:80]!r}") from None
 
 
 def _log(raw: dict[str, Any]) -> dict[str, Any]:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from eth_abi import encode as abi_encode
-from eth_utils import to_checksum_address
+from eth_utils import keccak, to_checksum_address
 from hexbytes import HexBytes
 
 from quotra.chain import delegation as dlg
@@ -33,6 +34,12 @@ from quotra.payments.claims import ClaimConflict, check_signature, delegation_di
 from quotra.store.allowances_repo import AllowancesRepo, AllowanceView
 
 log = logging.getLogger("quotra.allowances")
+
+TRANSFERRED_IN_PERIOD: Final = HexBytes(
+    keccak(
+        text="TransferredInPeriod(address,address,bytes32,address,uint256,uint256,uint256,uint256,uint256)"
+    )
+)
 
 
 class AllowanceService:
@@ -47,6 +54,7 @@ class AllowanceService:
         low_water: int,
         poll_seconds: float = 30.0,
         wait_seconds: float = 120.0,
+        from_block: int = 0,
     ) -> None:
         self.repo = repo
         self.escrow = escrow
@@ -56,9 +64,33 @@ class AllowanceService:
         self.low_water = low_water
         self.poll_seconds = poll_seconds
         self.wait_seconds = wait_seconds
+        self.from_block = from_block  # where the escrow's deployment starts: no top-up before it
 
     async def _now(self) -> int:
         return int((await self.escrow.w3.eth.get_block("latest"))["timestamp"])
+
+    async def typed_data(
+        self, wallet: str, *, period_amount: int, period_duration: int, start: int | None, expiry: int
+    ) -> dict[str, Any]:
+        """The periodic allowance for `wallet` to sign (`eth_signTypedData_v4`), as MetaMask's
+        `erc20-token-periodic` grant is built; periods start at `start` (default: now)."""
+        now = await self._now()
+        start = now if start is None else start
+        if expiry <= max(now, start):
+            raise BadRequest("The expiry must be after the start, in the future", code="invalid_permission")
+        grant = dlg.periodic_allowance(
+            self.framework,
+            consumer=to_checksum_address(wallet),
+            delegate=self.operator,
+            usdc=self.escrow.usdc_address,
+            period_amount=period_amount,
+            period_duration=period_duration,
+            start=start,
+            expiry=expiry,
+            salt=secrets.randbits(64),
+        )
+        domain = dlg.domain(self.escrow.chain_id, self.framework.delegation_manager)
+        return {"typed_data": grant.typed_data(domain), "hash": "0x" + grant.hash.hex()}
 
     async def register(self, wallet: str, context: bytes) -> AllowanceView:
         """Check a consumer's permission context and keep it for top-ups."""
@@ -181,8 +213,34 @@ class AllowanceService:
         """Top-ups every `poll_seconds`, until `stop` is set."""
         await poll_forever(self.poll_once, self.poll_seconds, stop, "allowances.poll_failed")
 
+    async def top_ups(self, allowance: AllowanceView) -> list[int] | None:
+        """The amounts the relay took under the allowance so far, one per top-up, from the
+        enforcer's `TransferredInPeriod` events (None if the node serves no logs)."""
+        try:
+            logs = await self.escrow.w3.eth.get_logs(
+                {
+                    "address": to_checksum_address(self.framework.address("ERC20PeriodTransferEnforcer")),
+                    "fromBlock": self.from_block,
+                    "toBlock": "latest",
+                    "topics": [TRANSFERRED_IN_PERIOD, None, None, HexBytes(allowance.hash)],
+                }
+            )
+        except Exception as exc:  # a node without log filters
+            log.info("allowances.logs_unavailable", extra={"error": str(exc)[:200]})
+            return None
+        amounts, last_period, last_total = [], None, 0
+        for entry in logs:
+            # data: token, periodAmount, periodDuration, startDate, transferredInCurrentPeriod, timestamp
+            words = [int.from_bytes(bytes(entry["data"])[i : i + 32], "big") for i in range(0, 192, 32)]
+            duration, start, total, at = words[2], words[3], words[4], words[5]
+            period = (at - start) // duration if duration else 0
+            amounts.append(total - last_total if period == last_period else total)
+            last_period, last_total = period, total
+        return amounts
+
     async def of_wallet(self, wallet: str) -> list[dict[str, Any]]:
-        """The wallet's allowances, each with what the current period still allows."""
+        """The wallet's allowances, each with what the current period still allows and the
+        top-ups made under it."""
         out = []
         for allowance in await self.repo.of_wallet(to_checksum_address(wallet)):
             try:
@@ -191,5 +249,5 @@ class AllowanceService:
                 raise ServiceUnavailable(
                     "The chain could not be read; try again", code="chain_unavailable"
                 ) from exc
-            out.append({"allowance": allowance, "available": left})
+            out.append({"allowance": allowance, "available": left, "top_ups": await self.top_ups(allowance)})
         return out

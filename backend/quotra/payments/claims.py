@@ -591,14 +591,62 @@ class ClaimService:
             provider, grant.payee, digest_hex, amount, fee_amount, call, kind="erc7710"
         )
 
-    async def disable_typed_data(self, target: dlg.Delegation) -> dict[str, Any]:
+    async def account_kind(self, account: str) -> dict[str, Any]:
+        """What `account` is to the Delegation Framework: MetaMask's stateless DeleGator by
+        EIP-7702 (its framework delegations can be redeemed), a plain EOA, or another contract."""
+        account = to_checksum_address(account)
+        code = await self.escrow.code_at(account)
+        fw = self.framework
+        if fw is not None and dlg.is_delegated_to(code, fw.stateless_delegator):
+            kind = "metamask_eip7702"
+        else:
+            kind = "contract" if code else "eoa"
+        return {
+            "address": account,
+            "kind": kind,
+            "erc7710": kind == "metamask_eip7702",
+            "stateless_delegator": fw.stateless_delegator if fw is not None else None,
+            "delegation_manager": fw.delegation_manager if fw is not None else None,
+        }
+
+    async def claim_delegation(self, provider: str, claim_id: str) -> dlg.Delegation:
+        """The framework delegation an ERC-7710 claim of `provider`'s was made under, rebuilt from
+        what the relay recorded (its signature aside: `disableDelegation` does not need it)."""
+        claim = await self.repo.get_claim(claim_id)
+        if claim is None or claim.provider != to_checksum_address(provider):
+            raise NotFound(f"No claim {claim_id}")
+        row = await self.repo.get_delegation(claim.delegation_digest)
+        if claim.kind != "erc7710" or row is None:
+            raise BadRequest(
+                "This claim was made under the escrow's own Delegation: revoke that with a signed "
+                "Revocation (POST /v1/revocations)",
+                code="not_an_erc7710_claim",
+            )
+        target = dlg.claim_delegation(
+            self._fw(),
+            provider=row.provider,
+            delegate=row.delegate,
+            escrow=self.escrow.escrow_address,
+            usdc=self.escrow.usdc_address,
+            payee=row.payee,
+            cap=row.max_amount,
+            valid_until=row.valid_until,
+            salt=row.salt,
+        )
+        if _hex(target.hash) != claim.delegation_digest:
+            raise ServiceUnavailable("The claim's delegation cannot be rebuilt", code="delegation_unknown")
+        return target
+
+    async def disable_typed_data(self, target: dlg.Delegation, delegate: str | None = None) -> dict[str, Any]:
         """The one-use grant to sign so that the relayer makes the delegator's account call
-        `DelegationManager.disableDelegation(target)` (free of charge)."""
-        quote = await self.quote()
+        `DelegationManager.disableDelegation(target)` (free of charge): redeemed by `delegate`,
+        by default the relayer's current submitter."""
+        if delegate is None:
+            delegate = (await self.quote()).delegate
         grant = dlg.disable_delegation(
             self._fw(),
             delegator=target.delegator,
-            delegate=quote.delegate,
+            delegate=delegate,
             target=target,
             salt=secrets.randbits(64),
         )

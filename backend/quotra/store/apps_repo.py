@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, func, select, update
+from sqlalchemy import and_, case, func, literal_column, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from quotra.calls.records import CallView
@@ -341,9 +341,12 @@ class AppsStore:
         def money(column: Any) -> Any:
             return func.coalesce(func.sum(case((metered, column), else_=0)), 0)
 
+        # The same SQL text in SELECT and GROUP BY: with a bound "" in each, PostgreSQL sees two
+        # different expressions and refuses the query.
+        end_user = func.coalesce(calls.c.end_user, literal_column("''"))
         query = (
             select(
-                func.coalesce(calls.c.end_user, ""),
+                end_user,
                 func.count(),
                 func.coalesce(func.sum(calls.c.prompt_tokens), 0),
                 func.coalesce(func.sum(calls.c.completion_tokens), 0),
@@ -360,7 +363,7 @@ class AppsStore:
                     calls.c.created_at < end,
                 )
             )
-            .group_by(func.coalesce(calls.c.end_user, ""))
+            .group_by(end_user)
         )
         async with self.sessions() as session:
             rows = (await session.execute(query)).all()

@@ -265,6 +265,16 @@ class ClaimsRepo:
         async with self.sessions() as session:
             return [ClaimView.of(r) for r in (await session.scalars(query)).all()]
 
+    async def revoked_digests(self, digests: list[str]) -> set[str]:
+        """Which of these delegations have been revoked (or disabled) through the relay."""
+        if not digests:
+            return set()
+        query = select(DelegationRecord.digest).where(
+            DelegationRecord.digest.in_(digests), DelegationRecord.revoked_at.is_not(None)
+        )
+        async with self.sessions() as session:
+            return set((await session.scalars(query)).all())
+
     async def confirmed_total(self, provider: str) -> int:
         query = select(func.coalesce(func.sum(ClaimRecord.amount), 0)).where(
             ClaimRecord.provider == provider, ClaimRecord.status == "confirmed"

@@ -1,12 +1,16 @@
-// The consumer's prepaid account: balance, gasless deposit, spend permission (sign, revoke),
-// API keys (created once, capped, revoked), usage with the cost of each call, and withdrawal.
+// The consumer's prepaid account: balance, gasless deposit, spend permission (sign, revoke), a
+// MetaMask smart account's periodic allowance for automatic top-ups (grant, follow, revoke), API
+// keys (created once, capped, revoked), usage with the cost of each call, and withdrawal.
 import { api, explain } from "./api.js";
+import * as delegations from "./delegations.js";
 import { start } from "./layout.js";
-import { $, badge, busy, el, notify, sleep, usdc, when } from "./ui.js";
+import { $, atomicToUsdc, badge, busy, el, notify, sleep, usdc, when } from "./ui.js";
 import * as wallet from "./wallet.js";
 
 const ctx = await start("account");
 $("#base-url").textContent = `${location.origin}/v1`;
+const DAY = 86400;
+const PERIODS = { 3600: "hour", 86400: "day", 604800: "week", 2592000: "30 days" };
 
 async function load() {
   const signedIn = ctx.address !== null;
@@ -14,14 +18,16 @@ async function load() {
   $("#account").hidden = !signedIn;
   if (!signedIn) return;
   try {
-    const [account, keys, usage] = await Promise.all([
+    const [account, keys, usage, kind] = await Promise.all([
       api("/v1/account"),
       api("/v1/account/keys"),
       api("/v1/account/usage?limit=50"),
+      delegations.accountKind(ctx.network),
     ]);
     showAccount(account);
     showKeys(keys.data);
     showUsage(usage.data);
+    await showAllowances(kind);
   } catch (error) {
     notify(explain(error), "error");
   }
@@ -50,6 +56,80 @@ function showAccount(account) {
     permission.revoked ? " Sign a new one to go on calling with your keys." : " Signing a new one replaces it.",
   );
 }
+
+// The periodic allowances: offered to a MetaMask smart account on a relay that tops up (the
+// Delegation Framework on its chain and the operator's key), explained to any other account.
+async function showAllowances(kind) {
+  const panel = $("#allowance-panel");
+  const allowances = kind && kind.delegation_manager ? await api("/v1/account/allowances").catch(() => null) : null;
+  panel.hidden = allowances === null;
+  if (allowances === null) return;
+  $("#allowance-form").hidden = !kind.erc7710;
+  $("#allowance-account").replaceChildren(
+    ...(kind.erc7710
+      ? [badge("MetaMask smart account", "ok"), " Your account is an EIP-7702 smart account (MetaMask's stateless DeleGator): it can grant the relay a periodic allowance."]
+      : [badge("plain account", "warn"), ` Automatic top-ups need your account to be a MetaMask smart account (EIP-7702). ${delegations.NO_UPGRADE}`]),
+  );
+  const now = Date.now() / 1000;
+  $("#allowances").replaceChildren(
+    ...allowances.data.map((a) => {
+      const expired = a.expiry !== null && a.expiry <= now;
+      const state = a.revoked ? badge("revoked", "bad") : expired ? badge("expired", "warn") : badge("active", "ok");
+      const revoke = el("button", { type: "button", class: "danger", text: "Revoke" });
+      revoke.addEventListener("click", () =>
+        busy(revoke, async () => {
+          await ctx.ready({ signedIn: true });
+          const grant = await api("/v1/delegations/disable/typed-data", { method: "POST", body: { delegation: a.delegation } });
+          const revocation = await delegations.follow(await delegations.disable(ctx.network, a.delegation, grant), $("#allowance-result"));
+          if (revocation.status === "confirmed") notify("Allowance revoked: the relay can take nothing more under it.", "ok");
+          await load();
+        }, explain),
+      );
+      const period = PERIODS[a.period_seconds] || `${a.period_seconds} s`;
+      return el(
+        "tr",
+        { dataset: { allowance: a.hash } },
+        el("td", { text: `${usdc(a.period_amount)} USDC per ${period}` }),
+        el("td", { class: "left", text: a.available_now_atomic === null ? "—" : `${atomicToUsdc(a.available_now_atomic)} USDC` }),
+        el("td", { class: "top-ups", text: a.top_ups === null ? "—" : `${a.top_ups} (${usdc(a.topped_up)} USDC)` }),
+        el("td", { class: "hide-narrow", text: a.expiry === null ? "—" : when(new Date(a.expiry * 1000).toISOString()) }),
+        el("td", {}, state, a.last_error ? el("div", { class: "small muted", text: a.last_error }) : null),
+        el("td", {}, a.revoked ? null : revoke),
+      );
+    }),
+  );
+}
+
+// A datetime-local input's value for a date, in the page's time zone.
+function localInput(date) {
+  const two = (n) => String(n).padStart(2, "0");
+  return `${date.getFullYear()}-${two(date.getMonth() + 1)}-${two(date.getDate())}T${two(date.getHours())}:${two(date.getMinutes())}`;
+}
+
+const unix = (value) => Math.floor(new Date(value).getTime() / 1000);
+
+$("#allowance-end").value = localInput(new Date(Date.now() + 30 * DAY * 1000));
+
+$("#allowance-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  busy($("#allowance-button"), async () => {
+    await ctx.ready({ signedIn: true });
+    const query = new URLSearchParams({
+      period_amount: $("#allowance-amount").value,
+      period_seconds: $("#allowance-period").value,
+      expiry: unix($("#allowance-end").value),
+    });
+    if ($("#allowance-start").value) query.set("start", unix($("#allowance-start").value));
+    const offer = await api(`/v1/account/allowances/typed-data?${query}`);
+    const signature = await wallet.signTypedData(ctx.network, offer.typed_data);
+    const allowance = await api("/v1/account/allowances", {
+      method: "POST",
+      body: { delegation: { message: offer.typed_data.message, signature } },
+    });
+    $("#allowance-result").textContent = `Allowance granted: up to ${usdc(allowance.period_amount)} USDC per ${PERIODS[allowance.period_seconds] || `${allowance.period_seconds} s`} tops up your deposit when it runs low.`;
+    await load();
+  }, explain);
+});
 
 function showKeys(keys) {
   $("#keys").replaceChildren(
@@ -152,17 +232,8 @@ $("#revoke-permission").addEventListener("click", () =>
     const offer = await api("/v1/account/permission/revocation/typed-data");
     const signature = await wallet.signTypedData(ctx.network, offer.typed_data);
     const message = offer.typed_data.message;
-    let revocation = await api("/v1/revocations", { method: "POST", body: { account: message.account, item: message.item, signature } });
-    const result = $("#revocation-result");
-    while (!["confirmed", "failed"].includes(revocation.status)) {
-      result.replaceChildren(badge(revocation.status, "warn"), " revoking on-chain…");
-      await sleep(1000);
-      revocation = await api(`/v1/revocations/${revocation.id}`);
-    }
-    result.replaceChildren(
-      badge(revocation.status, revocation.status === "confirmed" ? "ok" : "bad"),
-      revocation.tx_hash ? el("span", { class: "mono", text: ` tx ${revocation.tx_hash}` }) : ` ${revocation.error || ""}`,
-    );
+    const revocation = await api("/v1/revocations", { method: "POST", body: { account: message.account, item: message.item, signature } });
+    await delegations.follow(revocation, $("#revocation-result"));
     await load();
   }, explain),
 );
