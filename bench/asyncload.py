@@ -45,12 +45,22 @@ class Answer:
 
 
 class Connection:
+    # Servers close idle keep-alive connections (uvicorn after 5 s): one idle longer than this,
+    # or already closed by the server, is opened again rather than written to and lost.
+    MAX_IDLE = 4.0
+
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.idle_since = 0.0
 
     async def send(self, raw: bytes) -> Answer:
+        stale = self.reader is not None and (
+            self.reader.at_eof() or time.monotonic() - self.idle_since > self.MAX_IDLE
+        )
+        if stale:
+            self.close()
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
@@ -131,6 +141,7 @@ class Load:
             return Answer(-1, None, now())
         self.statuses[answer.status] += 1
         if conn.writer is not None:
+            conn.idle_since = time.monotonic()
             self.idle.append(conn)
         return answer
 

@@ -146,9 +146,11 @@ class Bench:
 
     # ---- the paths ----------------------------------------------------------------------------
 
-    def x402_payment(self, payer: LocalAccount, provider: LocalAccount, amount: int) -> tuple[Any, ...]:
+    def x402_payment(
+        self, payer: LocalAccount, provider: LocalAccount, amount: int, charged: int | None = None
+    ) -> tuple[Any, ...]:
         auth = sign_authorization(payer, self.usdc_domain, self.escrow.address, amount)
-        return auth.payment(provider.address)
+        return auth.payment(provider.address, charged)
 
     def permission(
         self, consumer: LocalAccount, allowance: int, developer: str = ZERO_ADDRESS, max_markup_bps: int = 0
@@ -202,6 +204,37 @@ class Bench:
             "not what the relay sends)",
             X402_BATCH,
             receipt,
+        )
+
+        # Per-token listings: each payment charged what its call used (here half of what it
+        # authorized), the rest credited to its payer's deposit: a new deposit slot the first time…
+        receipt = self.transact(
+            f.settle_authorizations([self.x402_payment(payers[1], providers[0], 20_300, 10_400)]), op
+        )
+        self.measure("settle_authorizations (1 per-token payment, the payer's first deposit)", 1, receipt)
+        # …and, in steady state, a payer whose deposit already holds an earlier rest.
+        receipt = self.transact(
+            f.settle_authorizations([self.x402_payment(payers[1], providers[0], 20_300, 10_400)]), op
+        )
+        self.measure(
+            "settle_authorizations (1 per-token payment, rest to the payer's deposit)",
+            1,
+            receipt,
+            "x402 single",
+        )
+        warm = [self.x402_payment(payers[i], providers[0], 2, 1) for i in range(X402_BATCH)]
+        self.transact(f.settle_authorizations(warm), op)  # every payer already holds a deposit
+        batch = [
+            self.x402_payment(payers[i], providers[i * N_PROVIDERS // X402_BATCH], 20_000 + i, 10_000 + i)
+            for i in range(X402_BATCH)
+        ]
+        receipt = self.transact(f.settle_authorizations(batch), op)
+        self.measure(
+            f"settle_authorizations ({X402_BATCH} per-token payments, grouped by {N_PROVIDERS} providers, "
+            "rests to the payers' deposits)",
+            X402_BATCH,
+            receipt,
+            "x402 batched",
         )
 
         # Prepaid: a consumer deposits gaslessly (ReceiveWithAuthorization through a relayer).
@@ -309,7 +342,7 @@ class Bench:
         bps = f.fee_bps().call()
         payments = [self.x402_payment(payers[i], providers[3], 30_000 + i) for i in range(X402_BATCH)]
         self.transact(f.settle_authorizations(payments), op)
-        credits = [merkle.Credit(p[0], p[5], p[1], p[2], bps) for p in payments]
+        credits = [merkle.Credit(p[0], p[6], p[1], p[3], bps) for p in payments]
         leaves = [c.leaf for c in credits]
         receipt = self.transact(
             f.refund_payment(credits[7].as_tuple(), merkle.root(leaves), merkle.proof(leaves, 7)), op

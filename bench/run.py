@@ -403,6 +403,8 @@ class Bench:
     def idle(self) -> dict[str, float]:
         """ms of CPU per second of every process with no traffic, all measured in one window."""
         log(f"measuring idle CPU for {self.args.idle_seconds:g} s")
+        for callers in self.callers.values():  # the profiles' calls settled first: no traffic left
+            asyncio.run(qs.wait_settled(callers))
         time.sleep(2)
         pids = {"mock upstream": self.mock_pid}
         for target in self.targets.values():

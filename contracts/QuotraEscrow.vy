@@ -7,7 +7,9 @@
 @notice The treasury of the Quotra marketplace. Consumers pay for AI model calls
         in USDC, per call (x402 `exact`: an EIP-3009 `TransferWithAuthorization`
         to this contract) or from a prepaid deposit under an EIP-712
-        `SpendPermission` settled in batches. Every credited payment is split
+        `SpendPermission` settled in batches. An x402 payment is charged what
+        the call used (at most the authorized value); the unused rest of the
+        authorization goes to the payer's deposit. Every charge is split
         exactly: `fee = amount * fee_bps // 10_000` to the platform, the rest to
         the provider whose key served the call. A prepaid charge may add an app
         developer's markup on top, all of it credited to the developer the
@@ -26,12 +28,14 @@
      USDC that entered the escrow in the same transaction: a settled
      authorization, a settled charge, or, for a front-run authorization, the
      operator's own funds (`reconcile_authorization`). Every x402 credit is
-     committed in a Merkle root of `(payer, nonce, provider, amount, fee_bps)`
+     committed in a Merkle root of `(payer, nonce, provider, charged, fee_bps)`
      leaves, and a refund must prove its payment is one of them: it can only
      return a payment credited here, once, from the provider it was credited
-     to, at the fee it was split at. What operators (the relay's settling keys)
-     are still trusted with: naming the provider that served each call, and
-     choosing which credited x402 payments to refund within `refund_window`.
+     to, at the fee it was split at, and never more than was charged. What
+     operators (the relay's settling keys) are still trusted with: naming the
+     provider that served each call, metering what each x402 call used (never
+     above what its payer authorized), and choosing which credited x402
+     payments to refund within `refund_window`.
      Pausing stops deposits and settlements; claims, withdrawals, refunds and
      revocations always work. Solvency: `usdc.balanceOf(self) >= liabilities()`,
      equal except for tokens that reached the escrow outside its own calls
@@ -159,11 +163,14 @@ refund_window: public(immutable(uint256))
 # ################################################################
 
 # @dev An x402 `exact` payment: the payer's EIP-3009 authorization paying
-# `amount` to this escrow, and the provider whose key served the call.
+# `amount` to this escrow, the provider whose key served the call, and what
+# the call cost (`charged`, at most `amount`; the rest goes to the payer's
+# deposit).
 struct Payment:
     payer: address
     provider: address
     amount: uint256
+    charged: uint256
     valid_after: uint256
     valid_before: uint256
     nonce: bytes32
@@ -188,7 +195,8 @@ struct SpendPermission:
 
 
 # @dev An x402 payment as this escrow credited it: the leaf of a settlement's
-# Merkle root (see `hash_credit`), which a refund must prove.
+# Merkle root (see `hash_credit`), which a refund must prove. `amount` is what
+# was charged and split, not the authorized value.
 struct Credit:
     payer: address
     nonce: bytes32
@@ -418,8 +426,9 @@ def __init__(usdc_: address, withdrawal_delay_: uint256, refund_window_: uint256
 def settle_authorizations(payments: DynArray[Payment, MAX_PAYMENTS]) -> bytes32:
     """
     @dev Settles x402 payments in one transaction: submits each payer's EIP-3009
-         authorization to USDC (paying this escrow) and credits the split in the
-         same transaction. An authorization that USDC refuses (used, cancelled,
+         authorization to USDC (paying this escrow) and credits the split of
+         what each call was charged in the same transaction, the unused rest of
+         its authorization to its payer's deposit. An authorization that USDC refuses (used, cancelled,
          expired, unfunded) is skipped with a `PaymentFailed` event instead of
          failing the batch.
     @notice The credited payments are committed in one Merkle root of their
@@ -437,6 +446,7 @@ def settle_authorizations(payments: DynArray[Payment, MAX_PAYMENTS]) -> bytes32:
     runs: DynArray[Run, MAX_PAYMENTS] = []
     total: uint256 = 0
     total_fee: uint256 = 0
+    returned: uint256 = 0
     for payment: Payment in payments:
         self._check_payment(payment)
         ok: bool = raw_call(
@@ -460,23 +470,31 @@ def settle_authorizations(payments: DynArray[Payment, MAX_PAYMENTS]) -> bytes32:
         if not ok:
             log PaymentFailed(payer=payment.payer, provider=payment.provider, nonce=payment.nonce)
             continue
-        fee: uint256 = payment.amount * bps // MAX_BPS
-        leaves.append(self._hash_credit(payment.payer, payment.nonce, payment.provider, payment.amount, bps))
-        last: uint256 = len(runs)
-        if last > 0 and runs[last - 1].provider == payment.provider:
-            runs[last - 1].amount += payment.amount
-            runs[last - 1].fee += fee
+        # Unchecked sums: every amount here was just paid in by USDC, so they are all bounded
+        # by its total supply (far below 2**240), `charged * bps` included.
+        charged: uint256 = payment.charged
+        if charged < payment.amount:
+            rest: uint256 = unsafe_sub(payment.amount, charged)
+            self.deposits[payment.payer] += rest
+            returned = unsafe_add(returned, rest)
+            log Deposited(sender=payment.payer, beneficiary=payment.payer, amount=rest)
+        fee: uint256 = unsafe_div(unsafe_mul(charged, bps), MAX_BPS)
+        leaves.append(self._hash_credit(payment.payer, payment.nonce, payment.provider, charged, bps))
+        last: uint256 = unsafe_sub(len(runs), 1)  # past the end (2**256 - 1) before the first run
+        if last < len(runs) and runs[last].provider == payment.provider:
+            runs[last].amount = unsafe_add(runs[last].amount, charged)
+            runs[last].fee = unsafe_add(runs[last].fee, fee)
         else:
-            runs.append(Run(provider=payment.provider, amount=payment.amount, fee=fee))
-        total += payment.amount
-        total_fee += fee
+            runs.append(Run(provider=payment.provider, amount=charged, fee=fee))
+        total = unsafe_add(total, charged)
+        total_fee = unsafe_add(total_fee, fee)
     root: bytes32 = empty(bytes32)
     if len(leaves) > 0:
         root = self._merkle_root(leaves)
         self.settlement_roots[root] = block.timestamp
         for run: Run in runs:
             self._credit(run.provider, root, run.amount, run.fee)
-        self._update_totals(0, 0, total - total_fee, 0, total_fee, 0)
+        self._update_totals(returned, 0, total - total_fee, 0, total_fee, 0)
     log PaymentsSettled(
         operator=msg.sender, root=root, count=len(leaves), amount=total, fee=total_fee, fee_bps=bps
     )
@@ -489,13 +507,14 @@ def reconcile_authorization(payment: Payment):
     """
     @dev Credits an x402 payment whose authorization someone submitted straight
          to USDC (front-run), so that its provider is paid for the call. The
-         operator pays the amount in: USDC records a cancelled authorization
-         exactly as a used one, and the front-run funds arrived as a bare
-         transfer, so the escrow cannot tell whether they are this payment's.
-         The front-run funds themselves stay outside the books, for `sweep`.
+         operator pays the charged amount in: USDC records a cancelled
+         authorization exactly as a used one, and the front-run funds arrived
+         as a bare transfer, so the escrow cannot tell whether they are this
+         payment's. The front-run funds themselves, the unused rest of the
+         authorization included, stay outside the books, for `sweep`.
     @notice Credits once per reference, only for an authorization the payer
             signed to this escrow under USDC's own EIP-712 domain and that
-            USDC marks used. The operator must have approved the amount.
+            USDC marks used. The operator must have approved `charged`.
     @param payment The authorization and the provider that served the call.
     """
     self._check_operator()
@@ -506,16 +525,17 @@ def reconcile_authorization(payment: Payment):
     self._verify_paid_authorization(payment)
     self.reconciled[reference] = True
     bps: uint256 = self.fee_bps
-    fee: uint256 = payment.amount * bps // MAX_BPS
-    leaf: bytes32 = self._hash_credit(payment.payer, payment.nonce, payment.provider, payment.amount, bps)
+    charged: uint256 = payment.charged
+    fee: uint256 = charged * bps // MAX_BPS
+    leaf: bytes32 = self._hash_credit(payment.payer, payment.nonce, payment.provider, charged, bps)
     self.settlement_roots[leaf] = block.timestamp
-    self._credit(payment.provider, leaf, payment.amount, fee)
-    self._update_totals(0, 0, payment.amount - fee, 0, fee, 0)
+    self._credit(payment.provider, leaf, charged, fee)
+    self._update_totals(0, 0, charged - fee, 0, fee, 0)
     assert extcall IERC20(usdc).transferFrom(
-        msg.sender, self, payment.amount, default_return_value=True
+        msg.sender, self, charged, default_return_value=True
     ), "escrow: transfer failed"
     log PaymentReconciled(
-        payer=payment.payer, provider=payment.provider, nonce=payment.nonce, amount=payment.amount, fee=fee, fee_bps=bps
+        payer=payment.payer, provider=payment.provider, nonce=payment.nonce, amount=charged, fee=fee, fee_bps=bps
     )
 
 
@@ -523,9 +543,10 @@ def reconcile_authorization(payment: Payment):
 @nonreentrant
 def refund_payment(credit: Credit, root: bytes32, proof: DynArray[bytes32, MAX_PROOF_LENGTH]):
     """
-    @dev Refunds a credited x402 payment to its payer, out of the share it
-         credited to its provider and the fee it was split with, once, within
-         `refund_window` after it was credited.
+    @dev Refunds what a credited x402 payment was charged to its payer, out of
+         the share it credited to its provider and the fee it was split with,
+         once, within `refund_window` after it was credited (the unused rest
+         of its authorization is in the payer's deposit already).
     @notice Works while paused: a refund is an exit.
     @param credit The payment as it was credited (its leaf in `root`).
     @param root The Merkle root of the settlement that credited it.
@@ -1111,6 +1132,7 @@ def _check_payment(payment: Payment):
     @dev Throws on a payment that could never be credited.
     """
     assert payment.amount > 0, "escrow: zero amount"
+    assert payment.charged <= payment.amount, "escrow: charged above value"
     self._check_provider(payment.provider)
 
 

@@ -243,13 +243,15 @@ class Authorization:
     nonce: bytes
     signature: eip712.Signature
 
-    def payment(self, provider: str) -> tuple[Any, ...]:
-        """The escrow's `Payment` struct for this authorization served by `provider`."""
+    def payment(self, provider: str, charged: int | None = None) -> tuple[Any, ...]:
+        """The escrow's `Payment` struct for this authorization served by `provider`, charging
+        `charged` of it (all of it unless given; the rest goes to the payer's deposit)."""
         sig = self.signature
         return (
             self.payer,
             provider,
             self.amount,
+            self.amount if charged is None else charged,
             self.valid_after,
             self.valid_before,
             self.nonce,

@@ -16,7 +16,7 @@ def _payment(i: int) -> PaymentArgs:
     payer, provider = Account.create().address, Account.create().address
     low_s = bytes([os.urandom(1)[0] & 0x7F]) + os.urandom(31)  # the escrow takes low s only
     sig = eip712.Signature.from_bytes(os.urandom(32) + low_s + bytes([27 + i % 2]))
-    return PaymentArgs(payer, provider, 1_000 + i, 0, 2**40 + i, os.urandom(32), sig)
+    return PaymentArgs(payer, provider, 1_000 + i, 500 + i, 0, 2**40 + i, os.urandom(32), sig)
 
 
 @pytest.fixture
@@ -33,8 +33,8 @@ def test_settle_calldata_is_web3s_and_reads_back(client: EscrowClient, n: int) -
     reference = client.escrow.functions.settle_authorizations([p.as_tuple() for p in payments])
     assert bytes(call.data) == bytes.fromhex(reference._encode_transaction_data()[2:])
     decoded = client.decode_settle_authorizations(bytes(call.data))
-    assert [(f[0].lower(), f[2], f[5]) for f in decoded] == [
-        (p.payer.lower(), p.amount, p.nonce) for p in payments
+    assert [(f[0].lower(), f[2], f[3], f[6]) for f in decoded] == [
+        (p.payer.lower(), p.amount, p.charged, p.nonce) for p in payments
     ]
 
 

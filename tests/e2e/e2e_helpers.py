@@ -70,6 +70,9 @@ class OnChain:
     def earnings(self, provider: str) -> int:
         return int(self.escrow.functions.earnings(provider).call())
 
+    def deposit(self, consumer: str) -> int:
+        return int(self.escrow.functions.deposits(consumer).call())
+
     def credited(self, provider: str) -> tuple[int, int]:
         """(Σ amount, Σ fee) of the escrow's `Credited` events for `provider` (it is credited once
         per settlement it has payments in, and once per reconciled payment)."""

@@ -1,10 +1,11 @@
 """Money under crashes and replicas, with real processes on the twin (issue 9).
 
-- A relay is SIGKILLed in the middle of a mixed load of prepaid and x402 calls (streamed and not),
-  restarted, killed again while a settlement transaction is in flight (blocks mined every 2 s),
-  and restarted: afterwards every answered call was charged exactly once, no refused or failed
-  call was charged, nothing settled twice, no reservation is left, `quotra reconcile` is clean and
-  the escrow holds exactly what it owes.
+- A relay is SIGKILLed in the middle of a mixed load of prepaid and x402 calls (streamed and not)
+  on a per-token listing, restarted, killed again while a settlement transaction is in flight
+  (blocks mined every 2 s), and restarted: afterwards every answered call was charged exactly once,
+  what it used (an x402 payer's unused rest of each authorization in its escrow deposit), no
+  refused or failed call was charged, nothing settled twice, no reservation is left, `quotra
+  reconcile` is clean and the escrow holds exactly what it owes.
 - Two relays on one database (PostgreSQL when provided): an x402 payer funded for exactly N calls,
   and prepaid keys budgeted for exactly N calls by deposit, by permission and by key cap, each sent
   10 x N concurrent calls across both relays: at most N served, each paid on chain. The settlement
@@ -39,6 +40,13 @@ from relays import (
 )
 
 PRICE = 1_000  # 0.001 USDC a call
+PER_TOKEN = 10  # the per-token listing's price per output token (10 USDC per million)…
+MAX_TOKENS = 100  # …of at most this many: an x402 payment authorizes PRICE + 1 000
+
+
+def cost(completion_tokens: int) -> int:
+    """What a call on the per-token listing is charged for the tokens it used."""
+    return PRICE + PER_TOKEN * completion_tokens
 
 
 async def mixed_load(
@@ -85,23 +93,28 @@ def check_the_books(
     # No call is left open: every reservation ended (the sweeper voided the ones the crash left).
     assert [c.id for c in calls if c.state in OPEN] == []
     assert {c.state for c in calls} <= set(FINAL_STATES) - {"failed", "refunded"}, {c.state for c in calls}
-    # Every answered call was charged, exactly its price, and settled.
+    # Every answered call was charged what it used, below its x402 authorization, and settled.
     served = [o for o in outcomes if o.served]
     assert served, "the load was not served at all"
     for outcome in served:
         assert outcome.call_id is not None
         charged = by_id[outcome.call_id]
-        assert (charged.state, charged.amount) == ("settled", PRICE), (outcome, charged.state)
+        expected = cost(charged.completion_tokens)
+        assert (charged.state, charged.amount) == ("settled", expected), (outcome, charged.state)
+        assert expected < charged.reserved, charged
     # No refused or failed answer was charged.
     for outcome in outcomes:
         if outcome.status is not None and outcome.status != 200 and outcome.call_id is not None:
             assert by_id[outcome.call_id].state == "voided", outcome
-    # The chain: each payer paid exactly its settled calls, the provider earned exactly their
-    # share (so nothing was credited twice), the escrow holds what it owes (and no more than before).
+    # The chain: each x402 payer paid the authorizations of its settled calls and holds the unused
+    # rest in its escrow deposit, the provider earned exactly their share (so nothing was credited
+    # twice), the escrow holds what it owes (and no more than before).
     settled = [c for c in calls if c.state == "settled"]
-    for payer, (before, _) in payers.items():
-        paid = sum(c.amount for c in settled if c.gate == "x402" and c.payer == payer)
-        assert before - onchain.balance(payer) == paid, payer
+    for payer, (before, deposit) in payers.items():
+        paid = [c for c in settled if c.gate == "x402" and c.payer == payer]
+        assert before - onchain.balance(payer) == sum(c.reserved for c in paid), payer
+        returned = onchain.deposit(payer) - deposit
+        assert returned == sum(c.reserved - c.amount for c in paid), payer
     prepaid = sum(c.amount for c in settled if c.gate == "prepaid")
     assert deposit_before - int(onchain.escrow.functions.deposits(wallet).call()) == prepaid
     credited = sum(provider_share(c.amount) for c in settled)
@@ -122,10 +135,21 @@ async def test_relay_killed_mid_load_and_mid_settlement(
     with relays(relay):
         relay.start()
         provider = Account.create()
-        listing = await create_listing(relay.url, provider, models=["crash-model"], price_per_call="0.001")
+        listing = await create_listing(
+            relay.url,
+            provider,
+            models=["crash-model"],
+            price_per_call="0.001",
+            price_output_per_mtok=str(PER_TOKEN),
+            max_output_tokens=MAX_TOKENS,
+        )
         payers = [await X402Payer.funded(onchain, relay.url, listing["id"], 200 * PRICE) for _ in range(4)]
         wallet, api_key = await prepaid_key(onchain, relay.url, deposit=USDC, allowance=USDC)
-        balances = {p.account.address: (onchain.balance(p.account.address), 0) for p in payers}
+        # (USDC balance, escrow deposit) of each x402 payer before the load.
+        balances = {
+            p.account.address: (onchain.balance(p.account.address), onchain.deposit(p.account.address))
+            for p in payers
+        }
         deposit_before = int(onchain.escrow.functions.deposits(wallet.address).call())
 
         # 1. Killed in the middle of the load.

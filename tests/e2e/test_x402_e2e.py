@@ -16,6 +16,7 @@ from e2e_helpers import (
     MAX_BPS,
     OnChain,
     create_listing,
+    deploy_escrow,
     provider_share,
     settled,
     settled_books,
@@ -403,3 +404,62 @@ async def test_a_payer_cannot_spend_more_than_its_usdc_while_payments_await_sett
     assert onchain.balance(payer.address) == 0
     assert onchain.earnings(listing["owner"]) == 2 * provider_share(2_000)
     assert onchain.credited(listing["owner"]) == (4_000, 2 * fee(2_000))
+
+
+async def test_per_token_call_charges_what_it_used_and_returns_the_rest_to_the_payers_deposit(
+    onchain: OnChain, start_relay: Any
+) -> None:
+    """The stock client signs for the listing's maximum; the call is charged the tokens it used:
+    the provider is credited 90 % and the platform 10 % of the charge, the rest of the
+    authorization lands in the payer's escrow deposit in the same settlement, and the payer
+    withdraws it. An escrow of its own, without a withdrawal delay (the twin's clock stays put)."""
+    own = deploy_escrow(onchain.twin, withdrawal_delay=0)
+    payer = onchain.funded_payer(1 * USDC)
+    before = onchain.balance(payer.address)
+    with start_relay(escrow_address=own.escrow.address, escrow_start_block=own.start_block) as relay:
+        session = await sign_in(relay.url, payer)
+        listing = await create_listing(
+            relay.url,
+            models=["per-token-e2e"],
+            price_per_call="0.001",
+            price_output_per_mtok="10",
+            max_output_tokens=1000,
+        )
+        async with x402HttpxClient(stock_client(payer), base_url=relay.url, timeout=30) as http:
+            reply = await http.post("/v1/chat/completions", json=chat("per-token-e2e"))
+        assert reply.status_code == 200, reply.text
+        authorized = 1_000 + 1000 * 10  # the offer: 1000 output tokens at most
+        charged = 1_000 + reply.json()["usage"]["completion_tokens"] * 10
+        assert charged < authorized
+        response = decode(reply.headers["payment-response"])
+        assert response["amount"] == str(charged)
+        assert response["extra"]["authorized"] == str(authorized)
+        assert response["extra"]["returned_to_deposit"] == str(authorized - charged)
+        call = await settled(relay.url, call_of(reply), session)
+        assert (call["state"], call["amount_atomic"], call["fee_atomic"]) == (
+            "settled",
+            charged,
+            fee(charged),
+        )
+        assert (call["reserved_atomic"], call["returned_to_deposit_atomic"]) == (
+            authorized,
+            authorized - charged,
+        )
+        async with httpx.AsyncClient(base_url=relay.url) as client:
+            (usage,) = (await client.get("/v1/account/usage", headers=session)).json()["data"]
+        assert (usage["price_atomic"], usage["returned_to_deposit_atomic"]) == (charged, authorized - charged)
+        books = await settled_books(start_relay.database_url)
+    # The whole authorization came in; the charge was split, the rest is the payer's deposit.
+    assert onchain.balance(payer.address) == before - authorized
+    assert own.deposit(payer.address) == authorized - charged
+    assert own.earnings(listing["owner"]) == provider_share(charged)
+    assert own.escrow.functions.platform_fees().call() == fee(charged)
+    assert own.credited(listing["owner"]) == books[listing["owner"]] == (charged, fee(charged))
+    assert own.excess() == 0  # escrow balance == liabilities()
+    # Withdrawable like any deposit.
+    onchain.twin.fund_eth(payer.address, 10**16)
+    own.chain.transact(own.escrow.functions.request_withdrawal(authorized - charged), payer)
+    own.chain.transact(own.escrow.functions.withdraw(), payer)
+    assert onchain.balance(payer.address) == before - charged
+    assert own.deposit(payer.address) == 0
+    assert own.excess() == 0

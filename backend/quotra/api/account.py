@@ -186,10 +186,15 @@ class UsageEntry(BaseModel):
     model: str
     prompt_tokens: int
     completion_tokens: int
-    reserved: str
+    reserved: str = Field(description="What was reserved for the call (x402: the amount authorized)")
     reserved_atomic: int
-    price: str
+    price: str = Field(description="What the call was charged: what it used, at most what was reserved")
     price_atomic: int
+    returned_to_deposit: str = Field(
+        description="x402: the rest of the authorization, credited to the payer's escrow deposit "
+        "when the payment settles"
+    )
+    returned_to_deposit_atomic: int
     markup: str = Field(description="The app developer's part of the price")
     markup_atomic: int
     granted: str = Field(description="The part of the price the end user's grants paid")
@@ -245,6 +250,7 @@ def usage_view(call: CallView) -> dict[str, Any]:
         "completion_tokens": call.completion_tokens,
         **money_fields("reserved", call.reserved),
         **money_fields("price", call.amount if call.metered else 0),
+        **money_fields("returned_to_deposit", call.returned),
         **money_fields("markup", call.markup if call.metered else 0),
         **money_fields("granted", call.granted if call.metered else 0),
         "status": call.state,

@@ -35,11 +35,17 @@ class CallOutcome(BaseModel):
     state: str
     charged: bool
     amount: str
-    amount_atomic: int
+    amount_atomic: int = Field(
+        description="What the call was charged: what it used, at most what was reserved"
+    )
+    returned_to_deposit_atomic: int = Field(
+        description="x402: the rest of the payer's authorization (`reserved_atomic` less the charge), "
+        "which the escrow credits to the payer's deposit when it settles the payment"
+    )
     markup_atomic: int = Field(description="The app developer's part of the amount")
     app: str | None
     end_user: str | None
-    reserved_atomic: int
+    reserved_atomic: int = Field(description="What was reserved for the call (x402: the amount authorized)")
     fee_atomic: int | None
     listing: str
     provider: str

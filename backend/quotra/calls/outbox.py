@@ -19,6 +19,7 @@ from sqlalchemy import BigInteger, String, bindparam, case, exists, func, insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from quotra.calls.records import FRONT_RUN
 from quotra.money import allocate_fees, split_fee
 from quotra.store.direct import prepared
 from quotra.store.models import (
@@ -47,11 +48,14 @@ OPEN_BATCH: Final = ("pending", "submitted")
 
 @dataclass(frozen=True)
 class X402Payment:
-    """An x402 call as the settlement worker sees it: the call and its authorization."""
+    """An x402 call as the settlement worker sees it: the call and its authorization. `value` is
+    what the payer authorized, `amount` what the call was charged (at most `value`; the escrow
+    credits the rest to the payer's deposit)."""
 
     call_id: str
     payer: str
     nonce: str
+    value: int
     amount: int
     valid_after: int
     valid_before: int
@@ -74,7 +78,8 @@ _X402_COLUMNS: Final = (
     CALLS.c.id.label("call_id"),
     AUTHS.c.payer,
     AUTHS.c.nonce,
-    AUTHS.c.value.label("amount"),
+    AUTHS.c.value,
+    CALLS.c.amount,
     AUTHS.c.valid_after,
     AUTHS.c.valid_before,
     AUTHS.c.signature,
@@ -176,7 +181,7 @@ def _claim_x402(
     rows = connection.execute(
         _locked(
             connection,
-            select(CALLS.c.id, AUTHS.c.valid_before, AUTHS.c.value)
+            select(CALLS.c.id, AUTHS.c.valid_before, CALLS.c.amount)
             .join(AUTHS, AUTHS.c.call_id == CALLS.c.id)
             .where(CALLS.c.state == "captured", CALLS.c.gate == "x402")
             .order_by(CALLS.c.created_at, CALLS.c.id)
@@ -184,11 +189,11 @@ def _claim_x402(
         )
     ).all()
     live = []
-    for call_id, valid_before, value in rows:
+    for call_id, valid_before, charged in rows:
         if valid_before <= now_ts + min_validity:  # could not be mined in time any more
             _fail_x402(connection, call_id, "expired before settlement", now, payer_fault=False)
         else:
-            live.append((call_id, value))
+            live.append((call_id, charged))
     if not live:
         return None
     batch_id = _new_batch(connection, "x402", None, now)
@@ -200,7 +205,7 @@ def _claim_x402(
     connection.execute(
         update(BATCHES)
         .where(BATCHES.c.id == batch_id)
-        .values(amount=sum(v for _, v in live), items=len(live))
+        .values(amount=sum(charged for _, charged in live), items=len(live))
     )
     return batch_id
 
@@ -249,7 +254,8 @@ _SETTLE_X402: Final = prepared(
         state="settled",
         tx_hash=bindparam("b_tx"),
         fee=bindparam("b_fee", type_=BigInteger),
-        error=None,
+        # FRONT_RUN on a reconciled call: its payer's rest did not go to its deposit.
+        error=bindparam("b_error"),
         updated_at=bindparam("b_now"),
     )
 )
@@ -317,7 +323,16 @@ _SETTLE_CHARGE: Final = prepared(
 def _settle_x402(
     connection: Connection, call_id: str, tx_hash: str, fee: int, block: int, reconciled: bool, now: datetime
 ) -> bool:
-    moved = connection.execute(_SETTLE_X402, {"b_call": call_id, "b_tx": tx_hash, "b_fee": fee, "b_now": now})
+    moved = connection.execute(
+        _SETTLE_X402,
+        {
+            "b_call": call_id,
+            "b_tx": tx_hash,
+            "b_fee": fee,
+            "b_error": FRONT_RUN if reconciled else None,
+            "b_now": now,
+        },
+    )
     if int(moved.rowcount) != 1:
         return False
     if not reconciled:  # the payer's USDC left in `block` (a reconciled one's left when front-run)

@@ -21,6 +21,9 @@ Outcome = Literal["ok", "cancelled", "upstream_error", "error"]
 OPEN: Final = ("reserved", "captured", "settling", "reconciling")
 # Gates whose calls are settled on-chain; the others owe nothing.
 PAID_GATES: Final = ("x402", "prepaid")
+# An x402 call's error once its authorization was used outside the escrow; kept when the operator
+# reconciles it (the escrow then credits the charge only: no rest goes to the payer's deposit).
+FRONT_RUN: Final = "front-run: the authorization was used outside the escrow"
 
 _CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # RFC 4648's base32 alphabet to Crockford's: the C encoder does the work, digit for digit.
@@ -98,6 +101,16 @@ class CallView:
         )
 
     @property
+    def returned(self) -> int:
+        """x402: the unused rest of the payer's authorization (`reserved` less the charge), which
+        the escrow credits to the payer's deposit when it settles the call's payment. Nothing
+        for other gates, for calls not charged (their authorization is never used), and for a
+        front-run authorization (reconciled: the escrow credits its charge only)."""
+        if self.gate != "x402" or not self.charged or self.error == FRONT_RUN:
+            return 0
+        return self.reserved - self.amount
+
+    @property
     def metered(self) -> bool:
         """Whether the call counts at its amount in usage: charged, or served on a sandbox key
         (metered against the key's cap in test money, never settled)."""
@@ -146,6 +159,7 @@ def summary(call: CallView) -> dict[str, Any]:
         "charged": call.charged,
         "amount": usdc(call.amount if call.charged else 0),
         "amount_atomic": call.amount if call.charged else 0,
+        "returned_to_deposit_atomic": call.returned,
         "markup_atomic": call.markup if call.charged else 0,
         "app": call.app_id,
         "end_user": call.end_user,

@@ -638,6 +638,13 @@ def _charge_user(
         connection.execute(_RECORD_GRANTED, {"b_call": call_id, "b_granted": granted})
 
 
+# An x402 authorization that will not be settled (its call was voided, or cost nothing): it no
+# longer counts against its payer's balance.
+_RELEASE_AUTHORIZATION: Final = (
+    update(AUTHS).where(AUTHS.c.call_id == bindparam("b_call")).values(pending=False)
+)
+
+
 def _finish(
     connection: Connection, call_id: str, amount: int, markup: int, usage: Served, now: datetime
 ) -> bool:
@@ -662,6 +669,8 @@ def _finish(
     if row is None:
         return False
     gate, payer, key_id, reserved, _listing, app_id, end_user, digest, charged = row
+    if gate == "x402" and charged == 0:  # nothing to settle: the authorization is never used
+        connection.execute(_RELEASE_AUTHORIZATION, {"b_call": call_id})
     if gate == "prepaid":
         connection.execute(_CHARGE_ACCOUNT, {"b_wallet": payer, "b_reserved": reserved, "b_amount": charged})
     if gate in ("prepaid", "sandbox"):
@@ -717,7 +726,7 @@ def _void(connection: Connection, call_id: str, outcome: str, error: str | None,
             else:
                 connection.execute(_RELEASE_CONNECTED, {"b_digest": digest, "b_reserved": reserved})
     elif gate == "x402":
-        connection.execute(update(AUTHS).where(AUTHS.c.call_id == call_id).values(pending=False))
+        connection.execute(_RELEASE_AUTHORIZATION, {"b_call": call_id})
     if gate in ("prepaid", "sandbox"):
         connection.execute(
             update(KEYS).where(KEYS.c.id == key_id).values(reserved=KEYS.c.reserved - reserved)

@@ -29,11 +29,14 @@ from quotra.chain.relayer import ChainCall
 
 @dataclass(frozen=True)
 class PaymentArgs:
-    """The escrow's `Payment` struct: an x402 authorization and the provider that served the call."""
+    """The escrow's `Payment` struct: an x402 authorization of `amount`, the provider that served
+    the call, and what the call was charged (`charged` <= `amount`; the escrow credits the rest of
+    the authorization to the payer's deposit)."""
 
     payer: str
     provider: str
     amount: int
+    charged: int
     valid_after: int
     valid_before: int
     nonce: bytes
@@ -45,6 +48,7 @@ class PaymentArgs:
             self.payer,
             self.provider,
             self.amount,
+            self.charged,
             self.valid_after,
             self.valid_before,
             self.nonce,

@@ -1,7 +1,8 @@
 """The Merkle tree of an x402 settlement, exactly as the escrow builds it.
 
 `settle_authorizations` commits the payments it credited as leaves `hash_credit(payer, nonce,
-provider, amount, fee_bps)`, hashed pairwise level by level with each pair sorted (snekmate's
+provider, amount, fee_bps)`, `amount` being what the call was charged (not the authorized value:
+its unused rest went to the payer's deposit), hashed pairwise level by level with each pair sorted (snekmate's
 `_hash_pair`), an odd last node carried up unchanged. A refund proves its payment with the
 sibling hashes from its leaf to the root; `proof` gives them.
 """
@@ -22,7 +23,7 @@ class Credit:
     payer: str
     nonce: bytes
     provider: str
-    amount: int
+    amount: int  # charged and split: what a refund returns
     fee_bps: int
 
     def as_tuple(self) -> tuple[str, bytes, str, int, int]:

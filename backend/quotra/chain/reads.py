@@ -8,7 +8,7 @@ the answer both ways); even its provider alone costs ~0.7 ms a request, and its 
 `x402_head_cache_seconds` and each payer's balance once per block it pays in; the settlement worker
 and the indexer read each landed batch's receipt and input. Those go out here: one keep-alive
 aiohttp session, calldata from a selector computed once, and only what Quotra reads of an answer
-converted (numbers to int; hashes, topics and data to bytes, as web3 gives them). Everything else
+converted (numbers to int; hashes, topics and data to bytes). Everything else
 (sending, claims, admin) stays on web3.
 """
 
@@ -20,7 +20,6 @@ from typing import Any, Final
 import aiohttp
 import msgspec
 from eth_utils import function_signature_to_4byte_selector
-from hexbytes import HexBytes
 
 _BALANCE_OF: Final = "0x" + function_signature_to_4byte_selector("balanceOf(address)").hex()
 _encode = msgspec.json.Encoder().encode
@@ -83,7 +82,7 @@ class ChainReads:
         raw = await self._request("eth_getTransactionByHash", [tx_hash])
         if not isinstance(raw, dict) or not isinstance(raw.get("input"), str):
             raise ChainReadError(f"eth_getTransactionByHash: no transaction {tx_hash}")
-        return bytes(HexBytes(raw["input"]))
+        return _bytes(raw["input"])
 
     async def close(self) -> None:
         if self._session is not None:
@@ -97,7 +96,7 @@ def receipt_of(raw: Any) -> dict[str, Any] | None:
         return None
     try:
         return {
-            "transactionHash": HexBytes(raw["transactionHash"]),
+            "transactionHash": _bytes(raw["transactionHash"]),
             "blockNumber": int(raw["blockNumber"], 16),
             "status": int(raw["status"], 16),
             "gasUsed": int(raw["gasUsed"], 16),
@@ -107,15 +106,19 @@ def receipt_of(raw: Any) -> dict[str, Any] | None:
         raise ChainReadError(f"eth_getTransactionReceipt: unexpected answer {str(raw)[:80]!r}") from None
 
 
+def _bytes(value: str) -> bytes:
+    return bytes.fromhex(value[2:])  # a fifth of HexBytes' parsing, and a receipt has hundreds
+
+
 def _log(raw: dict[str, Any]) -> dict[str, Any]:
     """A log entry with the fields event decoding reads (web3's `process_log`)."""
     return {
         "address": raw["address"],
-        "topics": [HexBytes(topic) for topic in raw["topics"]],
-        "data": HexBytes(raw["data"]),
+        "topics": [_bytes(topic) for topic in raw["topics"]],
+        "data": _bytes(raw["data"]),
         "blockNumber": int(raw["blockNumber"], 16),
-        "blockHash": HexBytes(raw["blockHash"]),
-        "transactionHash": HexBytes(raw["transactionHash"]),
+        "blockHash": _bytes(raw["blockHash"]),
+        "transactionHash": _bytes(raw["transactionHash"]),
         "transactionIndex": int(raw["transactionIndex"], 16),
         "logIndex": int(raw["logIndex"], 16),
     }

@@ -72,7 +72,9 @@ class EscrowEvent:
 @dataclass(frozen=True)
 class Credit:
     """One x402 payment the escrow credited (settled in a batch, or reconciled) or refunded. A
-    credit carries what a refund must prove: its fee rate, its settlement's root and its proof."""
+    credit carries what a refund must prove: its fee rate, its settlement's root and its proof.
+    `amount` is what was charged (and split); a batch's credit also knows the `value` authorized,
+    whose rest (`value - amount`) the escrow credited to the payer's deposit."""
 
     kind: str  # settled | reconciled | refunded
     payer: str
@@ -85,6 +87,7 @@ class Credit:
     fee_bps: int | None = None
     root: bytes | None = None
     proof: tuple[bytes, ...] = ()
+    value: int | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -219,15 +222,18 @@ class EscrowEvents:
         used = self.authorizations_used(receipt)
         bps = int(summary.args["fee_bps"])
         leaves: list[merkle.Credit] = []
+        values: list[int] = []
         calldata = await self.client.reads.transaction_input(tx_hash)
         for fields in self.client.decode_settle_authorizations(calldata):
-            payer, nonce = to_checksum_address(fields[0]), _hex(fields[5]).lower()
+            payer, nonce = to_checksum_address(fields[0]), _hex(fields[6]).lower()
             if (payer, nonce) in used:
                 used.discard((payer, nonce))  # a repeat in the same batch was refused
                 nonce_bytes = bytes.fromhex(nonce[2:])
+                # The leaf's amount is what the payment was charged (`Payment.charged`).
                 leaves.append(
-                    merkle.Credit(payer, nonce_bytes, to_checksum_address(fields[1]), int(fields[2]), bps)
+                    merkle.Credit(payer, nonce_bytes, to_checksum_address(fields[1]), int(fields[3]), bps)
                 )
+                values.append(int(fields[2]))
         hashes = [leaf.leaf for leaf in leaves]
         root = merkle.root(hashes)
         if root != bytes(summary.args["root"]):
@@ -247,6 +253,7 @@ class EscrowEvents:
                 bps,
                 root,
                 tuple(paths[i]),
+                values[i],
             )
             for i, leaf in enumerate(leaves)
         ]
@@ -382,11 +389,15 @@ class Indexer:
                 "unknown_payment", f"{credit.kind} {credit.payer} nonce {credit.nonce} in {credit.tx_hash}"
             )
         ref = row.call_id
-        if credit.amount != row.amount or credit.provider != to_checksum_address(row.provider):
+        if (
+            credit.amount != row.amount
+            or credit.provider != to_checksum_address(row.provider)
+            or credit.value not in (None, row.value)
+        ):
             return Discrepancy(
                 "payment_mismatch",
-                f"{credit.kind} {credit.amount} to {credit.provider}, "
-                f"the relay captured {row.amount} for {row.provider}",
+                f"{credit.kind} {credit.amount} of {credit.value} to {credit.provider}, "
+                f"the relay captured {row.amount} of {row.value} for {row.provider}",
                 ref,
             )
         if credit.kind == "refunded":

@@ -2,8 +2,10 @@
 
 The `Quotra-Receipt` header is `<payload>.<signature>`: `payload` is the base64url (unpadded) of
 compact JSON claims (call id, listing, model, sha256 of the request body, usage, price, payer,
-network, time), and `signature` the 0x-hex EIP-191 `personal_sign` of the payload text by the
-relay's operator. Anyone can check it with any wallet library:
+network, time; for x402 `price` is what was charged, beside `authorized` and
+`returned_to_deposit`, the rest of the authorization the escrow credits to the payer's deposit),
+and `signature` the 0x-hex EIP-191 `personal_sign` of the payload text by the relay's operator.
+Anyone can check it with any wallet library:
 
     Account.recover_message(encode_defunct(text=payload), signature=signature) == operator
 

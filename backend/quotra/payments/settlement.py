@@ -36,6 +36,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from quotra.calls.outbox import BatchRow, Outbox, X402Payment
+from quotra.calls.records import FRONT_RUN
 from quotra.chain import eip712
 from quotra.chain.charges import aggregate
 from quotra.chain.client import EscrowClient, PaymentArgs, PermissionArgs
@@ -359,9 +360,7 @@ class SettlementWorker:
             ):
                 self._count("x402", "settled")
             return
-        if await self.outbox.mark_reconciling(
-            row.call_id, "front-run: the authorization was used outside the escrow", block=block
-        ):
+        if await self.outbox.mark_reconciling(row.call_id, FRONT_RUN, block=block):
             log.warning("x402 authorization front-run; reconciling", extra={"call": row.call_id})
 
     # ---- following transactions -------------------------------------------------------------------
@@ -535,11 +534,13 @@ class SettlementWorker:
 
 
 def payment_args(row: X402Payment) -> PaymentArgs:
-    """The escrow's `Payment` struct for an x402 call."""
+    """The escrow's `Payment` struct for an x402 call: its authorization, and what it charges of
+    it (the escrow credits the rest to the payer's deposit)."""
     return PaymentArgs(
         payer=row.payer,
         provider=row.provider,
-        amount=row.amount,
+        amount=row.value,
+        charged=row.amount,
         valid_after=row.valid_after,
         valid_before=row.valid_before,
         nonce=row.nonce_bytes,

@@ -301,7 +301,9 @@ class X402Gate:
             listing.owner,
             attempt.request_hash,
         )
-        return Reservation(call_id, "x402", auth.value, fixed_price=auth.value, answer=answer)
+        # Charged what the call uses, at most the authorization: the escrow credits the rest to the
+        # payer's deposit when it settles the payment.
+        return Reservation(call_id, "x402", auth.value, answer=answer)
 
     def replayed(self, call: CallView) -> PaymentAlreadyUsed:
         self.metrics.x402_payments.labels("replayed").inc()
@@ -327,7 +329,8 @@ class X402Gate:
 
 @dataclass(frozen=True)
 class X402Answer:
-    """What a call paid with x402 answers about its payment."""
+    """What a call paid with x402 answers about its payment: the authorized `amount`, what the
+    call was charged of it, and the rest, which the escrow credits to the payer's deposit."""
 
     x: X402Gate
     call_id: str
@@ -338,19 +341,31 @@ class X402Answer:
     provider: str
     request_hash: str
 
-    def _settle_response(self, charged: bool) -> str:
+    def charges(self, charged: int) -> dict[str, str]:
+        """Beside a charge: the amount authorized, and the rest the escrow returns to the payer's
+        deposit when it settles (nothing when nothing was charged: the authorization is unused)."""
+        return {
+            "authorized": str(self.amount),
+            "returned_to_deposit": str(self.amount - charged) if charged else "0",
+        }
+
+    def _settle_response(self, charged: int | None) -> str:
+        """`amount` is what was charged; while a stream runs (`charged` None) only the
+        authorization is known."""
         assert self.x.terms is not None
+        extra: dict[str, Any] = {"call": self.call_id, "status": "pending" if charged != 0 else "voided"}
+        extra.update(self.charges(charged) if charged is not None else {"authorized": str(self.amount)})
         return x402.settle_response(
-            success=charged,
+            success=charged != 0,
             payer=self.payer,
             network=self.x.terms.network if self.version == 2 else (self.x.terms.v1_network or ""),
             transaction="",
-            amount=self.amount,
+            amount=charged,
             call=self.call_id,
-            extra={"call": self.call_id, "status": "pending" if charged else "voided"},
+            extra=extra,
         )
 
-    def receipt(self, usage: Usage | None, model: str) -> str | None:
+    def receipt(self, usage: Usage | None, model: str, charged: int) -> str | None:
         if self.x.receipts is None or self.x.terms is None or usage is None:
             return None
         return self.x.receipts.sign(
@@ -360,7 +375,8 @@ class X402Answer:
                 "model": model,
                 "request": "sha256:" + self.request_hash,
                 "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens},
-                "price": str(self.amount),
+                "price": str(charged),
+                **self.charges(charged),
                 "asset": self.x.terms.asset,
                 "network": self.x.terms.network,
                 "payer": self.payer,
@@ -370,30 +386,32 @@ class X402Answer:
             }
         )
 
-    def headers(self, usage: Usage | None, model: str, charged: bool) -> dict[str, str]:
+    def headers(self, usage: Usage | None, model: str, charged: int | None) -> dict[str, str]:
         """`PAYMENT-RESPONSE` (v2) or `X-PAYMENT-RESPONSE` (v1), and the signed receipt once the
         usage is known. Settlement is asynchronous: `transaction` is "" and `call` names the call
         at `GET /v1/calls/{id}`, which shows its settlement transaction once there is one."""
         headers = {x402.RESPONSE_HEADERS[self.version]: self._settle_response(charged)}
-        receipt = self.receipt(usage, model) if charged else None
+        receipt = self.receipt(usage, model, charged) if charged else None
         if receipt is not None:
             headers[RECEIPT_HEADER] = receipt
         return headers
 
-    def stream_event(self, usage: Usage | None, model: str, charged: bool) -> dict[str, Any]:
-        """What the last event of a paid stream says about the payment (see `quotra.services.relay`)."""
+    def stream_event(self, usage: Usage | None, model: str, charged: int) -> dict[str, Any]:
+        """What the last event of a paid stream says about the payment (see `quotra.services.relay`):
+        `amount` is what was charged."""
         assert self.x.terms is not None
         event: dict[str, Any] = {
             "object": "quotra.payment",
             "call": self.call_id,
             "status": "pending" if charged else "voided",
-            "charged": charged,
-            "amount": str(self.amount),
+            "charged": charged > 0,
+            "amount": str(charged),
+            **self.charges(charged),
             "payer": self.payer,
             "network": self.x.terms.network,
             "transaction": "",
         }
-        receipt = self.receipt(usage, model) if charged else None
+        receipt = self.receipt(usage, model, charged) if charged else None
         if receipt is not None:
             event["receipt"] = receipt
         return event

@@ -43,23 +43,24 @@ class Caller:
 
 class PaymentAnswer(Protocol):
     """What a paid call's answer says about its payment (x402: `PAYMENT-RESPONSE`, a signed
-    receipt, and the last event of a stream)."""
+    receipt, and the last event of a stream). `charged` is the amount charged (0: nothing), None
+    while it is not known yet (a stream's headers)."""
 
-    def headers(self, usage: Usage | None, model: str, charged: bool) -> dict[str, str]: ...
+    def headers(self, usage: Usage | None, model: str, charged: int | None) -> dict[str, str]: ...
 
-    def stream_event(self, usage: Usage | None, model: str, charged: bool) -> dict[str, Any]: ...
+    def stream_event(self, usage: Usage | None, model: str, charged: int) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
 class Reservation:
-    """A reserved call: its id, the gate that pays, and what it charges for a given cost. An app
-    key's call is charged its base cost plus the app's markup, reserved for its most base cost
-    (`base_reserved`) with that base's markup."""
+    """A reserved call: its id, the gate that pays, and what it charges for a given cost: what the
+    call used, at most what was reserved (an x402 call: its authorization). An app key's call is
+    charged its base cost plus the app's markup, reserved for its most base cost (`base_reserved`)
+    with that base's markup."""
 
     call_id: str
     gate: str
     reserved: int
-    fixed_price: int | None = None  # x402 `exact`: the signed amount, whatever the usage
     answer: PaymentAnswer | None = None
     markup_bps: int = 0
     base_reserved: int | None = None  # with a markup: the most base cost reserved for
@@ -69,8 +70,6 @@ class Reservation:
         """The base cost charged for a call that cost `cost` to serve (at most what was reserved)."""
         if self.gate == "playground":
             return 0
-        if self.fixed_price is not None:
-            return self.fixed_price
         cap = self.reserved if self.base_reserved is None else self.base_reserved
         return max(0, min(cost, cap))
 

@@ -435,7 +435,7 @@ class Relay:
                 headers["X-Quotra-Cost"] = str(charged)
                 answer = prepared.reservation.answer
                 if answer is not None:
-                    headers.update(answer.headers(completion.usage, prepared.model, charged > 0))
+                    headers.update(answer.headers(completion.usage, prepared.model, charged))
                 return completion.body, headers
         except (QuotaExhausted, RateLimited, PaymentRequired, InputTooLarge):
             if last is not None:
@@ -475,8 +475,9 @@ class Relay:
                 headers = self._headers(prepared, consumer_rate)
                 answer = prepared.reservation.answer
                 if answer is not None:
-                    # Headers go first: the payment is pending; the stream's last event tells more.
-                    headers.update(answer.headers(None, prepared.model, True))
+                    # Headers go first: the payment is pending, its charge not known yet; the
+                    # stream's last event tells what was charged.
+                    headers.update(answer.headers(None, prepared.model, None))
                 options = request.get("stream_options")
                 include_usage = isinstance(options, dict) and options.get("include_usage") is True
                 return self._sse(prepared, iterator, first, include_usage=include_usage), headers
@@ -538,7 +539,7 @@ class Relay:
                 charged = await self._finish_stream(prepared, usage)
             answer = prepared.reservation.answer
             if answer is not None:
-                event = answer.stream_event(usage, prepared.model, charged > 0)
+                event = answer.stream_event(usage, prepared.model, charged)
                 if not tail:
                     tail.append(_empty_chunk(last))
                 tail[-1]["quotra"] = event

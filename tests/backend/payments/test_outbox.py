@@ -7,6 +7,7 @@ indexer audits, and one settlement leader."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -17,10 +18,10 @@ from typing import Any
 import pytest
 from eth_account import Account
 from quotra.calls.outbox import Outbox
-from quotra.calls.records import CallView, Refused, X402Hold
+from quotra.calls.records import FRONT_RUN, CallView, Refused, X402Hold, summary
 from quotra.calls.store import CallStore, Hold, Served
 from quotra.money import allocate_fees, split_fee
-from quotra.payments.settlement import LeaderLock
+from quotra.payments.settlement import LeaderLock, payment_args
 from quotra.store.apps_repo import AppsStore
 from quotra.store.db import create_engine, upgrade
 from quotra.store.models import X402Authorization, X402Payer, utcnow
@@ -244,6 +245,49 @@ async def test_settle_is_recorded_once_when_raced(books: Books) -> None:
     assert not await books.outbox.settle_x402(payment, tx_hash=TX, fee=100, block=8)
     refunded = await books.outbox.get_x402(payment)
     assert refunded is not None and (refunded.state, refunded.tx_hash) == ("refunded", TX)  # what credited it
+
+
+async def test_a_per_token_call_settles_its_charge_and_the_authorized_value(books: Books) -> None:
+    # Authorized 20_300 (the listing's maximum), charged 10_400: the batch sends both to the
+    # escrow, which credits the rest to the payer's deposit; the call says what goes back.
+    payer = Account.create().address
+    call_id = await reserve(books, payer, amount=20_300)
+    assert await books.calls.finish(call_id, amount=10_400, usage=SERVED)
+    batch = await books.outbox.claim_x402_batch(64, int(time.time()), 10)
+    assert batch is not None and batch.amount == 10_400  # what the escrow's PaymentsSettled says
+    (row,) = await books.outbox.batch_x402(batch.id)
+    args = payment_args(dataclasses.replace(row, signature="0x" + "11" * 64 + "1b"))
+    assert (row.value, row.amount, args.amount, args.charged) == (20_300, 10_400, 20_300, 10_400)
+    assert await books.outbox.settle_x402(call_id, tx_hash=TX, fee=1_040, block=9)
+    call = await books.calls.get(call_id)
+    assert call is not None and (call.reserved, call.amount, call.returned) == (20_300, 10_400, 9_900)
+    assert summary(call)["returned_to_deposit_atomic"] == 9_900
+
+
+async def test_a_reconciled_call_returns_nothing_to_the_deposit(books: Books) -> None:
+    # The escrow credits a front-run payment's charge only (paid by the operator).
+    call_id = await reserve(books, Account.create().address, amount=20_300)
+    assert await books.calls.finish(call_id, amount=10_400, usage=SERVED)
+    assert await books.outbox.mark_reconciling(call_id, FRONT_RUN, block=7)
+    assert await books.outbox.settle_x402(call_id, tx_hash=TX, fee=1_040, block=20, reconciled=True)
+    call = await books.calls.get(call_id)
+    assert call is not None and (call.state, call.amount, call.error, call.returned) == (
+        "settled",
+        10_400,
+        FRONT_RUN,
+        0,
+    )
+
+
+async def test_a_call_that_cost_nothing_leaves_its_authorization_unused(books: Books) -> None:
+    payer = Account.create().address
+    call_id = await reserve(books, payer, amount=20_300)
+    assert await books.calls.finish(call_id, amount=0, usage=SERVED)
+    call = await books.calls.get(call_id)
+    assert call is not None and (call.state, call.charged, call.returned) == ("settled", False, 0)
+    assert (await authorization(books, call_id)).pending is False
+    assert await pending_value(books, payer) == 0  # no longer counted against the payer
+    assert await books.outbox.claim_x402_batch(64, int(time.time()), 10) is None  # nothing to send
 
 
 async def test_a_front_run_is_reconciled_once(books: Books) -> None:

@@ -39,6 +39,8 @@ from x402_helpers import (
 )
 
 PRICE = 1_000  # 0.001 USDC
+# A flat-priced call is charged all it authorized: nothing goes back to the payer's deposit.
+FLAT_CHARGE = {"authorized": str(PRICE), "returned_to_deposit": "0"}
 CALLS = table(Call)
 AUTHS = table(X402Authorization)
 
@@ -146,6 +148,59 @@ async def test_per_token_listing_offers_its_maximum_cost(paid: Any) -> None:
     assert int(accepted["amount"]) == PRICE + 1_000  # 1000 output tokens at 1 USDC per million
 
 
+async def test_per_token_call_is_charged_what_it_used_not_the_maximum(paid: Any) -> None:
+    # Signed for the listing's maximum (1000 output tokens), charged the tokens it used: the rest
+    # is the payer's, credited to its escrow deposit when the payment settles.
+    _, headers = await paid.provider()
+    listing = await paid.listing(
+        headers, models=["tok"], price_per_call="0.001", price_output_per_mtok="1000", max_output_tokens=1000
+    )
+    model = f"listing/{listing['id']}"
+    accepted = await requirements(paid, model=model)
+    authorized = int(accepted["amount"])
+    assert authorized == PRICE + 1_000_000  # 1000 output tokens at 1000 USDC per million
+    account = payer(paid.chain, 10 * 10**6)
+    payload = authorization(account, accepted)
+    header = v2_header(accepted, payload)
+
+    reply = await pay(paid, header, model=model)
+
+    assert reply.status_code == 200, reply.text
+    used = reply.json()["usage"]["completion_tokens"]
+    charged = PRICE + used * 1_000
+    assert 0 < used < 1000 and reply.headers["x-quotra-cost"] == str(charged)
+    call_id = call_id_of(reply)
+    (call,) = await calls(paid)
+    assert (call.id, call.state, call.reserved, call.amount, call.returned) == (
+        call_id,
+        "captured",
+        authorized,
+        charged,
+        authorized - charged,
+    )
+    assert (await auth_of(paid, call_id)).value == authorized
+    settled = unb64(reply.headers["payment-response"])
+    assert settled["amount"] == str(charged)
+    assert settled["extra"] == {
+        "call": call_id,
+        "status": "pending",
+        "authorized": str(authorized),
+        "returned_to_deposit": str(authorized - charged),
+    }
+    claims, _ = verify_receipt(reply.headers["quotra-receipt"])
+    assert (claims["price"], claims["authorized"], claims["returned_to_deposit"]) == (
+        str(charged),
+        str(authorized),
+        str(authorized - charged),
+    )
+    status = (await call_status(paid, call_id, **{"PAYMENT-SIGNATURE": header})).json()
+    assert (status["amount_atomic"], status["reserved_atomic"], status["returned_to_deposit_atomic"]) == (
+        charged,
+        authorized,
+        authorized - charged,
+    )
+
+
 async def test_playground_calls_come_before_the_offer(start_relay: Any) -> None:
     async with start_relay() as relay:
         relay.runtime.payments.gate.configure(FakeChain(), TERMS)
@@ -179,7 +234,7 @@ async def test_paid_call_is_served_captured_and_answered_with_payment_response_a
     assert settled["success"] is True and settled["payer"] == account.address
     assert settled["network"] == "eip155:84532" and settled["transaction"] == ""
     assert settled["amount"] == str(PRICE) and "settlement" not in settled
-    assert settled["extra"] == {"call": call_id, "status": "pending"}
+    assert settled["extra"] == {"call": call_id, "status": "pending", **FLAT_CHARGE}
 
     usage = reply.json()["usage"]
     (call,) = await calls(paid)
@@ -236,6 +291,7 @@ async def test_paid_call_is_served_captured_and_answered_with_payment_response_a
         "charged": True,
         "amount": "0.001000",
         "amount_atomic": PRICE,
+        "returned_to_deposit_atomic": 0,
         "markup_atomic": 0,
         "app": None,
         "end_user": None,
@@ -301,7 +357,7 @@ async def test_v1_payment_is_answered_with_x_payment_response(paid: Any) -> None
     assert reply.status_code == 200, reply.text
     settled = unb64(reply.headers["x-payment-response"])
     assert settled["success"] is True and settled["network"] == "base-sepolia"
-    assert settled["extra"] == {"call": call_id_of(reply), "status": "pending"}
+    assert settled["extra"] == {"call": call_id_of(reply), "status": "pending", **FLAT_CHARGE}
     assert "payment-response" not in reply.headers
 
 
@@ -335,7 +391,12 @@ async def test_paid_stream_says_pending_first_and_ends_with_the_payment_event(pa
     reply = await pay(paid, v2_header(accepted, authorization(account, accepted)), stream=True)
     assert reply.status_code == 200
     call_id = call_id_of(reply)
-    assert unb64(reply.headers["payment-response"])["extra"] == {"call": call_id, "status": "pending"}
+    # Sent before the stream: the charge is not known yet, only the authorization.
+    assert unb64(reply.headers["payment-response"])["extra"] == {
+        "call": call_id,
+        "status": "pending",
+        "authorized": str(PRICE),
+    }
     events = [line.removeprefix("data: ") for line in reply.text.split("\n\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     # The payment rides on the stream's last chunk, the one that ends it (a choice with its finish
@@ -351,6 +412,7 @@ async def test_paid_stream_says_pending_first_and_ends_with_the_payment_event(pa
         True,
     )
     assert (event["amount"], event["payer"], event["transaction"]) == (str(PRICE), account.address, "")
+    assert (event["authorized"], event["returned_to_deposit"]) == (str(PRICE), "0")
     claims, signer = verify_receipt(event["receipt"])
     assert signer == OPERATOR.address and claims["call"] == call_id
     # No usage chunk: the client did not ask for one (stream_options.include_usage); metered all the same.

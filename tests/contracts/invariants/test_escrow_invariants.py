@@ -104,6 +104,9 @@ charges_lists = st.lists(
     min_size=1,
     max_size=4,
 )
+# What an x402 call was charged of its authorization: all of it (flat price), part (per-token
+# usage; the rest goes to the payer's deposit), nothing, or one unit over (refused).
+usages = st.sampled_from(("all", "all", "part", "part", "none", "over"))
 # A charge batch's developer markup: none, the most its permission allows, one unit over, or any.
 markups = st.sampled_from(("none", "none", "max", "max", "over", "random"))
 
@@ -142,6 +145,7 @@ class Auth:
     payer: str
     provider: str
     amount: int
+    charged: int  # what the call cost; the rest of `amount` goes to the payer's deposit
     valid_after: int
     valid_before: int
     nonce: bytes
@@ -157,7 +161,7 @@ class Auth:
 
     def __repr__(self) -> str:
         return (
-            f"<{self.label} {self.payer}->{self.provider} amount={self.amount} "
+            f"<{self.label} {self.payer}->{self.provider} amount={self.amount} charged={self.charged} "
             f"window=({self.valid_after},{self.valid_before}){' forged' if self.forged else ''}>"
         )
 
@@ -570,8 +574,12 @@ class EscrowMachine(RuleBasedStateMachine):
         amount=st.one_of(amounts, st.just(0)),
         window=st.sampled_from(("open", "open", "open", "short", "future")),
         forged=rarely,
+        usage=usages,
+        used=st.integers(0, 2_000_000),
     )
-    def sign_authorization(self, payer: str, provider: str, amount: int, window: str, forged: bool) -> Auth:
+    def sign_authorization(
+        self, payer: str, provider: str, amount: int, window: str, forged: bool, usage: str, used: int
+    ) -> Auth:
         """The consumer's x402 client signs a TransferWithAuthorization to the escrow (no tx)."""
         valid_after = self.now + 100 if window == "future" else self.now - 1
         valid_before = self.now + 3 if window == "short" else self.now + 3_600
@@ -585,11 +593,13 @@ class EscrowMachine(RuleBasedStateMachine):
         }
         signer = CONSUMERS[(CONSUMERS.index(payer) + 1) % 3] if forged else payer
         sig = self.sign(signer, self.d.usdc_domain, "TransferWithAuthorization", message)
+        charged = {"all": amount, "part": used % (amount + 1), "none": 0, "over": amount + 1}[usage]
         auth = Auth(
             f"auth{len(self.all_auths)}",
             payer,
             provider,
             amount,
+            charged,
             valid_after,
             valid_before,
             message["nonce"],
@@ -607,7 +617,9 @@ class EscrowMachine(RuleBasedStateMachine):
             "fresh": [
                 a
                 for a in self.all_auths
-                if (self.a(a.payer), a.nonce) not in self.auth_used and a.amount and a.provider != "zero"
+                if (self.a(a.payer), a.nonce) not in self.auth_used
+                and 0 < a.amount >= a.charged
+                and a.provider != "zero"
             ],
             "front-run": [a for a in self.all_auths if a.funds_arrived and not a.credits and a.amount],
             "credited": [a for a in self.all_auths if a.credits and not a.refunds],
@@ -626,6 +638,7 @@ class EscrowMachine(RuleBasedStateMachine):
             self.a(auth.payer),
             self.a(auth.provider),
             auth.amount,
+            auth.charged,
             auth.valid_after,
             auth.valid_before,
             auth.nonce,
@@ -648,7 +661,11 @@ class EscrowMachine(RuleBasedStateMachine):
         )
 
     def payment_checks(self, auth: Auth) -> tuple[tuple[bool, str], ...]:
-        return ((auth.amount == 0, ZERO_AMOUNT), (auth.provider == "zero", "escrow: zero provider"))
+        return (
+            (auth.amount == 0, ZERO_AMOUNT),
+            (auth.charged > auth.amount, "escrow: charged above value"),
+            (auth.provider == "zero", "escrow: zero provider"),
+        )
 
     def pay_in(self, auth: Auth) -> None:
         """USDC accepted `auth`: its funds are now at the escrow."""
@@ -657,10 +674,10 @@ class EscrowMachine(RuleBasedStateMachine):
         auth.funds_arrived = True
 
     def credit_leaf(self, auth: Auth, bps: int) -> bytes:
-        return merkle.Credit(self.a(auth.payer), auth.nonce, self.a(auth.provider), auth.amount, bps).leaf
+        return merkle.Credit(self.a(auth.payer), auth.nonce, self.a(auth.provider), auth.charged, bps).leaf
 
     def credit(self, auth: Auth, how: str, bps: int, root: bytes, proof: list[bytes]) -> int:
-        fee, share = self.split(auth.amount, bps)
+        fee, share = self.split(auth.charged, bps)
         self.earnings[auth.provider] += share
         self.platform_fees += fee
         auth.credits.append(CreditRecord(how, auth.provider, bps, fee, share, root, tuple(proof)))
@@ -704,20 +721,26 @@ class EscrowMachine(RuleBasedStateMachine):
             fee = 0
             for i, auth in enumerate(credited):
                 fee += self.credit(auth, "settle", bps, root, merkle.proof(leaves, i))
+                # The unused rest of the authorization is the payer's deposit.
+                self.deposits[auth.payer] += auth.amount - auth.charged
             if credited:
                 self.roots[root] = mined_at
             # One PaymentFailed per refused authorization, one Credited per run of payments to a
             # provider, then the batch's summary, whose fee is the sum of each payment's own split.
             runs: list[list[Any]] = []
             for auth in credited:
-                f, _ = self.split(auth.amount, bps)
+                f, _ = self.split(auth.charged, bps)
                 if runs and runs[-1][0] == self.a(auth.provider):
-                    runs[-1][1] += auth.amount
+                    runs[-1][1] += auth.charged
                     runs[-1][2] += f
                 else:
-                    runs.append([self.a(auth.provider), auth.amount, f])
-            amount = sum(a.amount for a in credited)
+                    runs.append([self.a(auth.provider), auth.charged, f])
+            amount = sum(a.charged for a in credited)
             events = self.events(r)
+            # One Deposited per credited payment charged less than it authorized, in batch order.
+            rests = [(self.a(a.payer), a.amount - a.charged) for a in credited if a.charged < a.amount]
+            assert [(e["beneficiary"], e["amount"]) for n, e in events if n == "Deposited"] == rests
+            events = [(n, e) for n, e in events if n != "Deposited"]
             assert [(n, e["nonce"]) for n, e in events[: len(failed)]] == failed
             assert [
                 (e["provider"], e["settlement"], e["amount"], e["fee"]) for _, e in events[len(failed) : -1]
@@ -741,7 +764,7 @@ class EscrowMachine(RuleBasedStateMachine):
         """Someone submits the authorization straight to USDC: funds arrive uncredited."""
         auth = self.pick(auth, prefer)
         args = self.payment(auth)
-        usdc_args = (args[0], self.d.escrow, *args[2:])
+        usdc_args = (args[0], self.d.escrow, args[2], *args[4:])
         expect = self.usdc_refusal(auth)
         self.usdc_tx(submitter, "transferWithAuthorization", usdc_args, expect)
         if expect is None:
@@ -780,19 +803,20 @@ class EscrowMachine(RuleBasedStateMachine):
             (ref in self.reconciled, "escrow: already reconciled"),
             (auth.forged, "escrow: invalid signature"),
             (ref not in self.auth_used, "escrow: authorization not used"),
-            (self.bal[self.a("operator")] < auth.amount, NO_BALANCE),
+            (self.bal[self.a("operator")] < auth.charged, NO_BALANCE),
         )
         r = self.escrow_tx(caller, "reconcile_authorization", (self.payment(auth),), expect)
         if expect is None:
+            # The operator pays in the charge only; any front-run funds stay stray.
             self.reconciled.add(ref)
-            self.move(self.a("operator"), self.d.escrow, auth.amount)
+            self.move(self.a("operator"), self.d.escrow, auth.charged)
             leaf = self.credit_leaf(auth, self.fee_bps)
             self.roots[leaf] = self.now - 1
             fee = self.credit(auth, "reconcile", self.fee_bps, leaf, [])
             names = [n for n, _ in self.events(r)]
             assert names == ["Credited", "PaymentReconciled"], names
             (_, args), *_ = [e for e in self.events(r) if e[0] == "PaymentReconciled"]
-            assert (args["amount"], args["fee"]) == (auth.amount, fee)
+            assert (args["amount"], args["fee"]) == (auth.charged, fee)
 
     @precondition(lambda self: any(a.credits for a in self.all_auths))
     @rule(
@@ -813,7 +837,7 @@ class EscrowMachine(RuleBasedStateMachine):
             "payer": self.a(auth.payer),
             "nonce": auth.nonce,
             "provider": self.a(record.provider if record else auth.provider),
-            "amount": auth.amount,
+            "amount": auth.charged,
             "fee_bps": record.fee_bps if record else self.fee_bps,
         }
         root = record.root if record else self.credit_leaf(auth, self.fee_bps)
@@ -866,10 +890,10 @@ class EscrowMachine(RuleBasedStateMachine):
             self.refunded.add(ref)
             self.earnings[matched.provider] -= share
             self.platform_fees -= fee
-            self.move(self.d.escrow, self.a(auth.payer), auth.amount)
+            self.move(self.d.escrow, self.a(auth.payer), auth.charged)
             auth.refunds.append(matched)
             (_, args), *_ = [e for e in self.events(r) if e[0] == "PaymentRefunded"]
-            assert (args["amount"], args["fee"]) == (auth.amount, fee)
+            assert (args["amount"], args["fee"]) == (auth.charged, fee)
 
     # ------------------------------------------------------------ prepaid: permissions and charges
 
@@ -1376,11 +1400,13 @@ class EscrowMachine(RuleBasedStateMachine):
         assert all(settled_refs)
         # x402: USDC settles an authorization once; the escrow reconciles it at most once, and
         # every credit, settled or reconciled, brought its own amount in (the solvency equality
-        # above holds with `stray` moved only by front-runs, mistaken transfers and sweeps).
+        # above holds with `stray` moved only by front-runs, mistaken transfers and sweeps). A
+        # credit splits what was charged, never more than was authorized.
         for auth in self.all_auths:
             for c in auth.credits:
-                assert c.fee + c.share == auth.amount and c.how in ("settle", "reconcile"), auth
-                assert c.fee == auth.amount * c.fee_bps // MAX_BPS, auth
+                assert c.fee + c.share == auth.charged <= auth.amount, auth
+                assert c.how in ("settle", "reconcile"), auth
+                assert c.fee == auth.charged * c.fee_bps // MAX_BPS, auth
             assert sum(1 for c in auth.credits if c.how == "settle") <= 1, auth
             assert sum(1 for c in auth.credits if c.how == "reconcile") <= 1, auth
             # A refund returns a payment credited here, once, at the split of that very credit,

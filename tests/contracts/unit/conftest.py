@@ -132,13 +132,15 @@ def assert_solvent(usdc, escrow, provider, provider2, consumer, consumer2):
 
 @pytest.fixture(scope="session")
 def sign_payment(chain, escrow, usdc_eip712) -> Callable[..., Payment]:
-    """An x402 `exact` payment: the payer's EIP-3009 authorization of `amount` to the escrow."""
+    """An x402 `exact` payment: the payer's EIP-3009 authorization of `amount` to the escrow,
+    charging `charged` of it (all of it unless given)."""
 
     def _sign_payment(
         payer: Any,
         amount: int,
         provider: Any,
         *,
+        charged: int | None = None,
         valid_after: int = 0,
         valid_before: int | None = None,
         nonce: bytes | None = None,
@@ -163,6 +165,7 @@ def sign_payment(chain, escrow, usdc_eip712) -> Callable[..., Payment]:
             address_of(payer),
             address_of(provider),
             amount,
+            amount if charged is None else charged,
             valid_after,
             valid_before,
             nonce,

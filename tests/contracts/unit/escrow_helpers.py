@@ -33,6 +33,7 @@ class Payment(NamedTuple):
     payer: str
     provider: str
     amount: int
+    charged: int  # what the call cost: at most `amount`, the rest goes to the payer's deposit
     valid_after: int
     valid_before: int
     nonce: bytes
@@ -82,7 +83,7 @@ class Delegation(NamedTuple):
 
 
 def credit_of(payment: Payment, fee_bps: int = FEE_BPS) -> Credit:
-    return Credit(payment.payer, payment.nonce, payment.provider, payment.amount, fee_bps)
+    return Credit(payment.payer, payment.nonce, payment.provider, payment.charged, fee_bps)
 
 
 def leaf(credit: Credit) -> bytes:

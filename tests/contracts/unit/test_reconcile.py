@@ -113,7 +113,7 @@ def test_reconcile_authorization__tampered_amount__reverts(
     payment = sign_payment(consumer, USDC, provider)
     front_run(payment)
     with ape.reverts("escrow: invalid signature"):
-        escrow.reconcile_authorization(payment._replace(amount=USDC // 2), sender=operator)
+        escrow.reconcile_authorization(payment._replace(amount=USDC // 2, charged=USDC // 2), sender=operator)
 
 
 def test_reconcile_authorization__paid_to_someone_else__reverts(
@@ -159,6 +159,41 @@ def test_reconcile_authorization__invalid_payment__reverts(
     to = {"provider": provider, "zero": ZERO_ADDRESS, "escrow": escrow}[who]
     payment = sign_payment(consumer, amount, to)
     with ape.reverts(f"escrow: {reason}"):
+        escrow.reconcile_authorization(payment, sender=operator)
+
+
+def test_reconcile_authorization__charged_below_value__operator_pays_the_charge_only(
+    escrow, usdc, operator, consumer, provider, sign_payment, front_run, assert_solvent
+):
+    # A per-token call that cost 10_400 of a 20_300 authorization. The escrow cannot tell whether
+    # the front-run funds are this payment's (or a cancelled authorization's: none), so the unused
+    # rest is credited to no deposit: it stays outside the books with the front-run funds.
+    payment = sign_payment(consumer, 20_300, provider, charged=10_400)
+    front_run(payment)
+    operator_before = usdc.balanceOf(operator)
+
+    tx = escrow.reconcile_authorization(payment, sender=operator)
+
+    share, fee = split(10_400)
+    assert escrow.earnings(provider) == share
+    assert escrow.platform_fees() == fee
+    assert escrow.deposits(consumer) == 0
+    assert usdc.balanceOf(operator) == operator_before - 10_400
+    assert escrow.settlement_roots(leaf(credit_of(payment))) == tx.timestamp
+    assert events(tx, escrow.PaymentReconciled) == [
+        escrow.PaymentReconciled(
+            payer=consumer, provider=provider, nonce=payment.nonce, amount=10_400, fee=fee
+        )
+    ]
+    assert_solvent(stray=20_300)
+
+
+def test_reconcile_authorization__charged_above_value__reverts(
+    escrow, operator, consumer, provider, sign_payment, front_run
+):
+    payment = sign_payment(consumer, USDC, provider, charged=USDC + 1)
+    front_run(payment)
+    with ape.reverts("escrow: charged above value"):
         escrow.reconcile_authorization(payment, sender=operator)
 
 

@@ -34,6 +34,42 @@ def test_refund_payment__returns_amount_takes_share_and_fee(
     assert_solvent()
 
 
+def test_refund_payment__partial_charge__returns_the_charge_only(
+    escrow, usdc, consumer, provider, settle, earn, refund, assert_solvent
+):
+    # Authorized 20_300, charged 10_400: the rest is in the deposit already; a refund returns the
+    # charge, out of the provider's share and the fee, and leaves the deposit alone.
+    earn(provider, 10 * USDC)
+    earnings_before, fees_before = escrow.earnings(provider), escrow.platform_fees()
+    settled = settle(consumer, 20_300, provider, charged=10_400)
+    payer_before = usdc.balanceOf(consumer)
+
+    tx = refund(settled)
+
+    assert usdc.balanceOf(consumer) == payer_before + 10_400
+    assert escrow.deposits(consumer) == 9_900
+    assert escrow.earnings(provider) == earnings_before
+    assert escrow.platform_fees() == fees_before
+    assert events(tx, escrow.PaymentRefunded) == [
+        escrow.PaymentRefunded(
+            payer=consumer, provider=provider, nonce=settled.credit.nonce, amount=10_400, fee=split(10_400)[1]
+        )
+    ]
+    assert_solvent()
+
+
+def test_attack__refund_of_the_authorized_value__reverts(
+    escrow, consumer, provider, settle, earn, refund, assert_solvent
+):
+    # Claiming the authorized value instead of the charge: that leaf is in no root.
+    earn(provider, 10 * USDC)
+    settled = settle(consumer, 20_300, provider, charged=10_400)
+    forged = settled._replace(credit=settled.credit._replace(amount=20_300))
+    with ape.reverts("escrow: payment not settled here"):
+        refund(forged)
+    assert_solvent()
+
+
 def test_refund_payment__one_of_a_batch(
     escrow, usdc, consumer, consumer2, provider, provider2, sign_payment, settle_batch, refund, assert_solvent
 ):

@@ -6,6 +6,7 @@ import ape
 import pytest
 from escrow_helpers import (
     USDC,
+    WITHDRAWAL_DELAY,
     ZERO_ADDRESS,
     ZERO_BYTES32,
     credit_of,
@@ -138,7 +139,134 @@ def test_settle_authorizations__refused_by_usdc__skipped_uncredited(
     assert escrow.liabilities() == liabilities
     assert escrow.settlement_roots(leaf(credit_of(payment))) == committed
     with ape.reverts(REFUSALS[case]):
-        usdc.transferWithAuthorization(*payment[:1], escrow, *payment[2:], sender=relayer)
+        usdc.transferWithAuthorization(payment.payer, escrow, payment.amount, *payment[4:], sender=relayer)
+    assert_solvent()
+
+
+# ---------------------------------------------------------------- per-token calls: what was used
+
+
+@pytest.mark.parametrize(("value", "charged"), [(20_300, 10_400), (USDC, USDC - 1), (11, 1), (USDC, 0)])
+def test_settle_authorizations__charged_below_value__rest_to_payer_deposit(
+    chain,
+    escrow,
+    usdc,
+    operator,
+    consumer,
+    provider,
+    sign_payment,
+    settle_batch,
+    assert_solvent,
+    value,
+    charged,
+):
+    # A per-token call authorized for the listing's maximum and charged what it used: the whole
+    # authorization comes in, the charge is split, the unused rest is the payer's deposit.
+    payment = sign_payment(consumer, value, provider, charged=charged)
+    payer_before = usdc.balanceOf(consumer)
+
+    tx, (settled,) = settle_batch([payment])
+
+    share, fee = split(charged)
+    rest = value - charged
+    assert usdc.balanceOf(consumer) == payer_before - value
+    assert usdc.balanceOf(escrow) == value
+    assert escrow.earnings(provider) == share
+    assert escrow.platform_fees() == fee
+    assert escrow.deposits(consumer) == escrow.total_deposits() == rest
+    assert escrow.liabilities() == value
+    # The leaf a refund proves carries what was charged, not the authorized value.
+    assert settled.credit.amount == charged
+    assert settled.root == escrow.hash_credit(settled.credit)
+    assert events(tx, escrow.Deposited) == [
+        escrow.Deposited(sender=consumer, beneficiary=consumer, amount=rest)
+    ]
+    assert events(tx, escrow.Credited) == [
+        escrow.Credited(provider=provider, settlement=settled.root, amount=charged, fee=fee)
+    ]
+    assert events(tx, escrow.PaymentsSettled) == [
+        escrow.PaymentsSettled(operator=operator, root=settled.root, count=1, amount=charged, fee=fee)
+    ]
+    assert_solvent()
+    # The rest is withdrawable like any deposit.
+    request = escrow.request_withdrawal(rest, sender=consumer)
+    chain.pending_timestamp = request.timestamp + WITHDRAWAL_DELAY
+    escrow.withdraw(sender=consumer)
+    assert usdc.balanceOf(consumer) == payer_before - charged
+    assert escrow.deposits(consumer) == 0
+    assert_solvent()
+
+
+def test_settle_authorizations__charged_value__no_deposit(
+    escrow, consumer, provider, sign_payment, settle_batch, assert_solvent
+):
+    # A flat-priced call (or one that used the maximum) charges all it authorized.
+    tx, _ = settle_batch([sign_payment(consumer, USDC, provider, charged=USDC)])
+    assert events(tx, escrow.Deposited) == []
+    assert escrow.deposits(consumer) == 0
+    assert escrow.earnings(provider) == split(USDC)[0]
+    assert_solvent()
+
+
+def test_settle_authorizations__charged_above_value__reverts_batch(
+    escrow, operator, consumer, provider, sign_payment
+):
+    payments = [
+        sign_payment(consumer, USDC, provider),
+        sign_payment(consumer, USDC, provider, charged=USDC + 1),
+    ]
+    with ape.reverts("escrow: charged above value"):
+        escrow.settle_authorizations(payments, sender=operator)
+
+
+def test_settle_authorizations__batch_of_partial_charges__rests_per_payer(
+    escrow,
+    usdc,
+    operator,
+    consumer,
+    consumer2,
+    provider,
+    provider2,
+    sign_payment,
+    settle_batch,
+    assert_solvent,
+):
+    payments = [
+        sign_payment(consumer, 20_300, provider, charged=10_400),
+        sign_payment(consumer2, 5 * USDC, provider, charged=5 * USDC),
+        sign_payment(consumer, 7_000, provider2, charged=6_999),
+        sign_payment(consumer2, 3 * USDC, provider2, charged=USDC + 3),
+    ]
+
+    tx, settled = settle_batch(payments)
+
+    assert escrow.deposits(consumer) == (20_300 - 10_400) + 1
+    assert escrow.deposits(consumer2) == 2 * USDC - 3
+    assert escrow.earnings(provider) == split(10_400)[0] + split(5 * USDC)[0]
+    assert escrow.earnings(provider2) == split(6_999)[0] + split(USDC + 3)[0]
+    assert escrow.platform_fees() == sum(split(p.charged)[1] for p in payments)
+    assert usdc.balanceOf(escrow) == sum(p.amount for p in payments)
+    assert [s.credit.amount for s in settled] == [p.charged for p in payments]
+    assert [(d.beneficiary, d.amount) for d in events(tx, escrow.Deposited)] == [
+        (consumer, 9_900),
+        (consumer, 1),
+        (consumer2, 2 * USDC - 3),
+    ]
+    assert_solvent()
+
+
+def test_settle_authorizations__refused_partial_charge__no_deposit(
+    escrow, operator, consumer, provider, sign_payment, settle, assert_solvent
+):
+    replayed = settle(consumer, USDC, provider, charged=USDC // 4).payment
+    deposit_before, liabilities = escrow.deposits(consumer), escrow.liabilities()
+
+    tx = escrow.settle_authorizations([replayed], sender=operator)
+
+    assert events(tx, escrow.PaymentFailed) != []
+    assert events(tx, escrow.Deposited) == []
+    assert escrow.deposits(consumer) == deposit_before
+    assert escrow.liabilities() == liabilities
     assert_solvent()
 
 

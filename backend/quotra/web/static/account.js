@@ -182,7 +182,9 @@ function showUsage(rows) {
         el("td", { class: "mono", text: row.model || "—" }),
         el("td", { text: row.gate }),
         el("td", { class: "hide-narrow", text: `${row.prompt_tokens}/${row.completion_tokens}` }),
-        el("td", { text: usdc(row.price) }),
+        el("td", {}, usdc(row.price), row.returned_to_deposit_atomic > 0
+          ? el("div", { class: "small muted", text: `of ${usdc(row.reserved)} authorized; ${usdc(row.returned_to_deposit)} back to your deposit` })
+          : null),
         el("td", {}, badge(row.status, row.status === "settled" ? "ok" : row.status === "voided" ? "" : "warn"),
           row.settlement_tx ? el("div", { class: "small mono", title: row.settlement_tx, text: `${row.settlement_tx.slice(0, 10)}…` }) : null),
       ),
