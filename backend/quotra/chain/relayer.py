@@ -289,7 +289,7 @@ class DirectRelayer:
             return sub
         receipt = None
         for tx_hash in reversed(pending.hashes):
-            # Read raw: web3's formatting of a settlement batch's receipt cost ~14 ms (reads.py).
+            # Read raw, without web3's formatting of a batch's hundreds of logs (reads.py).
             answer = await self.w3.provider.make_request(RPCEndpoint("eth_getTransactionReceipt"), [tx_hash])
             if "error" in answer:
                 raise RelayerError(f"eth_getTransactionReceipt: {answer['error']!r}")
