@@ -43,6 +43,7 @@ def test_account_page__lists_connected_app__disconnect_removes_it(market: Market
     expect(row.locator(".permission")).to_contain_text("0.00 of 0.50 USDC used, 0.50 left")
     expect(row).to_contain_text("active")
     expect(page.locator("#no-apps")).to_be_hidden()
+    consumer.screenshot("account-apps")
 
     dialogs: list[str] = []
     page.once("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
