@@ -1,6 +1,7 @@
 // The consumer's prepaid account: balance, gasless deposit, spend permission (sign, revoke), a
 // MetaMask smart account's periodic allowance for automatic top-ups (grant, follow, revoke), API
-// keys (created once, capped, revoked), usage with the cost of each call, and withdrawal.
+// keys (created once, capped, revoked), the apps the wallet pays for (disconnected here), usage
+// with the cost of each call, and withdrawal.
 import { api, explain } from "./api.js";
 import * as delegations from "./delegations.js";
 import { start } from "./layout.js";
@@ -18,14 +19,16 @@ async function load() {
   $("#account").hidden = !signedIn;
   if (!signedIn) return;
   try {
-    const [account, keys, usage, kind] = await Promise.all([
+    const [account, keys, apps, usage, kind] = await Promise.all([
       api("/v1/account"),
       api("/v1/account/keys"),
+      api("/v1/account/apps"),
       api("/v1/account/usage?limit=50"),
       delegations.accountKind(ctx.network),
     ]);
     showAccount(account);
     showKeys(keys.data);
+    showApps(apps.data);
     showUsage(usage.data);
     await showAllowances(kind);
   } catch (error) {
@@ -167,6 +170,41 @@ function showKeys(keys) {
         el("td", { class: "hide-narrow", text: when(key.last_used_at) }),
         el("td", {}, key.revoked ? badge("revoked", "bad") : badge("active", "ok")),
         el("td", {}, key.revoked ? null : el("div", { class: "actions" }, cap, revoke)),
+      );
+    }),
+  );
+}
+
+// The apps the wallet pays for as their end user, each under the permission it signed for the app;
+// the permission's "used" is what the app's calls were charged or still hold of it.
+function showApps(connections) {
+  $("#no-apps").hidden = connections.length > 0;
+  $("#apps-table").hidden = connections.length === 0;
+  $("#apps").replaceChildren(
+    ...connections.map((c) => {
+      const disconnect = el("button", { type: "button", class: "danger", text: "Disconnect" });
+      disconnect.addEventListener("click", () =>
+        busy(disconnect, async () => {
+          if (!confirm(`Disconnect "${c.app_name}"? It stops charging your wallet; calls already served still settle.`)) return;
+          await api(`/v1/account/apps/${encodeURIComponent(c.app_id)}`, { method: "DELETE" });
+          notify(`"${c.app_name}" no longer charges your wallet.`, "ok");
+          await load();
+        }, explain),
+      );
+      const until = c.valid_until === null ? "" : `, until ${when(new Date(c.valid_until * 1000).toISOString())}`;
+      const used = c.revoked ? null : atomicToUsdc(c.allowance_atomic - c.remaining_atomic);
+      return el(
+        "tr",
+        { dataset: { app: c.app_id } },
+        el("td", {}, c.app_name, el("div", { class: "small muted mono", text: c.app_id }),
+          el("div", { class: "small muted", text: `you are "${c.user_id}" there` })),
+        el("td", { class: "mono small", text: c.developer }),
+        el("td", { text: `${(c.markup_bps / 100).toFixed(2)} %` }),
+        el("td", { class: "permission", text: used === null
+          ? `allowed ${usdc(c.allowance)} USDC${until}`
+          : `${used} of ${usdc(c.allowance)} USDC used, ${usdc(c.remaining)} left${until}` }),
+        el("td", {}, c.revoked ? badge("revoked", "bad") : badge("active", "ok")),
+        el("td", {}, disconnect),
       );
     }),
   );
