@@ -685,39 +685,67 @@ def _finish(
     return True
 
 
+_VOID: Final = prepared(
+    update(CALLS)
+    .where(CALLS.c.id == bindparam("b_call"), CALLS.c.state == "reserved")
+    .values(
+        state="voided",
+        outcome=bindparam("b_outcome"),
+        error=bindparam("b_error"),
+        updated_at=bindparam("b_now"),
+    )
+    .returning(*_RETURNED, CALLS.c.created_at)
+)
+_GIVE_BACK_LISTING_CALL: Final = prepared(
+    update(LISTINGS)
+    .where(LISTINGS.c.id == bindparam("b_listing"), LISTINGS.c.calls_used > 0)
+    .values(calls_used=LISTINGS.c.calls_used - 1)
+)
+_GIVE_BACK_FREE_CALL: Final = prepared(
+    update(PLAYGROUND)
+    .where(
+        PLAYGROUND.c.listing_id == bindparam("b_listing"),
+        PLAYGROUND.c.consumer == bindparam("b_consumer"),
+        PLAYGROUND.c.calls > 0,
+    )
+    .values(calls=PLAYGROUND.c.calls - 1)
+)
+_RELEASE_ACCOUNT: Final = prepared(
+    update(ACCOUNTS)
+    .where(ACCOUNTS.c.wallet == bindparam("b_wallet"))
+    .values(reserved=ACCOUNTS.c.reserved - _param("b_reserved"))
+)
+_RELEASE_KEY: Final = prepared(
+    update(KEYS)
+    .where(KEYS.c.id == bindparam("b_key"))
+    .values(reserved=KEYS.c.reserved - _param("b_reserved"))
+)
+
+
 def _void(connection: Connection, call_id: str, outcome: str, error: str | None, now: datetime) -> bool:
     """reserved → voided: nothing is charged, the quota and the budget are given back. False if
     the call was no longer reserved."""
     row = connection.execute(
-        update(CALLS)
-        .where(CALLS.c.id == call_id, CALLS.c.state == "reserved")
-        .values(state="voided", outcome=outcome, error=None if error is None else error[:300], updated_at=now)
-        .returning(*_RETURNED, CALLS.c.created_at)
+        _VOID,
+        {
+            "b_call": call_id,
+            "b_outcome": outcome,
+            "b_error": None if error is None else error[:300],
+            "b_now": now,
+        },
     ).first()
     if row is None:
         return False
     gate, payer, key_id, reserved, listing_id, app_id, end_user, digest, created_at = row
     if not (gate == "sandbox" and key_id is not None):  # a sandbox key's call took no listing call
-        connection.execute(
-            update(LISTINGS)
-            .where(LISTINGS.c.id == listing_id, LISTINGS.c.calls_used > 0)
-            .values(calls_used=LISTINGS.c.calls_used - 1)
-        )
+        connection.execute(_GIVE_BACK_LISTING_CALL, {"b_listing": listing_id})
     if gate == "playground":
         connection.execute(
             _GIVE_BACK_DAILY_FREE_CALL, {"b_listing": listing_id, "b_day": utc_day(created_at)}
         )
-        connection.execute(
-            update(PLAYGROUND)
-            .where(
-                PLAYGROUND.c.listing_id == listing_id, PLAYGROUND.c.consumer == payer, PLAYGROUND.c.calls > 0
-            )
-            .values(calls=PLAYGROUND.c.calls - 1)
-        )
+        connection.execute(_GIVE_BACK_FREE_CALL, {"b_listing": listing_id, "b_consumer": payer})
     elif gate == "prepaid":
-        connection.execute(
-            update(ACCOUNTS).where(ACCOUNTS.c.wallet == payer).values(reserved=ACCOUNTS.c.reserved - reserved)
-        )
+        connection.execute(_RELEASE_ACCOUNT, {"b_wallet": payer, "b_reserved": reserved})
         if end_user is not None:
             if _hosted(connection, key_id, payer):
                 connection.execute(
@@ -728,9 +756,7 @@ def _void(connection: Connection, call_id: str, outcome: str, error: str | None,
     elif gate == "x402":
         connection.execute(_RELEASE_AUTHORIZATION, {"b_call": call_id})
     if gate in ("prepaid", "sandbox"):
-        connection.execute(
-            update(KEYS).where(KEYS.c.id == key_id).values(reserved=KEYS.c.reserved - reserved)
-        )
+        connection.execute(_RELEASE_KEY, {"b_key": key_id, "b_reserved": reserved})
     return True
 
 
