@@ -87,8 +87,8 @@ $(BENCH_VENVS)/%/.installed: bench/requirements-%.txt
 	touch $@
 
 bench-setup: compile $(BENCH_VENVS)/litellm/.installed $(BENCH_VENVS)/tools/.installed
-	@command -v wrk >/dev/null && command -v strace >/dev/null || \
-		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk strace; }
+	@command -v wrk >/dev/null && command -v perf >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk linux-perf; }
 
 bench: bench-setup
 ifdef BENCH_POSTGRES

@@ -4,8 +4,8 @@
 environment by bench/requirements-tools.txt) against the process, runs the load while it samples,
 and writes bench/results/profiles/<name>.svg (flamegraph) or <name>.speedscope.json (open it at
 speedscope.app or with the speedscope CLI). `--nonblocking` reads the process's memory without
-pausing it (and works beside the strace that counts the relay's lock sleeps); `--subprocesses`
-includes workers a proxy may fork. Returns the file written (None on failure) and the load's result.
+pausing it; `--subprocesses` includes workers a proxy may fork. Returns the file written (None on
+failure) and the load's result.
 """
 
 from __future__ import annotations

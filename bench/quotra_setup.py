@@ -4,8 +4,7 @@
   web3 (as bench/gas.py does) and operators set.
 - `start_relay`: `quotra serve` as its own process (one uvicorn worker, SQLite or PostgreSQL, the
   settlement worker and indexer on, the direct relayer, the playground's free-call limit and the
-  consumer rate limit raised so the bench is never refused), optionally under strace counting
-  SQLite's busy-handler sleeps.
+  consumer rate limit raised so the bench is never refused).
 - `QuotraCallers.create`: what the demo does, through the relay's API: a provider signs in with
   Ethereum and lists the mock upstream (`openai-compatible`, a fixed price per call); a prepaid
   consumer deposits gaslessly, signs a spend permission and creates an API key; x402 payers get
@@ -36,7 +35,6 @@ import httpx
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
-from procstat import LockSleeps, child_of
 from quotra.chain import eip712
 from quotra.payments import x402 as qx402
 from quotra_dev import twin
@@ -101,11 +99,10 @@ class Relay:
     url: str
     process: Process
     database_url: str
-    strace_log: Path | None
-    pid: int = 0  # the relay itself (strace's child when traced)
 
-    def lock_sleeps(self) -> LockSleeps | None:
-        return LockSleeps(self.strace_log) if self.strace_log else None
+    @property
+    def pid(self) -> int:
+        return self.process.popen.pid
 
 
 def start_relay(
@@ -116,7 +113,6 @@ def start_relay(
     workdir: Path,
     *,
     port: int,
-    trace_sleeps: bool,
     extra_env: dict[str, str] | None = None,
 ) -> Relay:
     url = f"http://127.0.0.1:{port}"
@@ -146,18 +142,13 @@ def start_relay(
     )
     env.update(extra_env or {})
     argv = [*quotra_argv(), "serve", "--port", str(port)]
-    log = None
-    if trace_sleeps:
-        log = workdir / f"{name}.strace"
-        argv = [*LockSleeps.strace_argv(log), *argv]
     process = Process(f"quotra serve ({name})", argv, env, workdir / f"{name}.log")
-    relay = Relay(name, url, process, database_url, log)
+    relay = Relay(name, url, process, database_url)
     try:
         process.wait_ready(url + "/healthz", timeout=60)
     except Exception:
         process.stop()
         raise
-    relay.pid = (child_of(process.popen.pid) or process.popen.pid) if trace_sleeps else process.popen.pid
     return relay
 
 
