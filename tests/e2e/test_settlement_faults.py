@@ -292,7 +292,7 @@ async def prepaid_call(kit: Kit, consumer: str, key_id: str, provider: str, amou
     return call_id
 
 
-async def test_prepaid_charges_settle_per_permission_in_order(kit: Kit) -> None:
+async def test_prepaid_charges_settle_per_permission_in_order(kit: Kit, monkeypatch: Any) -> None:
     onchain = kit.onchain
     first_block = int(onchain.chain.w3.eth.block_number) + 1  # the twin is shared: index this test only
     consumer = onchain.funded_payer(10 * USDC)
@@ -397,6 +397,38 @@ async def test_prepaid_charges_settle_per_permission_in_order(kit: Kit) -> None:
     indexer = Indexer(kit.outbox, kit.client, start_block=first_block)
     assert await indexer.step() >= 2
     assert indexer.found == []
+    # While the chain has no newer block a poll reads nothing, not even the cursor (an idle
+    # relay's indexer costs one eth_blockNumber); the next block's events are read as before.
+    with monkeypatch.context() as patch:
+
+        async def no_cursor(contract: str) -> int:
+            raise AssertionError("the cursor was read with no new block")
+
+        patch.setattr(kit.outbox, "cursor", no_cursor)
+        assert await indexer.step() == 0
+    third = await prepaid_call(kit, consumer.address, key_id, p2, 300)
+
+    async def three_confirmed() -> bool:
+        return len(await kit.outbox.batches(["confirmed"])) == 3
+
+    await tick_until(w, three_confirmed)
+    assert (await kit.calls.get(third)).state == "settled"  # type: ignore[union-attr]
+    assert await indexer.step() > 0  # the third batch's events (ChargesSettled and its credit)
+    assert indexer.found == []
+    # The escrow's views, read bare (`ChainReads.view`) by the account mirror, claims and audits,
+    # are what web3 reads.
+    f, client, spent = onchain.escrow.functions, kit.client, bytes.fromhex(digest[2:])
+    assert await client.deposit_of(consumer.address) == f.deposits(consumer.address).call() > 0
+    assert await client.withdrawal_of(consumer.address) == tuple(f.withdrawals(consumer.address).call())
+    assert await client.permission_spent(spent) == f.permission_spent(spent).call() == total + 800
+    assert await client.earnings_of(p2) == f.earnings(p2).call() > 0
+    assert await client.is_revoked(consumer.address, spent) is False
+    assert await client.fee_bps() == f.fee_bps().call() > 0
+    assert await client.liabilities() == f.liabilities().call() > 0
+    assert await client.is_operator(onchain.operator.address) and not await client.is_operator(p1)
+    assert await client.paused() is False
+    assert await client.reference_settled(bytes.fromhex(second.reference.removeprefix("0x")))
+    assert not await client.reference_settled(b"\x01" * 32)
 
 
 async def test_one_settlement_leader_per_database(kit: Kit) -> None:

@@ -161,6 +161,12 @@ class EscrowClient:
         escrow_abi = abi("QuotraEscrow")
         self.escrow = w3.eth.contract(address=self.escrow_address, abi=escrow_abi)
         self._settle = Calldata(escrow_abi, "settle_authorizations")
+        # The views read bare (`ChainReads.view`), by their selectors in the escrow's ABI.
+        self._views = {
+            item["name"]: "0x" + function_abi_to_4byte_selector(item).hex()  # type: ignore[arg-type]
+            for item in escrow_abi
+            if item.get("type") == "function" and item.get("stateMutability") == "view"
+        }
         self.usdc = w3.eth.contract(address=self.usdc_address, abi=abi("FiatToken"))
         self.escrow_domain = eip712.escrow_domain(chain_id, self.escrow_address)
 
@@ -180,6 +186,10 @@ class EscrowClient:
         await self.w3.provider.disconnect()
 
     # ---- reads ---------------------------------------------------------------------------------
+
+    async def _escrow_view(self, name: str, *args: str | bytes | int) -> int:
+        """One of the escrow's one-word views, read bare (`ChainReads.view`)."""
+        return (await self.reads.view(self.escrow_address, self._views[name], args, 1))[0]
 
     async def chain_id_onchain(self) -> int:
         return int(await self.w3.eth.chain_id)
@@ -213,25 +223,27 @@ class EscrowClient:
         return bool(await fn.call(block_identifier="latest" if block is None else block))
 
     async def deposit_of(self, consumer: str) -> int:
-        return int(await self.escrow.functions.deposits(to_checksum_address(consumer)).call())
+        return await self._escrow_view("deposits", consumer)
 
     async def withdrawal_of(self, consumer: str) -> tuple[int, int]:
-        amount, unlock_at = await self.escrow.functions.withdrawals(to_checksum_address(consumer)).call()
-        return int(amount), int(unlock_at)
+        amount, unlock_at = await self.reads.view(
+            self.escrow_address, self._views["withdrawals"], (consumer,), 2
+        )
+        return amount, unlock_at
 
     async def withdrawal_nonce(self, consumer: str) -> int:
         """The nonce the consumer's next signed withdrawal step must carry."""
-        return int(await self.escrow.functions.withdrawal_nonces(to_checksum_address(consumer)).call())
+        return await self._escrow_view("withdrawal_nonces", consumer)
 
     async def earnings_of(self, provider: str) -> int:
-        return int(await self.escrow.functions.earnings(to_checksum_address(provider)).call())
+        return await self._escrow_view("earnings", provider)
 
     async def permission_spent(self, digest: bytes) -> int:
-        return int(await self.escrow.functions.permission_spent(digest).call())
+        return await self._escrow_view("permission_spent", digest)
 
     async def reference_settled(self, reference: bytes) -> bool:
         """Whether a charge batch reference has settled (each settles once)."""
-        return bool(await self.escrow.functions.settled_references(reference).call())
+        return bool(await self._escrow_view("settled_references", reference))
 
     async def usdc_allowance(self, owner: str, spender: str) -> int:
         return int(
@@ -241,22 +253,22 @@ class EscrowClient:
         )
 
     async def delegation_claimed(self, digest: bytes) -> int:
-        return int(await self.escrow.functions.delegation_claimed(digest).call())
+        return await self._escrow_view("delegation_claimed", digest)
 
     async def is_revoked(self, account: str, digest: bytes) -> bool:
-        return bool(await self.escrow.functions.revoked(to_checksum_address(account), digest).call())
+        return bool(await self._escrow_view("revoked", account, digest))
 
     async def fee_bps(self) -> int:
-        return int(await self.escrow.functions.fee_bps().call())
+        return await self._escrow_view("fee_bps")
 
     async def liabilities(self) -> int:
-        return int(await self.escrow.functions.liabilities().call())
+        return await self._escrow_view("liabilities")
 
     async def is_operator(self, account: str) -> bool:
-        return bool(await self.escrow.functions.is_operator(to_checksum_address(account)).call())
+        return bool(await self._escrow_view("is_operator", account))
 
     async def paused(self) -> bool:
-        return bool(await self.escrow.functions.paused().call())
+        return bool(await self._escrow_view("paused"))
 
     async def code_at(self, address: str) -> bytes:
         return bytes(await self.w3.eth.get_code(to_checksum_address(address)))

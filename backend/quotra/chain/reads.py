@@ -1,13 +1,15 @@
-"""The chain reads that run per call or per settled batch, as bare JSON-RPC: the head block, a USDC
-balance, and a settlement transaction's receipt and input.
+"""The chain reads that run per call, per settled batch or in the background, as bare JSON-RPC: the
+head block, a USDC balance, the escrow's one-word views (`view`), and a settlement
+transaction's receipt and input.
 
 web3's `AsyncWeb3` spends ~3.5 ms of CPU on one contract read on this machine (its validation
 middleware asks the node for the chain id on every call, then formats and checks the request and
 the answer both ways); even its provider alone costs ~0.7 ms a request, and its formatting of
 landed settlement batches' receipts took 0.71 s of a 20 s profile of the x402 path. The x402 gate
 reads the head every `x402_head_cache_seconds` and each payer's balance once per block it pays
-in; the settlement worker and the indexer read each landed batch's receipt and input. Those go out
-here: one keep-alive aiohttp session, calldata from a selector computed once, and only what Quotra
+in; the settlement worker and the indexer read each landed batch's receipt and input; the prepaid
+account mirror reads each account's deposit, withdrawal and permission state. Those go out here:
+one keep-alive aiohttp session, calldata from a selector computed once, and only what Quotra
 reads of an answer converted (numbers to int; hashes, topics and data to bytes). Everything else
 (sending, claims, admin) stays on web3.
 """
@@ -21,6 +23,7 @@ import aiohttp
 import msgspec
 from eth_utils import function_signature_to_4byte_selector
 
+_WORD: Final = 64  # hex digits of one ABI word
 _BALANCE_OF: Final = "0x" + function_signature_to_4byte_selector("balanceOf(address)").hex()
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
@@ -67,12 +70,24 @@ class ChainReads:
 
     async def balance_of(self, token: str, account: str, block: int | None = None) -> int:
         """An ERC-20 `balanceOf(account)`, at `block` (the latest if None)."""
-        data = _BALANCE_OF + account.lower().removeprefix("0x").rjust(64, "0")
+        return (await self.view(token, _BALANCE_OF, (account,), 1, block))[0]
+
+    async def view(
+        self,
+        to: str,
+        selector: str,
+        args: tuple[str | bytes | int, ...],
+        words: int,
+        block: int | None = None,
+    ) -> list[int]:
+        """A view function whose arguments and answer are static ABI words (addresses as hex
+        strings, bytes32 as bytes, uints): its answer's `words` words as ints."""
+        data = selector + "".join(_word(arg) for arg in args)
         tag = "latest" if block is None else hex(block)
-        result = await self._request("eth_call", [{"to": token, "data": data}, tag])
-        if not isinstance(result, str) or len(result) != 66:
-            raise ChainReadError(f"balanceOf: unexpected answer {str(result)[:80]!r}")
-        return int(result, 16)
+        result = await self._request("eth_call", [{"to": to, "data": data}, tag])
+        if not isinstance(result, str) or len(result) != 2 + _WORD * words:
+            raise ChainReadError(f"eth_call {selector}: unexpected answer {str(result)[:80]!r}")
+        return [int(result[2 + _WORD * i : 2 + _WORD * (i + 1)], 16) for i in range(words)]
 
     async def receipt(self, tx_hash: str) -> dict[str, Any] | None:
         """The transaction's receipt, None while it is not mined."""
@@ -104,6 +119,16 @@ def receipt_of(raw: Any) -> dict[str, Any] | None:
         }
     except (KeyError, TypeError, ValueError):
         raise ChainReadError(f"eth_getTransactionReceipt: unexpected answer {str(raw)[:80]!r}") from None
+
+
+def _word(arg: str | bytes | int) -> str:
+    if isinstance(arg, str):  # an address
+        return arg.lower().removeprefix("0x").rjust(_WORD, "0")
+    if isinstance(arg, bytes):  # bytes32
+        if len(arg) != 32:
+            raise ValueError("a bytes32 argument must be 32 bytes")
+        return arg.hex()
+    return arg.to_bytes(32, "big").hex()
 
 
 def _bytes(value: str) -> bytes:

@@ -325,6 +325,9 @@ class Indexer:
         self.audit_every = audit_every
         self.contract = client.escrow_address
         self.found: list[Discrepancy] = []
+        # The head every event up to which this indexer applied: while the chain has no newer
+        # block there is nothing to read, not even the cursor (an idle relay's polls stay cheap).
+        self._applied_head: int | None = None
 
     def _report(self, found: Discrepancy) -> None:
         log.warning("reconcile discrepancy", extra={"kind": found.kind, "detail": found.detail})
@@ -335,6 +338,8 @@ class Indexer:
     async def step(self) -> int:
         """Reads the events of the blocks since the cursor; returns how many it applied."""
         head = await self.client.block_number() - self.confirmations
+        if head == self._applied_head:
+            return 0
         cursor = await self.outbox.cursor(self.contract)
         start = self.start_block if cursor is None else cursor + 1
         applied = 0
@@ -346,6 +351,7 @@ class Indexer:
                 applied += 1
             await self.outbox.set_cursor(self.contract, end)
             start = end + 1
+        self._applied_head = head
         return applied
 
     async def credits(self, event: EscrowEvent) -> list[Credit]:
