@@ -124,7 +124,9 @@ class Settings(BaseSettings):
     webhook_tolerance_seconds: int = Field(default=300, ge=10, le=3600)
     jwks_cache_seconds: float = Field(default=600.0, ge=0)
     jwks_min_refetch_seconds: float = Field(default=30.0, ge=0)
-    claims_poll_seconds: float = Field(default=5.0, gt=0)  # the poller of unfinished claims
+    # The claims poller checks each open claim when due; with none open (another replica's) it
+    # looks again this often.
+    claims_poll_seconds: float = Field(default=60.0, gt=0)
     claims_stale_seconds: float = Field(default=20.0, ge=0)  # checked this long after its last news
     claims_delegation_ttl_seconds: int = Field(default=3600, ge=60)
 

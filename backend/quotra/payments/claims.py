@@ -59,6 +59,9 @@ from quotra.webhooks import JwksCache, WebhookVerifier, parse_jwks
 log = logging.getLogger("quotra.claims")
 
 MAX_BACKOFF: Final = 300.0
+# The claims poller: its pause after a failed round (at most), and between due rounds (at least).
+FAILED_ROUND_PAUSE: Final = 5.0
+MIN_PAUSE: Final = 0.05
 
 
 class ClaimConflict(QuotraError):
@@ -154,6 +157,7 @@ class ClaimService:
         self.relayer = relayer
         self.poll_seconds = poll_seconds
         self.stale_seconds = stale_seconds
+        self._opened = asyncio.Event()  # a claim or revocation opened here: the poller's next due
         self.delegation_ttl = delegation_ttl
         self.direct_fee = direct_fee
         self.from_block = from_block
@@ -317,6 +321,7 @@ class ClaimService:
             raise ClaimConflict(
                 "Another claim under this delegation is still in flight", code="claim_in_flight"
             ) from None
+        self._opened.set()
         await self._send(claim_id, call)
         claim = await self.repo.get_claim(claim_id)
         assert claim is not None
@@ -395,6 +400,7 @@ class ClaimService:
             await self.repo.reschedule(
                 revocation.id, attempts=0, next_check_at=utcnow() + timedelta(seconds=self.stale_seconds)
             )
+            self._opened.set()
             await self._send(revocation.id, call)
         view = await self.repo.get_revocation(revocation.id)
         assert view is not None
@@ -856,8 +862,28 @@ class ClaimService:
         return len(rows)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """The poller: every `poll_seconds`, until `stop` is set."""
-        await poll_forever(self.poll_once, self.poll_seconds, stop, "claims.poll_failed")
+        """The poller, until `stop` is set: checks each open claim and revocation when it is due,
+        sleeping until the next one is (or until this relay opens one). With none open it looks
+        again after `poll_seconds`, for those another replica opened and left; an idle relay's
+        poller costs one look a `poll_seconds`, not one every few seconds."""
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                self._opened.clear()
+                wait = min(self.poll_seconds, FAILED_ROUND_PAUSE)
+                try:
+                    await self.poll_once()
+                    due = await self.repo.next_check()
+                    wait = self.poll_seconds
+                    if due is not None:
+                        wait = min(wait, max(MIN_PAUSE, (due - utcnow()).total_seconds()))
+                except Exception:
+                    log.exception("claims.poll_failed")
+                opened = asyncio.ensure_future(self._opened.wait())
+                await asyncio.wait((stopped, opened), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                opened.cancel()
+        finally:
+            stopped.cancel()
 
     # ---- earnings ------------------------------------------------------------------------------
 

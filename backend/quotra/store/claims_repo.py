@@ -421,6 +421,24 @@ class ClaimsRepo:
         async with self.sessions() as session:
             return [RevocationView.of(r) for r in (await session.scalars(query)).all()]
 
+    async def next_check(self) -> datetime | None:
+        """When the earliest open claim or revocation is due (one never scheduled is due at
+        once: its creation time); None when none is open."""
+        async with self.sessions() as session:
+            due = []
+            for model in (ClaimRecord, RevocationRecord):
+                row = (
+                    await session.execute(
+                        select(model.next_check_at, model.created_at)
+                        .where(model.status.in_(OPEN))
+                        .order_by(model.next_check_at.asc().nulls_first())
+                        .limit(1)
+                    )
+                ).first()
+                if row is not None:
+                    due.append(row.created_at if row.next_check_at is None else row.next_check_at)
+        return min(due, default=None)
+
     # ---- webhooks ------------------------------------------------------------------------------
 
     async def record_event(self, event: RelayerEvent, sub: Submission) -> bool:

@@ -283,3 +283,61 @@ async def test_listing_earnings__the_providers_share_of_its_settled_calls(repo: 
         assert await repo.listing_earnings("0x" + "44" * 20) == {}
     finally:
         await transactions.close()
+
+
+async def test_next_check_is_the_earliest_open_claim_or_revocation(repo: ClaimsRepo):
+    assert await repo.next_check() is None  # nothing open: the poller may sleep long
+    await delegation(repo)
+    claim_id = await claim(repo)  # never scheduled: due at once (its creation time)
+    created = (await repo.get_claim(claim_id)).created_at  # type: ignore[union-attr]
+    assert await repo.next_check() == created
+    later = utcnow() + timedelta(seconds=300)
+    await repo.reschedule(claim_id, attempts=1, next_check_at=later)
+    assert await repo.next_check() == later
+    revocation = await revoke(repo, PROVIDER)
+    sooner = utcnow() + timedelta(seconds=60)
+    await repo.reschedule(revocation.id, attempts=0, next_check_at=sooner)
+    assert await repo.next_check() == sooner
+    await repo.advance(revocation.id, Submission("", TxState.CONFIRMED))  # no longer open
+    assert await repo.next_check() == later
+    await repo.advance(claim_id, Submission("0xt1", TxState.CONFIRMED, tx_hash=TX))
+    assert await repo.next_check() is None
+
+
+async def test_the_claims_poller_sleeps_until_a_claim_is_due_or_opened(repo: ClaimsRepo):
+    """An idle relay's poller looks once a `poll_seconds`; an open claim is checked when due, and
+    one opened here wakes the poller to schedule it."""
+    import asyncio
+
+    from quotra.payments.claims import ClaimService
+
+    service = ClaimService(repo, escrow=None, relayer=None, poll_seconds=30.0)  # type: ignore[arg-type]
+    rounds: list[float] = []
+
+    async def poll_once() -> int:  # what the poller finds due is rescheduled, as the real round does
+        rounds.append(time.monotonic())
+        for row in await repo.due_claims(utcnow()):
+            await repo.reschedule(
+                row.id, attempts=row.attempts + 1, next_check_at=utcnow() + timedelta(hours=1)
+            )
+        return 0
+
+    service.poll_once = poll_once  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    poller = asyncio.create_task(service.run(stop))
+    await asyncio.sleep(0.5)
+    assert len(rounds) == 1  # nothing open: no second look within poll_seconds
+    await delegation(repo)
+    claim_id = new_claim_id()
+    await repo.create_claim(
+        claim_id=claim_id, provider=PROVIDER, payee=PROVIDER, delegation_digest=DIGEST, amount=1,
+        relayer_fee=0, relayer="d", task_id=None, next_check_at=utcnow() + timedelta(seconds=0.6),
+    )  # fmt: skip
+    service._opened.set()  # what opening a claim through the service does
+    await asyncio.sleep(0.3)
+    assert len(rounds) == 2  # woken to schedule it; not yet due
+    await asyncio.sleep(0.8)
+    assert len(rounds) == 3  # checked when due, then rescheduled an hour on
+    assert 0.4 < rounds[2] - rounds[1] < 1.0
+    stop.set()
+    await asyncio.wait_for(poller, 2)
