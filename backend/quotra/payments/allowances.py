@@ -199,7 +199,11 @@ class AllowanceService:
     async def poll_once(self) -> int:
         """One round over the active allowances; the total deposited."""
         total = 0
-        for allowance in await self.repo.active(await self._now()):
+        unrevoked = await self.repo.unrevoked()
+        if not unrevoked:  # the chain's time is read only when there is something to top up
+            return 0
+        now = await self._now()
+        for allowance in (a for a in unrevoked if a.expiry is None or a.expiry > now):
             try:
                 total += await self.top_up(allowance)
             except Exception as exc:  # one consumer's trouble must not stop the others

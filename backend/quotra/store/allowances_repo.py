@@ -73,12 +73,9 @@ class AllowancesRepo:
         async with self.sessions() as session:
             return [AllowanceView.of(r) for r in (await session.scalars(query)).all()]
 
-    async def active(self, now: int) -> list[AllowanceView]:
-        """Allowances neither revoked nor expired at `now` (unix time)."""
-        query = select(AllowanceRecord).where(
-            AllowanceRecord.revoked_at.is_(None),
-            AllowanceRecord.expiry.is_(None) | (AllowanceRecord.expiry > now),
-        )
+    async def unrevoked(self) -> list[AllowanceView]:
+        """Allowances not revoked (expired ones included: expiry is the chain's time)."""
+        query = select(AllowanceRecord).where(AllowanceRecord.revoked_at.is_(None))
         async with self.sessions() as session:
             return [AllowanceView.of(r) for r in (await session.scalars(query)).all()]
 
