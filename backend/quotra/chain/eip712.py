@@ -216,11 +216,14 @@ class Signature:
         return "0x" + self.raw.hex()
 
 
-def sign_digest(private_key: bytes | str, msg_digest: bytes) -> Signature:
-    """Sign a 32-byte digest (coincurve produces low-s signatures)."""
+def sign_digest(private_key: bytes | str | PrivateKey, msg_digest: bytes) -> Signature:
+    """Sign a 32-byte digest (coincurve produces low-s signatures). A signer that signs often
+    keeps a `PrivateKey`: building one from bytes costs twice the signature."""
     if isinstance(private_key, str):
         private_key = bytes.fromhex(private_key.removeprefix("0x"))
-    sig = PrivateKey(private_key).sign_recoverable(msg_digest, hasher=None)
+    if isinstance(private_key, bytes):
+        private_key = PrivateKey(private_key)
+    sig = private_key.sign_recoverable(msg_digest, hasher=None)
     return Signature.from_bytes(sig[:64] + bytes([sig[64] + 27]))
 
 
