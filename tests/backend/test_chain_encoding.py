@@ -53,3 +53,17 @@ def test_every_leafs_proof_leads_to_the_root(n: int) -> None:
     for i, path in enumerate(paths):
         assert merkle.verify(path, root, leaves[i])
         assert not merkle.verify(path, root, os.urandom(32))
+
+
+def test_checksummed_addresses_are_eth_utils_and_refuse_what_is_not_an_address() -> None:
+    from eth_utils import to_checksum_address
+    from quotra.chain.addresses import checksum
+
+    for _ in range(20):
+        address = Account.create().address
+        raw = bytes.fromhex(address[2:])
+        assert checksum(address.lower()) == checksum(raw) == to_checksum_address(raw) == address
+        assert checksum(address.lower()) == address  # remembered: the same answer again
+    for bad in ("0x1234", "0x" + "zz" * 20, b"\x01" * 19):
+        with pytest.raises(ValueError):
+            checksum(bad)

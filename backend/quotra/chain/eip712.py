@@ -16,6 +16,8 @@ from coincurve import PrivateKey, PublicKey
 from eth_abi import encode as abi_encode
 from eth_utils import keccak, to_checksum_address
 
+from quotra.chain.addresses import checksum
+
 # secp256k1 group order; signatures with s above half of it are refused (as USDC does).
 SECP256K1_N: Final = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 SECP256K1_HALF_N: Final = SECP256K1_N // 2
@@ -239,4 +241,4 @@ def recover(msg_digest: bytes, signature: Signature) -> str:
         )
     except Exception as exc:  # coincurve raises plain Exception/ValueError on bad points
         raise InvalidSignature("signature does not recover") from exc
-    return to_checksum_address(keccak(public.format(compressed=False)[1:])[-20:])
+    return checksum(keccak(public.format(compressed=False)[1:])[-20:])

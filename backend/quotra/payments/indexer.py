@@ -23,6 +23,7 @@ from eth_utils import event_abi_to_log_topic, keccak, to_checksum_address
 
 from quotra.calls.outbox import Outbox, X402Payment
 from quotra.chain import merkle
+from quotra.chain.addresses import checksum
 from quotra.chain.client import EscrowClient
 from quotra.chain.reads import ChainReadError
 from quotra.metrics import Metrics
@@ -66,7 +67,7 @@ class EscrowEvent:
     @property
     def key(self) -> tuple[str, str]:
         """(payer, nonce) of a payment event, as the x402 table stores them."""
-        return to_checksum_address(self.args["payer"]), _hex(self.args["nonce"]).lower()
+        return checksum(self.args["payer"]), _hex(self.args["nonce"]).lower()
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def _credit(event: EscrowEvent, kind: str) -> Credit:
         kind,
         payer,
         nonce,
-        to_checksum_address(event.args["provider"]),
+        checksum(event.args["provider"]),
         int(event.args["amount"]),
         int(event.args["fee"]),
         event.tx_hash,
@@ -179,7 +180,7 @@ class EscrowEvents:
                 and str(entry["address"]).lower() == self.client.usdc_address.lower()
                 and _hex(topics[0]) == AUTHORIZATION_USED
             ):
-                used.add((to_checksum_address("0x" + _hex(topics[1])[-40:]), _hex(topics[2]).lower()))
+                used.add((checksum("0x" + _hex(topics[1])[-40:]), _hex(topics[2]).lower()))
         return used
 
     async def credits_in(
@@ -225,14 +226,12 @@ class EscrowEvents:
         values: list[int] = []
         calldata = await self.client.reads.transaction_input(tx_hash)
         for fields in self.client.decode_settle_authorizations(calldata):
-            payer, nonce = to_checksum_address(fields[0]), _hex(fields[6]).lower()
+            payer, nonce = checksum(fields[0]), _hex(fields[6]).lower()
             if (payer, nonce) in used:
                 used.discard((payer, nonce))  # a repeat in the same batch was refused
                 nonce_bytes = bytes.fromhex(nonce[2:])
                 # The leaf's amount is what the payment was charged (`Payment.charged`).
-                leaves.append(
-                    merkle.Credit(payer, nonce_bytes, to_checksum_address(fields[1]), int(fields[3]), bps)
-                )
+                leaves.append(merkle.Credit(payer, nonce_bytes, checksum(fields[1]), int(fields[3]), bps))
                 values.append(int(fields[2]))
         hashes = [leaf.leaf for leaf in leaves]
         root = merkle.root(hashes)
@@ -288,7 +287,7 @@ class EscrowEvents:
         )
         for entry in logs:
             for credit in await self.credits_in(_hex(entry["transactionHash"])):
-                if credit.key == (to_checksum_address(payer), nonce) and credit.kind != "refunded":
+                if credit.key == (checksum(payer), nonce) and credit.kind != "refunded":
                     return credit
         return None
 
@@ -397,7 +396,7 @@ class Indexer:
         ref = row.call_id
         if (
             credit.amount != row.amount
-            or credit.provider != to_checksum_address(row.provider)
+            or credit.provider != checksum(row.provider)
             or credit.value not in (None, row.value)
         ):
             return Discrepancy(

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from eth_utils import to_checksum_address
 from x402.http.constants import PAYMENT_REQUIRED_HEADER
 
 from quotra.calls.records import CallView, Refused, X402Hold, summary
 from quotra.calls.store import CallStore, Hold
+from quotra.chain.addresses import checksum
 from quotra.errors import PaymentRequired, QuotraError, ServiceUnavailable
 from quotra.metrics import Metrics
 from quotra.money import usdc
@@ -243,9 +243,7 @@ class X402Gate:
             ) from exc
         # Voided by the sweeper in time to be settled if it did finish, at the latest.
         settle_by = datetime.fromtimestamp(auth.valid_before - self.terms.settle_margin_seconds, UTC)
-        hold = Hold(
-            auth.payer, listing.id, to_checksum_address(listing.owner), auth.value, min(deadline, settle_by)
-        )
+        hold = Hold(auth.payer, listing.id, checksum(listing.owner), auth.value, min(deadline, settle_by))
         x402_hold = X402Hold(
             payer=auth.payer,
             nonce=nonce,
