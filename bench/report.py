@@ -20,6 +20,14 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from quotra.config import Settings
+
+# The settlement worker's defaults, as the relay under test runs them.
+_SETTLEMENT = {
+    name: Settings.model_fields[name].default
+    for name in ("settlement_batch_size", "settlement_max_age_seconds")
+}
+
 Run = dict[str, Any]
 QUICK_NOTE = " — **quick mode**: one short round, for development, not for quoting"
 PATH_ORDER = ["direct", "bare", "litellm", "playground", "prepaid", "x402"]
@@ -325,7 +333,9 @@ def render(data: dict[str, Any]) -> str:
         f"{s['chunk_delay_ms']:g} ms apart at the mock).",
         f"- Request: one user message, `max_tokens` 16; answer: a fixed `chat.completion` with usage. "
         f"Quotra: `quotra serve` on {s['store']}, one uvicorn worker, settlement worker and indexer on "
-        "(batches of 32, 2 s max age: the product's defaults), direct relayer, listing price 0.0001 USDC "
+        f"(batches of up to {_SETTLEMENT['settlement_batch_size']}, "
+        f"{_SETTLEMENT['settlement_max_age_seconds']:g} s max age: the product's defaults), direct relayer, "
+        "listing price 0.0001 USDC "
         f"per call, {s['x402_payers']} x402 payer wallets, a fresh signed payment per x402 request "
         "(never reused).",
         "- CPU per request: utime+stime of the proxy's process tree (/proc) over the window ÷ answered "
