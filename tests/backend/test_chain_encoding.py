@@ -67,3 +67,21 @@ def test_checksummed_addresses_are_eth_utils_and_refuse_what_is_not_an_address()
     for bad in ("0x1234", "0x" + "zz" * 20, b"\x01" * 19):
         with pytest.raises(ValueError):
             checksum(bad)
+
+
+def test_the_relay_hashes_with_safe_pysha3() -> None:
+    """keccak that keeps the GIL (quotra/__init__.py); the same hashes as pycryptodome's."""
+    import subprocess
+    import sys
+
+    from eth_hash.backends.pycryptodome import backend as cryptodome
+
+    probe = (
+        "import quotra, eth_hash.auto as auto, eth_utils;"
+        "print(eth_utils.keccak(b'quotra').hex(), type(auto.keccak._backend.keccak256.__self__).__name__)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ETH_HASH_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    digest, backend = out.stdout.split()
+    assert backend == "PySha3Backend"
+    assert digest == cryptodome.keccak256(b"quotra").hex()
