@@ -711,6 +711,55 @@ async def test_the_head_block_is_read_at_most_every_head_ttl(paid: Any) -> None:
     assert chain.balance_reads == 1  # one read per (payer, block): a block's state never changes
 
 
+async def test_when_the_head_moves_a_recent_payer_is_not_kept_waiting_on_the_node(paid: Any) -> None:
+    """A payer read within two `head_ttl` is checked against its snapshot while the new head's
+    read goes on in the background; then the new block's balance is used. A payer not read that
+    recently waits for the read, as a new one does."""
+    gate, chain = paid.runtime.payments.gate, paid.chain
+    gate.head_ttl = 30
+    account = payer(chain, balance=3 * PRICE)
+    accepted = await requirements(paid)
+
+    async def attempt() -> Any:
+        return await pay(paid, v2_header(accepted, authorization(account, accepted)))
+
+    assert (await attempt()).status_code == 200  # block 100, read before the call
+    chain.mine()  # block 101: the payer's USDC moved (its first payment settled elsewhere)
+    chain.fund(account.address, PRICE)
+    release, real = asyncio.Event(), chain.usdc_balance
+
+    async def slow_node(address: str, block: int | None = None) -> int:
+        await release.wait()
+        return await real(address, block)
+
+    chain.usdc_balance = slow_node
+    read_at, block = gate._head
+    gate._head = (read_at - 31, block)  # the head cache expired: the next call reads block 101
+    served = await asyncio.wait_for(attempt(), 5)  # on the block 100 snapshot, the node still busy
+    assert served.status_code == 200
+    assert chain.blocks_read == [100]
+    release.set()
+    for _ in range(100):  # the background read lands
+        if (account.address, 101) in gate._balances:
+            break
+        await asyncio.sleep(0.01)
+    assert chain.blocks_read == [100, 101]
+    # Block 101 holds one price against two unsettled calls: refused (block 100's three prices
+    # would have paid for a third).
+    assert offer(await attempt())["error"] == "invalid_exact_evm_insufficient_balance"
+    # Not read within two head_ttl: the call waits for the new head's read.
+    chain.mine()
+    gate.head_ttl = 0
+    release.clear()
+    waiting = asyncio.ensure_future(attempt())
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    release.set()
+    assert offer(await waiting)["error"] == "invalid_exact_evm_insufficient_balance"
+    assert chain.blocks_read == [100, 101, 102]
+    assert len(paid.upstream.calls) == 2
+
+
 @pytest.mark.parametrize("failing", ["block_number", "usdc_balance"])
 async def test_chain_unreachable_is_a_503_and_nothing_is_reserved(paid: Any, failing: str) -> None:
     async def down(*args: Any) -> Any:
