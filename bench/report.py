@@ -414,6 +414,7 @@ def render(data: dict[str, Any]) -> str:
         ]
     if meta.get("profiles"):
         out += ["## Profiles", "", *(f"- `{p}`" for p in meta["profiles"]), ""]
+    out += where_the_time_goes(meta.get("profile_breakdown", {}))
     out += [
         "## Plots",
         "",
@@ -426,6 +427,32 @@ def render(data: dict[str, Any]) -> str:
         meta.get("gas_table", "").replace("# Escrow gas per paid call\n\n", ""),
     ]
     return "\n".join(out).rstrip() + "\n"
+
+
+def where_the_time_goes(breakdowns: dict[str, Any]) -> list[str]:
+    """Each profiled path's samples per thread and its event loop's share per component."""
+    if not breakdowns:
+        return []
+    out = [
+        "## Where the time goes (py-spy, the profiles above)",
+        "",
+        "Wall-clock samples of a 64-connection window and its settlement: seconds each thread was "
+        "seen active (a thread waiting for the GIL counts as active), and the event loop's samples "
+        "by component (the settlement worker and indexer by any frame, the rest by the innermost "
+        "frame).",
+        "",
+    ]
+    for path, b in breakdowns.items():
+        threads = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in list(b["threads"].items())[:3])
+        out += [
+            f"**{path}**: {threads}",
+            "",
+            "| event loop component | share |",
+            "|---|---:|",
+            *(f"| {name} | {share:.0%} |" for name, share in b["loop"] if share >= 0.005),
+            "",
+        ]
+    return out
 
 
 def summary(data: dict[str, Any]) -> str:

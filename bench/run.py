@@ -462,6 +462,8 @@ class Bench:
                 self.count(target, w)
                 if out:
                     written.append(str(out.relative_to(self.args.results_dir.parent)))
+                    if fmt == "speedscope":
+                        self.meta.setdefault("profile_breakdown", {})[name] = profiling.breakdown(out)
         return written
 
     def books(self) -> dict[str, Any]:
