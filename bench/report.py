@@ -296,6 +296,14 @@ def targets(res: Results, idle: dict[str, float]) -> list[str]:
         lines.append(
             f"| {what} | {target} | {value} | {'–' if ok is None else ('yes' if ok else '**no**')} |"
         )
+    missed = [what for what, _target, _value, ok in rows if ok is False]
+    if missed:
+        lines += [
+            "",
+            f"Not met in this run: {'; '.join(missed)}. What limits each is read from this run's "
+            'profiles ("Where the time goes" below, and bench/results/profiles); the project '
+            'README\'s "Relay benchmark" section says it for the run it quotes.',
+        ]
     return lines
 
 
