@@ -715,7 +715,7 @@ async def register_allowance(
     ):
         raise BadRequest(f"The permission is for chain {body.chainId}", code="wrong_chain")
     view = await service.register(wallet, body.permission_context())
-    return allowance_view(view, await service.available(view), await service.top_ups(view))
+    return allowance_view(view, *await service.state(view))
 
 
 @router.get(

@@ -24,6 +24,7 @@ from typing import Any, Final
 from eth_abi import encode as abi_encode
 from eth_utils import keccak, to_checksum_address
 from hexbytes import HexBytes
+from web3.types import BlockIdentifier
 
 from quotra.chain import delegation as dlg
 from quotra.chain.client import EscrowClient
@@ -130,15 +131,16 @@ class AllowanceService:
             expiry=allowance.expiry,
         )
 
-    async def available(self, allowance: AllowanceView) -> int:
-        """What the allowance still lets the relay take in the current period (the enforcer's view)."""
+    async def available(self, allowance: AllowanceView, block: BlockIdentifier = "latest") -> int:
+        """What the allowance still lets the relay take in the current period (the enforcer's view),
+        as of `block`."""
         terms = dlg.erc20_period_transfer(
             self.escrow.usdc_address, allowance.period_amount, allowance.period_duration, allowance.start_date
         )
         args = [bytes.fromhex(allowance.hash[2:]), self.framework.delegation_manager, terms]
         data = dlg.PERIOD_AVAILABLE + abi_encode(["bytes32", "address", "bytes"], args)
         enforcer = self.framework.address("ERC20PeriodTransferEnforcer")
-        raw = await self.escrow.w3.eth.call({"to": enforcer, "data": HexBytes(data)})
+        raw = await self.escrow.w3.eth.call({"to": enforcer, "data": HexBytes(data)}, block)
         return int.from_bytes(bytes(raw)[:32], "big")
 
     def _operator(self) -> DirectRelayer:
@@ -217,15 +219,15 @@ class AllowanceService:
         """Top-ups every `poll_seconds`, until `stop` is set."""
         await poll_forever(self.poll_once, self.poll_seconds, stop, "allowances.poll_failed")
 
-    async def top_ups(self, allowance: AllowanceView) -> list[int] | None:
-        """The amounts the relay took under the allowance so far, one per top-up, from the
+    async def top_ups(self, allowance: AllowanceView, block: BlockIdentifier = "latest") -> list[int] | None:
+        """The amounts the relay took under the allowance up to `block`, one per top-up, from the
         enforcer's `TransferredInPeriod` events (None if the node serves no logs)."""
         try:
             logs = await self.escrow.w3.eth.get_logs(
                 {
                     "address": to_checksum_address(self.framework.address("ERC20PeriodTransferEnforcer")),
                     "fromBlock": self.from_block,
-                    "toBlock": "latest",
+                    "toBlock": block,
                     "topics": [TRANSFERRED_IN_PERIOD, None, None, HexBytes(allowance.hash)],
                 }
             )
@@ -242,12 +244,19 @@ class AllowanceService:
             last_period, last_total = period, total
         return amounts
 
+    async def state(self, allowance: AllowanceView) -> tuple[int, list[int] | None]:
+        """What the current period still allows and the top-ups made, both as of one block (read
+        at "latest" each, a top-up landing between the two reads showed in one and not the other)."""
+        with chain_read():
+            block = await self.escrow.block_number()
+            left = await self.available(allowance, block)
+        return left, await self.top_ups(allowance, block)
+
     async def of_wallet(self, wallet: str) -> list[dict[str, Any]]:
         """The wallet's allowances, each with what the current period still allows and the
         top-ups made under it."""
         out = []
         for allowance in await self.repo.of_wallet(to_checksum_address(wallet)):
-            with chain_read():
-                left = await self.available(allowance)
-            out.append({"allowance": allowance, "available": left, "top_ups": await self.top_ups(allowance)})
+            left, top_ups = await self.state(allowance)
+            out.append({"allowance": allowance, "available": left, "top_ups": top_ups})
         return out
