@@ -867,6 +867,7 @@ class ClaimService:
         again after `poll_seconds`, for those another replica opened and left; an idle relay's
         poller costs one look a `poll_seconds`, not one every few seconds."""
         stopped = asyncio.ensure_future(stop.wait())
+        opened: asyncio.Future[Any] | None = None
         try:
             while not stop.is_set():
                 self._opened.clear()
@@ -884,6 +885,8 @@ class ClaimService:
                 opened.cancel()
         finally:
             stopped.cancel()
+            if opened is not None:
+                opened.cancel()
 
     # ---- earnings ------------------------------------------------------------------------------
 
